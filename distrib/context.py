@@ -1,0 +1,112 @@
+"""``init()``: start Horovod once and describe this worker's place in the job.
+
+The returned :class:`Context` is frozen and passed explicitly to everything that needs to know
+the rank, sizes or device; nothing in distrib keeps a module-level copy of it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+
+
+class DistribSetupError(RuntimeError):
+    """Horovod is missing or unusable; the message says how to fix the installation."""
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    cross_rank: int
+    cross_size: int
+    device: torch.device
+    controller: str  # "mpi" or "gloo": how Horovod's workers found each other
+    elastic: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank {self.rank} is outside a world of size {self.size}")
+        if not 0 <= self.local_rank < self.local_size:
+            raise ValueError(f"local rank {self.local_rank} is outside local size {self.local_size}")
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one rank (0) that prints, logs and writes replicated files."""
+        return self.rank == 0
+
+
+def select_device(local_rank: int, cuda_device_count: int,
+                  env: Optional[Mapping[str, str]] = None) -> torch.device:
+    """The device this worker should use: ``cuda:<local_rank>`` on a GPU node, else CPU.
+
+    Pure function (the device count is passed in) so that the GPU logic is tested on CPU
+    machines. When a scheduler already restricted each process to one GPU through
+    ``CUDA_VISIBLE_DEVICES`` (one id), every worker sees that GPU as ``cuda:0``.
+    """
+    env = os.environ if env is None else env
+    if cuda_device_count <= 0:
+        return torch.device("cpu")
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if len(visible) == 1 or cuda_device_count == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= cuda_device_count:
+        raise DistribSetupError(
+            f"local rank {local_rank} has no GPU: this node shows {cuda_device_count} GPUs; "
+            f"start at most {cuda_device_count} workers per node (-H host:{cuda_device_count})")
+    return torch.device("cuda", local_rank)
+
+
+def threads_per_worker(cpu_count: int, local_size: int, env: Optional[Mapping[str, str]] = None) -> int:
+    """Intra-op threads for one worker: the node's cores shared among its workers.
+
+    Without this every worker starts one thread per core and N workers fight over the same
+    cores. An explicit ``OMP_NUM_THREADS`` wins.
+    """
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    return max(1, cpu_count // max(1, local_size))
+
+
+def _import_horovod():
+    try:
+        import horovod.torch as hvd
+    except ImportError as exc:
+        raise DistribSetupError(
+            f"Horovod with PyTorch support is not importable ({exc}); run `make setup` "
+            "(or scripts/bootstrap.sh) to build it") from exc
+    return hvd
+
+
+def init(seed: Optional[int] = None) -> Context:
+    """Initialise Horovod (idempotent) and return this worker's :class:`Context`.
+
+    Must be called on all processes, before any collective. On GPU nodes it pins
+    ``cuda:<local_rank>``; on CPU it sets the number of torch threads so that the workers of
+    one node share its cores. ``seed``, when given, seeds python, numpy and torch identically
+    on every rank (the initial broadcast makes the parameters equal anyway).
+    """
+    hvd = _import_horovod()
+    if not hvd.is_initialized():
+        hvd.init()
+    device = select_device(hvd.local_rank(), torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(threads_per_worker(os.cpu_count() or 1, hvd.local_size()))
+    if seed is not None:
+        from distrib.rng import seed_everything
+        seed_everything(seed)
+    return Context(
+        rank=hvd.rank(), size=hvd.size(),
+        local_rank=hvd.local_rank(), local_size=hvd.local_size(),
+        cross_rank=hvd.cross_rank(), cross_size=hvd.cross_size(),
+        device=device,
+        controller="mpi" if hvd.mpi_enabled() else "gloo",
+        elastic=os.environ.get("HOROVOD_ELASTIC") == "1",
+    )
