@@ -1,0 +1,285 @@
+"""``CheckpointManager``: save and resume a data-parallel run, on all ranks together.
+
+Rank 0 writes the replicated state and every rank's RNG states (gathered to it); rank 0
+chooses the checkpoint to resume from and broadcasts its choice, so all ranks load the same
+one. Errors are shared the same way: every rank raises the same :class:`CheckpointError`
+at the same call, instead of rank 0 failing while the others wait in the next collective.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from distrib.checkpoint import state as st
+from distrib.checkpoint import store
+from distrib.checkpoint.store import CheckpointError
+from distrib.rng import rng_state, set_rng_state
+
+log = logging.getLogger("distrib.checkpoint")
+
+SLOW_WRITE_ENV = "DISTRIB_TEST_SLOW_WRITE_S"
+
+
+class LocalComm:
+    """The collectives of a one-process world."""
+
+    def allgather_object(self, obj: Any, name: str) -> List[Any]:
+        return [obj]
+
+    def broadcast_object(self, obj: Any, name: str) -> Any:
+        return obj
+
+
+class HorovodComm:
+    """Object collectives over Horovod. Names are explicit: Horovod's default name is the
+    object's type, which differs between the root (a dict) and the others (None)."""
+
+    def __init__(self):
+        import horovod.torch as hvd
+        self._hvd = hvd
+
+    def allgather_object(self, obj: Any, name: str) -> List[Any]:
+        return self._hvd.allgather_object(obj, name=f"distrib.checkpoint.{name}")
+
+    def broadcast_object(self, obj: Any, name: str) -> Any:
+        return self._hvd.broadcast_object(obj, root_rank=0, name=f"distrib.checkpoint.{name}")
+
+
+class CheckpointManager:
+    """Crash-safe checkpoints of one run under ``RUN_DIR/checkpoints``.
+
+    ``keep`` committed checkpoints are kept (at least 2). With ``async_save`` (the default)
+    :meth:`save` blocks only while it copies the state to CPU memory; a background thread
+    writes it, one write at a time. ``seed`` derives the RNG state of ranks that did not
+    exist in the saved run (resume on more workers). ``comm`` replaces the collectives
+    (tests); by default Horovod's when ``ctx.size > 1``.
+
+    ``save``, ``restore``, ``wait`` and ``close`` must be called on all ranks.
+    """
+
+    def __init__(self, run_dir: Union[str, Path], ctx, keep: int = 3, async_save: bool = True, *,
+                 seed: int = 0, comm=None):
+        if keep < 2:
+            raise ValueError(
+                f"keep={keep} is too small: keep at least 2 checkpoints, because the newest may be "
+                "mid-write (or cut short by a crash) and resuming then needs the previous one")
+        self.run_dir = Path(run_dir)
+        self.root = store.checkpoints_dir(run_dir)
+        self.ctx, self.keep, self.async_save, self.seed = ctx, keep, async_save, seed
+        self._comm = comm if comm is not None else (HorovodComm() if ctx.size > 1 else LocalComm())
+        self._thread: Optional[threading.Thread] = None
+        self._failure: Optional[str] = None  # set by the writer thread, read after join()
+        self._closed = False
+        self.last_saved: Optional[Path] = None
+
+    @property
+    def _main(self) -> bool:
+        return self.ctx.rank == 0
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save(self, step: int, state: Mapping[str, Any], model_config: Optional[Dict] = None) -> None:
+        """Checkpoint ``state`` as of ``step``. Must be called on all ranks, at a step boundary.
+
+        Blocks until the previous asynchronous write is done, gathers every rank's RNG state
+        to rank 0, then (async) copies the state to CPU memory and returns while a thread
+        writes it, or (sync) writes it and returns once it is committed. Raises
+        :class:`CheckpointError` on every rank when this write (sync) or the previous one
+        (async) failed, e.g. on a full or read-only disk; committed checkpoints stay intact.
+        """
+        if self._closed:
+            raise CheckpointError("save() after close(): this CheckpointManager is closed")
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        st.check_state_types(state)
+        meta = {"step": step, "world_size": self.ctx.size, "model_config": _json_config(model_config)}
+        problem = None
+        if self._main:
+            problem = self._join_writer()
+            if problem is None:
+                problem = self._prepare_root()
+        # Collective: every rank's RNG states to rank 0, and rank 0's verdict on the previous
+        # write to every rank, so that all ranks raise together or none does.
+        gathered = self._comm.allgather_object({"rng": rng_state(), "problem": problem}, "save")
+        if gathered[0]["problem"]:
+            raise CheckpointError(gathered[0]["problem"])
+        files = None
+        if self._main:
+            collected = st.collect(state)
+            if self.async_save:
+                collected = st.cpu_snapshot(collected)
+            files = {store.STATE_FILE: {"step": step, "state": collected},
+                     store.RNG_FILE: [g["rng"] for g in gathered]}
+        if self.async_save:
+            if self._main:
+                self._thread = threading.Thread(target=self._write, args=(step, files, meta),
+                                                name=f"checkpoint-{step}", daemon=False)
+                self._thread.start()
+            return
+        if self._main:
+            self._write(step, files, meta)
+            problem = self._failure
+            self._failure = None
+        # Collective: the sync write's outcome, so that every rank returns or raises together.
+        problem = self._comm.broadcast_object(problem, "saved")
+        if problem:
+            raise CheckpointError(problem)
+
+    def _prepare_root(self) -> Optional[str]:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            store.remove_leftovers(self.root)
+            if not os.access(self.root, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as exc:
+            return store.io_error_message(self.root, exc)
+        return None
+
+    def _write(self, step: int, files: Dict[str, Any], meta: Dict[str, Any]) -> None:
+        slow = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
+        try:
+            self.last_saved = store.write_checkpoint(self.root, step, files, meta, slow_s=slow)
+            store.apply_retention(self.root, self.keep)
+        except CheckpointError as exc:
+            self._failure = str(exc)
+        except BaseException as exc:  # a background failure must never be lost
+            self._failure = (f"checkpoint {self.root / store.step_dirname(step)} failed: "
+                             f"{type(exc).__name__}: {exc}")
+
+    def _join_writer(self) -> Optional[str]:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        problem, self._failure = self._failure, None
+        return problem
+
+    def wait(self) -> None:
+        """Block until the asynchronous write (if any) is committed. Must be called on all
+        ranks; raises :class:`CheckpointError` on every rank if that write failed."""
+        problem = self._join_writer() if self._main else None
+        # Collective: share rank 0's outcome so no rank exits believing the save succeeded.
+        problem = self._comm.broadcast_object(problem, "wait")
+        if problem:
+            raise CheckpointError(problem)
+
+    def close(self) -> None:
+        """:meth:`wait`, then refuse further saves. Must be called on all ranks. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.wait()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._main and self._thread is not None:
+            self._thread.join()  # let the write finish; the original exception wins
+
+    # -- restoring ------------------------------------------------------------------------------
+    def restore(self, state: Mapping[str, Any], resume: Union[str, Path] = "auto",
+                model_config: Optional[Dict] = None) -> Optional[int]:
+        """Load the checkpoint chosen by ``resume`` into ``state``; return its step, or None.
+
+        ``resume``: ``"auto"`` (newest valid checkpoint of this run, None if there is none),
+        ``"none"`` (start over: existing checkpoints move to ``superseded-*``), or a path
+        (a ``step-*`` folder, or a run dir / checkpoints dir whose newest valid one is taken).
+        Must be called on all ranks. Rank 0 validates markers and checksums, falls back past
+        damaged folders with a one-line warning, and broadcasts its choice. Raises
+        :class:`CheckpointError` on every rank, before anything is loaded, when the
+        checkpoint's model config or tensor shapes do not match this run. Every rank gets its
+        own saved RNG state back; ranks the saved run did not have get one derived from
+        ``seed``, rank and step. The run dir must be visible to every rank (shared file system).
+        """
+        st.check_state_types(state)
+        config = _json_config(model_config)
+        choice = None
+        if self._main:
+            problem = self._join_writer()
+            choice = {"path": None, "step": None, "problem": problem}
+            if problem is None:
+                try:
+                    choice.update(self._choose(resume, config))
+                except CheckpointError as exc:
+                    choice["problem"] = str(exc)
+        # Collective: rank 0's choice, so that every rank loads the same checkpoint.
+        choice = self._comm.broadcast_object(choice, "restore")
+        if choice["problem"]:
+            raise CheckpointError(choice["problem"])
+        if choice["path"] is None:
+            return None
+        path, step = Path(choice["path"]), choice["step"]
+        try:
+            payload = store.load_file(path, store.STATE_FILE)
+            rngs = store.load_file(path, store.RNG_FILE)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        why = st.incompatibility(state, payload["state"])
+        if why:
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {why}; "
+                                  "use --resume none or a matching config")
+        st.apply(state, payload["state"])
+        mine = st.rng_for_rank(rngs, self.ctx.rank, self.seed, step)
+        if mine is not None:
+            set_rng_state(mine)
+        else:
+            st.seed_rank(self.seed, self.ctx.rank, step)
+        return step
+
+    def _choose(self, resume: Union[str, Path], config: Optional[Dict]) -> Dict[str, Any]:
+        """Rank 0: which checkpoint to load, as ``{"path", "step"}``; raises CheckpointError."""
+        if resume is None or str(resume) == "none":
+            moved = store.supersede(self.root, -1)
+            if moved:
+                log.warning("starting over (--resume none): moved the earlier checkpoints of %s to %s",
+                            self.root, moved)
+            return {"path": None, "step": None}
+        if str(resume) == "auto":
+            path, marker = store.newest_valid(self.root, _warn_damaged)
+            if path is None:
+                return {"path": None, "step": None}
+        else:
+            path, marker = _explicit(Path(resume))
+        mismatch = st.config_mismatch(marker.get("model_config"), config)
+        if mismatch:
+            raise CheckpointError(f"checkpoint {path} was saved with {mismatch}; "
+                                  "use --resume none or a matching config")
+        moved = store.supersede(self.root, marker["step"])
+        if moved:
+            log.warning("resuming from %s: moved the newer checkpoints of %s to %s", path, self.root, moved)
+        return {"path": str(path), "step": int(marker["step"])}
+
+
+def _warn_damaged(path: Path, reason: str) -> None:
+    log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path, reason)
+
+
+def _explicit(path: Path):
+    """The checkpoint named by ``--resume PATH``: a checkpoint folder (no fallback: the user
+    asked for it), or a run dir / checkpoints dir (its newest valid checkpoint)."""
+    if not path.exists():
+        raise CheckpointError(f"--resume {path}: no such file or directory; pass a checkpoint "
+                              "folder, a run dir, auto or none")
+    if (path / store.MARKER).exists() or store.step_of(path) is not None:
+        return path, store.validate(path)
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found, marker = store.newest_valid(root, _warn_damaged)
+    if found is None:
+        raise CheckpointError(f"--resume {path}: no valid checkpoint in {root}")
+    return found, marker
+
+
+def _json_config(config: Optional[Dict]) -> Optional[Dict]:
+    """``model_config`` as it reads back from the JSON marker (tuples become lists, ...)."""
+    if config is None:
+        return None
+    try:
+        return json.loads(json.dumps(config))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"model_config must be a JSON-serializable dict ({exc}); "
+                        "pass e.g. GPTConfig.to_dict()") from exc

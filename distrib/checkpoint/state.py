@@ -1,0 +1,133 @@
+"""What goes into a checkpoint and back: state dicts, CPU snapshots, compatibility, RNG per rank.
+
+Pure functions over objects in one process (no Horovod, no files), tested directly.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+import torch
+
+from distrib.checkpoint.store import CheckpointError
+
+
+def _is_stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def check_state_types(state: Mapping[str, Any]) -> None:
+    """Every entry must have ``state_dict()/load_state_dict()`` or be a dict of plain values."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict name -> object, got {type(state).__name__}")
+    for name, obj in state.items():
+        if not (_is_stateful(obj) or isinstance(obj, dict)):
+            raise TypeError(
+                f"state[{name!r}] is a {type(obj).__name__} without state_dict()/load_state_dict(); "
+                "put plain values in a dict, e.g. state['extra'] = {'best_loss': x}")
+
+
+def collect(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """``name -> state_dict()`` (or a shallow copy of a plain dict). Shares tensors with the
+    live objects: see :func:`cpu_snapshot` before handing it to another thread."""
+    return {name: obj.state_dict() if _is_stateful(obj) else dict(obj) for name, obj in state.items()}
+
+
+def cpu_snapshot(obj: Any) -> Any:
+    """A deep copy with every tensor copied to CPU memory.
+
+    The copy owns its storage: the training loop may keep mutating parameters and optimizer
+    moments in place while a background thread writes the snapshot.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if type(obj) in (dict, OrderedDict):
+        return type(obj)((k, cpu_snapshot(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(cpu_snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _is_tensor_dict(d: Any) -> bool:
+    return isinstance(d, Mapping) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def config_mismatch(saved: Optional[Mapping[str, Any]], current: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """``"n_layer=4, ... / n_layer=2, ..."``-style description of differing keys, or None.
+
+    Returns the pair (saved part, current part) joined for the caller's message; None when
+    either side gave no config or they agree.
+    """
+    if saved is None or current is None:
+        return None
+    keys = [k for k in sorted(set(saved) | set(current)) if saved.get(k, "<absent>") != current.get(k, "<absent>")]
+    if not keys:
+        return None
+    mine = ", ".join(f"{k}={_short(saved.get(k, '<absent>'))}" for k in keys)
+    theirs = ", ".join(f"{k}={_short(current.get(k, '<absent>'))}" for k in keys)
+    return f"model config {mine}, this run has {theirs}"
+
+
+def incompatibility(state: Mapping[str, Any], saved: Mapping[str, Any]) -> Optional[str]:
+    """Why ``saved`` (name -> state dict) cannot be loaded into ``state``, or None.
+
+    Checked before anything is loaded: every name of this run must be in the checkpoint, and
+    every tensor dict (a module's state dict) must have the same keys and shapes.
+    """
+    missing = [name for name in state if name not in saved]
+    if missing:
+        return f"it has no {', '.join(repr(m) for m in missing)} state"
+    for name, obj in state.items():
+        if not _is_stateful(obj):
+            continue
+        ours, theirs = obj.state_dict(), saved[name]
+        if not (_is_tensor_dict(ours) and _is_tensor_dict(theirs)):
+            continue
+        only_ckpt = sorted(set(theirs) - set(ours))
+        only_run = sorted(set(ours) - set(theirs))
+        if only_ckpt or only_run:
+            what = (f"{name} has {_short(only_ckpt[0])} only in the checkpoint" if only_ckpt
+                    else f"{name} has {_short(only_run[0])} only in this run")
+            return f"{what} ({len(only_ckpt)} keys only in the checkpoint, {len(only_run)} only in this run)"
+        for key, tensor in ours.items():
+            if tuple(theirs[key].shape) != tuple(tensor.shape):
+                return (f"{name}.{key} has shape {tuple(theirs[key].shape)} in the checkpoint, "
+                        f"{tuple(tensor.shape)} in this run")
+    return None
+
+
+def apply(state: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+    """Load ``saved`` into the live objects of ``state`` (plain dicts are updated in place)."""
+    for name, obj in state.items():
+        if _is_stateful(obj):
+            obj.load_state_dict(saved[name])
+        else:
+            obj.clear()
+            obj.update(saved[name])
+
+
+def derived_seed(seed: int, rank: int, step: int) -> int:
+    """A seed for a rank that did not exist in the saved run: a function of (seed, rank, step)
+    only, so every resume of the same checkpoint with the same world size draws the same."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+def rng_for_rank(saved: List[Dict[str, Any]], rank: int, seed: int, step: int) -> Optional[Dict[str, Any]]:
+    """Rank ``rank``'s saved RNG states, or None when the saved run had fewer ranks."""
+    return saved[rank] if rank < len(saved) else None
+
+
+def seed_rank(seed: int, rank: int, step: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) from :func:`derived_seed`."""
+    s = derived_seed(seed, rank, step)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
