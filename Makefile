@@ -1,0 +1,28 @@
+# Two commands do all the set-up on a fresh machine:
+#   make train   bootstrap if needed, then train the example LM on 2 workers
+#   make test    bootstrap if needed, then run the test suite
+PY := .venv/bin/python
+NP ?= 2
+ARGS ?=
+
+.PHONY: setup train test test-fast bench clean-runs
+
+setup:
+	@bash scripts/bootstrap.sh
+
+train: setup
+	$(PY) -m launch -np $(NP) examples/train_lm.py $(ARGS)
+
+test: setup
+	@bash scripts/slurm_setup.sh
+	$(PY) -m pytest tests -q -p no:cacheprovider --timeout=600 $(ARGS)
+
+# Single-process tests only: seconds, no Slurm, no multi-process runs.
+test-fast: setup
+	$(PY) -m pytest tests -q -p no:cacheprovider -m "not multiprocess and not slurm" $(ARGS)
+
+bench: setup
+	$(PY) -m benchmarks $(ARGS)
+
+clean-runs:
+	rm -rf runs

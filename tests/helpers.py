@@ -1,0 +1,23 @@
+"""Running the project's launcher from tests: real processes, always with a timeout."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "tests" / "scripts"
+
+
+def run_launch(launch_args: Sequence[str], script: str | Path, script_args: Sequence[str] = (), *,
+               timeout: float = 240, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m launch LAUNCH_ARGS SCRIPT SCRIPT_ARGS``; a hang raises TimeoutExpired (test fails)."""
+    cmd = [sys.executable, "-m", "launch", *launch_args, str(script), *map(str, script_args)]
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-3000:]}")
+    return proc
