@@ -5,7 +5,7 @@ PY := .venv/bin/python
 NP ?= 2
 ARGS ?=
 
-.PHONY: setup train test test-fast bench clean-runs
+.PHONY: setup train test bench clean-runs
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -16,10 +16,6 @@ train: setup
 test: setup
 	@bash scripts/slurm_setup.sh
 	$(PY) -m pytest tests -q -p no:cacheprovider --timeout=600 $(ARGS)
-
-# Single-process tests only: seconds, no Slurm, no multi-process runs.
-test-fast: setup
-	$(PY) -m pytest tests -q -p no:cacheprovider -m "not multiprocess and not slurm" $(ARGS)
 
 bench: setup
 	$(PY) -m benchmarks $(ARGS)
