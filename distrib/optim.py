@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from distrib.context import _import_horovod
+from distrib.reducers import make_reducer
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPRESSIONS = ("none", "fp16")
@@ -51,8 +52,7 @@ class DistributedOptimizer:
 
         self._named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._passes_left: Dict[torch.Tensor, int] = {p: accumulate for _, p in self._named_params}
-        self._inflight: Dict[torch.Tensor, tuple] = {}  # param -> (handle, wire tensor)
-        self._names = {p: f"grad.{n}" for n, p in self._named_params}
+        self._reducer = make_reducer(self._named_params, self._hvd, compression=compression, op=op)
         self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
                               for _, p in self._named_params]
         if broadcast:
@@ -74,10 +74,10 @@ class DistributedOptimizer:
         """Wait until every gradient is averaged across workers. Called by :meth:`step`;
         call it yourself to time the wait, or to inspect averaged gradients before the step."""
         for p in self._params():
-            if p in self._inflight:
-                continue
             left = self._passes_left[p]
-            if left not in (0, self.accumulate):
+            if left == 0:
+                continue  # its allreduce was launched during backward
+            if left != self.accumulate:
                 raise RuntimeError(
                     f"step() was called after {self.accumulate - left} of the {self.accumulate} "
                     "backward passes of this step (accumulate); call backward once per micro-batch")
@@ -85,12 +85,10 @@ class DistributedOptimizer:
             # forward pass). Every rank must still join its allreduce, with zeros.
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            self._launch(p)
-        for p, (handle, wire) in self._inflight.items():
-            self._hvd.synchronize(handle)
-            if wire is not p.grad:
-                p.grad.copy_(wire)
-        self._inflight.clear()
+            self._grad_ready(p)
+        self._reducer.synchronize()
+        for p in self._params():
+            self._passes_left[p] = self.accumulate
 
     def step(self, closure=None) -> Optional[torch.Tensor]:
         """Synchronize, unscale (fp16), clip (after averaging, so every rank clips the same
@@ -107,7 +105,7 @@ class DistributedOptimizer:
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._inflight:
+        if self._reducer.in_flight():
             raise RuntimeError(
                 "zero_grad() was called after loss.backward() but before step(): the gradients are "
                 "still being averaged; call step() (or synchronize()) first")
@@ -144,17 +142,12 @@ class DistributedOptimizer:
     def _on_grad_ready(self, p: torch.Tensor) -> None:
         self._passes_left[p] -= 1
         if self._passes_left[p] == 0:
-            self._launch(p)
+            self._grad_ready(p)
 
-    def _launch(self, p: torch.Tensor) -> None:
-        hvd = self._hvd
+    def _grad_ready(self, p: torch.Tensor) -> None:
         if self.accumulate > 1:
             p.grad.div_(self.accumulate)  # mean over micro-batches, before the mean over workers
-        wire = p.grad.to(torch.float16) if self.compression == "fp16" and p.grad.is_floating_point() else p.grad
-        op = hvd.Adasum if self.op == "adasum" else hvd.Average
-        handle = hvd.allreduce_async_(wire, name=self._names[p], op=op)
-        self._inflight[p] = (handle, wire)
-        self._passes_left[p] = self.accumulate
+        self._reducer.grad_ready(p)
 
 
 def _check_choice(name: str, value: str, choices) -> None:
