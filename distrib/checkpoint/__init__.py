@@ -11,6 +11,6 @@ scheduler, scaler, loader) or to dicts of plain values (``"extra"``). The on-dis
 in :mod:`distrib.checkpoint.store`, the state handling in :mod:`distrib.checkpoint.state`.
 """
 from distrib.checkpoint.manager import SLOW_WRITE_ENV, CheckpointManager
-from distrib.checkpoint.store import CheckpointError, checkpoints_dir, newest_valid, validate
+from distrib.checkpoint.store import CheckpointError, DamagedCheckpoint, checkpoints_dir, newest_valid, validate
 
-__all__ = ["CheckpointManager", "CheckpointError", "SLOW_WRITE_ENV", "checkpoints_dir", "newest_valid", "validate"]
+__all__ = ["CheckpointManager", "CheckpointError", "DamagedCheckpoint", "SLOW_WRITE_ENV", "checkpoints_dir", "newest_valid", "validate"]

@@ -132,8 +132,11 @@ class CheckpointManager:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             store.remove_leftovers(self.root)
-            if not os.access(self.root, os.W_OK):
-                raise PermissionError(13, "Permission denied")
+            # A probe file: fails now, with the real reason (read-only, no permission), rather
+            # than in the background thread one save later.
+            probe = self.root / f"{store.TMP_PREFIX}probe-{os.getpid()}"
+            probe.touch(exist_ok=False)
+            probe.unlink()
         except OSError as exc:
             return store.io_error_message(self.root, exc)
         return None
@@ -251,7 +254,9 @@ class CheckpointManager:
                                   "use --resume none or a matching config")
         moved = store.supersede(self.root, marker["step"])
         if moved:
-            log.warning("resuming from %s: moved the newer checkpoints of %s to %s", path, self.root, moved)
+            # After a fallback these are the damaged folders, already warned about.
+            log.log(logging.INFO if str(resume) == "auto" else logging.WARNING,
+                    "resuming from %s: moved the newer checkpoints of %s to %s", path, self.root, moved)
         return {"path": str(path), "step": int(marker["step"])}
 
 

@@ -43,6 +43,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or loaded; the one-line message names the folder and the fix."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A folder that fails validation; ``reason`` says what is wrong without the folder name."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"checkpoint {path} is damaged: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
 def checkpoints_dir(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -185,13 +193,13 @@ def read_marker(path: Path) -> Dict[str, Any]:
     """The parsed marker of checkpoint folder ``path``; :class:`CheckpointError` says why not."""
     marker_path = Path(path) / MARKER
     if not marker_path.is_file():
-        raise CheckpointError(f"checkpoint {path} has no completion marker {MARKER}")
+        raise DamagedCheckpoint(path, f"no completion marker {MARKER}")
     try:
         marker = json.loads(marker_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} has an unreadable marker ({exc})") from exc
+        raise DamagedCheckpoint(path, f"unreadable marker: {exc}") from exc
     if not isinstance(marker, dict) or marker.get("format") != FORMAT or not isinstance(marker.get("files"), dict):
-        raise CheckpointError(f"checkpoint {path} has a marker that is not {FORMAT}")
+        raise DamagedCheckpoint(path, f"its marker is not {FORMAT}")
     return marker
 
 
@@ -210,12 +218,11 @@ def validate(path: Path, checksums: bool = True) -> Dict[str, Any]:
     for name, info in marker["files"].items():
         f = path / name
         if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} lacks {name}, listed in its marker")
+            raise DamagedCheckpoint(path, f"{name}, listed in its marker, is missing")
         if f.stat().st_size != info.get("bytes"):
-            raise CheckpointError(f"checkpoint {path}: {name} has {f.stat().st_size} bytes, "
-                                  f"its marker says {info.get('bytes')}")
+            raise DamagedCheckpoint(path, f"{name} has {f.stat().st_size} bytes, its marker says {info.get('bytes')}")
         if checksums and _sha256(f) != info.get("sha256"):
-            raise CheckpointError(f"checkpoint {path}: sha256 of {name} does not match its marker")
+            raise DamagedCheckpoint(path, f"sha256 of {name} does not match its marker")
     return marker
 
 
@@ -242,9 +249,9 @@ def newest_valid(root: Path, on_damaged: Optional[Callable[[Path, str], None]] =
     for _, path in reversed(list_checkpoints(root)):
         try:
             return path, validate(path)
-        except CheckpointError as exc:
+        except DamagedCheckpoint as exc:
             if on_damaged is not None:
-                on_damaged(path, str(exc))
+                on_damaged(path, exc.reason)
     return None, None
 
 

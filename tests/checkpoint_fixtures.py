@@ -1,0 +1,83 @@
+"""Helpers for the checkpoint tests: a one-process context, a tiny training state, and
+starting / killing real Horovod jobs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import psutil
+import torch
+
+from distrib.context import Context
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "tests" / "scripts"
+HOROVODRUN = Path(sys.executable).parent / "horovodrun"
+
+
+def cpu_ctx(rank: int = 0, size: int = 1) -> Context:
+    return Context(rank=rank, size=size, local_rank=rank, local_size=size, cross_rank=0, cross_size=1,
+                   device=torch.device("cpu"), controller="gloo")
+
+
+def tiny_state(seed: int = 0, hidden: int = 8):
+    """model + optimizer (with moments, after one step) + scheduler + extra."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    train_step(model, optimizer)
+    scheduler.step()
+    return {"model": model, "optimizer": optimizer, "scheduler": scheduler, "extra": {"epoch": 3}}
+
+
+def train_step(model, optimizer) -> None:
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def params(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def hvd_command(np_: int, script: Path, args: Sequence) -> list:
+    # TODO: switch to the project launcher (python -m launch -np N) once launch/__main__.py lands.
+    return [str(HOROVODRUN), "-np", str(np_), "--gloo", sys.executable, str(script), *map(str, args)]
+
+
+def run_hvd(np_: int, script: Path, args: Sequence = (), timeout: float = 240,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``np_`` Horovod workers; fail the test with the output on error."""
+    cmd = hvd_command(np_, script, args)
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def kill_tree(pid: int) -> list:
+    """SIGKILL a process and all its descendants at once (horovodrun starts its workers in
+    their own sessions, so killing its process group would miss them). Returns the pids."""
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return []
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    return [p.pid for p in procs]
