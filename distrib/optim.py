@@ -129,6 +129,13 @@ class DistributedOptimizer:
         self._hvd.broadcast_parameters(self.model.state_dict(), root_rank=root_rank)
         self._hvd.broadcast_optimizer_state(self.optimizer, root_rank=root_rank)
 
+    def reset(self) -> None:
+        """Forget in-flight communication and partial accumulation: after a peer died the
+        ring was re-formed and the old allreduce handles are void (elastic mode)."""
+        self._reducer = make_reducer(self._named_params, self._hvd, compression=self.compression, op=self.op)
+        for p in self._params():
+            self._passes_left[p] = self.accumulate
+
     def close(self) -> None:
         """Remove the gradient hooks (the model trains locally again)."""
         for h in self._hook_handles:

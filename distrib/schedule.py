@@ -70,6 +70,12 @@ class LRSchedule:
         self.step_count += 1
         self._apply()
 
+    def set_world_size(self, world_size: int) -> None:
+        """Follow an elastic resize: the peak learning rate is rescaled by the same policy."""
+        self.world_size = world_size
+        self.peak_lr = scaled_lr(self.base_lr, world_size, self.scaling)
+        self._apply()
+
     def _apply(self) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr

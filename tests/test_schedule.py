@@ -45,3 +45,10 @@ def test_bad_schedule_arguments():
         LRSchedule(opt, 0.1, 1, 10, decay="step")
     with pytest.raises(ValueError, match="warmup_steps >= 0"):
         LRSchedule(opt, 0.1, 1, 10, warmup_steps=-1)
+
+
+def test_elastic_resize_rescales_the_peak_lr():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = LRSchedule(opt, base_lr=0.1, world_size=4, total_steps=10, decay="constant", scaling="linear")
+    sched.set_world_size(1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1) and sched.peak_lr == pytest.approx(0.1)
