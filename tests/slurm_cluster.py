@@ -1,0 +1,322 @@
+"""A real one-node Slurm cluster for tests: munged + slurmctld + slurmd in a temporary folder.
+
+Import the fixture into a test module (``from tests.slurm_cluster import slurm_cluster``) and
+use it as ``slurm_cluster``: a session-scoped :class:`SlurmCluster` with helpers to submit
+sbatch scripts, wait for jobs and read their output. Everything runs as the current (root)
+user on free ports, with its own munge socket, so it touches no system-wide Slurm. When
+Slurm cannot start, the test fails with the reason (never skips). ``python -m
+tests.slurm_cluster`` starts a cluster, runs ``sinfo`` and stops it, for debugging.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = REPO / ".venv" / "bin"
+SETUP_SCRIPT = REPO / "scripts" / "slurm_setup.sh"
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "sinfo", "scontrol", "scancel")
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                   "PREEMPTED", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT"}
+CPUS = 2      # the test node; matches this 2-core machine (FACTS.md)
+GPUS = 2      # fake GPUs (gres without device files) so the GPU sbatch scripts are accepted
+
+
+class SlurmStartError(RuntimeError):
+    """The test cluster did not come up; the message says which step failed and where its log is."""
+
+
+@dataclass
+class Job:
+    """One ``scontrol show job`` record (the fields tests look at)."""
+    job_id: str
+    state: str
+    exit_code: str
+    restarts: int
+    raw: Dict[str, str] = field(repr=False, default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no {path})"
+
+
+def ensure_installed() -> None:
+    """Install slurm-wlm and munge with scripts/slurm_setup.sh when a command is missing."""
+    if all(shutil.which(c) or Path("/usr/sbin", c).exists() for c in DAEMONS):
+        return
+    proc = subprocess.run(["bash", str(SETUP_SCRIPT)], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise SlurmStartError(f"{SETUP_SCRIPT} failed (exit {proc.returncode}): "
+                              f"{(proc.stdout + proc.stderr)[-2000:]}")
+
+
+class SlurmCluster:
+    """munged, slurmctld and slurmd under ``root`` (a temporary folder); ``stop()`` kills them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.host = socket.gethostname()
+        self.conf = root / "slurm.conf"
+        self.munge_dir = root / "munge"
+        self.munge_socket = self.munge_dir / "munge.socket"
+        self.logs = root / "log"
+        self._procs: Dict[str, subprocess.Popen] = {}
+
+    # ----------------------------------------------------------------- environment
+    def env(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        """The environment for Slurm commands and the jobs they start.
+
+        sbatch exports it to the job (``--export=ALL``), so job steps find the project's
+        venv first on PATH and import the repository's packages.
+        """
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "HOROVOD_",
+                                    "OMPI_", "PMIX_"))}
+        env["SLURM_CONF"] = str(self.conf)
+        env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}"
+        env["VIRTUAL_ENV"] = str(VENV_BIN.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("PYTHONHOME", None)
+        if extra:
+            env.update(extra)
+        return env
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+        """Run a Slurm client command against this cluster; raises with its output when it fails."""
+        proc = subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: "
+                               f"{proc.stdout.strip()} {proc.stderr.strip()}")
+        return proc
+
+    # ----------------------------------------------------------------- start / stop
+    def _write_config(self) -> None:
+        for sub in ("state", "spool", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        ctld_port, slurmd_port = _free_port(), _free_port()
+        r = self.root
+        self.conf.write_text(f"""\
+ClusterName=distribtest
+SlurmctldHost={self.host}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self.munge_socket}
+SlurmUser=root
+SlurmdUser=root
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/builtin
+MpiDefault=none
+ReturnToService=2
+JobRequeue=0
+KillWait=5
+MinJobAge=600
+InactiveLimit=0
+SlurmdTimeout=300
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+GresTypes=gpu
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+NodeName={self.host} CPUs={CPUS} RealMemory=8000 Gres=gpu:{GPUS} State=UNKNOWN
+PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+""")
+        # Fake GPUs: Slurm wants a character device per GPU (a gpu gres without File counts as
+        # 0 and drains the node), and symlinks to /dev/null pass its check. Jobs can then ask for
+        # --gpus-per-node and get SLURM_GPUS_ON_NODE, which is what the GPU sbatch scripts need.
+        for i in range(GPUS):
+            (self.root / f"fakegpu{i}").symlink_to("/dev/null")
+        (self.root / "gres.conf").write_text(
+            f"NodeName={self.host} Name=gpu File={self.root}/fakegpu[0-{GPUS - 1}]\n")
+
+    def _start_munge(self) -> None:
+        munge = pwd.getpwnam("munge")
+        self.munge_dir.mkdir(mode=0o755)
+        os.chown(self.munge_dir, munge.pw_uid, munge.pw_gid)
+        key = Path("/etc/munge/munge.key")
+        if not key.exists():
+            raise SlurmStartError(f"{key} is missing: run {SETUP_SCRIPT}")
+        cmd = ["runuser", "-u", "munge", "--", "munged", "--foreground", "--force",
+               f"--socket={self.munge_socket}", f"--log-file={self.munge_dir}/munged.log",
+               f"--pid-file={self.munge_dir}/munged.pid", f"--seed-file={self.munge_dir}/munged.seed"]
+        self._spawn("munged", cmd)
+        self._wait_for(lambda: self.munge_socket.exists(), 15, "munged socket",
+                       self.munge_dir / "munged.log")
+
+    def _spawn(self, name: str, cmd: List[str]) -> None:
+        out = open(self.logs / f"{name}.out", "wb")
+        # start_new_session: a Ctrl-C in the terminal must not reach the daemons before stop().
+        self._procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                             env=self.env(), start_new_session=True, cwd=self.root)
+        out.close()
+
+    def _wait_for(self, ready, timeout: float, what: str, log: Path) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:
+                    raise SlurmStartError(
+                        f"{name} exited with {proc.returncode} while waiting for {what}:\n"
+                        f"{_tail(self.logs / f'{name}.out')}\n{_tail(log)}")
+            time.sleep(0.3)
+        raise SlurmStartError(f"timed out after {timeout:.0f}s waiting for {what}; last log lines:\n{_tail(log)}")
+
+    def node_state(self) -> str:
+        proc = self.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=10)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    def _node_ready(self) -> bool:
+        state = self.node_state()
+        if state.startswith(("drain", "inval")):  # never becomes idle by itself: say why now
+            reason = self.run("sinfo", "-h", "-N", "-o", "%E", check=False).stdout.strip()
+            raise SlurmStartError(f"node {self.host} is {state}: {reason}\n"
+                                  f"{_tail(self.logs / 'slurmctld.log', 10)}")
+        return state == "idle"
+
+    def start(self, timeout: float = 60) -> "SlurmCluster":
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        self._start_munge()
+        self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-i", "-f", str(self.conf)])
+        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
+        self._wait_for(self._node_ready, timeout, "sinfo to show the node idle",
+                       self.logs / "slurmctld.log")
+        return self
+
+    def stop(self) -> None:
+        """Cancel the jobs, then kill the daemons this object started (never others)."""
+        if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
+            try:
+                self.run("scancel", "--full", "--user", pwd.getpwuid(os.getuid()).pw_name,
+                         check=False, timeout=10)
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and self.run(
+                        "squeue", "-h", "-o", "%i", check=False, timeout=10).stdout.strip():
+                    time.sleep(0.5)
+            except (subprocess.SubprocessError, OSError):
+                pass
+        for name in ("slurmd", "slurmctld", "munged"):
+            proc = self._procs.pop(name, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+    # ----------------------------------------------------------------- jobs
+    def sbatch(self, script: os.PathLike | str, *script_args: str, sbatch_args: Sequence[str] = (),
+               env: Optional[Dict[str, str]] = None, cwd: os.PathLike | str = REPO) -> str:
+        """Submit ``script`` (a path) with ``script_args``; returns the job id."""
+        cmd = ["sbatch", "--parsable", *sbatch_args, str(script), *script_args]
+        proc = subprocess.run(cmd, env=self.env(env), capture_output=True, text=True, timeout=30, cwd=cwd)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> Job:
+        out = self.run("scontrol", "show", "job", "-o", job_id, timeout=10).stdout
+        fields = dict(re.findall(r"(\w+)=(\S*)", out))
+        return Job(job_id, fields.get("JobState", "?"), fields.get("ExitCode", "?"),
+                   int(fields.get("Restarts", "0") or 0), fields)
+
+    def wait(self, job_id: str, timeout: float, states=TERMINAL_STATES, output: Optional[Path] = None) -> Job:
+        """Poll until the job reaches one of ``states``; on timeout cancel it and raise with its log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job.state in states:
+                return job
+            if time.monotonic() > deadline:
+                self.run("scancel", "--full", job_id, check=False)
+                out = _tail(output, 40) if output else ""
+                raise TimeoutError(f"job {job_id} still {job.state} after {timeout:.0f}s\n{out}\n"
+                                   f"--- slurmd.log\n{_tail(self.logs / 'slurmd.log', 20)}")
+            time.sleep(0.5)
+
+    def scancel(self, job_id: str, *args: str) -> None:
+        self.run("scancel", *args, job_id)
+
+    @staticmethod
+    def read(path: os.PathLike | str) -> str:
+        return Path(path).read_text(errors="replace") if Path(path).exists() else ""
+
+
+def start_cluster() -> SlurmCluster:
+    """Install if needed and start a cluster in a fresh temporary folder (stopped on failure)."""
+    ensure_installed()
+    root = Path(tempfile.mkdtemp(prefix="distrib-slurm-"))
+    os.chmod(root, 0o755)  # the munge user must reach its socket folder inside
+    cluster = SlurmCluster(root)
+    try:
+        return cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - the module also runs as a script
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="session")
+    def slurm_cluster():
+        """A running one-node Slurm cluster (2 CPUs, 2 fake GPUs); fails the test if it cannot start."""
+        try:
+            cluster = start_cluster()
+        except Exception as exc:  # noqa: BLE001 - any reason must become a visible failure
+            pytest.fail(f"could not start the test Slurm cluster: {exc}", pytrace=False)
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    c = start_cluster()
+    try:
+        print(c.run("sinfo").stdout, end="")
+        print("root:", c.root)
+        if len(sys.argv) > 1 and sys.argv[1] == "--hold":
+            input("cluster running; SLURM_CONF=%s; press enter to stop " % c.conf)
+    finally:
+        c.stop()
