@@ -53,6 +53,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _alive(pid: Optional[int]) -> bool:
+    """True while ``pid`` runs (a zombie waiting for init to reap it counts as gone)."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
@@ -80,7 +91,8 @@ class SlurmCluster:
         self.munge_dir = root / "munge"
         self.munge_socket = self.munge_dir / "munge.socket"
         self.logs = root / "log"
-        self._procs: Dict[str, subprocess.Popen] = {}
+        self._daemons: Dict[str, int] = {}  # name -> pid
+        self._groups: Dict[str, int] = {}   # name -> process group to kill
 
     # ----------------------------------------------------------------- environment
     def env(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -177,21 +189,30 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                        self.munge_dir / "munged.log")
 
     def _spawn(self, name: str, cmd: List[str]) -> None:
-        out = open(self.logs / f"{name}.out", "wb")
-        # start_new_session: a Ctrl-C in the terminal must not reach the daemons before stop().
-        self._procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                             env=self.env(), start_new_session=True, cwd=self.root)
-        out.close()
+        """Start a daemon detached from this process (its parent exits at once).
+
+        Detached so that the daemons outlive each test: tests/conftest.py fails a test that
+        leaves *child* processes behind, and these are meant to run for the whole session.
+        It runs in a process group of its own, which stop() kills.
+        """
+        log = self.logs / f"{name}.out"
+        launcher = subprocess.run(
+            ["setsid", "sh", "-c", 'exec "$@" >"$DAEMON_LOG" 2>&1 </dev/null & echo $!', "sh", *cmd],
+            env={**self.env(), "DAEMON_LOG": str(log)}, cwd=self.root, capture_output=True, text=True,
+            timeout=30, check=True)
+        pid = int(launcher.stdout.strip())
+        self._daemons[name] = pid
+        self._groups[name] = os.getpgid(pid)  # the setsid'd shell's group: the daemon and its helpers
 
     def _wait_for(self, ready, timeout: float, what: str, log: Path) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready():
                 return
-            for name, proc in self._procs.items():
-                if proc.poll() is not None:
+            for name, pid in self._daemons.items():
+                if not _alive(pid):
                     raise SlurmStartError(
-                        f"{name} exited with {proc.returncode} while waiting for {what}:\n"
+                        f"{name} exited while waiting for {what}:\n"
                         f"{_tail(self.logs / f'{name}.out')}\n{_tail(log)}")
             time.sleep(0.3)
         raise SlurmStartError(f"timed out after {timeout:.0f}s waiting for {what}; last log lines:\n{_tail(log)}")
@@ -220,7 +241,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     def stop(self) -> None:
         """Cancel the jobs, then kill the daemons this object started (never others)."""
-        if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
+        if _alive(self._daemons.get("slurmctld")):
             try:
                 self.run("scancel", "--full", "--user", pwd.getpwuid(os.getuid()).pw_name,
                          check=False, timeout=10)
@@ -231,15 +252,19 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             except (subprocess.SubprocessError, OSError):
                 pass
         for name in ("slurmd", "slurmctld", "munged"):
-            proc = self._procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
+            pid, group = self._daemons.pop(name, None), self._groups.pop(name, None)
+            if not _alive(pid):
                 continue
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+            for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(group, sig)
+                except ProcessLookupError:
+                    break
+                deadline = time.monotonic() + grace
+                while _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if not _alive(pid):
+                    break
 
     # ----------------------------------------------------------------- jobs
     def sbatch(self, script: os.PathLike | str, *script_args: str, sbatch_args: Sequence[str] = (),
@@ -273,6 +298,36 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     def scancel(self, job_id: str, *args: str) -> None:
         self.run("scancel", *args, job_id)
+
+    def wait_until(self, predicate, timeout: float, what: str, job_id: Optional[str] = None,
+                   output: Optional[os.PathLike] = None) -> None:
+        """Poll ``predicate()`` every 0.1 s; on timeout raise with the job's state and log."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if job_id is not None and self.job(job_id).state in TERMINAL_STATES:
+                raise AssertionError(f"job {job_id} ended ({self.job(job_id).state}) before {what}\n"
+                                     f"{_tail(output, 40) if output else ''}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n"
+                                   f"{_tail(output, 40) if output else ''}")
+            time.sleep(0.1)
+
+    def release_requeued(self, job_id: str, timeout: float = 60) -> Job:
+        """Wait for a requeued job to be pending again, then let it start now.
+
+        Slurm holds a requeued batch job for about two minutes (Reason=BeginTime); a test does
+        not need that delay, so it sets the start time to now.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job.restarts >= 1 and job.state == "PENDING":
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                return job
+            if job.state in TERMINAL_STATES or time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} was not requeued: {job.state}, restarts {job.restarts}, "
+                                     f"reason {job.raw.get('Reason')}")
+            time.sleep(0.2)
 
     @staticmethod
     def read(path: os.PathLike | str) -> str:
@@ -309,6 +364,8 @@ if pytest is not None:
             yield cluster
         finally:
             cluster.stop()
+            if not os.environ.get("DISTRIB_KEEP_SLURM"):  # set it to keep the daemons' logs
+                shutil.rmtree(cluster.root, ignore_errors=True)
 
 
 if __name__ == "__main__":
