@@ -72,8 +72,9 @@ def _horovod_sum(values: Sequence[int]) -> Sequence[int]:
     import horovod.torch as hvd
     import torch
 
+    # One name per shape: [requeue, terminate] flags, or [1] for the barrier in requeue().
     total = hvd.allreduce(torch.tensor(list(values), dtype=torch.int64), op=hvd.Sum,
-                          name="distrib.preemption.flags")
+                          name=f"distrib.preemption.sum{len(values)}")
     return [int(v) for v in total.tolist()]
 
 

@@ -58,14 +58,14 @@ def test_srun_per_task_starts_horovod_over_pmix(slurm_cluster, tmp_path):
     assert {r["sum"] for r in records(run_dir) if "sum" in r} == {3.0}  # 1 + 2: both ranks in the allreduce
 
 
-@pytest.mark.parametrize("scancel_mode", ["--full", "--batch"])
-def test_standin_preempted_requeued_resumed(slurm_cluster, tmp_path, scancel_mode):
-    """(b, stand-in) SIGUSR2 mid-run -> checkpoint, requeue, resume; no step lost or repeated."""
+def test_standin_preempted_requeued_resumed(slurm_cluster, tmp_path):
+    """(b, stand-in) SIGUSR2 to the batch shell only (it forwards to srun) -> checkpoint, requeue,
+    resume; no step lost or repeated."""
     log, run_dir = tmp_path / "job.out", tmp_path / "run"
     job_id = slurm_cluster.sbatch(REPO / "slurm" / "requeue.sbatch", "--steps", "16", "--step-sleep", "0.2",
                                   sbatch_args=[*SMALL_NODE, f"--output={log}"],
                                   env={"SCRIPT": STANDIN, "RUN_DIR": str(run_dir)})
-    _preempt_and_finish(slurm_cluster, job_id, run_dir, log, scancel_mode, total=16)
+    _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--batch", total=16)
 
 
 def _preempt_and_finish(cluster, job_id, run_dir, log, scancel_mode, total):
@@ -98,11 +98,12 @@ def test_single_node_sbatch_trains_lm(slurm_cluster, tmp_path):
 
 
 def test_requeue_sbatch_lm_preempted_requeued_resumed(slurm_cluster, tmp_path):
-    """(b) slurm/requeue.sbatch with train_lm: scancel --signal=USR2 mid-run; resumes and finishes."""
+    """(b) slurm/requeue.sbatch with train_lm: `scancel --full --signal=USR2` (every process of the
+    job, as Slurm's own --signal does for the tasks) mid-run; it resumes and finishes."""
     log, run_dir = tmp_path / "job.out", tmp_path / "run"
     total = 150
     job_id = slurm_cluster.sbatch(REPO / "slurm" / "requeue.sbatch", "--steps", str(total), *TINY_LM,
                                   sbatch_args=[*SMALL_NODE, f"--output={log}"],
                                   env={"RUN_DIR": str(run_dir), "CHECKPOINT_EVERY": "50"})
-    _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--batch", total=total)
+    _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--full", total=total)
     assert (run_dir / "model.pt").exists()
