@@ -107,3 +107,36 @@ def test_requeue_sbatch_lm_preempted_requeued_resumed(slurm_cluster, tmp_path):
                                   env={"RUN_DIR": str(run_dir), "CHECKPOINT_EVERY": "50"})
     _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--full", total=total)
     assert (run_dir / "model.pt").exists()
+
+
+ENV_PROBE = """\
+#!/bin/bash
+set -euo pipefail
+probe='import json, dataclasses; from launch.slurm_env import SlurmJobEnvironment, hosts_from_slurm
+print(json.dumps({"job": dataclasses.asdict(SlurmJobEnvironment.from_env()), "hosts": hosts_from_slurm()}))'
+python -c "$probe"
+srun python -c "$probe"
+"""
+
+
+@pytest.mark.parametrize("shape, slots", [
+    (["--ntasks-per-node=1", "--gpus-per-node=2"], 2),   # one launcher task, one worker per GPU
+    (["--ntasks-per-node=2", "--cpus-per-task=1"], 2),   # one worker per task
+])
+def test_slurm_env_reads_a_real_job(slurm_cluster, tmp_path, shape, slots):
+    """SlurmJobEnvironment and hosts_from_slurm on the variables a real Slurm sets."""
+    script, log = tmp_path / "probe.sbatch", tmp_path / "probe.out"
+    script.write_text(ENV_PROBE)
+    job_id = slurm_cluster.sbatch(script, sbatch_args=[*shape, "--time=00:02:00", f"--output={log}"])
+    job = slurm_cluster.wait(job_id, timeout=60, output=log)
+    text = log.read_text()
+    assert job.state == "COMPLETED", text
+    probes = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    tasks = int(shape[0].split("=")[1])
+    assert len(probes) == 1 + tasks, text
+    for probe in probes:
+        assert probe["hosts"] == [[slurm_cluster.host, slots]]
+        assert probe["job"]["job_id"] == job_id and probe["job"]["nodes"] == [slurm_cluster.host]
+    assert sorted(p["job"]["global_rank"] for p in probes[1:]) == list(range(tasks))
+    if "--gpus-per-node=2" in shape:
+        assert probes[0]["job"]["gpus_on_node"] == 2
