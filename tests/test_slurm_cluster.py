@@ -11,7 +11,7 @@ import pytest
 from launch.slurm import main as generate_sbatch
 from tests.slurm_cluster import REPO, slurm_cluster  # noqa: F401 - the fixture
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slurm]
 
 STANDIN = "tests/scripts/slurm_train.py"
 # A tiny train_lm: fast on 2 shared cores, one metrics line per step.
