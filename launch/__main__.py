@@ -1,0 +1,40 @@
+"""``python -m launch`` / ``distrib-launch``: start N Horovod workers and supervise them.
+
+arguments -> :class:`launch.cli.LaunchConfig` -> :func:`launch.plan.build_plan` (exact command)
+-> :func:`launch.supervise.supervise`. See ``python -m launch --help``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import List, Optional
+
+from launch.cli import config_from_args, fail
+from launch.hosts import local_names, remote_hosts, unreachable_host_error
+from launch.plan import build_plan, describe, find_tools, horovod_built_with_mpi, resolve_controller
+from launch.supervise import supervise
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    config = config_from_args(sys.argv[1:] if argv is None else argv)
+    local = local_names()
+    try:
+        controller, reason = resolve_controller(config.controller, horovod_built_with_mpi, shutil.which("mpirun"))
+    except ValueError as exc:
+        fail(str(exc))
+    plan = build_plan(config, controller, reason, env_names=os.environ, is_root=os.geteuid() == 0,
+                      tools=find_tools(), local=local)
+    sys.stderr.write(describe(config, plan, local))
+    sys.stderr.flush()
+    if config.dry_run:
+        print(plan.command)
+        return 0
+    error = unreachable_host_error(remote_hosts(config.hosts, local))
+    if error:
+        fail(error)
+    return supervise(plan, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

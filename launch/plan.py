@@ -1,0 +1,142 @@
+"""LaunchConfig -> the exact command that starts the workers through Horovod's own launchers.
+
+:func:`build_plan` is a pure function of its arguments (configuration, resolved controller,
+names of the launcher's environment variables, root or not, tool paths, this machine's names),
+so its output is golden-tested. The impure look-ups it needs live in :func:`find_tools`,
+:func:`horovod_built_with_mpi` and :func:`resolve_controller`'s caller.
+
+Each worker runs ``python -m launch.worker script.py args``, the shim that records how it ended.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, FrozenSet, Iterable, Mapping, Optional, Tuple
+
+from launch.cli import LaunchConfig
+from launch.hosts import format_hosts, is_local
+
+# Variables the supervisor sets for every attempt (values known only at run time).
+STATUS_DIR_ENV = "DISTRIB_STATUS_DIR"          # the shim writes rank-<rank>.json here
+RESTART_COUNT_ENV = "DISTRIB_RESTART_COUNT"    # 0 on the first attempt, i on restart i
+HEARTBEAT_DIR_ENV = "DISTRIB_HEARTBEAT_FILE_DIR"  # set with --hang-timeout; see distrib/heartbeat.py
+
+# What mpirun must forward to remote workers (local ones inherit the whole environment anyway).
+EXPORT_NAMES = frozenset({"PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONUNBUFFERED",
+                          "OMP_NUM_THREADS", "MKL_NUM_THREADS"})
+EXPORT_PREFIXES = ("HOROVOD_", "DISTRIB_", "NCCL_")
+# Per-process values a launcher sets for each worker: never copied from ours.
+NOT_EXPORTED = frozenset({"HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE",
+                          "HOROVOD_CROSS_RANK", "HOROVOD_CROSS_SIZE", "HOROVOD_HOSTNAME",
+                          "HOROVOD_GLOO_RENDEZVOUS_ADDR", "HOROVOD_GLOO_RENDEZVOUS_PORT", "HOROVOD_GLOO_IFACE"})
+# Open MPI flags horovodrun --mpi uses (runner/mpi_run.py): no InfiniBand verbs BTL, ob1 PML.
+OMPI_MCA = ("-mca", "pml", "ob1", "-mca", "btl", "^openib")
+NO_BINDING = ("--bind-to", "none", "--map-by", "slot")
+
+
+@dataclass(frozen=True)
+class Tools:
+    """Where the programs are; a parameter of the plan so that golden tests fix them."""
+    python: str
+    mpirun: str = "mpirun"
+    horovodrun: str = "horovodrun"
+
+
+@dataclass(frozen=True)
+class Plan:
+    controller: str
+    reason: str
+    argv: Tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)  # fixed variables added for the workers
+
+    @property
+    def command(self) -> str:
+        return shlex.join(self.argv)
+
+
+def exported_names(env_names: Iterable[str], ours: Iterable[str] = ()) -> Tuple[str, ...]:
+    """Sorted names mpirun forwards with ``-x``: the useful ones present, plus ``ours``."""
+    names = {n for n in env_names
+             if (n in EXPORT_NAMES or n.startswith(EXPORT_PREFIXES)) and n not in NOT_EXPORTED}
+    return tuple(sorted(names | set(ours)))
+
+
+def runtime_env_names(config: LaunchConfig) -> Tuple[str, ...]:
+    """The variables the supervisor sets for each attempt (the heartbeat one only with --hang-timeout)."""
+    return (STATUS_DIR_ENV, RESTART_COUNT_ENV) + ((HEARTBEAT_DIR_ENV,) if config.hang_timeout else ())
+
+
+def resolve_controller(requested: str, mpi_built: Callable[[], Optional[bool]], mpirun: Optional[str]
+                       ) -> Tuple[str, str]:
+    """``auto|mpi|gloo`` -> (controller, why). ``mpi_built`` is only called for ``auto`` (it is slow)."""
+    if requested == "gloo":
+        return "gloo", "requested with --controller gloo"
+    if requested == "mpi":
+        if mpirun is None:
+            raise ValueError("--controller mpi needs mpirun on PATH; install Open MPI (apt-get install "
+                             "openmpi-bin) or use --controller gloo")
+        return "mpi", "requested with --controller mpi"
+    built = mpi_built()
+    if built is None:
+        return "gloo", "auto: horovod.torch could not be imported to ask whether it has MPI"
+    if not built:
+        return "gloo", "auto: Horovod was built without MPI"
+    if mpirun is None:
+        return "gloo", "auto: Horovod has MPI but mpirun is not on PATH"
+    return "mpi", "auto: Horovod was built with MPI and mpirun is on PATH"
+
+
+def horovod_built_with_mpi() -> Optional[bool]:
+    """``horovod.torch.mpi_built()``; None when horovod.torch cannot be imported. Imports torch (seconds)."""
+    try:
+        import horovod.torch as hvd
+    except Exception:  # ImportError, or a broken build raising anything on load
+        return None
+    return bool(hvd.mpi_built())
+
+
+def find_tools(python: str = sys.executable) -> Tools:
+    """mpirun from PATH; horovodrun next to ``python`` (the same installation), else from PATH."""
+    beside = os.path.join(os.path.dirname(python), "horovodrun")
+    horovodrun = beside if os.access(beside, os.X_OK) else (shutil.which("horovodrun") or "horovodrun")
+    return Tools(python=python, mpirun=shutil.which("mpirun") or "mpirun", horovodrun=horovodrun)
+
+
+def build_plan(config: LaunchConfig, controller: str, reason: str, *, env_names: Iterable[str],
+               is_root: bool, tools: Tools, local: FrozenSet[str]) -> Plan:
+    """The exact argv for ``controller`` (``mpi`` or ``gloo``); pure."""
+    env = {"HOROVOD_TIMELINE": config.timeline} if config.timeline else {}
+    worker = (tools.python, "-m", "launch.worker", config.script, *config.script_args)
+    hosts = format_hosts(config.hosts)
+    if controller == "mpi":
+        exports = []
+        for name in exported_names(env_names, [*env, *runtime_env_names(config)]):
+            exports += ["-x", name]
+        argv = (tools.mpirun, *(("--allow-run-as-root",) if is_root else ()), "--oversubscribe",
+                "-np", str(config.np), "-H", hosts, *NO_BINDING, *OMPI_MCA, *exports, *worker)
+    elif controller == "gloo":
+        all_local = all(is_local(name, local) for name, _ in config.hosts)
+        argv = (tools.horovodrun, "--gloo", "-np", str(config.np), "-H", hosts,
+                *(("--network-interface", "lo") if all_local else ()),
+                *(("--verbose",) if config.verbose else ()), *worker)
+    else:
+        raise AssertionError(f"unresolved controller {controller!r}")
+    return Plan(controller=controller, reason=reason, argv=argv, env=env)
+
+
+def describe(config: LaunchConfig, plan: Plan, local: FrozenSet[str]) -> str:
+    """The resolved plan, as printed once at start."""
+    where = ", ".join(f"{name}:{slots}{'' if is_local(name, local) else ' (remote)'}"
+                      for name, slots in config.hosts)
+    lines = [f"controller: {plan.controller} ({plan.reason})",
+             f"hosts: {where}; np: {config.np}"]
+    if config.max_restarts or config.hang_timeout:
+        hang = f"{config.hang_timeout:g} s" if config.hang_timeout else "off"
+        lines.append(f"max restarts: {config.max_restarts}; hang timeout: {hang}")
+    if config.timeline:
+        lines.append(f"timeline: {config.timeline}")
+    lines.append(f"command: {plan.command}")
+    return "".join(f"distrib-launch: {line}\n" for line in lines)

@@ -1,0 +1,301 @@
+"""Run a :class:`~launch.plan.Plan`, watch the workers, report the first failure, restart.
+
+One attempt is a small state machine: RUNNING until the launcher process (mpirun/horovodrun)
+ends, a rank reports a failure (then the job gets ``failure_grace`` seconds to end by itself),
+a rank's heartbeat goes stale (HUNG), or the launcher is interrupted (INTERRUPTED). Leaving
+RUNNING always stops every worker: SIGTERM (and SIGCONT, so a stopped process can act on it),
+then SIGKILL after ``stop_grace`` seconds, because a rank stuck in a collective ignores SIGTERM.
+
+Workers are found three ways, because Open MPI and Horovod's Gloo launcher put each worker in a
+process group of its own: our process group, the launcher process's descendants (sampled while
+it runs) and the ``started-<rank>.json`` files the shims write (pids on this host).
+
+The root cause is the failed rank with the earliest ``end_time`` in the shims' status files.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, TextIO, Tuple
+
+import psutil
+
+from launch.cli import LaunchConfig
+from launch.plan import HEARTBEAT_DIR_ENV, RESTART_COUNT_ENV, STATUS_DIR_ENV, Plan
+
+POLL_S = 0.2
+
+
+class State(enum.Enum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    HUNG = "hung"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class RankStatus:
+    """One ``rank-<rank>.json`` written by launch/worker.py."""
+    rank: Optional[int]
+    host: str
+    pid: int
+    exit_code: int
+    signal: Optional[str]
+    end_time: float
+    stderr_tail: Tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "RankStatus":
+        return cls(rank=d.get("rank"), host=d.get("host", "?"), pid=d.get("pid", 0),
+                   exit_code=int(d["exit_code"]), signal=d.get("signal"), end_time=float(d["end_time"]),
+                   stderr_tail=tuple(d.get("stderr_tail") or ()))
+
+    @property
+    def how(self) -> str:
+        return f"killed by {self.signal}" if self.signal else f"exit code {self.exit_code}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: State
+    exit_code: int
+    message: str = ""              # the root cause, one line
+    details: Tuple[str, ...] = ()  # the failed rank's last stderr lines
+
+
+def first_failure(statuses: Iterable[RankStatus]) -> Optional[RankStatus]:
+    """The failed rank that ended first: the root cause (peers fail after it, in collectives)."""
+    failed = [s for s in statuses if s.exit_code != 0]
+    return min(failed, key=lambda s: (s.end_time, s.rank if s.rank is not None else -1)) if failed else None
+
+
+def failure_outcome(status: RankStatus) -> Outcome:
+    return Outcome(State.FAILED, status.exit_code if 0 < status.exit_code < 256 else 1,
+                   f"rank {status.rank} on {status.host} failed first: {status.how}", status.stderr_tail)
+
+
+def stale_rank(ages: Mapping[int, float], finished: Iterable[int], timeout: float) -> Optional[Tuple[int, float]]:
+    """The unfinished rank with the oldest heartbeat older than ``timeout``: (rank, age) or None.
+
+    Ranks that never beat are not judged (start-up, compilation, a script without ``beat()``).
+    """
+    done = set(finished)
+    stale = [(age, rank) for rank, age in ages.items() if rank not in done and age > timeout]
+    if not stale:
+        return None
+    age, rank = max(stale)
+    return rank, age
+
+
+def read_statuses(folder: str) -> List[RankStatus]:
+    statuses = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("rank-") and name.endswith(".json"):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    statuses.append(RankStatus.from_dict(json.load(f)))
+            except (OSError, ValueError, KeyError):
+                continue  # written atomically by the shim; anything else is not ours
+    return statuses
+
+
+def heartbeat_ages(folder: str, now: float) -> Dict[int, float]:
+    ages = {}
+    for name in os.listdir(folder):
+        rank = name[len("heartbeat-"):]
+        if name.startswith("heartbeat-") and rank.isdigit():
+            try:
+                ages[int(rank)] = now - os.stat(os.path.join(folder, name)).st_mtime
+            except OSError:
+                continue
+    return ages
+
+
+class Attempt:
+    """One run of the plan, from start to a final :class:`Outcome`, with every worker stopped."""
+
+    def __init__(self, plan: Plan, config: LaunchConfig, number: int, log, interrupted):
+        self.plan, self.config, self.number = plan, config, number
+        self.log, self.interrupted = log, interrupted
+        self.tracked: Dict[int, psutil.Process] = {}
+        self.seen_started: set = set()
+        self.reported: set = set()
+        self.host = socket.gethostname()
+
+    def run(self) -> Outcome:
+        self.status_dir = tempfile.mkdtemp(prefix="distrib-launch-")
+        try:
+            env = {**os.environ, **self.plan.env, STATUS_DIR_ENV: self.status_dir,
+                   RESTART_COUNT_ENV: str(self.number)}
+            if self.config.hang_timeout:
+                env[HEARTBEAT_DIR_ENV] = self.status_dir
+            self.proc = subprocess.Popen(self.plan.argv, env=env, start_new_session=True)
+            try:
+                self.root = psutil.Process(self.proc.pid)
+            except psutil.NoSuchProcess:
+                self.root = None
+            try:
+                return self._watch()
+            finally:
+                self._stop()
+        finally:
+            shutil.rmtree(self.status_dir, ignore_errors=True)
+
+    def _watch(self) -> Outcome:
+        failed_at = None
+        while True:
+            self._track()
+            statuses = read_statuses(self.status_dir)
+            self._say_ended(statuses)
+            signum = self.interrupted()
+            if signum:
+                name = signal.Signals(signum).name
+                return Outcome(State.INTERRUPTED, 128 + signum, f"interrupted by {name}: stopped every worker")
+            if failed_at is None and any(s.exit_code != 0 for s in statuses):
+                failed_at = time.monotonic()
+            if self.config.hang_timeout and failed_at is None:
+                hung = stale_rank(heartbeat_ages(self.status_dir, time.time()),
+                                  [s.rank for s in statuses], self.config.hang_timeout)
+                if hung:
+                    return Outcome(State.HUNG, 1, f"rank {hung[0]} hung: no progress for {hung[1]:.0f} s "
+                                                  f"(--hang-timeout {self.config.hang_timeout:g})")
+            if self.proc.poll() is not None:
+                break
+            if failed_at is not None and time.monotonic() - failed_at > self.config.failure_grace:
+                self.log("a rank failed and the job did not end by itself: stopping every worker", verbose=True)
+                break
+            time.sleep(POLL_S)
+        self._stop()  # leftovers, e.g. ranks that outlived their launcher
+        statuses = read_statuses(self.status_dir)
+        self._say_ended(statuses)
+        failure = first_failure(statuses)
+        if failure is not None:
+            return failure_outcome(failure)
+        code = self.proc.returncode
+        if code != 0:
+            return Outcome(State.FAILED, code if 0 < code < 256 else 1,
+                           f"{os.path.basename(self.plan.argv[0])} exited with code {code} before any rank "
+                           f"reported a failure (see its messages above)")
+        return Outcome(State.SUCCEEDED, 0)
+
+    def _say_ended(self, statuses: List[RankStatus]) -> None:
+        for s in statuses:
+            if s.rank not in self.reported:
+                self.reported.add(s.rank)
+                self.log(f"rank {s.rank} on {s.host} ended: {s.how}", verbose=True)
+
+    def _track(self) -> None:
+        """Remember every process that may be a worker, while it can still be found."""
+        procs = []
+        if self.root is not None:
+            try:
+                procs += self.root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+        for name in os.listdir(self.status_dir):
+            if name.startswith("started-") and name.endswith(".json") and name not in self.seen_started:
+                try:
+                    with open(os.path.join(self.status_dir, name), encoding="utf-8") as f:
+                        started = json.load(f)
+                except (OSError, ValueError):
+                    continue
+                self.seen_started.add(name)
+                if started.get("host") == self.host:
+                    for key in ("shim_pid", "pid"):
+                        try:
+                            procs.append(psutil.Process(int(started[key])))
+                        except (psutil.Error, KeyError, ValueError):
+                            pass
+        for p in procs:
+            self.tracked.setdefault(p.pid, p)
+
+    def _signal_all(self, sig: int) -> List[psutil.Process]:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        alive = []
+        for p in self.tracked.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    p.send_signal(sig)
+                    alive.append(p)
+            except psutil.Error:
+                pass
+        return alive
+
+    def _stop(self) -> None:
+        self._track()
+        alive = self._signal_all(signal.SIGTERM)
+        if not alive and self.proc.poll() is not None:
+            return
+        self.log(f"stopping {len(alive)} worker processes (SIGTERM)", verbose=True)
+        self._signal_all(signal.SIGCONT)  # a stopped (SIGSTOP) process only acts on SIGTERM once continued
+        deadline = time.monotonic() + self.config.stop_grace
+        _, alive = psutil.wait_procs(alive, timeout=self.config.stop_grace)
+        try:
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        self._track()
+        if alive or self.proc.poll() is None:
+            self.log("workers still running after SIGTERM: sending SIGKILL", verbose=True)
+            alive = self._signal_all(signal.SIGKILL)
+            psutil.wait_procs(alive, timeout=5)
+        self.proc.wait()
+
+
+class _SignalCatcher:
+    """SIGINT/SIGTERM to the launcher: remember the first one; the attempt loop stops the workers."""
+
+    def __enter__(self):
+        self.caught: Optional[int] = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.caught is None:
+            self.caught = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def supervise(plan: Plan, config: LaunchConfig, out: TextIO = sys.stderr) -> int:
+    """Run the plan (again after a failure, up to ``config.max_restarts`` times); return the exit status."""
+    def log(message: str, verbose: bool = False) -> None:
+        if config.verbose or not verbose:
+            out.write(f"distrib-launch: {message}\n")
+            out.flush()
+
+    with _SignalCatcher() as signals:
+        for number in range(config.max_restarts + 1):
+            if signals.caught:  # between attempts: do not start another one
+                return 128 + signals.caught
+            outcome = Attempt(plan, config, number, log, lambda: signals.caught).run()
+            if outcome.state is State.SUCCEEDED:
+                log("all ranks finished successfully", verbose=True)
+                return 0
+            log(outcome.message)
+            if outcome.state is State.INTERRUPTED:
+                return outcome.exit_code
+            if outcome.details:
+                log(f"last {len(outcome.details)} lines of its stderr:")
+                out.write("".join(f"    {line}\n" for line in outcome.details))
+            if number < config.max_restarts:
+                log(f"restart {number + 1}/{config.max_restarts}")
+        if config.max_restarts:
+            log(f"giving up after {config.max_restarts} restarts; root cause: {outcome.message}")
+        return outcome.exit_code

@@ -1,0 +1,139 @@
+"""``python -m launch.worker script.py [args]``: the shim each worker runs under the launcher.
+
+It runs the training script as a child process, so that even a script killed by SIGKILL is seen
+ending. The child's stdout passes through untouched; its stderr is copied through as it comes
+while the last lines are kept. SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 are forwarded to the
+child. When the child ends, the shim writes ``$DISTRIB_STATUS_DIR/rank-<rank>.json``::
+
+    {"rank": 1, "host": "node1", "pid": 4242, "exit_code": 137, "signal": "SIGKILL",
+     "end_time": 1764000000.1, "stderr_tail": ["...", "..."]}
+
+and exits with the child's code (128 + N for a signal N). At start it writes
+``started-<rank>.json`` (rank, host, pid, shim_pid) so that the supervisor can stop the rank's
+processes itself. Without ``DISTRIB_STATUS_DIR`` (run by hand) it writes nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from typing import Deque, List, Mapping, Optional
+
+STATUS_DIR_ENV = "DISTRIB_STATUS_DIR"
+# Where launchers put the global rank: Horovod's Gloo launcher, Open MPI, PMIx (srun), SLURM.
+RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+TAIL_LINES = 20
+_TAIL_BYTES = 64 * 1024
+_PR_SET_PDEATHSIG = 1
+
+
+def rank_from_env(env: Mapping[str, str]) -> Optional[int]:
+    for name in RANK_VARIABLES:
+        value = env.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def exit_status(returncode: int) -> tuple:
+    """Popen returncode -> (exit code as a shell reports it, signal name or None)."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return 128 - returncode, name
+    return returncode, None
+
+
+def tail_lines(data: bytes, n: int = TAIL_LINES) -> List[str]:
+    text = data.decode("utf-8", errors="replace").replace("\r", "\n")
+    return [line for line in text.splitlines() if line.strip()][-n:]
+
+
+def write_json(path: str, record: dict) -> None:
+    """Atomically: the supervisor polls the folder and must never read half a file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def _die_with_parent() -> None:
+    # In the child before exec: if the shim is SIGKILLed, the kernel kills the script too,
+    # instead of leaving it running (and holding its peers in a collective) as an orphan.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _pump(source, sink, tail: Deque[bytes]) -> None:
+    """Copy the child's stderr to ours chunk by chunk (progress bars without newlines too)."""
+    fd = source.fileno()
+    kept = 0
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        try:
+            sink.write(chunk)
+            sink.flush()
+        except (OSError, ValueError):
+            pass  # our stderr is gone (launcher stopped); keep the tail anyway
+        tail.append(chunk)
+        kept += len(chunk)
+        while kept - len(tail[0]) > _TAIL_BYTES:
+            kept -= len(tail.popleft())
+
+
+def run(argv: List[str], env: Mapping[str, str]) -> int:
+    status_dir = env.get(STATUS_DIR_ENV) or None
+    rank = rank_from_env(env)
+    name = str(rank) if rank is not None else f"unknown-{os.getpid()}"
+    host = socket.gethostname()
+    child = subprocess.Popen([sys.executable, *argv], stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+
+    def forward(signum, _frame):
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+
+    if status_dir:
+        write_json(os.path.join(status_dir, f"started-{name}.json"),
+                   {"rank": rank, "host": host, "pid": child.pid, "shim_pid": os.getpid(), "start_time": time.time()})
+    tail: Deque[bytes] = deque()
+    pump = threading.Thread(target=_pump, args=(child.stderr, sys.stderr.buffer, tail), daemon=True)
+    pump.start()
+    returncode = child.wait()
+    end_time = time.time()
+    pump.join(timeout=2.0)  # a grandchild holding the pipe open must not keep us here
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    code, signame = exit_status(returncode)
+    if status_dir:
+        write_json(os.path.join(status_dir, f"rank-{name}.json"),
+                   {"rank": rank, "host": host, "pid": child.pid, "exit_code": code, "signal": signame,
+                    "end_time": end_time, "stderr_tail": tail_lines(b"".join(list(tail)))})
+    return code
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.stderr.write("usage: python -m launch.worker script.py [args]\n")
+        sys.exit(2)
+    sys.exit(run(sys.argv[1:], os.environ))
+
+
+if __name__ == "__main__":
+    main()
