@@ -347,3 +347,21 @@ def test_restore_on_more_ranks_uses_derived_rng(tmp_path):
     st.seed_rank(7, 1, 4)
     assert got[:2] == _draws()[:2]
     set_rng_state(saved_rng)
+
+
+def test_snapshot_buffers_reused_across_saves_stay_snapshots(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTRIB_TEST_SLOW_WRITE_S", "0.05")
+    state = tiny_state()
+    ckpt = manager(tmp_path)
+    ckpt.save(1, state)
+    at_1 = params(state["model"])
+    train_step(state["model"], state["optimizer"])
+    ckpt.save(2, state)  # copies into the buffers of the first snapshot
+    at_2 = params(state["model"])
+    train_step(state["model"], state["optimizer"])
+    ckpt.close()
+    root = tmp_path / "run" / "checkpoints"
+    for step, expected in ((2, at_2), (1, at_1)):  # resuming step 1 moves step 2 aside
+        fresh = tiny_state(seed=5)
+        CheckpointManager(tmp_path / "run", cpu_ctx()).restore(fresh, resume=str(root / f"step-{step:08d}"))
+        assert same(params(fresh["model"]), expected)

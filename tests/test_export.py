@@ -121,3 +121,9 @@ def test_artifact_round_trip_and_format_check(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ExportError, match="not a distrib-model-v1"):
         load_model_artifact(tmp_path / "other.pt")
+
+
+def test_export_module_loads_without_horovod():
+    proc = run("-c", "import sys\nfrom distrib.export import load_model_artifact, save_model_artifact\n"
+                     "assert 'horovod' not in sys.modules and 'horovod.torch' not in sys.modules")
+    assert proc.returncode == 0, proc.stderr

@@ -54,7 +54,8 @@ class CheckpointManager:
 
     ``keep`` committed checkpoints are kept (at least 2). With ``async_save`` (the default)
     :meth:`save` blocks only while it copies the state to CPU memory; a background thread
-    writes it, one write at a time. ``seed`` derives the RNG state of ranks that did not
+    writes it, one write at a time (rank 0 keeps one CPU copy of the state between saves and
+    reuses it as the next snapshot's memory). ``seed`` derives the RNG state of ranks that did not
     exist in the saved run (resume on more workers). ``comm`` replaces the collectives
     (tests); by default Horovod's when ``ctx.size > 1``.
 
@@ -74,6 +75,7 @@ class CheckpointManager:
         self._thread: Optional[threading.Thread] = None
         self._failure: Optional[str] = None  # set by the writer thread, read after join()
         self._closed = False
+        self._staging: Any = None  # rank 0, async: the last CPU snapshot, reused as buffers
         self.last_saved: Optional[Path] = None
 
     @property
@@ -110,7 +112,8 @@ class CheckpointManager:
         if self._main:
             collected = st.collect(state)
             if self.async_save:
-                collected = st.cpu_snapshot(collected)
+                # The previous snapshot is free (its write was joined above): reuse its memory.
+                collected = self._staging = st.cpu_snapshot(collected, reuse=self._staging)
             files = {store.STATE_FILE: {"step": step, "state": collected},
                      store.RNG_FILE: [g["rng"] for g in gathered]}
         if self.async_save:
@@ -173,6 +176,7 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
+        self._staging = None
         self.wait()
 
     def __enter__(self) -> "CheckpointManager":
