@@ -140,3 +140,17 @@ def test_slurm_env_reads_a_real_job(slurm_cluster, tmp_path, shape, slots):
     assert sorted(p["job"]["global_rank"] for p in probes[1:]) == list(range(tasks))
     if "--gpus-per-node=2" in shape:
         assert probes[0]["job"]["gpus_on_node"] == 2
+
+
+def test_launcher_takes_hosts_from_the_allocation(slurm_cluster, tmp_path):
+    """`python -m launch script.py` with no -np/-H in a 1-task, 2-GPU job starts 2 workers on the node."""
+    script, log, run_dir = tmp_path / "launch.sbatch", tmp_path / "launch.out", tmp_path / "run"
+    script.write_text(f"#!/bin/bash\nset -euo pipefail\npython -m launch {STANDIN} --steps 3 --run-dir {run_dir}\n")
+    job_id = slurm_cluster.sbatch(script, sbatch_args=["--ntasks-per-node=1", "--gpus-per-node=2",
+                                                       "--cpus-per-task=2", "--time=00:05:00", f"--output={log}"])
+    job = slurm_cluster.wait(job_id, timeout=150, output=log)
+    text = log.read_text()
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), text
+    assert f"hosts: {slurm_cluster.host}:2; np: 2" in text, text
+    assert steps(run_dir) == [1, 2, 3]
+    assert {r["sum"] for r in records(run_dir) if "sum" in r} == {3.0}
