@@ -55,7 +55,10 @@ class DistributedOptimizer:
         self._reducer = make_reducer(self._named_params, self._hvd, compression=compression, op=op)
         self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
                               for _, p in self._named_params]
-        if broadcast:
+        # Under Horovod Elastic no collective may run outside the elastic retry loop (a worker
+        # joining later would pair this broadcast with its peers' state sync and hang);
+        # ElasticState.sync() broadcasts the same state inside the loop instead.
+        if broadcast and not ctx.elastic:
             self.broadcast_state()
 
     # -- the training-loop API -------------------------------------------------------------
