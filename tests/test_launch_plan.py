@@ -1,0 +1,116 @@
+"""Golden tests of launch/plan.py: LaunchConfig -> the exact mpirun / horovodrun argv."""
+import pytest
+
+from launch.cli import LaunchConfig
+from launch.plan import Tools, build_plan, describe, exported_names, resolve_controller
+
+TOOLS = Tools(python="/venv/bin/python", mpirun="/usr/bin/mpirun", horovodrun="/venv/bin/horovodrun")
+LOCAL = frozenset({"vm"})
+ENV = {"PATH": "/bin", "HOME": "/root", "PYTHONPATH": "/src", "LD_LIBRARY_PATH": "/lib", "OMP_NUM_THREADS": "1",
+       "HOROVOD_CYCLE_TIME": "1", "HOROVOD_RANK": "3", "DISTRIB_RUN": "x", "TERM": "xterm", "SSH_AUTH_SOCK": "/s"}
+WORKER = ["/venv/bin/python", "-m", "launch.worker", "train.py", "--steps", "5"]
+
+
+def config(**kw):
+    base = dict(script="train.py", script_args=("--steps", "5"), np=2, hosts=(("localhost", 2),))
+    return LaunchConfig(**{**base, **kw})
+
+
+def plan(controller, cfg=None, env=ENV, is_root=False):
+    return build_plan(cfg or config(), controller, "why", env_names=env, is_root=is_root, tools=TOOLS, local=LOCAL)
+
+
+MPI_EXPORTS = ["-x", "DISTRIB_RESTART_COUNT", "-x", "DISTRIB_RUN", "-x", "DISTRIB_STATUS_DIR",
+               "-x", "HOROVOD_CYCLE_TIME", "-x", "LD_LIBRARY_PATH", "-x", "OMP_NUM_THREADS", "-x", "PATH",
+               "-x", "PYTHONPATH"]
+
+
+def test_mpi_non_root():
+    assert list(plan("mpi").argv) == [
+        "/usr/bin/mpirun", "--oversubscribe", "-np", "2", "-H", "localhost:2", "--bind-to", "none",
+        "--map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib", *MPI_EXPORTS, *WORKER]
+
+
+def test_mpi_root_allows_running_as_root():
+    assert list(plan("mpi", is_root=True).argv) == [
+        "/usr/bin/mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-H", "localhost:2",
+        "--bind-to", "none", "--map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib", *MPI_EXPORTS,
+        *WORKER]
+
+
+def test_mpi_hosts_timeline_and_hang_timeout():
+    cfg = config(np=6, hosts=(("node1", 4), ("node2", 4)), timeline="/runs/tl.json", hang_timeout=60.0)
+    p = plan("mpi", cfg, env={"PATH": "/bin"})
+    assert list(p.argv) == [
+        "/usr/bin/mpirun", "--oversubscribe", "-np", "6", "-H", "node1:4,node2:4", "--bind-to", "none",
+        "--map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib",
+        "-x", "DISTRIB_HEARTBEAT_FILE_DIR", "-x", "DISTRIB_RESTART_COUNT", "-x", "DISTRIB_STATUS_DIR",
+        "-x", "HOROVOD_TIMELINE", "-x", "PATH", *WORKER]
+    assert p.env == {"HOROVOD_TIMELINE": "/runs/tl.json"}
+
+
+def test_gloo_local_uses_loopback():
+    p = plan("gloo")
+    assert list(p.argv) == ["/venv/bin/horovodrun", "--gloo", "-np", "2", "-H", "localhost:2",
+                            "--network-interface", "lo", *WORKER]
+    assert p.command == ("/venv/bin/horovodrun --gloo -np 2 -H localhost:2 --network-interface lo "
+                         "/venv/bin/python -m launch.worker train.py --steps 5")
+
+
+def test_gloo_local_names_of_this_machine():
+    cfg = config(np=3, hosts=(("vm", 1), ("127.0.0.1", 2)), verbose=True)
+    assert list(plan("gloo", cfg).argv) == ["/venv/bin/horovodrun", "--gloo", "-np", "3", "-H", "vm:1,127.0.0.1:2",
+                                            "--network-interface", "lo", "--verbose", *WORKER]
+
+
+def test_gloo_remote_hosts_no_interface():
+    cfg = config(np=4, hosts=(("localhost", 2), ("node2", 2)))
+    assert list(plan("gloo", cfg).argv) == ["/venv/bin/horovodrun", "--gloo", "-np", "4",
+                                            "-H", "localhost:2,node2:2", *WORKER]
+
+
+def test_command_is_shell_quoted():
+    p = plan("gloo", config(script_args=("--name", "my run", "a'b")))
+    assert p.command.endswith("train.py --name 'my run' 'a'\"'\"'b'")
+
+
+def test_exported_names_filter():
+    assert exported_names(ENV) == ("DISTRIB_RUN", "HOROVOD_CYCLE_TIME", "LD_LIBRARY_PATH", "OMP_NUM_THREADS",
+                                   "PATH", "PYTHONPATH")
+
+
+@pytest.mark.parametrize("requested, built, mpirun, expected", [
+    ("gloo", True, "/usr/bin/mpirun", "gloo"),
+    ("mpi", False, "/usr/bin/mpirun", "mpi"),
+    ("auto", True, "/usr/bin/mpirun", "mpi"),
+    ("auto", False, "/usr/bin/mpirun", "gloo"),
+    ("auto", True, None, "gloo"),
+    ("auto", None, "/usr/bin/mpirun", "gloo"),
+])
+def test_resolve_controller(requested, built, mpirun, expected):
+    controller, reason = resolve_controller(requested, lambda: built, mpirun)
+    assert controller == expected
+    assert reason.startswith("auto:" if requested == "auto" else "requested")
+
+
+def test_resolve_controller_only_asks_horovod_for_auto():
+    def boom():
+        raise AssertionError("slow check called")
+    assert resolve_controller("gloo", boom, None)[0] == "gloo"
+    assert resolve_controller("mpi", boom, "/usr/bin/mpirun")[0] == "mpi"
+
+
+def test_mpi_without_mpirun_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs mpirun on PATH.*--controller gloo"):
+        resolve_controller("mpi", lambda: True, None)
+
+
+def test_describe_names_controller_reason_hosts_and_command():
+    cfg = config(np=3, hosts=(("localhost", 2), ("node2", 2)), max_restarts=2)
+    text = describe(cfg, plan("gloo", cfg), LOCAL)
+    assert text.splitlines() == [
+        "distrib-launch: controller: gloo (why)",
+        "distrib-launch: hosts: localhost:2, node2:2 (remote); np: 3",
+        "distrib-launch: max restarts: 2; hang timeout: off",
+        "distrib-launch: command: /venv/bin/horovodrun --gloo -np 3 -H localhost:2,node2:2 "
+        "/venv/bin/python -m launch.worker train.py --steps 5"]

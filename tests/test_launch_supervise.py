@@ -1,0 +1,134 @@
+"""launch/supervise.py with a stand-in for mpirun (tests/scripts/fake_launcher.py) and no Horovod:
+first failure, stopping ranks that ignore SIGTERM, hang detection, restarts, interruption."""
+import io
+import os
+import signal
+import sys
+import threading
+
+import psutil
+import pytest
+
+from launch.cli import LaunchConfig
+from launch.plan import Plan
+from launch.supervise import RankStatus, first_failure, stale_rank, supervise
+from tests.helpers import SCRIPTS
+
+TOY = str(SCRIPTS / "launch_toy.py")
+
+
+def status(rank, code, end, signame=None):
+    return RankStatus(rank=rank, host="h", pid=1, exit_code=code, signal=signame, end_time=end)
+
+
+def test_first_failure_is_the_earliest_non_zero():
+    statuses = [status(0, 0, 1.0), status(1, 143, 5.0, "SIGTERM"), status(2, 3, 4.0), status(3, 1, 4.5)]
+    assert first_failure(statuses).rank == 2
+    assert first_failure([status(0, 0, 1.0)]) is None
+    assert first_failure([]) is None
+    assert status(1, 137, 1.0, "SIGKILL").how == "killed by SIGKILL"
+    assert status(1, 3, 1.0).how == "exit code 3"
+
+
+def test_stale_rank():
+    assert stale_rank({0: 1.0, 1: 2.0}, [], 5.0) is None
+    assert stale_rank({0: 1.0, 1: 9.0}, [], 5.0) == (1, 9.0)
+    assert stale_rank({0: 7.0, 1: 9.0}, [], 5.0) == (1, 9.0)       # the oldest heartbeat
+    assert stale_rank({0: 1.0, 1: 9.0}, [1], 5.0) is None          # rank 1 already finished
+    assert stale_rank({}, [], 5.0) is None                          # nobody beat yet: not judged
+
+
+def run(tmp_path, *toy_args, np=2, **config):
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir(exist_ok=True)
+    args = (*toy_args, "--pid-dir", str(pid_dir))
+    cfg = LaunchConfig(script=TOY, script_args=args, np=np, hosts=(("localhost", np),), failure_grace=0.5,
+                       stop_grace=1.0, **config)
+    plan = Plan("fake", "test", (sys.executable, str(SCRIPTS / "fake_launcher.py"), str(np), sys.executable,
+                                 "-m", "launch.worker", TOY, *args))
+    out = io.StringIO()
+    code = supervise(plan, cfg, out=out)
+    return code, out.getvalue(), pid_dir
+
+
+def assert_all_gone(pid_dir, expected=2):
+    pids = [int(p.read_text()) for p in pid_dir.glob("*.pid")]
+    assert len(pids) >= expected
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    assert not alive, f"workers still running: {alive}"
+
+
+@pytest.mark.timeout(120)
+def test_success(tmp_path):
+    code, out, pids = run(tmp_path, "--mode", "ok", verbose=True)
+    assert code == 0, out
+    assert "all ranks finished successfully" in out
+
+
+@pytest.mark.timeout(120)
+def test_first_failure_reported_and_blocked_peer_killed(tmp_path):
+    code, out, pids = run(tmp_path, "--mode", "exit3", "--others", "block")
+    assert code == 3, out
+    lines = out.splitlines()
+    assert lines[0].startswith("distrib-launch: rank 1 on ") and lines[0].endswith("failed first: exit code 3")
+    assert lines[1] == "distrib-launch: last 20 lines of its stderr:"
+    assert lines[2:22] == [f"    rank 1 line {i}" for i in range(10, 30)]
+    assert_all_gone(pids)
+
+
+@pytest.mark.timeout(120)
+def test_signal_death_reported(tmp_path):
+    code, out, pids = run(tmp_path, "--mode", "sigkill", "--rank", "0", "--others", "block")
+    assert code == 137, out
+    assert "rank 0 on" in out and "failed first: killed by SIGKILL" in out
+    assert_all_gone(pids)
+
+
+@pytest.mark.timeout(120)
+def test_sigstopped_rank_is_hung(tmp_path):
+    code, out, pids = run(tmp_path, "--mode", "sigstop", "--others", "beat", hang_timeout=3.0)
+    assert code == 1, out
+    assert "distrib-launch: rank 1 hung: no progress for " in out and "(--hang-timeout 3)" in out
+    assert_all_gone(pids)
+
+
+@pytest.mark.timeout(180)
+def test_restart_after_failure(tmp_path):
+    once = tmp_path / "once"
+    once.mkdir()
+    code, out, pids = run(tmp_path, "--mode", "exit3", "--once-dir", str(once), max_restarts=2)
+    assert code == 0, out
+    assert "failed first: exit code 3" in out
+    assert "distrib-launch: restart 1/2" in out and "restart 2/2" not in out
+    assert_all_gone(pids)
+
+
+@pytest.mark.timeout(180)
+def test_restarts_exhausted(tmp_path):
+    code, out, pids = run(tmp_path, "--mode", "exit3", max_restarts=1)
+    assert code == 3, out
+    first = out.splitlines()[0]
+    assert first.startswith("distrib-launch: rank 1 on ") and first.endswith("failed first: exit code 3")
+    assert out.splitlines().count(first) == 2
+    assert "distrib-launch: restart 1/1" in out
+    assert out.splitlines()[-1].startswith("distrib-launch: giving up after 1 restarts; root cause: rank 1 on ")
+
+
+@pytest.mark.timeout(120)
+def test_interrupt_stops_everything(tmp_path):
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        code, out, pids = run(tmp_path, "--mode", "block", "--others", "beat", max_restarts=3)
+    finally:
+        timer.cancel()
+    assert code == 130, out
+    assert "distrib-launch: interrupted by SIGINT: stopped every worker" in out
+    assert "restart" not in out
+    assert_all_gone(pids)

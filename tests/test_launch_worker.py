@@ -1,0 +1,106 @@
+"""launch/worker.py, the shim: pass output through, record how the script ended, forward signals."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch.worker import exit_status, rank_from_env, tail_lines
+from tests.helpers import REPO
+
+
+@pytest.mark.parametrize("env, rank", [
+    ({"HOROVOD_RANK": "3"}, 3), ({"OMPI_COMM_WORLD_RANK": "1"}, 1), ({"PMIX_RANK": "2"}, 2),
+    ({"SLURM_PROCID": "5"}, 5), ({"HOROVOD_RANK": "0", "OMPI_COMM_WORLD_RANK": "1"}, 0), ({}, None),
+    ({"HOROVOD_RANK": ""}, None),
+])
+def test_rank_from_env(env, rank):
+    assert rank_from_env(env) == rank
+
+
+def test_exit_status_and_tail():
+    assert exit_status(0) == (0, None)
+    assert exit_status(3) == (3, None)
+    assert exit_status(-9) == (137, "SIGKILL")
+    assert exit_status(-15) == (143, "SIGTERM")
+    assert tail_lines(b"a\nb\r\n\nc\xff\n" + b"x\n" * 30, 3) == ["x", "x", "x"]
+    assert tail_lines(b"a\nb\r\n\nc\xff") == ["a", "b", "c\ufffd"]
+
+
+def shim(tmp_path, code, rank="1", **kw):
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    env = {**os.environ, "DISTRIB_STATUS_DIR": str(tmp_path), "HOROVOD_RANK": rank}
+    return subprocess.Popen([sys.executable, "-m", "launch.worker", str(script), "arg 1"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def status(tmp_path, rank="1"):
+    return json.loads((tmp_path / f"rank-{rank}.json").read_text())
+
+
+@pytest.mark.timeout(60)
+def test_exit_code_output_and_status(tmp_path):
+    proc = shim(tmp_path, "import sys\nprint('out', sys.argv[1:])\n"
+                          "for i in range(25): print('err', i, file=sys.stderr)\nsys.exit(3)\n")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3
+    assert out == "out ['arg 1']\n"
+    assert err == "".join(f"err {i}\n" for i in range(25))
+    s = status(tmp_path)
+    assert (s["rank"], s["exit_code"], s["signal"]) == (1, 3, None)
+    assert s["stderr_tail"] == [f"err {i}" for i in range(5, 25)]
+    assert abs(s["end_time"] - time.time()) < 60 and s["host"]
+    started = json.loads((tmp_path / "started-1.json").read_text())
+    assert started["pid"] == s["pid"] and started["shim_pid"] == proc.pid
+
+
+@pytest.mark.timeout(60)
+def test_sigkilled_script_is_seen(tmp_path):
+    proc = shim(tmp_path, "import os, sys\nprint('dying', file=sys.stderr)\nos.kill(os.getpid(), 9)\n", rank="0")
+    proc.communicate(timeout=30)
+    assert proc.returncode == 137
+    s = status(tmp_path, "0")
+    assert (s["exit_code"], s["signal"], s["stderr_tail"]) == (137, "SIGKILL", ["dying"])
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_is_forwarded_to_the_script(tmp_path):
+    code = ("import signal, sys, time\n"
+            "def on_term(*a):\n    print('got TERM', file=sys.stderr, flush=True); sys.exit(7)\n"
+            "signal.signal(signal.SIGTERM, on_term)\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    proc = shim(tmp_path, code)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 7 and "got TERM" in err
+    assert status(tmp_path)["exit_code"] == 7
+
+
+@pytest.mark.timeout(60)
+def test_script_dies_with_a_killed_shim(tmp_path):
+    proc = shim(tmp_path, "import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    assert proc.stdout.readline() == "ready\n"
+    child = json.loads((tmp_path / "started-1.json").read_text())["pid"]
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.time() + 10
+    while time.time() < deadline and os.path.exists(f"/proc/{child}") and \
+            open(f"/proc/{child}/stat").read().split()[2] != "Z":
+        time.sleep(0.05)
+    stat = open(f"/proc/{child}/stat").read().split()[2] if os.path.exists(f"/proc/{child}") else "gone"
+    assert stat in ("gone", "Z")
+
+
+@pytest.mark.timeout(60)
+def test_without_status_dir_writes_nothing(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("print('hi')\n")
+    env = {k: v for k, v in os.environ.items() if k != "DISTRIB_STATUS_DIR"}
+    proc = subprocess.run([sys.executable, "-m", "launch.worker", str(script)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout == "hi\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.py"]
