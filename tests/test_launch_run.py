@@ -1,0 +1,104 @@
+"""Real runs of ``python -m launch`` with Horovod on 2 workers, under both controllers:
+allreduce result, first-failure report, Ctrl-C, hang detection, restart. Slow: a worker imports
+torch and Horovod; every run has a timeout and the suite asserts no wall-clock speed."""
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.helpers import REPO, SCRIPTS, run_launch
+
+SCRIPT = SCRIPTS / "launch_allreduce.py"
+pytestmark = pytest.mark.multiprocess
+
+
+def ranks_reporting(stdout):
+    """{rank: (size, sum, restart)} from lines 'rank=R size=S sum=X restart=N' (Gloo prefixes '[R]<stdout>:')."""
+    return {int(m[1]): (int(m[2]), float(m[3]), m[4])
+            for m in re.finditer(r"rank=(\d+) size=(\d+) sum=([\d.]+) restart=(\S+)", stdout)}
+
+
+def assert_gone(pid_dir, expected=2):
+    pids = [int(p.read_text()) for p in pid_dir.glob("*.pid")]
+    assert len(pids) == expected
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    assert not alive, f"workers still running: {alive}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("controller", ["mpi", "gloo"])
+def test_allreduce_under_each_controller(controller):
+    proc = run_launch(["-np", "2", "--controller", controller], SCRIPT)
+    assert ranks_reporting(proc.stdout) == {0: (2, 3.0, "0"), 1: (2, 3.0, "0")}, proc.stdout
+    assert f"distrib-launch: controller: {controller} (requested with --controller {controller})" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("controller, mode, how, code", [
+    ("mpi", "exit3", "exit code 3", 3),
+    ("gloo", "sigkill", "killed by SIGKILL", 137),
+])
+def test_failing_rank_is_reported_first(controller, mode, how, code, tmp_path):
+    # Rank 0 goes on to an allreduce rank 1 never joins.
+    proc = run_launch(["-np", "2", "--controller", controller], SCRIPT,
+                      ["--fail-rank", "1", "--fail-mode", mode, "--pid-dir", tmp_path], check=False)
+    assert proc.returncode == code, proc.stderr
+    report = [line for line in proc.stderr.splitlines() if "failed first" in line]
+    assert len(report) == 1 and re.fullmatch(rf"distrib-launch: rank 1 on \S+ failed first: {how}", report[0])
+    assert f"    rank 1 about to fail ({mode})" in proc.stderr  # the stderr tail
+    assert_gone(tmp_path)
+
+
+def wait_for_pids(pid_dir, proc, n=2, timeout=240):
+    deadline = time.monotonic() + timeout
+    while len(list(pid_dir.glob("*.pid"))) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_every_worker(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "-np", "2", "--controller", "mpi", str(SCRIPT),
+                             "--beat-seconds", "600", "--pid-dir", str(tmp_path)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_pids(tmp_path, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "distrib-launch: interrupted by SIGINT: stopped every worker" in err
+    assert_gone(tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_sigstopped_worker_is_caught_as_hung(tmp_path):
+    proc = run_launch(["-np", "2", "--controller", "gloo", "--hang-timeout", "5"], SCRIPT,
+                      ["--fail-rank", "1", "--fail-mode", "sigstop", "--beat-seconds", "600", "--pid-dir", tmp_path],
+                      check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(r"^distrib-launch: rank 1 hung: no progress for \d+ s \(--hang-timeout 5\)$", proc.stderr,
+                     re.M), proc.stderr
+    assert_gone(tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_restart_runs_the_job_again(tmp_path):
+    proc = run_launch(["-np", "2", "--controller", "mpi", "--max-restarts", "1"], SCRIPT,
+                      ["--fail-rank", "1", "--fail-mode", "exit3", "--marker-dir", tmp_path])
+    assert re.search(r"^distrib-launch: rank 1 on \S+ failed first: exit code 3$", proc.stderr, re.M), proc.stderr
+    assert "distrib-launch: restart 1/1" in proc.stderr
+    restarts = re.findall(r"rank=1 size=2 sum=3 restart=(\d)", proc.stdout)
+    assert restarts == ["0", "1"], proc.stdout
