@@ -17,6 +17,14 @@ from launch.supervise import supervise
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor took over signals: nothing runs yet
+        sys.stderr.write("distrib-launch: interrupted before any worker started\n")
+        return 130
+
+
+def _main(argv: Optional[List[str]]) -> int:
     config = config_from_args(sys.argv[1:] if argv is None else argv)
     local = local_names()
     try:

@@ -139,7 +139,11 @@ class Attempt:
                    RESTART_COUNT_ENV: str(self.number)}
             if self.config.hang_timeout:
                 env[HEARTBEAT_DIR_ENV] = self.status_dir
-            self.proc = subprocess.Popen(self.plan.argv, env=env, start_new_session=True)
+            try:
+                self.proc = subprocess.Popen(self.plan.argv, env=env, start_new_session=True)
+            except OSError as exc:
+                return Outcome(State.FAILED, 1, f"cannot start {self.plan.argv[0]}: {exc.strerror}; install it "
+                                                f"or put it on PATH")
             try:
                 self.root = psutil.Process(self.proc.pid)
             except psutil.NoSuchProcess:

@@ -1,4 +1,5 @@
 """launch/cli.py: arguments -> LaunchConfig, and one-line errors with exit status 2."""
+import os
 import subprocess
 import sys
 
@@ -104,3 +105,12 @@ def test_unreachable_remote_host_is_named():
     last = proc.stderr.splitlines()[-1]
     assert last.startswith("distrib-launch: error: cannot reach host 'nonexistent-host.invalid' over ssh")
     assert "ssh-copy-id nonexistent-host.invalid" in last
+
+
+@pytest.mark.timeout(120)
+def test_auto_controller_picks_mpi_when_horovod_has_it():
+    proc = subprocess.run([sys.executable, "-m", "launch", "--dry-run", "-np", "2", SCRIPT], cwd=REPO,
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    assert "distrib-launch: controller: mpi (auto: Horovod was built with MPI and mpirun is on PATH)" in proc.stderr
+    assert "--allow-run-as-root" in proc.stdout if os.geteuid() == 0 else "--allow-run-as-root" not in proc.stdout

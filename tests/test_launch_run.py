@@ -37,10 +37,12 @@ def assert_gone(pid_dir, expected=2):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("controller", ["mpi", "gloo"])
-def test_allreduce_under_each_controller(controller):
-    proc = run_launch(["-np", "2", "--controller", controller], SCRIPT)
+def test_allreduce_under_each_controller(controller, tmp_path):
+    timeline = tmp_path / "timeline.json"
+    proc = run_launch(["-np", "2", "--controller", controller, "--timeline", str(timeline)], SCRIPT)
     assert ranks_reporting(proc.stdout) == {0: (2, 3.0, "0"), 1: (2, 3.0, "0")}, proc.stdout
     assert f"distrib-launch: controller: {controller} (requested with --controller {controller})" in proc.stderr
+    assert "allreduce.sum" in timeline.read_text()  # --timeline reached the workers as HOROVOD_TIMELINE
 
 
 @pytest.mark.timeout(300)

@@ -132,3 +132,12 @@ def test_interrupt_stops_everything(tmp_path):
     assert "distrib-launch: interrupted by SIGINT: stopped every worker" in out
     assert "restart" not in out
     assert_all_gone(pids)
+
+
+def test_missing_launcher_program_is_one_clear_failure(tmp_path):
+    cfg = LaunchConfig(script=TOY, script_args=(), np=1, hosts=(("localhost", 1),))
+    out = io.StringIO()
+    code = supervise(Plan("mpi", "test", (str(tmp_path / "no-mpirun"), "-np", "1")), cfg, out=out)
+    assert code == 1
+    assert out.getvalue() == f"distrib-launch: cannot start {tmp_path / 'no-mpirun'}: No such file or directory; " \
+                             f"install it or put it on PATH\n"
