@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import psutil
 import pytest
@@ -121,15 +122,25 @@ def test_restarts_exhausted(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_interrupt_stops_everything(tmp_path):
-    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
+@pytest.mark.parametrize("signum, expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_stops_everything(tmp_path, signum, expected):
+    cancelled = threading.Event()
+
+    def interrupt_once_started():  # Ctrl-C, once both workers run
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("pids/*.pid"))) < 2 and time.monotonic() < deadline:
+            if cancelled.wait(0.1):
+                return
+        os.kill(os.getpid(), signum)
+    thread = threading.Thread(target=interrupt_once_started)
+    thread.start()
     try:
         code, out, pids = run(tmp_path, "--mode", "block", "--others", "beat", max_restarts=3)
     finally:
-        timer.cancel()
-    assert code == 130, out
-    assert "distrib-launch: interrupted by SIGINT: stopped every worker" in out
+        cancelled.set()
+        thread.join()
+    assert code == expected, out
+    assert f"distrib-launch: interrupted by {signum.name}: stopped every worker" in out
     assert "restart" not in out
     assert_all_gone(pids)
 
