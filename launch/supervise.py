@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Iterable, List, Mapping, Optional, TextIO, Tuple
 
 import psutil
@@ -71,6 +71,7 @@ class Outcome:
     exit_code: int
     message: str = ""              # the root cause, one line
     details: Tuple[str, ...] = ()  # the failed rank's last stderr lines
+    rank: Optional[int] = None     # the failed or hung rank
 
 
 def first_failure(statuses: Iterable[RankStatus]) -> Optional[RankStatus]:
@@ -81,7 +82,8 @@ def first_failure(statuses: Iterable[RankStatus]) -> Optional[RankStatus]:
 
 def failure_outcome(status: RankStatus) -> Outcome:
     return Outcome(State.FAILED, status.exit_code if 0 < status.exit_code < 256 else 1,
-                   f"rank {status.rank} on {status.host} failed first: {status.how}", status.stderr_tail)
+                   f"rank {status.rank} on {status.host} failed first: {status.how}", status.stderr_tail,
+                   status.rank)
 
 
 def stale_rank(ages: Mapping[int, float], finished: Iterable[int], timeout: float) -> Optional[Tuple[int, float]]:
@@ -149,9 +151,13 @@ class Attempt:
             except psutil.NoSuchProcess:
                 self.root = None
             try:
-                return self._watch()
+                outcome = self._watch()
             finally:
                 self._stop()
+            if outcome.state is State.HUNG:  # its stderr up to the moment it was stopped
+                tail = next((s.stderr_tail for s in read_statuses(self.status_dir) if s.rank == outcome.rank), ())
+                outcome = replace(outcome, details=tail)
+            return outcome
         finally:
             shutil.rmtree(self.status_dir, ignore_errors=True)
 
@@ -172,7 +178,7 @@ class Attempt:
                                   [s.rank for s in statuses], self.config.hang_timeout)
                 if hung:
                     return Outcome(State.HUNG, 1, f"rank {hung[0]} hung: no progress for {hung[1]:.0f} s "
-                                                  f"(--hang-timeout {self.config.hang_timeout:g})")
+                                                  f"(--hang-timeout {self.config.hang_timeout:g})", rank=hung[0])
             if self.proc.poll() is not None:
                 break
             if failed_at is not None and time.monotonic() - failed_at > self.config.failure_grace:

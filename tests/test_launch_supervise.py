@@ -96,6 +96,7 @@ def test_sigstopped_rank_is_hung(tmp_path):
     code, out, pids = run(tmp_path, "--mode", "sigstop", "--others", "beat", hang_timeout=3.0)
     assert code == 1, out
     assert "distrib-launch: rank 1 hung: no progress for " in out and "(--hang-timeout 3)" in out
+    assert "    rank 1 line 29" in out  # the hung rank's last stderr lines
     assert_all_gone(pids)
 
 
