@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-from typing import Callable, FrozenSet, Iterable, Optional, Sequence, Tuple
+from typing import Callable, FrozenSet, Optional, Sequence, Tuple
 
 Hosts = Tuple[Tuple[str, int], ...]
 
@@ -154,7 +154,3 @@ def unreachable_host_error(hosts: Sequence[str], check: Callable[[str], Optional
             return (f"cannot reach host {host!r} over ssh ({reason}); make 'ssh {host} true' work without a "
                     f"password (ssh-copy-id {host}) or remove {host} from -H/--hostfile")
     return None
-
-
-def iter_names(hosts: Iterable[Tuple[str, int]]) -> Tuple[str, ...]:
-    return tuple(name for name, _ in hosts)
