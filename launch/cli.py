@@ -105,7 +105,7 @@ def config_from_args(argv: Sequence[str]) -> LaunchConfig:
         elif args.np is None and in_slurm_job():
             hosts = tuple(hosts_from_slurm())  # inside a SLURM allocation: its nodes and slots
         elif args.np is None:
-            raise ValueError("-np is required without -H/--hostfile; e.g. -np 2")
+            raise ValueError("-np is required without -H/--hostfile (outside a SLURM allocation); e.g. -np 2")
         else:
             hosts = (("localhost", max(args.np, 1)),)
         if not os.path.isfile(args.script):

@@ -114,3 +114,12 @@ def test_auto_controller_picks_mpi_when_horovod_has_it():
     assert proc.returncode == 0, proc.stderr
     assert "distrib-launch: controller: mpi (auto: Horovod was built with MPI and mpirun is on PATH)" in proc.stderr
     assert "--allow-run-as-root" in proc.stdout if os.geteuid() == 0 else "--allow-run-as-root" not in proc.stdout
+
+
+def test_inside_a_slurm_allocation_hosts_come_from_slurm(monkeypatch):
+    for name, value in {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)"}.items():
+        monkeypatch.setenv(name, value)
+    cfg = config_from_args([SCRIPT])
+    assert cfg.hosts == (("node1", 2), ("node2", 2)) and cfg.np == 4
+    assert config_from_args(["-np", "2", SCRIPT]).hosts == (("localhost", 2),)  # an explicit -np stays local
+    assert config_from_args(["-H", "a:1", SCRIPT]).hosts == (("a", 1),)
