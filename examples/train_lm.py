@@ -1,0 +1,161 @@
+"""Train a character-level GPT on the shipped corpus, data-parallel over Horovod workers.
+
+    python -m launch -np 2 examples/train_lm.py            # or: make train
+    horovodrun -np 2 python examples/train_lm.py           # plain Horovod works too
+
+Writes RUN_DIR/metrics.jsonl, RUN_DIR/checkpoints/step-*/ and, at the end, RUN_DIR/model.pt.
+Resumes from the newest good checkpoint in RUN_DIR by default (--resume auto).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import distrib  # noqa: E402
+from distrib.checkpoint import CheckpointManager  # noqa: E402
+from distrib.evaluate import evaluate  # noqa: E402
+from distrib.export import save_model_artifact  # noqa: E402
+from distrib.heartbeat import beat  # noqa: E402
+from distrib.metrics import MetricsLogger  # noqa: E402
+from distrib.preemption import PreemptionHandler  # noqa: E402
+from lm_model import CORPUS_PATH, CharDataset, CharTokenizer, GPT, GPTConfig, load_corpus  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps in total")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per worker per micro-batch")
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate for ONE worker (scaled by --lr-scaling)")
+    p.add_argument("--lr-scaling", choices=["linear", "sqrt", "none"], default="sqrt")
+    p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--run-dir", default="runs/lm")
+    p.add_argument("--resume", default="auto", help="auto (newest good checkpoint), none, or a checkpoint path")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (>= 2)")
+    p.add_argument("--sync-checkpoint", action="store_true", help="write checkpoints in the foreground")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validation passes (0: only at the end)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--compression", choices=["none", "fp16"], default="none", help="gradient compression on the wire")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--tensorboard", action="store_true")
+    p.add_argument("--corpus", type=Path, default=CORPUS_PATH)
+    p.add_argument("--sample-tokens", type=int, default=200, help="characters to generate at the end (0: none)")
+    model = p.add_argument_group("model size (the defaults train in minutes on 2 CPU cores)")
+    model.add_argument("--block-size", type=int, default=64)
+    model.add_argument("--n-layer", type=int, default=2)
+    model.add_argument("--n-head", type=int, default=4)
+    model.add_argument("--n-embd", type=int, default=128)
+    model.add_argument("--dropout", type=float, default=0.0)
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "accumulate", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def build_data(args, tokenizer: CharTokenizer, text: str):
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    split = int(len(ids) * 0.9)
+    stride = args.block_size // 2  # overlapping windows: more samples from a small corpus
+    return CharDataset(ids[:split], args.block_size, stride), CharDataset(ids[split:], args.block_size, args.block_size)
+
+
+def validation_loss(model, val_set, ctx, batch_size: int) -> float:
+    shard = distrib.data.eval_shard(len(val_set), ctx.rank, ctx.size)
+    batches = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, shard), batch_size=batch_size)
+    return evaluate(model, batches, lambda m, b: ({"loss": m(b[0], b[1]).item()}, len(b[0])))["loss"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ctx = distrib.init(seed=args.seed)
+    text = load_corpus(args.corpus)
+    tokenizer = CharTokenizer.from_text(text)
+    config = GPTConfig(vocab=tokenizer.vocab, block_size=args.block_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    train_set, val_set = build_data(args, tokenizer, text)
+
+    model = GPT(config).to(ctx.device)
+    optimizer = distrib.wrap(model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1), ctx,
+                             accumulate=args.accumulate, precision=args.precision,
+                             compression=args.compression, max_grad_norm=args.max_grad_norm)
+    schedule = distrib.LRSchedule(optimizer, base_lr=args.lr, world_size=ctx.size, total_steps=args.steps,
+                                  warmup_steps=args.warmup, scaling=args.lr_scaling)
+    loader = distrib.ShardedLoader(train_set, args.batch_size, ctx, seed=args.seed)
+
+    run_dir = Path(args.run_dir)
+    checkpoints = CheckpointManager(run_dir, ctx, keep=args.keep, async_save=not args.sync_checkpoint)
+    state = {"model": model, "optimizer": optimizer, "scheduler": schedule, "loader": loader}
+    start_step = checkpoints.restore(state, resume=args.resume, model_config=config.to_dict()) or 0
+    log = MetricsLogger(run_dir, ctx, total_steps=args.steps, start_step=start_step, log_every=args.log_every,
+                        tensorboard=args.tensorboard, global_batch=args.batch_size * ctx.size * args.accumulate)
+    if start_step:
+        log.event("resume", step=start_step, world_size=ctx.size)
+    distrib.rank0_print(ctx, f"training {sum(p.numel() for p in model.parameters()):,} parameters on {ctx.size} "
+                             f"workers ({ctx.controller}), steps {start_step}->{args.steps}, run dir {run_dir}")
+
+    preemption = PreemptionHandler()
+    batches = loader.forever()
+    step = start_step
+    while step < args.steps:
+        for _ in range(args.accumulate):
+            with log.phase("data"):
+                x, y = next(batches)
+                x, y = x.to(ctx.device), y.to(ctx.device)
+            with log.phase("compute"), optimizer.autocast():
+                loss = model(x, y)
+            with log.phase("compute"):
+                optimizer.backward(loss)
+        with log.phase("allreduce"):
+            optimizer.synchronize()
+        with log.phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad()
+        lr = schedule.lr
+        schedule.step()
+        step += 1
+        beat()
+        log.step(step, loss=loss.item(), lr=lr)
+        if args.eval_every and step % args.eval_every == 0:
+            log.event("eval", step=step, val_loss=validation_loss(model, val_set, ctx, args.batch_size))
+        stopping = preemption.should_stop(ctx)
+        if stopping or (args.checkpoint_every and step % args.checkpoint_every == 0):
+            with log.phase("checkpoint"):
+                checkpoints.save(step, state, model_config=config.to_dict())
+        if stopping:
+            checkpoints.close()
+            log.event("preempted", step=step)
+            log.close()
+            preemption.requeue(ctx)
+            return 0
+
+    with log.phase("checkpoint"):
+        if start_step < args.steps and not (args.checkpoint_every and step % args.checkpoint_every == 0):
+            checkpoints.save(step, state, model_config=config.to_dict())
+        checkpoints.close()
+    val_loss = validation_loss(model, val_set, ctx, args.batch_size)
+    log.event("final", step=step, val_loss=val_loss)
+    log.close()
+    preemption.close()
+    if ctx.is_main:
+        save_model_artifact(run_dir / "model.pt", model.state_dict(), config.to_dict(), step)
+        print(f"validation loss {val_loss:.3f} (uniform guess: {torch.log(torch.tensor(float(config.vocab_size))):.3f}); "
+              f"model written to {run_dir / 'model.pt'}")
+        if args.sample_tokens:
+            prompt = torch.tensor([tokenizer.encode("The ")], device=ctx.device)
+            out = model.generate(prompt, args.sample_tokens, temperature=0.8,
+                                 generator=torch.Generator(device=ctx.device).manual_seed(args.seed))
+            print("sample:\n" + tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

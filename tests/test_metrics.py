@@ -1,0 +1,127 @@
+"""MetricsLogger, PhaseTimer and Progress with a fake clock, in one process."""
+import io
+import json
+
+import pytest
+import torch
+
+from distrib.context import Context
+from distrib.metrics import MetricsLogger, breakdown_table, read_metrics
+from distrib.progress import Progress, format_duration, progress_line
+from distrib.timing import PhaseTimer
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def ctx(rank=0, size=2):
+    return Context(rank, size, rank, size, 0, 1, torch.device("cpu"), "gloo")
+
+
+def test_phase_timer_sums_phases_and_resets_on_take():
+    clock = FakeClock()
+    timer = PhaseTimer(clock=clock)
+    with timer.phase("data"):
+        clock.now += 0.5
+    with timer.phase("compute"):
+        clock.now += 1.0
+    with timer.phase("compute"):
+        clock.now += 2.0
+    assert timer.take() == {"data": 0.5, "compute": 3.0}
+    assert timer.take() == {}
+
+
+def make_logger(tmp_path, clock, rank=0, **kw):
+    stream = io.StringIO()
+    log = MetricsLogger(tmp_path, ctx(rank), total_steps=kw.pop("total_steps", 4), log_every=2, global_batch=8,
+                        stream=stream, tty=False, clock=clock, wall_clock=lambda: 1000.0, **kw)
+    return log, stream
+
+
+def run_steps(log, clock, first, last):
+    for step in range(first, last + 1):
+        with log.phase("data"):
+            clock.now += 0.1
+        with log.phase("compute"):
+            clock.now += 0.3
+        clock.now += 0.1  # unaccounted: "other"
+        log.step(step, loss=float(step), lr=0.01)
+
+
+def test_windows_are_written_as_json_lines_with_the_breakdown(tmp_path):
+    clock = FakeClock()
+    log, stream = make_logger(tmp_path, clock)
+    run_steps(log, clock, 1, 4)
+    log.close()
+    lines = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in lines] == [2, 4]
+    first = lines[0]
+    assert first["loss"] == pytest.approx(1.5) and first["lr"] == 0.01 and first["world_size"] == 2
+    assert first["samples_per_s"] == pytest.approx(8 * 2 / 1.0)
+    assert first["t_data"] == pytest.approx(100) and first["t_compute"] == pytest.approx(300)
+    assert first["t_other"] == pytest.approx(100) and first["t_allreduce"] == 0
+    out = stream.getvalue()
+    assert "step 2/4 | loss 1.500 | 16 samples/s | eta 1s" in out
+    assert "time per step over 4 steps:" in out and "compute" in out
+
+
+def test_resumed_logger_appends_and_events_are_lines(tmp_path):
+    clock = FakeClock()
+    log, _ = make_logger(tmp_path, clock)
+    run_steps(log, clock, 1, 2)
+    log.close()
+    log, _ = make_logger(tmp_path, clock, start_step=2)
+    log.event("resume", step=2, world_size=2)
+    run_steps(log, clock, 3, 4)
+    log.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r.get("event", r["step"]) for r in records] == [2, "resume", 4]
+
+
+def test_partial_last_line_is_skipped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1}) + "\n" + '{"step": 2, "lo')
+    assert read_metrics(path) == [{"step": 1}]
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    clock = FakeClock()
+    log, stream = make_logger(tmp_path, clock, rank=1)
+    run_steps(log, clock, 1, 4)
+    log.event("resume", step=4)
+    log.close()
+    assert not (tmp_path / "metrics.jsonl").exists() and stream.getvalue() == ""
+
+
+def test_progress_plain_lines_and_durations():
+    assert format_duration(5) == "5s" and format_duration(192) == "3m12s" and format_duration(7300) == "2h01m"
+    assert progress_line(120, 1000, 2.3141, 1234.4, 192) == "step 120/1000 | loss 2.314 | 1,234 samples/s | eta 3m12s"
+    stream = io.StringIO()
+    p = Progress(10, stream=stream, tty=False)
+    p.update(5, 1.0, 10.0, None)
+    assert stream.getvalue() == "step 5/10 | loss 1.000 | 10 samples/s | eta ?\n"
+
+
+def test_tensorboard_missing_is_a_warning_not_a_crash(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    log, stream = make_logger(tmp_path, FakeClock(), tensorboard=True)
+    log.close()
+    assert "tensorboard is not installed" in stream.getvalue()
+
+
+def test_breakdown_table_shares():
+    table = breakdown_table({"t_compute": 75.0, "t_allreduce": 25.0}, 10)
+    assert "compute" in table and "75.0%" in table and "25.0%" in table and "100.00" in table
