@@ -7,9 +7,13 @@ each step (the optimizer guarantees it), in any order.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+DEFAULT_BUCKET_MB = 4.0  # measured in benchmarks/: see benchmarks/results.md
+DEFAULT_CHUNK_MB = 4.0
 
 
 class PerParameterReducer:
@@ -43,5 +47,196 @@ class PerParameterReducer:
         return bool(self._inflight)
 
 
-def make_reducer(named_params, hvd, *, compression: str = "none", op: str = "average"):
-    return PerParameterReducer(named_params, hvd, compression=compression, op=op)
+# -- bucketing: pure functions -------------------------------------------------------------------
+
+def assign_buckets(nbytes: Sequence[int], dtypes: Sequence, cap_bytes: int) -> List[List[int]]:
+    """Group parameter indices (in registration order) into buckets, DDP-style.
+
+    Buckets are filled in *reverse* registration order (backward produces the last layers'
+    gradients first), one dtype per bucket; a bucket is closed as soon as it holds at least
+    ``cap_bytes``, so a parameter larger than the cap gets a bucket of its own (with the small
+    ones before it). Every index appears in exactly one bucket.
+    """
+    if cap_bytes <= 0:
+        raise ValueError(f"bucket size must be > 0 bytes, got {cap_bytes}")
+    open_buckets: Dict[object, Tuple[List[int], int]] = {}
+    buckets: List[List[int]] = []
+    for i in reversed(range(len(nbytes))):
+        members, size = open_buckets.get(dtypes[i], ([], 0))
+        members, size = members + [i], size + nbytes[i]
+        if size >= cap_bytes:
+            buckets.append(members)
+            open_buckets.pop(dtypes[i], None)
+        else:
+            open_buckets[dtypes[i]] = (members, size)
+    buckets.extend(members for members, _ in open_buckets.values())
+    return buckets
+
+
+def bucket_offsets(numels: Sequence[int]) -> List[int]:
+    """Start of each member's slice in its bucket's flat buffer (members packed back to back)."""
+    offsets, at = [], 0
+    for n in numels:
+        offsets.append(at)
+        at += n
+    return offsets
+
+
+class _Bucket:
+    def __init__(self, index: int, params: List[torch.Tensor]):
+        self.index = index
+        self.params = params
+        numels = [p.numel() for p in params]
+        self.buffer = torch.zeros(sum(numels), dtype=params[0].dtype, device=params[0].device)
+        self.views = [self.buffer[o:o + n].view_as(p) for p, o, n in zip(params, bucket_offsets(numels), numels)]
+        self.pending = len(params)
+        self.wire: Optional[torch.Tensor] = None
+        self.handle = None
+
+
+class BucketedReducer:
+    """Gradients kept in flat per-bucket buffers, each allreduced in place as one tensor.
+
+    ``grad_ready(p)`` moves the gradient into its slot of the bucket buffer (no copy when
+    ``p.grad`` already is that slot, e.g. after ``zero_grad(set_to_none=False)``) and points
+    ``p.grad`` at the slot, so the averaged result needs no copy back. Buckets are launched in
+    a fixed order (bucket 0 holds the last layers, ready first in backward) as soon as they and
+    all buckets before them are complete, so communication overlaps the rest of backward and
+    every rank issues the same collectives in the same order.
+
+    ``transport`` does the allreduce of one flat buffer: Horovod's ``allreduce_async_`` (one
+    tensor per bucket, so no fusion-buffer copies), or, under the MPI controller, mpi4py's
+    in-place ``Allreduce`` on a private communicator, which skips Horovod's cycle.
+    """
+
+    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], hvd, *, compression: str = "none",
+                 bucket_bytes: int = int(DEFAULT_BUCKET_MB * 2**20), transport=None):
+        params = [p for _, p in named_params]
+        self._compress = compression == "fp16"
+        groups = assign_buckets([p.numel() * p.element_size() for p in params], [p.dtype for p in params],
+                                bucket_bytes)
+        self._buckets = [_Bucket(i, [params[j] for j in g]) for i, g in enumerate(groups)]
+        self._slot = {p: (b, k) for b in self._buckets for k, p in enumerate(b.params)}
+        self._transport = transport if transport is not None else HorovodTransport(hvd)
+        self._next = 0  # first bucket not launched yet
+
+    def grad_ready(self, p: torch.Tensor) -> None:
+        bucket, k = self._slot[p]
+        view = bucket.views[k]
+        if p.grad is not view:
+            if p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+            p.grad = view
+        bucket.pending -= 1
+        while self._next < len(self._buckets) and self._buckets[self._next].pending == 0:
+            self._launch(self._buckets[self._next])
+            self._next += 1
+
+    def _launch(self, bucket: _Bucket) -> None:
+        wire = bucket.buffer
+        if self._compress and wire.is_floating_point() and wire.dtype != torch.float16:
+            wire = wire.to(torch.float16)
+        bucket.wire = wire
+        bucket.handle = self._transport.start(wire, f"bucket.{bucket.index}")
+
+    def synchronize(self) -> None:
+        if self._next != len(self._buckets):
+            missing = [b.index for b in self._buckets if b.pending]
+            raise RuntimeError(f"synchronize() before every gradient was ready (buckets {missing} incomplete)")
+        for bucket in self._buckets:
+            self._transport.wait(bucket.handle)
+            if bucket.wire is not bucket.buffer:
+                bucket.buffer.copy_(bucket.wire)
+            bucket.wire = bucket.handle = None
+            bucket.pending = len(bucket.params)
+        self._next = 0
+
+    def in_flight(self) -> bool:
+        return any(b.handle is not None for b in self._buckets)
+
+    @property
+    def buckets(self) -> List[List[torch.Tensor]]:
+        return [b.params for b in self._buckets]
+
+
+class HorovodTransport:
+    """Average a flat buffer in place with Horovod's asynchronous allreduce."""
+
+    def __init__(self, hvd):
+        self._hvd = hvd
+
+    def start(self, buf: torch.Tensor, name: str):
+        return self._hvd.allreduce_async_(buf, name=name, op=self._hvd.Average)
+
+    def wait(self, handle) -> None:
+        self._hvd.synchronize(handle)
+
+
+class MpiTransport:
+    """Average a flat buffer in place with mpi4py on a private duplicate of COMM_WORLD.
+
+    Blocking: ``start`` does the whole allreduce (the order of ``start`` calls is the same on
+    every rank, see :class:`BucketedReducer`). Only for float32/float64 buffers. Large buffers
+    go in chunks of ``chunk_bytes``: shared-memory allreduce of a chunk that stays in cache is
+    several times faster per byte than one of 64 MiB (see /work/shared/FACTS.md).
+    """
+
+    def __init__(self, comm, chunk_bytes: int = int(DEFAULT_CHUNK_MB * 2**20)):
+        from mpi4py import MPI
+        self._mpi, self._comm = MPI, comm
+        self._scale = 1.0 / comm.Get_size()
+        self._chunk_bytes = chunk_bytes
+
+    @classmethod
+    def available(cls, hvd) -> Optional["MpiTransport"]:
+        """A transport on a private communicator when Horovod runs on MPI with thread support for
+        a second caller (Horovod's background thread keeps using MPI), else None. Collective."""
+        if not hvd.mpi_enabled() or not hvd.mpi_threads_supported():
+            return None
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            return None
+        if not MPI.Is_initialized() or MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+            return None
+        if MPI.COMM_WORLD.Get_size() != hvd.size():
+            return None
+        return cls(MPI.COMM_WORLD.Dup())
+
+    def start(self, buf: torch.Tensor, name: str):
+        flat = buf.numpy()
+        step = max(1, self._chunk_bytes // buf.element_size())
+        for at in range(0, flat.size, step):
+            self._comm.Allreduce(self._mpi.IN_PLACE, flat[at:at + step], op=self._mpi.SUM)
+        buf.mul_(self._scale)
+        return None
+
+    def wait(self, handle) -> None:
+        pass
+
+
+def make_reducer(named_params, hvd, *, compression: str = "none", op: str = "average",
+                 bucket_mb: Optional[float] = None):
+    """The reducer for these options: per-parameter Horovod allreduce for Adasum (its dot
+    products are per tensor), else flat buckets over Horovod. ``DISTRIB_REDUCER`` forces one
+    (``per-parameter``, ``horovod``, ``mpi``: for benchmarks and bisecting); ``DISTRIB_BUCKET_MB``
+    sets the bucket size. Must be called on all ranks (the mpi transport dups a communicator).
+
+    The mpi4py transport is not the default: on this 2-core host its blocking, busy-polling
+    Allreduce in the training thread measured slower than Horovod's background thread
+    (benchmarks/results.md).
+    """
+    choice = os.environ.get("DISTRIB_REDUCER", "auto")
+    if choice not in ("auto", "per-parameter", "horovod", "mpi"):
+        raise ValueError(f"DISTRIB_REDUCER={choice!r} is not one of auto, per-parameter, horovod, mpi")
+    if op == "adasum" or choice == "per-parameter":
+        return PerParameterReducer(named_params, hvd, compression=compression, op=op)
+    if bucket_mb is None:
+        bucket_mb = float(os.environ.get("DISTRIB_BUCKET_MB", DEFAULT_BUCKET_MB))
+    if bucket_mb <= 0:
+        raise ValueError(f"bucket size must be > 0 MB, got {bucket_mb}; try {DEFAULT_BUCKET_MB}")
+    transport = None
+    if choice == "mpi" and compression == "none":
+        transport = MpiTransport.available(hvd)
+    return BucketedReducer(named_params, hvd, compression=compression, bucket_bytes=int(bucket_mb * 2**20),
+                           transport=transport)

@@ -1,0 +1,89 @@
+"""python -m benchmarks [--quick] [--only allreduce,step,coldstart,...] [--rounds N]
+
+Writes benchmarks/results.md (tables) and benchmarks/results.json (every figure with its spread).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks import launchers, registry
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a short smoke run (fewer sizes, steps, rounds)")
+    p.add_argument("--only", default=None, help="comma-separated sections: "
+                   + ", ".join(s.name for s in registry.available()))
+    p.add_argument("--rounds", type=int, default=None, help="A/B alternations per figure (default 5, quick 2)")
+    p.add_argument("--np", type=int, default=2, help="workers")
+    p.add_argument("--controller", choices=["mpi", "gloo"], default="gloo",
+                   help="Horovod controller for distrib and plain Horovod (default gloo: see results.md)")
+    p.add_argument("--out-dir", type=Path, default=HERE, help="where results.md/json go")
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    if args.rounds < 1 or args.np < 2:
+        p.error("--rounds must be >= 1 and --np >= 2")
+    return args
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    try:
+        sections = registry.select(opts.only)
+    except ValueError as exc:
+        print(f"benchmarks: error: {exc}", file=sys.stderr)
+        return 2
+    opts.work = HERE / "_work"
+    opts.work.mkdir(exist_ok=True)
+    results = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+                        "cpus": os.cpu_count(), "np": opts.np, "controller": opts.controller,
+                        "rounds": opts.rounds, "quick": opts.quick,
+                        "launcher": "python -m launch" if launchers.has_project_launcher() else "mpirun/horovodrun",
+                        "load_before": os.getloadavg()}, "sections": {}}
+    failed = False
+    for section in sections:
+        t = time.time()
+        print(f"[benchmarks] {section.name} ...", flush=True)
+        try:
+            res = section.load()(opts)
+        except Exception as exc:  # one broken section must not hide the others' figures
+            failed = True
+            res = {"title": section.name, "error": f"{type(exc).__name__}: {exc}", "rows": [],
+                   "markdown": f"FAILED: `{type(exc).__name__}: {str(exc)[:500]}`"}
+            traceback.print_exc()
+        res["seconds"] = round(time.time() - t, 1)
+        results["sections"][section.name] = res
+        print(f"[benchmarks] {section.name} done in {res['seconds']} s", flush=True)
+        print(res["markdown"], flush=True)
+    results["meta"]["load_after"] = os.getloadavg()
+    write(results, opts.out_dir)
+    return 1 if failed else 0
+
+
+def write(results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = results["meta"]
+    md = ["# distrib benchmarks", "",
+          f"{meta['date']}, {meta['cpus']} CPUs, {meta['np']} workers x 1 thread, controller {meta['controller']}, "
+          f"{meta['rounds']} alternated rounds{' (quick)' if meta['quick'] else ''}, launcher {meta['launcher']}, "
+          f"load average {meta['load_before'][0]:.1f} -> {meta['load_after'][0]:.1f}. "
+          "Figures: median over rounds (min-max). Produced by `make bench`.", ""]
+    for name, res in results["sections"].items():
+        md += [f"## {res['title']}", "", res["markdown"], ""]
+    (out_dir / "results.md").write_text("\n".join(md))
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

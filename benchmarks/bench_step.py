@@ -1,0 +1,100 @@
+"""Sections "step" and "scaling": training step time of distrib against one process alone,
+plain Horovod (same controller), torch DDP over Gloo (torchrun), and the weak-scaling ideal.
+
+Each round launches every implementation once, in a rotated order; a launch reports the
+median of its timed steps. Ratios are taken per round, then summarised over rounds.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+
+from benchmarks import launchers, stats
+
+MODELS = ("mlp", "lm")
+STEP = "benchmarks/workers/step.py"
+IMPLS = ("alone", "distrib", "distrib-before", "horovod", "ddp")
+
+
+def _command(impl, argv, opts, env):
+    if impl == "alone":
+        return [launchers.PY, *argv]
+    if impl in ("distrib", "distrib-before"):
+        return launchers.distrib_cmd(opts.np, argv, opts.controller, env)
+    if impl == "horovod":
+        return launchers.horovod_cmd(opts.np, argv, opts.controller, env)
+    return launchers.torchrun_cmd(opts.np, argv)
+
+
+def measure(opts, model: str) -> dict:
+    """{impl: [median step ms per round]} plus the ideal's allreduce ms per round."""
+    steps = 10 if opts.quick else 25
+    per = {i: [] for i in IMPLS}
+    ideal_comm = []
+    for r in range(opts.rounds):
+        for impl in stats.rotate(IMPLS, r):
+            out = opts.work / f"step-{model}-{impl}.json"
+            out.unlink(missing_ok=True)
+            extra = {"DISTRIB_REDUCER": "per-parameter"} if impl == "distrib-before" else {}
+            env = launchers.worker_env(extra)
+            argv = [STEP, "--impl", "distrib" if impl.startswith("distrib") else impl, "--model", model,
+                    "--steps", str(steps), "--out", str(out)]
+            if impl == "distrib" and opts.controller == "mpi":
+                argv.append("--ideal")
+            launchers.run(_command(impl, argv, opts, env), env)
+            res = json.loads(out.read_text())
+            per[impl].append(statistics.median(res["step_ms"]))
+            if "mpi_allreduce_grad_ms" in res:
+                ideal_comm.append(res["mpi_allreduce_grad_ms"])
+            grad_bytes, params = res["grad_bytes"], res["params"]
+    return {"ms": per, "ideal_comm_ms": ideal_comm, "grad_bytes": grad_bytes, "params": params}
+
+
+def run(opts) -> dict:
+    rows = []
+    for model in (("mlp",) if opts.quick else MODELS):
+        m = measure(opts, model)
+        ms = m["ms"]
+        row = {"model": model, "params": m["params"], "grad_bytes": m["grad_bytes"],
+               "step_ms": {i: stats.summary(v) for i, v in ms.items()},
+               "distrib_vs_ddp": stats.ratios(ms["distrib"], ms["ddp"]),
+               "distrib_vs_horovod": stats.ratios(ms["distrib"], ms["horovod"]),
+               "distrib_vs_before": stats.ratios(ms["distrib"], ms["distrib-before"]),
+               "before_vs_horovod": stats.ratios(ms["distrib-before"], ms["horovod"]),
+               "efficiency": stats.ratios(ms["alone"], ms["distrib"]),
+               "efficiency_horovod": stats.ratios(ms["alone"], ms["horovod"]),
+               "efficiency_ddp": stats.ratios(ms["alone"], ms["ddp"])}
+        if m["ideal_comm_ms"]:
+            ideal = [a + c for a, c in zip(ms["alone"], m["ideal_comm_ms"])]
+            row["ideal_ms"] = stats.summary(ideal)
+            row["efficiency_ideal"] = stats.ratios(ms["alone"], ideal)
+            # share of plain Horovod's distance to the ideal that distrib removes (goal: >= 0.5)
+            row["gap_closed"] = stats.summary([(h - d) / (h - i) if h != i else float("nan")
+                                               for h, d, i in zip(ms["horovod"], ms["distrib"], ideal)])
+        rows.append(row)
+    return {"title": f"Training step time, {opts.np} workers x 1 thread ({opts.controller} controller for "
+                     "distrib and Horovod; DDP over Gloo)", "rows": rows, "markdown": _table(rows)}
+
+
+def _table(rows) -> str:
+    out = ["| model | distrib / DDP-Gloo | distrib / plain Horovod | distrib / distrib-before | "
+           "before / plain Horovod | step ms: alone, distrib, before, horovod, ddp |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["step_ms"]
+        out.append(f"| {r['model']} ({r['params'] / 1e6:.2f} M params) | {stats.fmt(r['distrib_vs_ddp'])} | "
+                   f"{stats.fmt(r['distrib_vs_horovod'])} | {stats.fmt(r['distrib_vs_before'])} | "
+                   f"{stats.fmt(r['before_vs_horovod'])} | "
+                   + ", ".join(f"{s[i]['median']:.1f}" for i in IMPLS) + " |")
+    out += ["", "Ratios of step times (lower is better for distrib). distrib-before: the per-parameter "
+            "reducer (one Horovod allreduce per gradient, like hvd.DistributedOptimizer).", "",
+            "### Weak scaling 1 -> 2 workers (same per-worker batch)", "",
+            "| model | efficiency distrib | plain Horovod | DDP | ideal (alone + raw mpi4py allreduce of the grads) "
+            "| share of Horovod's gap to the ideal closed by distrib |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ideal = stats.fmt(r["efficiency_ideal"]) if "efficiency_ideal" in r else "n/a (needs MPI)"
+        gap = stats.fmt(r["gap_closed"]) if "gap_closed" in r else "n/a"
+        out.append(f"| {r['model']} | {stats.fmt(r['efficiency'])} | {stats.fmt(r['efficiency_horovod'])} | "
+                   f"{stats.fmt(r['efficiency_ddp'])} | {ideal} | {gap} |")
+    out += ["", "Efficiency = alone step time / 2-worker step time (1.0 is perfect)."]
+    return "\n".join(out)

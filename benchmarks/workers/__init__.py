@@ -1,0 +1,1 @@
+"""Scripts the harness starts in worker processes; each writes one JSON result file."""

@@ -1,0 +1,128 @@
+"""The reducers' own logic: bucket assignment (pure), and, with real workers, that the
+bucketed reducers average exactly what the per-parameter reducer averages."""
+import pytest
+import torch
+
+from distrib.reducers import BucketedReducer, assign_buckets, bucket_offsets, make_reducer
+from tests.helpers import SCRIPTS, run_launch
+
+F32, F64 = torch.float32, torch.float64
+
+
+@pytest.mark.parametrize("nbytes,dtypes,cap,expected", [
+    ([4, 4, 4], [F32] * 3, 100, [[2, 1, 0]]),                 # everything fits: one bucket, reversed
+    ([4, 4, 4, 4], [F32] * 4, 8, [[3, 2], [1, 0]]),           # closed when reaching the cap
+    ([4, 100, 4, 100], [F32] * 4, 50, [[3], [2, 1], [0]]),    # big params close their bucket
+    ([4, 4, 4], [F32, F64, F32], 100, [[2, 0], [1]]),         # one dtype per bucket
+    ([8, 8, 8], [F32, F64, F32], 8, [[2], [1], [0]]),
+    ([], [], 8, []),
+])
+def test_assign_buckets(nbytes, dtypes, cap, expected):
+    assert assign_buckets(nbytes, dtypes, cap) == expected
+
+
+def test_every_parameter_in_exactly_one_bucket():
+    sizes = [(i * 37) % 50 + 1 for i in range(40)]
+    buckets = assign_buckets(sizes, [F32] * 40, 64)
+    assert sorted(i for b in buckets for i in b) == list(range(40))
+    assert all(sum(sizes[i] for i in b) >= 64 for b in buckets[:-1])
+
+
+def test_bad_bucket_size_is_rejected():
+    with pytest.raises(ValueError, match="bucket size must be > 0"):
+        assign_buckets([4], [F32], 0)
+
+
+def test_bucket_offsets():
+    assert bucket_offsets([3, 1, 4]) == [0, 3, 4]
+
+
+class FakeHvd:
+    """Horovod stand-in for one process: allreduce of one worker is the identity."""
+    Average = "average"
+
+    def __init__(self):
+        self.calls = []
+
+    def allreduce_async_(self, tensor, name, op):
+        self.calls.append((name, tensor.numel()))
+        return name
+
+    def synchronize(self, handle):
+        pass
+
+
+def test_buckets_launch_in_order_as_soon_as_complete_and_grads_become_views():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    named = list(model.named_parameters())  # 0.weight(16) 0.bias(4) 1.weight(8) 1.bias(2)
+    hvd = FakeHvd()
+    red = BucketedReducer(named, hvd, bucket_bytes=40)  # [1.bias,1.weight] [0.bias,0.weight]
+    assert [[p.numel() for p in b] for b in red.buckets] == [[2, 8], [4, 16]]
+    params = dict(named)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    red.grad_ready(params["0.bias"])
+    red.grad_ready(params["0.weight"])  # bucket 1 is complete, but bucket 0 goes first
+    assert hvd.calls == [] and red.in_flight() is False
+    red.grad_ready(params["1.weight"])
+    red.grad_ready(params["1.bias"])
+    assert hvd.calls == [("bucket.0", 10), ("bucket.1", 20)]
+    assert red.in_flight()
+    red.synchronize()
+    assert not red.in_flight()
+    for p in model.parameters():
+        assert torch.equal(p.grad, torch.full_like(p, 3.0))
+        assert p.grad._base is not None  # a view of the bucket buffer: no copy back needed
+
+
+def test_synchronize_before_all_grads_ready_is_an_error():
+    model = torch.nn.Linear(2, 2)
+    red = BucketedReducer(list(model.named_parameters()), FakeHvd(), bucket_bytes=4)
+    model.weight.grad = torch.ones(2, 2)
+    red.grad_ready(model.weight)
+    with pytest.raises(RuntimeError, match="before every gradient was ready"):
+        red.synchronize()
+
+
+def test_unknown_reducer_choice_is_rejected(monkeypatch):
+    monkeypatch.setenv("DISTRIB_REDUCER", "fastest")
+    with pytest.raises(ValueError, match="DISTRIB_REDUCER='fastest'"):
+        make_reducer(list(torch.nn.Linear(2, 2).named_parameters()), FakeHvd())
+
+
+def check(tmp_path, controller, reducers, *extra):
+    out = tmp_path / "grads.pt"
+    run_launch(["-np", "2", "--controller", controller], SCRIPTS / "reducer_check.py",
+               ["--reducers", reducers, "--out", out, *extra])
+    ranks = torch.load(out)["ranks"]
+    names = reducers.split(",")
+    ref = ranks[0][names[0]]
+    assert ref["reducer"] == "PerParameterReducer"
+    for rank in ranks:
+        for name in names:
+            got = rank[name]
+            assert got["reducer"] == "BucketedReducer" or name == "per-parameter"
+            if name == "mpi":
+                assert got["transport"] == "MpiTransport"
+            for step_ref, step_got in zip(ref["grads"], got["grads"]):
+                for k in step_ref:
+                    torch.testing.assert_close(step_got[k], step_ref[k], rtol=0, atol=0, msg=f"{name} {k}")
+            for k in ref["params"]:
+                torch.testing.assert_close(got["params"][k], ref["params"][k], rtol=0, atol=0)
+    # the unused parameter took part with zeros, and the used ones were really averaged
+    assert torch.count_nonzero(ref["grads"][0]["unused.weight"]) == 0
+    assert torch.count_nonzero(ref["grads"][0]["a.weight"]) > 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_bucketed_matches_per_parameter(tmp_path, controller):
+    reducers = "per-parameter,horovod" + (",mpi" if controller == "mpi" else "")
+    check(tmp_path, controller, reducers)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_bucketed_matches_per_parameter_with_fp16_compression_and_accumulation(tmp_path):
+    check(tmp_path, "gloo", "per-parameter,horovod", "--compression", "fp16", "--accumulate", "2")
