@@ -16,7 +16,6 @@ from distrib.context import Context
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "scripts"
-HOROVODRUN = Path(sys.executable).parent / "horovodrun"
 
 
 def cpu_ctx(rank: int = 0, size: int = 1) -> Context:
@@ -50,13 +49,13 @@ def same(a: dict, b: dict) -> bool:
 
 
 def hvd_command(np_: int, script: Path, args: Sequence) -> list:
-    # TODO: switch to the project launcher (python -m launch -np N) once launch/__main__.py lands.
-    return [str(HOROVODRUN), "-np", str(np_), "--gloo", sys.executable, str(script), *map(str, args)]
+    """The project launcher over Gloo (it runs horovodrun --gloo and supervises the workers)."""
+    return [sys.executable, "-m", "launch", "-np", str(np_), "--controller", "gloo", str(script), *map(str, args)]
 
 
 def run_hvd(np_: int, script: Path, args: Sequence = (), timeout: float = 240,
             env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``script`` on ``np_`` Horovod workers; fail the test with the output on error."""
+    """Run ``script`` on ``np_`` Horovod workers (project launcher); fail the test with the output on error."""
     cmd = hvd_command(np_, script, args)
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True,
                           text=True, timeout=timeout)
@@ -68,7 +67,7 @@ def run_hvd(np_: int, script: Path, args: Sequence = (), timeout: float = 240,
 
 def kill_tree(pid: int) -> list:
     """SIGKILL a process and all its descendants at once (horovodrun starts its workers in
-    their own sessions, so killing its process group would miss them). Returns the pids."""
+    their own sessions, so killing one process group would miss them). Returns the pids."""
     try:
         root = psutil.Process(pid)
         procs = root.children(recursive=True) + [root]

@@ -1,4 +1,4 @@
-"""CheckpointManager across real Horovod workers (horovodrun --gloo): per-rank RNG, rank 0's
+"""CheckpointManager across real Horovod workers (project launcher, Gloo): per-rank RNG, rank 0's
 choice obeyed by every rank, errors raised on every rank, resume on other world sizes."""
 import pytest
 
