@@ -110,8 +110,12 @@ class ShardedLoader:
     def __iter__(self) -> Iterator[Any]:
         global_batches = self._remaining()
         mine = [rank_slice(b, self.rank, self.size) for b in global_batches]
+        # A generator of its own: a DataLoader iterator otherwise draws its base seed from the
+        # global torch RNG, so a run resumed mid-epoch (one extra iterator) would shift every
+        # later random draw (dropout masks) and no longer match the uninterrupted run.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         loader = DataLoader(self.dataset, batch_sampler=mine, collate_fn=self.collate_fn,
-                            num_workers=self.num_workers, pin_memory=self.pin_memory)
+                            num_workers=self.num_workers, pin_memory=self.pin_memory, generator=generator)
         for indices, batch in zip(mine, loader):
             self.consumed += self.global_batch
             self.last_indices = indices

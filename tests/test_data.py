@@ -109,3 +109,12 @@ def test_pure_helpers():
     assert remaining_batches(list(range(10)), 4, 4, drop_last=False) == [[4, 5, 6, 7], [8, 9, 0, 1]]
     assert rank_slice([1, 2, 3, 4, 5, 6], 1, 3) == [3, 4]
     assert sorted(eval_shard(7, 0, 3) + eval_shard(7, 1, 3) + eval_shard(7, 2, 3)) == list(range(7))
+
+
+def test_iterating_does_not_touch_the_global_torch_rng():
+    (l,) = loaders(20, 5, 1)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    next(iter(l))
+    assert torch.equal(torch.rand(3), expected)

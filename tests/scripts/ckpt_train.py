@@ -49,13 +49,7 @@ ckpt = CheckpointManager(args.run_dir, ctx, keep=2, async_save=not args.sync)
 step = ckpt.restore(state, resume=args.resume, model_config=config.to_dict()) or 0
 batches = loader.forever()
 while step < args.steps:
-    # ShardedLoader builds a torch DataLoader iterator per epoch, which draws its base seed from
-    # the global torch RNG; a run resumed mid-epoch builds one more than the uninterrupted run
-    # and its dropout masks would shift. Keep data loading out of the global RNG stream.
-    # TODO(core): remove once ShardedLoader passes its own generator to DataLoader.
-    rng_before = torch.get_rng_state()
     x, y = next(batches)
-    torch.set_rng_state(rng_before)
     loss = model.train()(x, y)
     optimizer.backward(loss)
     optimizer.step()
