@@ -365,3 +365,31 @@ def test_snapshot_buffers_reused_across_saves_stay_snapshots(tmp_path, monkeypat
         fresh = tiny_state(seed=5)
         CheckpointManager(tmp_path / "run", cpu_ctx()).restore(fresh, resume=str(root / f"step-{step:08d}"))
         assert same(params(fresh["model"]), expected)
+
+
+# -- elastic mode: no collectives, nothing moved; abandoned histories set aside at save ------------
+def test_non_collective_restore_loads_newest_and_moves_nothing(tmp_path):
+    state = tiny_state()
+    with manager(tmp_path) as ckpt:
+        ckpt.save(4, state, model_config=CFG)
+        ckpt.save(8, state, model_config=CFG)
+    fresh = tiny_state(seed=1)
+    # rank 1 of 2 with no collective available: it must choose on its own
+    ckpt = CheckpointManager(tmp_path / "run", cpu_ctx(rank=1, size=2), keep=3, comm=object())
+    assert ckpt.restore(fresh, resume=tmp_path / "run" / "checkpoints" / "step-00000004",
+                        model_config=CFG, collective=False) == 4
+    assert ckpt_dirs(tmp_path) == ["step-00000004", "step-00000008"]
+    assert same(params(fresh["model"]), params(state["model"]))
+
+
+def test_saving_an_older_step_sets_newer_checkpoints_aside(tmp_path, caplog):
+    state = tiny_state()
+    with manager(tmp_path) as ckpt:
+        ckpt.save(50, state, model_config=CFG)
+    with manager(tmp_path) as ckpt, caplog.at_level(logging.WARNING, logger="distrib.checkpoint"):
+        ckpt.save(10, state, model_config=CFG)  # a run that started over without --resume none
+    names = ckpt_dirs(tmp_path)
+    assert "step-00000010" in names and "step-00000050" not in names
+    (superseded,) = [n for n in names if n.startswith("superseded-")]
+    assert (tmp_path / "run" / "checkpoints" / superseded / "step-00000050" / store.MARKER).exists()
+    assert "moved newer checkpoints" in caplog.text

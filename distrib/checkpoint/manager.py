@@ -102,7 +102,7 @@ class CheckpointManager:
         if self._main:
             problem = self._join_writer()
             if problem is None:
-                problem = self._prepare_root()
+                problem = self._prepare_root(step)
         # Collective: every rank's RNG states to rank 0, and rank 0's verdict on the previous
         # write to every rank, so that all ranks raise together or none does.
         gathered = self._comm.allgather_object({"rng": rng_state(), "problem": problem}, "save")
@@ -131,10 +131,16 @@ class CheckpointManager:
         if problem:
             raise CheckpointError(problem)
 
-    def _prepare_root(self) -> Optional[str]:
+    def _prepare_root(self, step: int) -> Optional[str]:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             store.remove_leftovers(self.root)
+            # Checkpoints newer than this one belong to an abandoned history (a run started
+            # over without moving them, e.g. under Horovod Elastic): set them aside so that
+            # they cannot win the next --resume auto.
+            moved = store.supersede(self.root, step)
+            if moved:
+                log.warning("checkpoint at step %d: moved newer checkpoints of an earlier run to %s", step, moved)
             # A probe file: fails now, with the real reason (read-only, no permission), rather
             # than in the background thread one save later.
             probe = self.root / f"{store.TMP_PREFIX}probe-{os.getpid()}"
@@ -190,7 +196,7 @@ class CheckpointManager:
 
     # -- restoring ------------------------------------------------------------------------------
     def restore(self, state: Mapping[str, Any], resume: Union[str, Path] = "auto",
-                model_config: Optional[Dict] = None) -> Optional[int]:
+                model_config: Optional[Dict] = None, *, collective: bool = True) -> Optional[int]:
         """Load the checkpoint chosen by ``resume`` into ``state``; return its step, or None.
 
         ``resume``: ``"auto"`` (newest valid checkpoint of this run, None if there is none),
@@ -202,20 +208,25 @@ class CheckpointManager:
         checkpoint's model config or tensor shapes do not match this run. Every rank gets its
         own saved RNG state back; ranks the saved run did not have get one derived from
         ``seed``, rank and step. The run dir must be visible to every rank (shared file system).
+
+        ``collective=False`` (Horovod Elastic, where no collective may run outside the elastic
+        loop): every rank chooses and loads on its own, and nothing on disk is moved; the
+        elastic state's first sync then makes every rank equal to rank 0.
         """
         st.check_state_types(state)
         config = _json_config(model_config)
         choice = None
-        if self._main:
+        if self._main or not collective:
             problem = self._join_writer()
             choice = {"path": None, "step": None, "problem": problem}
             if problem is None:
                 try:
-                    choice.update(self._choose(resume, config))
+                    choice.update(self._choose(resume, config, move_newer=collective))
                 except CheckpointError as exc:
                     choice["problem"] = str(exc)
-        # Collective: rank 0's choice, so that every rank loads the same checkpoint.
-        choice = self._comm.broadcast_object(choice, "restore")
+        if collective:
+            # Collective: rank 0's choice, so that every rank loads the same checkpoint.
+            choice = self._comm.broadcast_object(choice, "restore")
         if choice["problem"]:
             raise CheckpointError(choice["problem"])
         if choice["path"] is None:
@@ -238,10 +249,11 @@ class CheckpointManager:
             st.seed_rank(self.seed, self.ctx.rank, step)
         return step
 
-    def _choose(self, resume: Union[str, Path], config: Optional[Dict]) -> Dict[str, Any]:
-        """Rank 0: which checkpoint to load, as ``{"path", "step"}``; raises CheckpointError."""
+    def _choose(self, resume: Union[str, Path], config: Optional[Dict], move_newer: bool = True) -> Dict[str, Any]:
+        """Rank 0: which checkpoint to load, as ``{"path", "step"}``; raises CheckpointError.
+        ``move_newer``: move checkpoints newer than the choice aside (only one rank may)."""
         if resume is None or str(resume) == "none":
-            moved = store.supersede(self.root, -1)
+            moved = store.supersede(self.root, -1) if move_newer else None
             if moved:
                 log.warning("starting over (--resume none): moved the earlier checkpoints of %s to %s",
                             self.root, moved)
@@ -256,7 +268,7 @@ class CheckpointManager:
         if mismatch:
             raise CheckpointError(f"checkpoint {path} was saved with {mismatch}; "
                                   "use --resume none or a matching config")
-        moved = store.supersede(self.root, marker["step"])
+        moved = store.supersede(self.root, marker["step"]) if move_newer else None
         if moved:
             # After a fallback these are the damaged folders, already warned about.
             log.log(logging.INFO if str(resume) == "auto" else logging.WARNING,
