@@ -45,13 +45,29 @@ class MetricsLogger:
         self._run = _Window()  # the whole run, for the summary table
         self._last_step_end = clock()
         self._file = self._progress = self._tb = None
+        self._run_dir, self._tty, self._tensorboard, self._stream = run_dir, tty, tensorboard, stream
         if self.enabled:
-            path = Path(run_dir) / METRICS_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8")
-            self._progress = Progress(total_steps, start_step, stream=stream, tty=tty)
-            self._tb = _tensorboard_writer(run_dir, stream) if tensorboard else None
-        self._stream = stream
+            self._open(start_step)
+
+    def _open(self, start_step: int) -> None:
+        path = Path(self._run_dir) / METRICS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")
+        self._progress = Progress(self.total_steps, start_step, stream=self._stream, tty=self._tty)
+        self._tb = _tensorboard_writer(self._run_dir, self._stream) if self._tensorboard else None
+
+    def set_context(self, ctx, *, step: int, global_batch: int) -> None:
+        """Adopt a new world (Horovod Elastic re-formed it): the worker that is now rank 0
+        takes over the file and the display; world_size and samples/s follow."""
+        was_main, self.ctx, self.global_batch = self.enabled, ctx, global_batch
+        self._window = _Window()  # its steps ran in the old world, partly rolled back
+        self.enabled = ctx.rank == 0
+        if self.enabled and not was_main:
+            self._open(step)
+        elif was_main and not self.enabled:
+            self._progress.close()
+            self._file.close()
+            self._file = None
 
     def phase(self, name: str):
         """``with log.phase("compute"): ...``: time one part of the step."""

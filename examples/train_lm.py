@@ -9,15 +9,19 @@ Resumes from the newest good checkpoint in RUN_DIR by default (--resume auto).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distrib  # noqa: E402
+import distrib.elastic  # noqa: E402
 from distrib.checkpoint import CheckpointManager  # noqa: E402
+from distrib.checkpoint.manager import HorovodComm  # noqa: E402
 from distrib.evaluate import evaluate  # noqa: E402
 from distrib.export import save_model_artifact  # noqa: E402
 from distrib.heartbeat import beat  # noqa: E402
@@ -40,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (>= 2)")
     p.add_argument("--sync-checkpoint", action="store_true", help="write checkpoints in the foreground")
+    p.add_argument("--commit-every", type=int, default=10,
+                   help="elastic mode: steps between in-memory commits (work lost when a worker dies)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=0, help="steps between validation passes (0: only at the end)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -55,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--n-embd", type=int, default=128)
     model.add_argument("--dropout", type=float, default=0.0)
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "accumulate", "log_every"):
+    for name in ("steps", "batch_size", "accumulate", "log_every", "commit_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -92,62 +98,50 @@ def main(argv=None) -> int:
     loader = distrib.ShardedLoader(train_set, args.batch_size, ctx, seed=args.seed)
 
     run_dir = Path(args.run_dir)
-    checkpoints = CheckpointManager(run_dir, ctx, keep=args.keep, async_save=not args.sync_checkpoint)
-    state = {"model": model, "optimizer": optimizer, "scheduler": schedule, "loader": loader}
-    start_step = checkpoints.restore(state, resume=args.resume, model_config=config.to_dict()) or 0
+    # Under Horovod Elastic no collective may run outside the elastic loop: restore on each
+    # worker alone; the elastic state's first sync then hands rank 0's state to everyone.
+    checkpoints = CheckpointManager(run_dir, ctx, keep=args.keep, async_save=not args.sync_checkpoint,
+                                    seed=args.seed, comm=HorovodComm() if ctx.elastic else None)
+    saved = {"model": model, "optimizer": optimizer, "scheduler": schedule, "loader": loader}
+    start_step = checkpoints.restore(saved, resume=args.resume, model_config=config.to_dict(),
+                                     collective=not ctx.elastic) or 0
     log = MetricsLogger(run_dir, ctx, total_steps=args.steps, start_step=start_step, log_every=args.log_every,
                         tensorboard=args.tensorboard, global_batch=args.batch_size * ctx.size * args.accumulate)
     if start_step:
-        log.event("resume", step=start_step, world_size=ctx.size)
+        log.event("resume", step=start_step)
     distrib.rank0_print(ctx, f"training {sum(p.numel() for p in model.parameters()):,} parameters on {ctx.size} "
-                             f"workers ({ctx.controller}), steps {start_step}->{args.steps}, run dir {run_dir}")
+                             f"workers ({ctx.controller}{', elastic' if ctx.elastic else ''}), "
+                             f"steps {start_step}->{args.steps}, run dir {run_dir}")
 
-    preemption = PreemptionHandler()
-    batches = loader.forever()
-    step = start_step
-    while step < args.steps:
-        for _ in range(args.accumulate):
-            with log.phase("data"):
-                x, y = next(batches)
-                x, y = x.to(ctx.device), y.to(ctx.device)
-            with log.phase("compute"), optimizer.autocast():
-                loss = model(x, y)
-            with log.phase("compute"):
-                optimizer.backward(loss)
-        with log.phase("allreduce"):
-            optimizer.synchronize()
-        with log.phase("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad()
-        lr = schedule.lr
-        schedule.step()
-        step += 1
-        beat()
-        log.step(step, loss=loss.item(), lr=lr)
-        if args.eval_every and step % args.eval_every == 0:
-            log.event("eval", step=step, val_loss=validation_loss(model, val_set, ctx, args.batch_size))
-        stopping = preemption.should_stop(ctx)
-        if stopping or (args.checkpoint_every and step % args.checkpoint_every == 0):
-            with log.phase("checkpoint"):
-                checkpoints.save(step, state, model_config=config.to_dict())
-        if stopping:
-            checkpoints.close()
-            log.event("preempted", step=step)
-            log.close()
-            preemption.requeue(ctx)
-            return 0
+    if ctx.elastic:
+        state = distrib.elastic.ElasticState(ctx, model=model, optimizer=optimizer, loader=loader,
+                                             scheduler=schedule, step=start_step)
 
+        def adopt_world(s):
+            checkpoints.set_context(s.ctx)
+            log.set_context(s.ctx, step=s.step, global_batch=args.batch_size * s.ctx.size * args.accumulate)
+            log.event("resize", step=s.step)
+
+        state.on_world_change(adopt_world)
+        train = distrib.elastic.run(train_steps)
+    else:
+        state, train = LocalState(ctx, start_step), train_steps
+    job = Job(args, config, model, optimizer, schedule, loader, val_set, checkpoints, log, PreemptionHandler(), saved)
+    if train(state, job) == "preempted":
+        return 0
+
+    ctx, step = state.ctx, state.step
     with log.phase("checkpoint"):
-        if start_step < args.steps and not (args.checkpoint_every and step % args.checkpoint_every == 0):
-            checkpoints.save(step, state, model_config=config.to_dict())
+        if start_step < args.steps and checkpoints.last_step != step:
+            checkpoints.save(step, saved, model_config=config.to_dict())
         checkpoints.close()
     val_loss = validation_loss(model, val_set, ctx, args.batch_size)
     log.event("final", step=step, val_loss=val_loss)
     log.close()
-    preemption.close()
+    job.preemption.close()
     if ctx.is_main:
         save_model_artifact(run_dir / "model.pt", model.state_dict(), config.to_dict(), step)
-        print(f"validation loss {val_loss:.3f} (uniform guess: {torch.log(torch.tensor(float(config.vocab_size))):.3f}); "
+        print(f"validation loss {val_loss:.3f} (uniform guess: {math.log(config.vocab_size):.3f}); "
               f"model written to {run_dir / 'model.pt'}")
         if args.sample_tokens:
             prompt = torch.tensor([tokenizer.encode("The ")], device=ctx.device)
@@ -155,6 +149,74 @@ def main(argv=None) -> int:
                                  generator=torch.Generator(device=ctx.device).manual_seed(args.seed))
             print("sample:\n" + tokenizer.decode(out[0].tolist()))
     return 0
+
+
+class LocalState:
+    """What the loop needs of :class:`distrib.elastic.ElasticState` when not elastic."""
+
+    def __init__(self, ctx, step: int):
+        self.ctx, self.step = ctx, step
+
+    def commit(self) -> None:
+        pass
+
+
+@dataclass
+class Job:
+    args: argparse.Namespace
+    config: GPTConfig
+    model: GPT
+    optimizer: distrib.DistributedOptimizer
+    schedule: distrib.LRSchedule
+    loader: distrib.ShardedLoader
+    val_set: CharDataset
+    checkpoints: CheckpointManager
+    log: MetricsLogger
+    preemption: PreemptionHandler
+    saved: dict  # what a checkpoint holds
+
+
+def train_steps(state, job: Job) -> str:
+    """Train from ``state.step`` to ``--steps``; "done", or "preempted" after saving.
+    Runs on every worker; under Horovod Elastic it is re-entered after each re-formation."""
+    args, log, optimizer = job.args, job.log, job.optimizer
+    batches = job.loader.forever()
+    while state.step < args.steps:
+        device = state.ctx.device
+        for _ in range(args.accumulate):
+            with log.phase("data"):
+                x, y = next(batches)
+                x, y = x.to(device), y.to(device)
+            with log.phase("compute"), optimizer.autocast():
+                loss = job.model(x, y)
+            with log.phase("compute"):
+                optimizer.backward(loss)
+        with log.phase("allreduce"):
+            optimizer.synchronize()
+        with log.phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad()
+        lr = job.schedule.lr
+        job.schedule.step()
+        state.step += 1
+        beat()
+        log.step(state.step, loss=loss.item(), lr=lr)
+        if args.eval_every and state.step % args.eval_every == 0:
+            val_loss = validation_loss(job.model, job.val_set, state.ctx, args.batch_size)
+            log.event("eval", step=state.step, val_loss=val_loss)
+        stopping = job.preemption.should_stop(state.ctx)
+        if stopping or (args.checkpoint_every and state.step % args.checkpoint_every == 0):
+            with log.phase("checkpoint"):
+                job.checkpoints.save(state.step, job.saved, model_config=job.config.to_dict())
+        if stopping:
+            job.checkpoints.close()
+            log.event("preempted", step=state.step)
+            log.close()
+            job.preemption.requeue(state.ctx)
+            return "preempted"
+        if state.step % args.commit_every == 0:
+            state.commit()  # elastic: in-memory snapshot, and where returning workers join
+    return "done"
 
 
 if __name__ == "__main__":

@@ -77,6 +77,15 @@ class CheckpointManager:
         self._closed = False
         self._staging: Any = None  # rank 0, async: the last CPU snapshot, reused as buffers
         self.last_saved: Optional[Path] = None
+        self.last_step: Optional[int] = None  # step of the last save() call, on every rank
+
+    def set_context(self, ctx) -> None:
+        """Adopt a new world (Horovod Elastic re-formed it): rank 0 may now be another worker.
+        Call on every rank, at a step boundary, after any write of the old world was joined."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.ctx = ctx
 
     @property
     def _main(self) -> bool:
@@ -97,6 +106,7 @@ class CheckpointManager:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         st.check_state_types(state)
+        self.last_step = step
         meta = {"step": step, "world_size": self.ctx.size, "model_config": _json_config(model_config)}
         problem = None
         if self._main:
