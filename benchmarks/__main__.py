@@ -27,8 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    + ", ".join(s.name for s in registry.available()))
     p.add_argument("--rounds", type=int, default=None, help="A/B alternations per figure (default 5, quick 2)")
     p.add_argument("--np", type=int, default=2, help="workers")
-    p.add_argument("--controller", choices=["mpi", "gloo"], default="gloo",
-                   help="Horovod controller for distrib and plain Horovod (default gloo: see results.md)")
+    p.add_argument("--controller", choices=["mpi", "gloo"], default="mpi",
+                   help="Horovod controller for distrib and plain Horovod (default mpi, what the launcher picks here)")
     p.add_argument("--out-dir", type=Path, default=HERE, help="where results.md/json go")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 5)
