@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from typing import List, Optional
 
 from launch.cli import config_from_args, fail
 from launch.hosts import local_names, remote_hosts, unreachable_host_error
-from launch.plan import build_plan, describe, find_tools, horovod_built_with_mpi, resolve_controller
+from launch.plan import (build_plan, describe, discovery_script_text, find_tools, horovod_built_with_mpi,
+                         resolve_controller)
 from launch.supervise import supervise
 
 
@@ -28,20 +30,31 @@ def _main(argv: Optional[List[str]]) -> int:
     config = config_from_args(sys.argv[1:] if argv is None else argv)
     local = local_names()
     try:
-        controller, reason = resolve_controller(config.controller, horovod_built_with_mpi, shutil.which("mpirun"))
+        controller, reason = resolve_controller(config.controller, horovod_built_with_mpi, shutil.which("mpirun"),
+                                                elastic=config.elastic)
     except ValueError as exc:
         fail(str(exc))
-    plan = build_plan(config, controller, reason, env_names=os.environ, is_root=os.geteuid() == 0,
-                      tools=find_tools(), local=local)
-    sys.stderr.write(describe(config, plan, local))
-    sys.stderr.flush()
-    if config.dry_run:
-        print(plan.command)
-        return 0
-    error = unreachable_host_error(remote_hosts(config.hosts, local))
-    if error:
-        fail(error)
-    return supervise(plan, config)
+    with tempfile.TemporaryDirectory(prefix="distrib-elastic-") as scratch:
+        discovery = config.discovery_script or (_write_discovery_script(scratch, config) if config.elastic else None)
+        plan = build_plan(config, controller, reason, env_names=os.environ, is_root=os.geteuid() == 0,
+                          tools=find_tools(), local=local, discovery_script=discovery)
+        sys.stderr.write(describe(config, plan, local))
+        sys.stderr.flush()
+        if config.dry_run:
+            print(plan.command)
+            return 0
+        error = unreachable_host_error(remote_hosts(config.hosts, local))
+        if error:
+            fail(error)
+        return supervise(plan, config)
+
+
+def _write_discovery_script(folder: str, config) -> str:
+    path = os.path.join(folder, "discover_hosts.sh")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(discovery_script_text(config.hosts))
+    os.chmod(path, 0o755)
+    return path
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import NoReturn, Optional, Sequence, Tuple
@@ -37,6 +38,14 @@ class LaunchConfig:
     hang_timeout: Optional[float] = None
     failure_grace: float = 3.0  # seconds the job gets to end by itself after a rank failed
     stop_grace: float = 5.0     # seconds between SIGTERM and SIGKILL when stopping workers
+    # Horovod Elastic (--elastic): the world may shrink to min_np and grow to max_np.
+    elastic: bool = False
+    min_np: Optional[int] = None
+    max_np: Optional[int] = None
+    discovery_script: Optional[str] = None  # the user's; else one is generated from the hosts
+    network_interface: Optional[str] = None
+    blacklist_cooldown: Optional[Tuple[int, int]] = None
+    reset_limit: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not self.script:
@@ -59,6 +68,31 @@ class LaunchConfig:
         for name in ("failure_grace", "stop_grace"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)} is negative; give 0 or more seconds")
+        if self.elastic:
+            self._check_elastic()
+        elif (self.min_np, self.max_np, self.discovery_script, self.blacklist_cooldown, self.reset_limit) != \
+                (None,) * 5:
+            raise ValueError("--min-np, --max-np, --host-discovery-script, --blacklist-cooldown and "
+                             "--reset-limit only apply with --elastic; add --elastic")
+
+    def _check_elastic(self) -> None:
+        if self.controller == "mpi":
+            raise ValueError("--elastic needs Horovod's Gloo controller (Horovod Elastic does not run on MPI); "
+                             "drop --controller mpi")
+        if self.max_restarts:
+            raise ValueError("--elastic and --max-restarts exclude each other: elastic mode recovers "
+                             "inside the job; pick one")
+        if self.min_np is None or self.max_np is None:
+            raise ValueError("--elastic needs --min-np and --max-np (the smallest and largest world)")
+        if not 1 <= self.min_np <= self.np <= self.max_np:
+            raise ValueError(f"need 1 <= --min-np ({self.min_np}) <= -np ({self.np}) <= --max-np "
+                             f"({self.max_np}); adjust them")
+        if self.blacklist_cooldown is not None:
+            low, high = self.blacklist_cooldown
+            if not 0 < low <= high:
+                raise ValueError(f"--blacklist-cooldown {low},{high}: give MIN,MAX seconds with 0 < MIN <= MAX")
+        if self.reset_limit is not None and self.reset_limit < 1:
+            raise ValueError(f"--reset-limit {self.reset_limit}: give 1 or more")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a failure, stop everything and run the whole job again, up to K times")
     p.add_argument("--hang-timeout", type=float, metavar="SECONDS",
                    help="treat a rank as hung when its heartbeat (distrib.heartbeat.beat) is this old")
+    elastic = p.add_argument_group("elastic mode (Horovod Elastic, Gloo controller)")
+    elastic.add_argument("--elastic", action="store_true",
+                         help="keep training when workers die or come back (the script uses distrib.elastic)")
+    elastic.add_argument("--min-np", type=int, metavar="A", help="smallest world the job continues with")
+    elastic.add_argument("--max-np", type=int, metavar="B", help="largest world the job grows to")
+    elastic.add_argument("--host-discovery-script", dest="discovery_script", metavar="S",
+                         help="prints the available 'host:slots' lines; default: generated from -H/--hostfile")
+    elastic.add_argument("--network-interface", metavar="IF",
+                         help="interface for Gloo (default: lo when every host is this machine)")
+    elastic.add_argument("--blacklist-cooldown", metavar="MIN,MAX",
+                         help="seconds before a failed host may rejoin (exponential back-off); default: never")
+    elastic.add_argument("--reset-limit", type=int, metavar="N", help="at most N re-formations of the world")
     p.add_argument("script", help="the training script")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     return p
@@ -102,20 +148,59 @@ def config_from_args(argv: Sequence[str]) -> LaunchConfig:
             hosts = parse_host_list(args.hosts)
         elif args.hostfile is not None:
             hosts = read_hostfile(args.hostfile)
+        elif args.discovery_script is not None:
+            hosts = discovered_hosts(args.discovery_script)
         elif args.np is None and in_slurm_job():
             hosts = tuple(hosts_from_slurm())  # inside a SLURM allocation: its nodes and slots
         elif args.np is None:
             raise ValueError("-np is required without -H/--hostfile (outside a SLURM allocation); e.g. -np 2")
         else:
             hosts = (("localhost", max(args.np, 1)),)
+        if args.discovery_script is not None and not os.access(args.discovery_script, os.X_OK):
+            raise ValueError(f"--host-discovery-script {args.discovery_script!r} is not an executable file; "
+                             "chmod +x it or give its path")
         if not os.path.isfile(args.script):
             raise ValueError(f"script {args.script!r} not found (from {os.getcwd()}); give the path of the "
                              f"training script")
         return LaunchConfig(
             script=args.script, script_args=tuple(args.script_args),
-            np=args.np if args.np is not None else total_slots(hosts), hosts=hosts,
+            np=args.np if args.np is not None else _default_np(args, hosts), hosts=hosts,
             controller=args.controller, dry_run=args.dry_run, verbose=args.verbose,
             timeline=os.path.abspath(args.timeline) if args.timeline else None,
-            max_restarts=args.max_restarts, hang_timeout=args.hang_timeout)
+            max_restarts=args.max_restarts, hang_timeout=args.hang_timeout,
+            elastic=args.elastic, min_np=args.min_np, max_np=args.max_np,
+            discovery_script=os.path.abspath(args.discovery_script) if args.discovery_script else None,
+            network_interface=args.network_interface,
+            blacklist_cooldown=_parse_cooldown(args.blacklist_cooldown), reset_limit=args.reset_limit)
     except ValueError as exc:
         fail(str(exc))
+
+
+def discovered_hosts(script: str) -> Hosts:
+    """The hosts the discovery script lists now (horovodrun keeps asking it during the run)."""
+    try:
+        out = subprocess.run([os.path.abspath(script)], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ValueError(f"--host-discovery-script {script!r} failed ({exc}); it must print 'host:slots' lines "
+                         "and exit 0") from None
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"--host-discovery-script {script!r} listed no host; it must print 'host:slots' lines")
+    return parse_host_list(",".join(lines))
+
+
+def _default_np(args, hosts: Hosts) -> int:
+    """Without -np: every slot of the hosts; elastic with a discovery script starts at --min-np."""
+    if args.discovery_script is not None:
+        return args.min_np or 1
+    return total_slots(hosts)
+
+
+def _parse_cooldown(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    if text is None:
+        return None
+    try:
+        low, high = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--blacklist-cooldown {text!r}: give MIN,MAX seconds, e.g. 10,60") from None
+    return low, high

@@ -171,7 +171,9 @@ class Attempt:
             if signum:
                 name = signal.Signals(signum).name
                 return Outcome(State.INTERRUPTED, 128 + signum, f"interrupted by {name}: stopped every worker")
-            if failed_at is None and any(s.exit_code != 0 for s in statuses):
+            # Under Horovod Elastic a dead worker is Horovod's to handle (the others re-form
+            # the ring); only horovodrun's own exit ends the job.
+            if failed_at is None and not self.config.elastic and any(s.exit_code != 0 for s in statuses):
                 failed_at = time.monotonic()
             if self.config.hang_timeout and failed_at is None:
                 hung = stale_rank(heartbeat_ages(self.status_dir, time.time()),
@@ -188,10 +190,12 @@ class Attempt:
         self._stop()  # leftovers, e.g. ranks that outlived their launcher
         statuses = read_statuses(self.status_dir)
         self._say_ended(statuses)
+        code = self.proc.returncode
+        if self.config.elastic and code == 0:
+            return Outcome(State.SUCCEEDED, 0)  # some workers died, the job recovered
         failure = first_failure(statuses)
         if failure is not None:
             return failure_outcome(failure)
-        code = self.proc.returncode
         if code != 0:
             return Outcome(State.FAILED, code if 0 < code < 256 else 1,
                            f"{os.path.basename(self.plan.argv[0])} exited with code {code} before any rank "
