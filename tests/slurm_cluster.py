@@ -136,7 +136,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire=15
 SlurmUser=root
 SlurmdUser=root
 ProctrackType=proctrack/linuxproc
@@ -144,6 +144,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
+# Run the main scheduling pass every 2 s (default 60 s): a requeued job starts soon after its BeginTime.
+SchedulerParameters=sched_interval=2
 MpiDefault=none
 ReturnToService=2
 JobRequeue=0
@@ -312,17 +314,18 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                                    f"{_tail(output, 40) if output else ''}")
             time.sleep(0.1)
 
-    def release_requeued(self, job_id: str, timeout: float = 60) -> Job:
-        """Wait for a requeued job to be pending again, then let it start now.
+    def wait_requeued(self, job_id: str, timeout: float = 60) -> Job:
+        """Wait until a job has been requeued (pending again, or already running again).
 
-        Slurm holds a requeued batch job for about two minutes (Reason=BeginTime); a test does
-        not need that delay, so it sets the start time to now.
+        Slurm holds a requeued job for cred_expire + 1 s (Reason=BeginTime): slurmd refuses to
+        start a job whose previous credential it still holds as revoked ("Job credential
+        revoked", the job then FAILS). Forcing StartTime=now hits exactly that race, so the
+        test cluster shortens cred_expire to 15 s instead (AuthInfo in _write_config).
         """
         deadline = time.monotonic() + timeout
         while True:
             job = self.job(job_id)
-            if job.restarts >= 1 and job.state == "PENDING":
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            if job.restarts >= 1 and job.state in ("PENDING", "RUNNING"):
                 return job
             if job.state in TERMINAL_STATES or time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} was not requeued: {job.state}, restarts {job.restarts}, "

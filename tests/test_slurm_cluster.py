@@ -71,7 +71,7 @@ def test_standin_preempted_requeued_resumed(slurm_cluster, tmp_path):
 def _preempt_and_finish(cluster, job_id, run_dir, log, scancel_mode, total):
     cluster.wait_until(lambda: len(steps(run_dir)) >= 3, 120, "3 training steps", job_id, log)
     cluster.scancel(job_id, "--signal=USR2", scancel_mode)
-    cluster.release_requeued(job_id)
+    cluster.wait_requeued(job_id)
     job = cluster.wait(job_id, timeout=150, output=log)
     text = log.read_text()
     assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", "0:0", 1), text
