@@ -132,6 +132,51 @@ def bench_resume(work: Path, mb: float, runs: int):
     return out
 
 
+def measure(work: Path, mb: float, rounds: int, resume_runs: int) -> dict:
+    """Every figure of this benchmark, measured in a fresh ``work/bench_checkpoint`` folder."""
+    work = work / "bench_checkpoint"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        nbytes, saves = bench_saves(work, mb, rounds)
+        resume = bench_resume(work, mb, resume_runs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    bare = saves["bare"]["median_s"]
+    ratios = {"async_blocked/bare": saves["async_blocked"]["median_s"] / bare,
+              "sync/bare": saves["sync"]["median_s"] / bare,
+              "async_blocked/sync": saves["async_blocked"]["median_s"] / saves["sync"]["median_s"],
+              "resume/fresh_to_first_step": resume["resume"]["to_first_step"]["median_s"]
+              / resume["fresh"]["to_first_step"]["median_s"]}
+    return {"bench": "checkpoint", "state_bytes": nbytes, "rounds": rounds, "saves": saves,
+            "resume": resume, "ratios": ratios, "torch": torch.__version__, "cpus": os.cpu_count()}
+
+
+def markdown(result: dict) -> str:
+    saves, resume = result["saves"], result["resume"]
+    rows = [("train step (no save)", saves["step"]), ("async save: step blocked", saves["async_blocked"]),
+            ("async save: until committed", saves["async_write"]), ("sync save", saves["sync"]),
+            ("bare torch.save + fsync", saves["bare"]),
+            ("resume: start -> first step", resume["resume"]["to_first_step"]),
+            ("  of which restore()", resume["resume"]["restore_call"]),
+            ("fresh: start -> first step", resume["fresh"]["to_first_step"])]
+    out = [f"State: {result['state_bytes'] / 2**20:.0f} MiB (params + AdamW moments), one process, "
+           f"{result['rounds']} rotated rounds.", "", "| what | median ms | min-max ms |", "|---|---|---|"]
+    out += [f"| {name.strip()} | {s['median_s'] * 1000:.1f} | {s['min_s'] * 1000:.1f}-{s['max_s'] * 1000:.1f} |"
+            for name, s in rows]
+    out += ["", "| ratio | value |", "|---|---|"]
+    out += [f"| {name} | {value:.2f}x |" for name, value in result["ratios"].items()]
+    return "\n".join(out)
+
+
+def run(opts) -> dict:
+    """The ``checkpoint`` section of ``python -m benchmarks``."""
+    result = measure(opts.work, mb=16 if opts.quick else 64, rounds=max(5, opts.rounds),
+                     resume_runs=2 if opts.quick else 3)
+    return {"title": "Checkpoint: time a step is blocked, and resume time", "rows": [result],
+            "markdown": markdown(result)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=float, default=64, help="MiB of float32 parameters (x3 with AdamW moments)")
@@ -141,32 +186,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 5:
         p.error("--rounds must be >= 5 for a meaningful median")
-    work = args.dir / "bench_checkpoint"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    nbytes, saves = bench_saves(work, args.mb, args.rounds)
-    resume = bench_resume(work, args.mb, args.resume_runs)
-    bare = saves["bare"]["median_s"]
-    ratios = {"async_blocked/bare": saves["async_blocked"]["median_s"] / bare,
-              "sync/bare": saves["sync"]["median_s"] / bare,
-              "async_blocked/sync": saves["async_blocked"]["median_s"] / saves["sync"]["median_s"],
-              "resume/fresh_to_first_step": resume["resume"]["to_first_step"]["median_s"]
-              / resume["fresh"]["to_first_step"]["median_s"]}
-    result = {"bench": "checkpoint", "state_bytes": nbytes, "rounds": args.rounds, "saves": saves,
-              "resume": resume, "ratios": ratios, "torch": torch.__version__, "cpus": os.cpu_count()}
-    print(f"state: {nbytes / 2**20:.0f} MiB (params + AdamW moments), {args.rounds} rounds, median [min-max]")
-    rows = [("train step (no save)", saves["step"]), ("async save: step blocked", saves["async_blocked"]),
-            ("async save: until committed", saves["async_write"]), ("sync save", saves["sync"]),
-            ("bare torch.save + fsync", saves["bare"]),
-            ("resume: start -> first step", resume["resume"]["to_first_step"]),
-            ("  of which restore()", resume["resume"]["restore_call"]),
-            ("fresh: start -> first step", resume["fresh"]["to_first_step"])]
-    for name, s in rows:
-        print(f"  {name:<30} {s['median_s'] * 1000:9.1f} ms  [{s['min_s'] * 1000:.1f}-{s['max_s'] * 1000:.1f}]")
-    for name, value in ratios.items():
-        print(f"  {name:<30} {value:9.2f}x")
+    result = measure(args.dir, args.mb, args.rounds, args.resume_runs)
+    print(markdown(result))
     print(json.dumps(result))
-    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
