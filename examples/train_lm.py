@@ -112,6 +112,10 @@ def main(argv=None) -> int:
     distrib.rank0_print(ctx, f"training {sum(p.numel() for p in model.parameters()):,} parameters on {ctx.size} "
                              f"workers ({ctx.controller}{', elastic' if ctx.elastic else ''}), "
                              f"steps {start_step}->{args.steps}, run dir {run_dir}")
+    if start_step >= args.steps:
+        distrib.rank0_print(ctx, f"{run_dir} is already at step {start_step} of --steps {args.steps}: nothing to "
+                                 "train (raise --steps to continue it, or pass --resume none or another "
+                                 "--run-dir to start over)")
 
     if ctx.elastic:
         state = distrib.elastic.ElasticState(ctx, model=model, optimizer=optimizer, loader=loader,
