@@ -1,0 +1,133 @@
+"""python -m distrib.report: plots and summary from a real run's metrics.jsonl, and bad input."""
+import hashlib
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distrib.report import load_run, main, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_LM = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+           "--warmup", "2", "--log-every", "2", "--sample-tokens", "0", "--eval-every", "10",
+           "--checkpoint-every", "10"]
+
+
+def png_size(path: Path):
+    """(width, height) from a PNG's IHDR chunk; fails on anything that is not a PNG."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """A real 2-worker train_lm run through the launcher (20 steps, evaluation and checkpoints)."""
+    run_dir = tmp_path_factory.mktemp("report") / "run"
+    proc = subprocess.run([sys.executable, "-m", "launch", "-np", "2", "examples/train_lm.py", "--steps", "20",
+                           "--run-dir", str(run_dir), *TINY_LM], cwd=REPO, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return run_dir
+
+
+@pytest.mark.timeout(300)
+def test_report_of_a_real_run(real_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main([str(real_run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    records = [json.loads(line) for line in (real_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "event" not in r]
+    for name in ("loss_lr.png", "throughput.png", "breakdown.png"):
+        width, height = png_size(out / name)
+        assert width >= 600 and height >= 300, (name, width, height)
+        assert f"wrote {out / name}" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["last_step"] == 20 and summary["logged_steps"] == len(steps) == 10
+    assert summary["final_loss"] == pytest.approx(steps[-1]["loss"])
+    assert summary["first_loss"] == pytest.approx(steps[0]["loss"])
+    assert summary["world_sizes"] == [2] and summary["restarts"] == 0
+    assert summary["events"]["eval"] == 2 and summary["events"]["final"] == 1
+    assert set(summary["breakdown_ms"]) == {"t_data", "t_compute", "t_allreduce", "t_optimizer", "t_checkpoint",
+                                            "t_other"}
+    assert summary["breakdown_ms"]["t_compute"] > 0
+    text = (out / "summary.txt").read_text()
+    assert text in printed and "steps: 20 (10 logged)" in text and "forward + backward" in text
+
+
+@pytest.mark.timeout(120)
+def test_default_output_folder_is_inside_the_run(real_run):
+    proc = subprocess.run([sys.executable, "-m", "distrib.report", str(real_run)], cwd=REPO,
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    assert (real_run / "report" / "loss_lr.png").is_file() and (real_run / "report" / "summary.txt").is_file()
+
+
+def write_metrics(run_dir: Path, lines) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(
+        (line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+
+
+def step(n, t, loss, world=2, restarts=0):
+    return {"step": n, "loss": loss, "lr": 0.01, "samples_per_s": 100.0 * world, "world_size": world,
+            "time": t, "restarts": restarts, "t_data": 1.0, "t_compute": 6.0, "t_allreduce": 2.0,
+            "t_optimizer": 1.0, "t_checkpoint": 0.0, "t_other": 0.0}
+
+
+def test_restarts_resizes_and_redone_steps(tmp_path):
+    """A restart from the checkpoint at step 2 redoes step 3; an elastic resize goes 2 -> 1 worker."""
+    run = tmp_path / "run"
+    write_metrics(run, [
+        step(1, 100.0, 4.0), step(2, 101.0, 3.5), step(3, 102.0, 9.9),         # step 3 is abandoned
+        {"event": "resume", "step": 2, "world_size": 2, "time": 110.0, "restarts": 1},
+        step(3, 111.0, 3.0, restarts=1),
+        {"event": "resize", "step": 3, "world_size": 1, "time": 120.0, "restarts": 1},
+        step(4, 121.0, 2.5, world=1, restarts=1),
+        '{"step": 5, "loss": 2.',                                              # cut short by a kill
+    ])
+    log = load_run(run)
+    assert [r["loss"] for r in log.final_history()] == [4.0, 3.5, 3.0, 2.5]
+    labels = [m["label"] for m in log.markers]
+    assert "restart 1" in labels and "resume @ step 2" in labels
+    assert "resize @ step 3" in labels and "2 -> 1 workers" in labels
+    summary = summarize(log)
+    assert summary["world_sizes"] == [1, 2] and summary["restarts"] == 1 and summary["skipped_lines"] == 1
+    assert summary["min_loss"] == 2.5 and summary["last_step"] == 4
+    assert summary["breakdown_ms"]["t_compute"] == 6.0
+    assert main([str(run)]) == 0
+    for name in ("loss_lr.png", "throughput.png", "breakdown.png"):
+        png_size(run / "report" / name)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_dir", "is not a directory"),
+    ("no_metrics", "metrics.jsonl does not exist"),
+    ("only_events", "has no step records"),
+    ("garbage", "has no step records (2 unreadable lines)"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case, expected):
+    run = tmp_path / "run"
+    if case != "missing_dir":
+        run.mkdir()
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "keep.txt").write_text("precious")
+    if case == "only_events":
+        write_metrics(run, [{"event": "resume", "step": 3, "time": 1.0}])
+    if case == "garbage":
+        write_metrics(run, ["not json", "[1, 2]"])
+    before = tree_digest(run) if run.exists() else None
+    proc = subprocess.run([sys.executable, "-m", "distrib.report", str(run)], cwd=REPO, capture_output=True,
+                          text=True, timeout=100)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distrib.report: error: ") and expected in lines[0], proc.stderr
+    assert (tree_digest(run) if run.exists() else None) == before
