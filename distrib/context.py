@@ -113,6 +113,9 @@ def init(seed: Optional[int] = None) -> Context:
     """
     hvd = _import_horovod()
     if not hvd.is_initialized():
+        if "OMPI_COMM_WORLD_SIZE" in os.environ and not hvd.mpi_built():
+            raise DistribSetupError("this worker was started by mpirun, but Horovod was built without MPI; "
+                                    "rebuild it with MPI (make setup) or launch with --controller gloo")
         for name, value in horovod_env_defaults(os.environ).items():
             os.environ.setdefault(name, value)
         hvd.init()

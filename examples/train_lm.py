@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distrib  # noqa: E402
 import distrib.elastic  # noqa: E402
-from distrib.checkpoint import CheckpointManager  # noqa: E402
+from distrib.checkpoint import CheckpointError, CheckpointManager  # noqa: E402
+from distrib.context import DistribSetupError  # noqa: E402
 from distrib.checkpoint.manager import HorovodComm  # noqa: E402
 from distrib.evaluate import evaluate  # noqa: E402
 from distrib.export import save_model_artifact  # noqa: E402
@@ -64,7 +65,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "accumulate", "log_every", "commit_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.keep < 2:
+        p.error(f"--keep {args.keep} is too few: keep at least 2 checkpoints (the newest may be cut short by a crash)")
     return args
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create RUN_DIR now, so that a path that cannot be written fails in one clear line before
+    any training (every rank checks: the run directory must be on a file system all ranks see)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--run-dir {run_dir} is not a writable directory ({exc.strerror or exc}); "
+                         "choose another --run-dir") from None
 
 
 def build_data(args, tokenizer: CharTokenizer, text: str):
@@ -98,6 +114,7 @@ def main(argv=None) -> int:
     loader = distrib.ShardedLoader(train_set, args.batch_size, ctx, seed=args.seed)
 
     run_dir = Path(args.run_dir)
+    prepare_run_dir(run_dir)
     # Under Horovod Elastic no collective may run outside the elastic loop: restore on each
     # worker alone; the elastic state's first sync then hands rank 0's state to everyone.
     checkpoints = CheckpointManager(run_dir, ctx, keep=args.keep, async_save=not args.sync_checkpoint,
@@ -223,5 +240,16 @@ def train_steps(state, job: Job) -> str:
     return "done"
 
 
+def cli() -> int:
+    """main() with the mistakes a user can make (bad flags for this checkpoint, a run directory
+    that cannot be written, a broken Horovod) as one line on stderr and exit code 2, instead of
+    a traceback; the launcher shows that line as the worker's failure."""
+    try:
+        return main()
+    except (ValueError, CheckpointError, DistribSetupError) as exc:
+        print(f"train_lm: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -85,8 +85,10 @@ def resolve_controller(requested: str, mpi_built: Callable[[], Optional[bool]], 
                              "openmpi-bin) or use --controller gloo")
         return "mpi", "requested with --controller mpi"
     built = mpi_built()
-    if built is None:
-        return "gloo", "auto: horovod.torch could not be imported to ask whether it has MPI"
+    if built is None:  # neither controller can work: say so now, not once per worker
+        raise ValueError("Horovod with PyTorch support cannot be imported by this Python "
+                         f"({sys.executable}); run `make setup` (scripts/bootstrap.sh), and "
+                         "`python -c 'import horovod.torch'` shows why")
     if not built:
         return "gloo", "auto: Horovod was built without MPI"
     if mpirun is None:

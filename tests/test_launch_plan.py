@@ -85,7 +85,6 @@ def test_exported_names_filter():
     ("auto", True, "/usr/bin/mpirun", "mpi"),
     ("auto", False, "/usr/bin/mpirun", "gloo"),
     ("auto", True, None, "gloo"),
-    ("auto", None, "/usr/bin/mpirun", "gloo"),
 ])
 def test_resolve_controller(requested, built, mpirun, expected):
     controller, reason = resolve_controller(requested, lambda: built, mpirun)
@@ -98,6 +97,11 @@ def test_resolve_controller_only_asks_horovod_for_auto():
         raise AssertionError("slow check called")
     assert resolve_controller("gloo", boom, None)[0] == "gloo"
     assert resolve_controller("mpi", boom, "/usr/bin/mpirun")[0] == "mpi"
+
+
+def test_horovod_without_pytorch_is_a_clear_error():
+    with pytest.raises(ValueError, match="Horovod with PyTorch support cannot be imported.*make setup"):
+        resolve_controller("auto", lambda: None, "/usr/bin/mpirun")
 
 
 def test_mpi_without_mpirun_is_a_clear_error():
