@@ -74,10 +74,24 @@ class Outcome:
     rank: Optional[int] = None     # the failed or hung rank
 
 
+# What a rank prints when it failed only because a peer did: Horovod shuts down on every rank
+# once one rank raised, and the others' pending collectives then raise. Such a rank can end
+# *before* the one that raised (still printing its traceback), so it is not the root cause.
+PEER_FAILURE_MARKS = ("HorovodInternalError", "Horovod has been shut down", "Connection closed by peer")
+
+
+def failed_because_of_a_peer(status: RankStatus) -> bool:
+    return any(mark in line for line in status.stderr_tail for mark in PEER_FAILURE_MARKS)
+
+
 def first_failure(statuses: Iterable[RankStatus]) -> Optional[RankStatus]:
-    """The failed rank that ended first: the root cause (peers fail after it, in collectives)."""
+    """The root cause: the failed rank that ended first, among those that did not fail only
+    because a peer did (all of them when every failed rank shows a peer's failure)."""
     failed = [s for s in statuses if s.exit_code != 0]
-    return min(failed, key=lambda s: (s.end_time, s.rank if s.rank is not None else -1)) if failed else None
+    if not failed:
+        return None
+    own = [s for s in failed if not failed_because_of_a_peer(s)] or failed
+    return min(own, key=lambda s: (s.end_time, s.rank if s.rank is not None else -1))
 
 
 def failure_outcome(status: RankStatus) -> Outcome:

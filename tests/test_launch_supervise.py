@@ -31,6 +31,20 @@ def test_first_failure_is_the_earliest_non_zero():
     assert status(1, 3, 1.0).how == "exit code 3"
 
 
+def test_a_rank_that_failed_because_of_a_peer_is_not_the_root_cause():
+    """Rank 1 raised; Horovod shut down and rank 0's allreduce raised, and rank 0 ended first."""
+    peer = RankStatus(rank=0, host="h", pid=1, exit_code=1, signal=None, end_time=1.0, stderr_tail=(
+        "horovod.common.exceptions.HorovodInternalError: Horovod has been shut down. This was caused by ...",))
+    culprit = RankStatus(rank=1, host="h", pid=2, exit_code=1, signal=None, end_time=1.2,
+                         stderr_tail=("RuntimeError: injected failure at step 6",))
+    assert first_failure([peer, culprit]).rank == 1
+    gloo_peer = RankStatus(rank=2, host="h", pid=3, exit_code=1, signal=None, end_time=0.5,
+                           stderr_tail=("RuntimeError: [../gloo/transport/tcp/pair.cc:598] Connection closed by peer",))
+    assert first_failure([gloo_peer, culprit]).rank == 1
+    # When every failed rank shows a peer's failure, the earliest still is the answer.
+    assert first_failure([peer, gloo_peer]).rank == 2
+
+
 def test_stale_rank():
     assert stale_rank({0: 1.0, 1: 2.0}, [], 5.0) is None
     assert stale_rank({0: 1.0, 1: 9.0}, [], 5.0) == (1, 9.0)

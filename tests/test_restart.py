@@ -1,0 +1,92 @@
+"""Restart mode with the real example: `python -m launch --max-restarts K` restarts the whole
+job after a worker dies or hangs, train_lm resumes from its newest checkpoint, and the result is
+the run that was never interrupted (tests/scripts/faulty_train_lm.py injects the fault)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FAULTY = str(REPO / "tests" / "scripts" / "faulty_train_lm.py")
+TRAIN_LM = str(REPO / "examples" / "train_lm.py")
+# Synchronous checkpoints: the one at step 5 is complete when the fault hits at step 6.
+TINY_LM = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+           "--warmup", "2", "--log-every", "1", "--sample-tokens", "0", "--checkpoint-every", "5",
+           "--sync-checkpoint", "--steps", "12", "--seed", "7"]
+pytestmark = pytest.mark.multiprocess
+
+
+def launch(launch_args, script, run_dir, fault=None, timeout=280):
+    env = dict(os.environ)
+    if fault:
+        env.update(fault)
+    return subprocess.run([sys.executable, "-m", "launch", "-np", "2", *launch_args, script, *TINY_LM,
+                           "--run-dir", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def params(run_dir: Path):
+    return torch.load(run_dir / "model.pt", weights_only=True)["model_state"]
+
+
+def logged_steps(run_dir: Path):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "event" not in r], records
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("restart") / "clean"
+    proc = launch([], TRAIN_LM, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return params(run_dir)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("fault", ["kill", "raise"])
+def test_worker_dies_after_a_checkpoint_job_restarts_and_ends_identical(uninterrupted, tmp_path, fault):
+    run_dir = tmp_path / "run"
+    proc = launch(["--max-restarts", "2"], FAULTY, run_dir, {"FAULT": fault, "FAULT_RANK": "1", "FAULT_STEP": "6"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cause = "killed by SIGKILL" if fault == "kill" else "exit code 1"
+    assert re.search(rf"^distrib-launch: rank 1 on \S+ failed first: {cause}", proc.stderr, re.M), proc.stderr
+    assert "distrib-launch: restart 1/2" in proc.stderr and "restart 2/2" not in proc.stderr
+    steps, records = logged_steps(run_dir)
+    # Attempt 0 logged steps 1-5 (rank 0 may log 6 before the job is stopped); attempt 1 resumed at 5.
+    assert steps[:5] == [1, 2, 3, 4, 5] and steps[-7:] == list(range(6, 13)), steps
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [5]
+    assert {r["restarts"] for r in records if r["step"] > 5 and "event" not in r} >= {1}
+    resumed = params(run_dir)
+    assert resumed.keys() == uninterrupted.keys()
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), f"{name} differs from the uninterrupted run"
+
+
+@pytest.mark.timeout(600)
+def test_restart_budget_exhausted_fails_with_the_root_cause(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launch(["--max-restarts", "1"], FAULTY, run_dir,
+                  {"FAULT": "raise", "FAULT_RANK": "0", "FAULT_STEP": "3", "FAULT_EVERY_ATTEMPT": "1"})
+    assert proc.returncode != 0
+    assert "distrib-launch: restart 1/1" in proc.stderr
+    assert re.search(r"giving up after 1 restarts; root cause: rank 0 .*exit code", proc.stderr), proc.stderr[-3000:]
+    assert "injected failure at step 3" in proc.stderr
+
+
+@pytest.mark.timeout(600)
+def test_hung_worker_is_detected_and_the_job_restarts(uninterrupted, tmp_path):
+    """SIGSTOP one worker of the real example: with --hang-timeout the launcher declares it hung,
+    stops the job and restarts it; the run still ends identical to the uninterrupted one."""
+    run_dir = tmp_path / "run"
+    proc = launch(["--max-restarts", "1", "--hang-timeout", "20"], FAULTY, run_dir,
+                  {"FAULT": "stop", "FAULT_RANK": "1", "FAULT_STEP": "6"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"rank 1 .*(hung|no progress)", proc.stderr), proc.stderr[-3000:]
+    assert "distrib-launch: restart 1/1" in proc.stderr
+    resumed = params(run_dir)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
