@@ -16,6 +16,8 @@ CASES = {
     "slurm_multi_gpu.sbatch": ["--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8", "--time", "04:00:00",
                                "--partition", "gpu", "--", "examples/train_lm.py", "--steps", "5000",
                                "--run-dir", "runs/my lm"],
+    "slurm_single_gpu.sbatch": ["--gpus-per-node", "4", "--time", "02:00:00", "--", "examples/train_lm.py",
+                                "--steps", "5000"],
     "slurm_cpu_no_requeue.sbatch": ["--tasks-per-node", "2", "--time", "1-00:30:00", "--job-name", "cpu-test",
                                     "--no-requeue", "--", "examples/train_mlp.py"],
 }
