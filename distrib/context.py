@@ -41,12 +41,14 @@ class Context:
 
 
 def select_device(local_rank: int, cuda_device_count: int,
-                  env: Optional[Mapping[str, str]] = None) -> torch.device:
+                  env: Optional[Mapping[str, str]] = None, local_size: Optional[int] = None) -> torch.device:
     """The device this worker should use: ``cuda:<local_rank>`` on a GPU node, else CPU.
 
     Pure function (the device count is passed in) so that the GPU logic is tested on CPU
     machines. When a scheduler already restricted each process to one GPU through
     ``CUDA_VISIBLE_DEVICES`` (one id), every worker sees that GPU as ``cuda:0``.
+    Raises :class:`DistribSetupError` when the node has more workers than visible GPUs; with
+    ``local_size`` (the workers on this node) every rank raises it, not only those left without a GPU.
     """
     env = os.environ if env is None else env
     if cuda_device_count <= 0:
@@ -54,10 +56,18 @@ def select_device(local_rank: int, cuda_device_count: int,
     visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if len(visible) == 1 or cuda_device_count == 1:
         return torch.device("cuda", 0)
-    if local_rank >= cuda_device_count:
+    workers = max(local_rank + 1, local_size or 0)
+    if workers > cuda_device_count:
+        who = (f"local rank {local_rank} has no GPU" if local_rank >= cuda_device_count
+               else f"{workers} workers on this node, more than its GPUs")
+        if visible:
+            shown = f"CUDA sees {cuda_device_count} GPUs (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r})"
+            fix = " or list one GPU per worker in CUDA_VISIBLE_DEVICES"
+        else:
+            shown, fix = f"this node shows {cuda_device_count} GPUs", ""
         raise DistribSetupError(
-            f"local rank {local_rank} has no GPU: this node shows {cuda_device_count} GPUs; "
-            f"start at most {cuda_device_count} workers per node (-H host:{cuda_device_count})")
+            f"{who}: {shown}; start at most {cuda_device_count} workers per node "
+            f"(-H host:{cuda_device_count}, or --ntasks-per-node={cuda_device_count} under Slurm){fix}")
     return torch.device("cuda", local_rank)
 
 
@@ -119,7 +129,8 @@ def init(seed: Optional[int] = None) -> Context:
         for name, value in horovod_env_defaults(os.environ).items():
             os.environ.setdefault(name, value)
         hvd.init()
-    device = select_device(hvd.local_rank(), torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    device = select_device(hvd.local_rank(), torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                           local_size=hvd.local_size())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:

@@ -24,6 +24,47 @@ def test_more_workers_than_gpus_is_a_clear_error():
         select_device(4, 4, {})
 
 
+@pytest.mark.parametrize("local_size", [2, 4, 8])
+def test_each_local_rank_pinned_to_its_own_gpu(local_size):
+    """One worker per GPU, with or without a CUDA_VISIBLE_DEVICES that lists them all."""
+    everything = {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(local_size))}
+    for env in ({}, everything):
+        devices = [select_device(r, local_size, env, local_size=local_size) for r in range(local_size)]
+        assert devices == [torch.device("cuda", r) for r in range(local_size)]
+
+
+def test_visible_devices_subset_renumbers_from_zero():
+    # CUDA_VISIBLE_DEVICES=4,5,6,7: CUDA shows 4 devices, numbered 0-3 inside the process
+    env = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    assert [select_device(r, 4, env, local_size=4) for r in range(4)] == [torch.device("cuda", r) for r in range(4)]
+    uuids = {"CUDA_VISIBLE_DEVICES": "GPU-8d5a0c1e,GPU-1b2c3d4e"}
+    assert select_device(1, 2, uuids, local_size=2) == torch.device("cuda", 1)
+
+
+def test_visible_devices_fewer_than_local_ranks_is_a_clear_error_on_every_rank():
+    env = {"CUDA_VISIBLE_DEVICES": "0,1"}  # 4 workers on the node, 2 GPUs left visible
+    messages = set()
+    for rank in range(4):
+        with pytest.raises(DistribSetupError) as info:
+            select_device(rank, 2, env, local_size=4)
+        messages.add(str(info.value).split(": ", 1)[1])
+        assert "\n" not in str(info.value)
+    assert messages == {"CUDA sees 2 GPUs (CUDA_VISIBLE_DEVICES='0,1'); start at most 2 workers per node "
+                        "(-H host:2, or --ntasks-per-node=2 under Slurm) or list one GPU per worker in "
+                        "CUDA_VISIBLE_DEVICES"}
+    with pytest.raises(DistribSetupError, match="^local rank 3 has no GPU: CUDA sees 2 GPUs"):
+        select_device(3, 2, env, local_size=4)
+    with pytest.raises(DistribSetupError, match="^4 workers on this node, more than its GPUs: CUDA sees 2"):
+        select_device(0, 2, env, local_size=4)
+
+
+def test_more_workers_than_gpus_without_visible_devices_fails_on_rank_0_too():
+    with pytest.raises(DistribSetupError, match="^8 workers on this node, more than its GPUs: this node shows 4 GPUs; "
+                                                r"start at most 4 workers per node \(-H host:4"):
+        select_device(0, 4, {}, local_size=8)
+    assert select_device(3, 4, {}, local_size=4) == torch.device("cuda", 3)
+
+
 @pytest.mark.parametrize("cpus,local,env,expected", [
     (2, 2, {}, 1), (16, 4, {}, 4), (2, 4, {}, 1), (8, 1, {}, 8), (8, 2, {"OMP_NUM_THREADS": "3"}, 3),
     (8, 2, {"OMP_NUM_THREADS": "junk"}, 4),
