@@ -154,3 +154,28 @@ def test_launcher_takes_hosts_from_the_allocation(slurm_cluster, tmp_path):
     assert f"hosts: {slurm_cluster.host}:2; np: 2" in text, text
     assert steps(run_dir) == [1, 2, 3]
     assert {r["sum"] for r in records(run_dir) if "sum" in r} == {3.0}
+
+
+def test_array_tasks_train_in_own_run_dirs_and_requeue_alone(slurm_cluster, tmp_path):
+    """Job arrays: `sbatch --array=0-1 slurm/requeue.sbatch`; each task trains in RUN_DIR/task-<index>.
+    Task 0, preempted, requeues itself alone (`scontrol requeue <array job>_0`) and resumes; task 1
+    is untouched; both finish with no step lost or repeated."""
+    run_dir, total = tmp_path / "run", 12
+    array_id = slurm_cluster.sbatch(REPO / "slurm" / "requeue.sbatch", "--steps", str(total), "--step-sleep", "0.2",
+                                    sbatch_args=[*SMALL_NODE, "--array=0-1", f"--output={tmp_path}/job-%a.out"],
+                                    env={"SCRIPT": STANDIN, "RUN_DIR": str(run_dir)})
+    task0, task1 = f"{array_id}_0", f"{array_id}_1"
+    log0, log1 = tmp_path / "job-0.out", tmp_path / "job-1.out"
+    slurm_cluster.wait_until(lambda: len(steps(run_dir / "task-0")) >= 3, 120, "3 steps of task 0", task0, log0)
+    slurm_cluster.scancel(task0, "--signal=USR2", "--batch")
+    slurm_cluster.wait_requeued(task0)
+    jobs = {task: slurm_cluster.wait(task, timeout=150, output=log) for task, log in ((task0, log0), (task1, log1))}
+    text0, text1 = log0.read_text(), log1.read_text()
+    assert (jobs[task0].state, jobs[task0].exit_code, jobs[task0].restarts) == ("COMPLETED", "0:0", 1), text0
+    assert (jobs[task1].state, jobs[task1].exit_code, jobs[task1].restarts) == ("COMPLETED", "0:0", 0), text1
+    for index in (0, 1):
+        got = steps(run_dir / f"task-{index}")
+        assert got == list(range(1, total + 1)), f"task {index}: steps lost or repeated: {got}"
+    assert f"requeued job {task0} (restart 1 of at most 50)" in text0, text0
+    assert "(restart 0)" in text0 and "(restart 1)" in text0, text0  # --open-mode=append: one log
+    assert "requeued" not in text1, text1
