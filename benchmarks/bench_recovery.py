@@ -12,7 +12,7 @@ Three ways of surviving a SIGKILLed worker, measured on the same steady loop
 
 One job per mode and block kills a worker several times; blocks alternate the modes so that
 they share the machine's noise. A trial succeeds when a step completes after the kill within
-TRIAL_TIMEOUT_S.
+TRIAL_TIMEOUT_S; after a failed trial the block goes on in a fresh job.
 """
 from __future__ import annotations
 
@@ -28,8 +28,14 @@ from benchmarks import launchers, stats
 
 WORKER = "benchmarks/workers/recovery.py"
 MODES = ("elastic", "restart", "torchrun")
-TRIAL_TIMEOUT_S = 60.0
+TRIAL_TIMEOUT_S = 30.0  # a recovery takes seconds; past this the trial failed
 STEADY_STEPS = 3  # steps at full size after a recovery before the next kill
+
+
+def restart_budget(kills: int) -> int:
+    """Enough restarts for every kill, and for restarted attempts that fail on their own
+    (torchrun's sometimes do: Gloo cannot connect to a peer of the attempt before)."""
+    return 3 * kills + 3
 
 
 def command(mode: str, out: Path, kills: int) -> List[str]:
@@ -38,10 +44,10 @@ def command(mode: str, out: Path, kills: int) -> List[str]:
                 "-H", "localhost:1,127.0.0.1:1", "--blacklist-cooldown", "1,2", WORKER,
                 "--mode", "elastic", "--out", str(out)]
     if mode == "restart":
-        return [launchers.PY, "-m", "launch", "-np", "2", "--max-restarts", str(kills + 2), WORKER,
+        return [launchers.PY, "-m", "launch", "-np", "2", "--max-restarts", str(restart_budget(kills)), WORKER,
                 "--mode", "restart", "--out", str(out)]
     return [str(Path(launchers.PY).with_name("torchrun")), "--nproc_per_node", "2", "--max-restarts",
-            str(kills + 2), "--master_port", str(launchers.free_port()), WORKER, "--mode", "ddp", "--out", str(out)]
+            str(restart_budget(kills)), "--master_port", str(launchers.free_port()), WORKER, "--mode", "ddp", "--out", str(out)]
 
 
 def read_steps(out: Path) -> List[dict]:
@@ -92,9 +98,9 @@ def recovered(mode: str, before: List[dict], victim: int, t_kill: float, out: Pa
     return min(r["time"] for r in ok) if ok else None
 
 
-def run_job(mode: str, work: Path, kills: int) -> List[Optional[float]]:
-    """Start one job, kill a worker ``kills`` times; recovery seconds per kill (None: failed)."""
-    out = work / f"recovery-{mode}"
+def run_job(mode: str, out: Path, kills: int) -> List[Optional[float]]:
+    """Start one job and kill a worker up to ``kills`` times: recovery seconds per kill. After a
+    failed trial (None: no recovery, or the job never became steady) the job is abandoned."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = launchers.worker_env({"PYTHONUNBUFFERED": "1"})
@@ -105,25 +111,40 @@ def run_job(mode: str, work: Path, kills: int) -> List[Optional[float]]:
     since = 0.0
     try:
         for _ in range(kills):
-            victim = wait_for(lambda: steady(out, since), proc, TRIAL_TIMEOUT_S * 2)
+            victim = wait_for(lambda: steady(out, since), proc, TRIAL_TIMEOUT_S)
             if victim is None:
                 results.append(None)
-                continue
+                break
             before = read_steps(out)
             t_kill = time.time()
-            os.kill(victim, signal.SIGKILL)
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:  # it ended on its own between the log line and now
+                results.append(None)
+                break
             done = wait_for(lambda: recovered(mode, before, victim, t_kill, out), proc, TRIAL_TIMEOUT_S)
             results.append(done - t_kill if done else None)
-            since = done or time.time()
+            if done is None:
+                break
+            since = done
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_job(proc)
         log.close()
     return results
+
+
+def stop_job(proc: subprocess.Popen) -> None:
+    """End the job's whole process group (it may have ended by itself: a spent restart budget)."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def run(opts) -> dict:
@@ -133,7 +154,13 @@ def run(opts) -> dict:
     results: Dict[str, List[Optional[float]]] = {m: [] for m in MODES}
     for b in range(blocks):
         for mode in stats.rotate(MODES, b):
-            results[mode].extend(run_job(mode, opts.work, per_block[b]))
+            t, got, job = time.time(), [], 0
+            while len(got) < per_block[b]:  # a failed trial ends its job: go on in a fresh one
+                got += run_job(mode, opts.work / f"recovery-{mode}-{b}-{job}", per_block[b] - len(got))
+                job += 1
+            print(f"  recovery {mode} block {b}: {[None if g is None else round(g, 2) for g in got]} "
+                  f"in {time.time() - t:.0f} s", flush=True)
+            results[mode].extend(got)
     rows = []
     for mode in MODES:
         ok = [r for r in results[mode] if r is not None]

@@ -21,3 +21,18 @@ def run_launch(launch_args: Sequence[str], script: str | Path, script_args: Sequ
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def assert_workers_gone(pid_dir: Path, at_least: int = 2) -> None:
+    """Every worker that wrote ``<pid_dir>/*.pid`` has exited (zombies count as gone)."""
+    import psutil
+    pids = [int(p.read_text()) for p in Path(pid_dir).glob("*.pid")]
+    assert len(pids) >= at_least, f"expected at least {at_least} pid files, found {len(pids)}"
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    assert not alive, f"workers still running: {alive}"

@@ -7,10 +7,9 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
-from tests.helpers import REPO, SCRIPTS, run_launch
+from tests.helpers import REPO, SCRIPTS, assert_workers_gone, run_launch
 
 SCRIPT = SCRIPTS / "launch_allreduce.py"
 pytestmark = pytest.mark.multiprocess
@@ -20,19 +19,6 @@ def ranks_reporting(stdout):
     """{rank: (size, sum, restart)} from lines 'rank=R size=S sum=X restart=N' (Gloo prefixes '[R]<stdout>:')."""
     return {int(m[1]): (int(m[2]), float(m[3]), m[4])
             for m in re.finditer(r"rank=(\d+) size=(\d+) sum=([\d.]+) restart=(\S+)", stdout)}
-
-
-def assert_gone(pid_dir, expected=2):
-    pids = [int(p.read_text()) for p in pid_dir.glob("*.pid")]
-    assert len(pids) == expected
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    assert not alive, f"workers still running: {alive}"
 
 
 @pytest.mark.timeout(300)
@@ -58,7 +44,7 @@ def test_failing_rank_is_reported_first(controller, mode, how, code, tmp_path):
     report = [line for line in proc.stderr.splitlines() if "failed first" in line]
     assert len(report) == 1 and re.fullmatch(rf"distrib-launch: rank 1 on \S+ failed first: {how}", report[0])
     assert f"    rank 1 about to fail ({mode})" in proc.stderr  # the stderr tail
-    assert_gone(tmp_path)
+    assert_workers_gone(tmp_path)
 
 
 def wait_for_pids(pid_dir, proc, n=2, timeout=240):
@@ -82,7 +68,7 @@ def test_ctrl_c_stops_every_worker(tmp_path):
         proc.kill()
     assert proc.returncode == 130, err
     assert "distrib-launch: interrupted by SIGINT: stopped every worker" in err
-    assert_gone(tmp_path)
+    assert_workers_gone(tmp_path)
 
 
 @pytest.mark.timeout(300)
@@ -93,7 +79,7 @@ def test_sigstopped_worker_is_caught_as_hung(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert re.search(r"^distrib-launch: rank 1 hung: no progress for \d+ s \(--hang-timeout 5\)$", proc.stderr,
                      re.M), proc.stderr
-    assert_gone(tmp_path)
+    assert_workers_gone(tmp_path)
 
 
 @pytest.mark.timeout(300)

@@ -7,13 +7,12 @@ import sys
 import threading
 import time
 
-import psutil
 import pytest
 
 from launch.cli import LaunchConfig
 from launch.plan import Plan
 from launch.supervise import RankStatus, first_failure, stale_rank, supervise
-from tests.helpers import SCRIPTS
+from tests.helpers import SCRIPTS, assert_workers_gone
 
 TOY = str(SCRIPTS / "launch_toy.py")
 
@@ -66,19 +65,6 @@ def run(tmp_path, *toy_args, np=2, **config):
     return code, out.getvalue(), pid_dir
 
 
-def assert_all_gone(pid_dir, expected=2):
-    pids = [int(p.read_text()) for p in pid_dir.glob("*.pid")]
-    assert len(pids) >= expected
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    assert not alive, f"workers still running: {alive}"
-
-
 @pytest.mark.timeout(120)
 def test_success(tmp_path):
     code, out, pids = run(tmp_path, "--mode", "ok", verbose=True)
@@ -94,7 +80,7 @@ def test_first_failure_reported_and_blocked_peer_killed(tmp_path):
     assert lines[0].startswith("distrib-launch: rank 1 on ") and lines[0].endswith("failed first: exit code 3")
     assert lines[1] == "distrib-launch: last 20 lines of its stderr:"
     assert lines[2:22] == [f"    rank 1 line {i}" for i in range(10, 30)]
-    assert_all_gone(pids)
+    assert_workers_gone(pids)
 
 
 @pytest.mark.timeout(120)
@@ -102,7 +88,7 @@ def test_signal_death_reported(tmp_path):
     code, out, pids = run(tmp_path, "--mode", "sigkill", "--rank", "0", "--others", "block")
     assert code == 137, out
     assert "rank 0 on" in out and "failed first: killed by SIGKILL" in out
-    assert_all_gone(pids)
+    assert_workers_gone(pids)
 
 
 @pytest.mark.timeout(120)
@@ -111,7 +97,7 @@ def test_sigstopped_rank_is_hung(tmp_path):
     assert code == 1, out
     assert "distrib-launch: rank 1 hung: no progress for " in out and "(--hang-timeout 3)" in out
     assert "    rank 1 line 29" in out  # the hung rank's last stderr lines
-    assert_all_gone(pids)
+    assert_workers_gone(pids)
 
 
 @pytest.mark.timeout(180)
@@ -122,7 +108,7 @@ def test_restart_after_failure(tmp_path):
     assert code == 0, out
     assert "failed first: exit code 3" in out
     assert "distrib-launch: restart 1/2" in out and "restart 2/2" not in out
-    assert_all_gone(pids)
+    assert_workers_gone(pids)
 
 
 @pytest.mark.timeout(180)
@@ -157,7 +143,7 @@ def test_interrupt_stops_everything(tmp_path, signum, expected):
     assert code == expected, out
     assert f"distrib-launch: interrupted by {signum.name}: stopped every worker" in out
     assert "restart" not in out
-    assert_all_gone(pids)
+    assert_workers_gone(pids)
 
 
 def test_missing_launcher_program_is_one_clear_failure(tmp_path):
