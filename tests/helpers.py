@@ -1,6 +1,7 @@
 """Running the project's launcher from tests: real processes, always with a timeout."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -36,3 +37,10 @@ def assert_workers_gone(pid_dir: Path, at_least: int = 2) -> None:
         except psutil.NoSuchProcess:
             pass
     assert not alive, f"workers still running: {alive}"
+
+
+def tree_digest(root: Path) -> dict:
+    """{relative path: sha256 of the file, or "dir"} for everything under ``root``: equal
+    digests before and after mean nothing there was created, changed or deleted."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(Path(root).rglob("*"))}

@@ -1,12 +1,14 @@
 """The mistakes users make, as a table: each is a real `python -m launch ... examples/train_lm.py`
 run that must end with one line naming the problem and the fix, a non-zero exit code, no
 traceback, and the existing run directory (with its checkpoints) byte for byte as it was."""
-import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "examples" / "train_lm.py")
@@ -18,10 +20,6 @@ TINY_LM = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-hea
 HOROVOD_WITHOUT_PYTORCH = 'raise ImportError("horovod.torch: Horovod was built without PyTorch support")\n'
 HOROVOD_WITHOUT_MPI = "def mpi_built():\n    return False\n\n\ndef is_initialized():\n    return False\n"
 
-
-def tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +78,7 @@ def test_mistake_gives_one_line_and_damages_nothing(existing_run, tmp_path, case
     (tmp_path / "a_file").write_text("a file, not a folder")
     fill = {"tmp": str(tmp_path), "run": str(existing_run)}
     before = tree_digest(existing_run)
-    env = dict(__import__("os").environ)
+    env = dict(os.environ)
     if horovod_shim:
         env.update(fake_horovod(tmp_path, horovod_shim))
     script = [str(tmp_path / "missing.py")] if script_args is None else \

@@ -1,5 +1,4 @@
 """python -m distrib.report: plots and summary from a real run's metrics.jsonl, and bad input."""
-import hashlib
 import json
 import struct
 import subprocess
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from distrib.report import load_run, main, summarize
+from tests.helpers import tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_LM = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
@@ -22,10 +22,6 @@ def png_size(path: Path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
     return struct.unpack(">II", data[16:24])
 
-
-def tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
