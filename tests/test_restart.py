@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -90,3 +91,18 @@ def test_hung_worker_is_detected_and_the_job_restarts(uninterrupted, tmp_path):
     assert "distrib-launch: restart 1/1" in proc.stderr
     resumed = params(run_dir)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+@pytest.mark.timeout(600)
+def test_hung_worker_without_restarts_fails_naming_the_rank(tmp_path):
+    """Without --max-restarts the same hang ends the job: exit 1, the hung rank named, and the
+    SIGSTOPped worker does not outlive the launcher."""
+    run_dir = tmp_path / "run"
+    proc = launch(["--hang-timeout", "20"], FAULTY, run_dir, {"FAULT": "stop", "FAULT_RANK": "1", "FAULT_STEP": "6"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert re.search(r"^distrib-launch: rank 1 hung: no progress for \d+ s \(--hang-timeout 20\)$", proc.stderr,
+                     re.M), proc.stderr[-3000:]
+    assert "distrib-launch: restart 1" not in proc.stderr and "giving up" not in proc.stderr
+    left = [p.pid for p in psutil.process_iter(["cmdline", "status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
+            and str(run_dir) in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"workers still running: {left}"
