@@ -5,10 +5,13 @@
 writes into ``RUN_DIR/report/`` (or ``--out``):
 
 * ``loss_lr.png``     training loss and learning rate over steps (validation loss as points);
-* ``throughput.png``  samples/s over wall-clock time, with restarts, resumes, preemptions and
-                      world-size changes marked;
-* ``breakdown.png``   where a step's time goes (data, compute, allreduce, optimizer, checkpoint);
-* ``summary.txt``     the figures a user checks first, also printed.
+* ``throughput.png``  samples/s and the number of workers over wall-clock time, with restarts,
+                      resumes, preemptions and world-size changes marked (when the records have
+                      ``time`` and ``samples_per_s``);
+* ``breakdown.png``   where a step's time goes (data, compute, allreduce, optimizer, checkpoint),
+                      when the records carry the ``t_*`` breakdown;
+* ``summary.txt``     the figures a user checks first, also printed; ``summary.json`` the same
+                      for programs.
 
 Reading the log is separate from drawing it (:func:`load_run` -> :class:`RunLog`), so the
 summary needs no matplotlib and the tests can check the numbers without looking at pixels.
@@ -29,9 +32,11 @@ PHASES = ("t_data", "t_compute", "t_allreduce", "t_optimizer", "t_checkpoint", "
 PHASE_LABELS = {"t_data": "waiting for data", "t_compute": "forward + backward",
                 "t_allreduce": "waiting for allreduce", "t_optimizer": "optimizer step",
                 "t_checkpoint": "checkpoint stall", "t_other": "other"}
-# Events drawn on the throughput plot, with their colour.
-MARKED_EVENTS = {"restart": "tab:red", "resume": "tab:orange", "resize": "tab:purple",
-                 "preempted": "tab:brown"}
+NUMERIC_FIELDS = ("loss", "lr", "samples_per_s", "world_size", "time", "restarts", "val_loss") + PHASES
+# Events drawn as vertical lines, with their colour, most important first: when several happen
+# at once (a restart is followed by a resume), the line takes the first one's colour.
+MARKED_EVENTS = {"restart": "tab:red", "resize": "tab:purple", "preempted": "tab:brown",
+                 "resume": "tab:orange"}
 
 
 class ReportError(Exception):
@@ -74,11 +79,11 @@ def load_run(run_dir) -> RunLog:
             except json.JSONDecodeError:
                 skipped += 1  # a line cut short by a killed run
                 continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            if not _well_formed(rec):
                 skipped += 1
             elif "event" in rec:
                 events.append(rec)
-            elif isinstance(rec.get("loss"), (int, float)):
+            elif "loss" in rec:
                 steps.append(rec)
             else:
                 skipped += 1
@@ -90,20 +95,32 @@ def load_run(run_dir) -> RunLog:
     return log
 
 
+def _well_formed(rec) -> bool:
+    """A record the report can use: a dict with an integer step whose known fields are numbers
+    (a hand-edited or foreign line is skipped, not drawn as garbage or crashed on)."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+        return False
+    if "event" in rec and not isinstance(rec["event"], str):
+        return False
+    return all(isinstance(rec[k], (int, float)) and not isinstance(rec[k], bool)
+               for k in NUMERIC_FIELDS if k in rec)
+
+
 def _markers(log: RunLog) -> List[dict]:
     """Moments worth a vertical line: marked events, a change of the restart count (the launcher
     started the job again) and a change of world size between consecutive records."""
-    out = [{"time": e["time"], "label": f"{e['event']} @ step {e['step']}", "kind": e["event"]}
+    out = [{"time": e["time"], "step": e["step"], "label": f"{e['event']} @ step {e['step']}", "kind": e["event"]}
            for e in log.events if e["event"] in MARKED_EVENTS and "time" in e]
     records = sorted(log.steps + log.events, key=lambda r: r.get("time", 0.0))
     prev = None
     for rec in records:
         if prev is not None and "time" in rec:
             if rec.get("restarts", 0) > prev.get("restarts", 0):
-                out.append({"time": rec["time"], "label": f"restart {rec['restarts']}", "kind": "restart"})
+                out.append({"time": rec["time"], "step": rec["step"], "label": f"restart {rec['restarts']}",
+                            "kind": "restart"})
             if rec.get("world_size") != prev.get("world_size") and rec.get("world_size") is not None:
-                out.append({"time": rec["time"], "label": f"{prev.get('world_size')} -> {rec['world_size']} workers",
-                            "kind": "resize"})
+                out.append({"time": rec["time"], "step": rec["step"],
+                            "label": f"{prev.get('world_size')} -> {rec['world_size']} workers", "kind": "resize"})
         prev = rec
     return sorted(out, key=lambda m: m["time"])
 
@@ -178,12 +195,27 @@ def plot_loss_lr(log: RunLog, path: Path) -> None:
     if val:
         ax_loss.plot([e["step"] for e in val], [e["val_loss"] for e in val], "o", color="tab:green",
                      ms=6, label="validation loss")
+    lr = [r for r in history if "lr" in r]
+    ax_lr.plot([r["step"] for r in lr], [r["lr"] for r in lr], color="tab:orange", lw=1.5)
+    if not lr:
+        ax_lr.text(0.5, 0.5, "no learning rate in metrics.jsonl", ha="center", va="center",
+                   transform=ax_lr.transAxes, color="tab:gray")
+    # Where training went on from a checkpoint or in a new world: explains a jump in the
+    # learning rate (a resumed run with a new --steps) or in the loss.
+    by_step: Dict[int, List[dict]] = {}
+    for m in log.markers:
+        by_step.setdefault(m["step"], []).append(m)
+    seen = set()
+    for at, group in sorted(by_step.items()):
+        kinds = "/".join(k for k in MARKED_EVENTS if any(m["kind"] == k for m in group))
+        for ax in (ax_loss, ax_lr):
+            ax.axvline(at, color=MARKED_EVENTS[_main_kind(group)], ls=":", lw=1.2,
+                       label=f"{kinds} (from this step)" if ax is ax_loss and kinds not in seen else None)
+        seen.add(kinds)
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(f"Loss and learning rate - {log.run_dir.name}")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(loc="upper right")
-    lr = [r for r in history if isinstance(r.get("lr"), (int, float))]
-    ax_lr.plot([r["step"] for r in lr], [r["lr"] for r in lr], color="tab:orange", lw=1.5)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
@@ -217,42 +249,66 @@ def _segments(records: List[dict], cuts: Sequence[float]) -> List[List[dict]]:
     return [seg for seg in segments if seg]
 
 
-def plot_throughput(log: RunLog, path: Path) -> None:
-    plt = _pyplot()
-    timed = sorted((r for r in log.steps if "time" in r and isinstance(r.get("samples_per_s"), (int, float))),
-                   key=lambda r: r["time"])
-    times = [r["time"] for r in timed] + [m["time"] for m in log.markers]
-    t0 = min(times) if times else 0.0
-    scale, unit = _time_unit((max(times) - t0) if times else 0.0)
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for i, seg in enumerate(_segments(timed, [m["time"] for m in log.markers])):
-        ax.plot([(r["time"] - t0) / scale for r in seg], [r["samples_per_s"] for r in seg], ".-",
-                color="tab:blue", lw=1, ms=3, label="samples/s (all workers)" if i == 0 else None)
-    top = max((r["samples_per_s"] for r in timed), default=1.0)
-    # Markers at (nearly) the same moment share one line and one label.
-    span = max((max(times) - t0) if times else 0.0, 1e-9)
+def _group_markers(markers: Sequence[dict], span: float) -> List[List[dict]]:
+    """Markers within 1% of the time span of each other (a restart and the resume it leads
+    to) share one line and one label, or their labels would be drawn over each other."""
     groups: List[List[dict]] = []
-    for m in log.markers:
+    for m in markers:
         if groups and m["time"] - groups[-1][0]["time"] <= 0.01 * span:
             groups[-1].append(m)
         else:
             groups.append([m])
+    return groups
+
+
+def _main_kind(group: Sequence[dict]) -> str:
+    return min((m["kind"] for m in group), key=list(MARKED_EVENTS).index)
+
+
+def plot_throughput(log: RunLog, path: Path) -> None:
+    plt = _pyplot()
+    timed = sorted((r for r in log.steps if "time" in r and "samples_per_s" in r), key=lambda r: r["time"])
+    sized = sorted((r for r in log.steps + log.events if "time" in r and "world_size" in r), key=lambda r: r["time"])
+    times = [r["time"] for r in timed + sized] + [m["time"] for m in log.markers]
+    t0 = min(times) if times else 0.0
+    span = (max(times) - t0) if times else 0.0
+    scale, unit = _time_unit(span)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, seg in enumerate(_segments(timed, [m["time"] for m in log.markers])):
+        ax.plot([(r["time"] - t0) / scale for r in seg], [r["samples_per_s"] for r in seg], ".-",
+                color="tab:blue", lw=1, ms=3, label="samples/s (all workers)" if i == 0 else None)
+    top = max((r["samples_per_s"] for r in timed), default=1.0) or 1.0
+    groups = _group_markers(log.markers, max(span, 1e-9))
     seen = set()
     for group in groups:
         x = (group[0]["time"] - t0) / scale
-        kind = group[0]["kind"]
-        colour = MARKED_EVENTS.get(kind, "tab:gray")
+        kind = _main_kind(group)
+        colour = MARKED_EVENTS[kind]
         ax.axvline(x, color=colour, ls="--", lw=1.2, label=kind if kind not in seen else None)
         # x in data units, y as a fraction of the axes: the label hangs from the top edge.
         ax.text(x, 0.98, "; ".join(m["label"] for m in group) + " ", rotation=90, va="top", ha="right",
                 fontsize=8, color=colour, transform=ax.get_xaxis_transform())
-        seen.update(m["kind"] for m in group)
-    ax.set_ylim(0, top * 1.8 if groups else top * 1.1)  # room for the labels
+        seen.add(kind)
+    ax.set_ylim(0, top * 1.8 if groups else top * 1.15)  # room for the labels
     ax.set_xlabel(f"wall-clock time since the first record ({unit})")
     ax.set_ylabel("samples/s (all workers)")
     ax.set_title(f"Throughput - {log.run_dir.name}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    if sized:
+        # The world size as a step line on its own axis: a resize shows without reading labels.
+        ax_w = ax.twinx()
+        ax_w.step([(r["time"] - t0) / scale for r in sized], [r["world_size"] for r in sized], where="post",
+                  color="tab:gray", lw=1.5, alpha=0.7, label="workers")
+        biggest = max(r["world_size"] for r in sized)
+        ax_w.set_ylim(0, biggest * 2.2)  # the lower half: clear of the throughput curve's labels
+        ax_w.set_yticks(sorted({r["world_size"] for r in sized} | {0}))
+        ax_w.set_ylabel("workers", color="tab:gray")
+        more_handles, more_labels = ax_w.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    # Below the plot: inside it would cover the marker labels hanging from the top edge.
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(handles), fontsize=8,
+              frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -284,9 +340,11 @@ def write_report(run_dir, out: Optional[Path] = None) -> List[Path]:
     except OSError as exc:
         raise ReportError(f"cannot create {out} ({exc.strerror}); pass --out DIR somewhere writable") from exc
     stats = summarize(log)
-    written = [out / "loss_lr.png", out / "throughput.png"]
+    written = [out / "loss_lr.png"]
     plot_loss_lr(log, written[0])
-    plot_throughput(log, written[1])
+    if any("time" in r and "samples_per_s" in r for r in log.steps):
+        written.append(out / "throughput.png")
+        plot_throughput(log, written[-1])
     if stats["breakdown_ms"]:
         written.append(out / "breakdown.png")
         plot_breakdown(stats["breakdown_ms"], written[-1])

@@ -1,5 +1,6 @@
 """python -m distrib.report: plots and summary from a real run's metrics.jsonl, and bad input."""
 import json
+import statistics
 import struct
 import subprocess
 import sys
@@ -21,7 +22,6 @@ def png_size(path: Path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
     return struct.unpack(">II", data[16:24])
-
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,13 @@ def test_report_of_a_real_run(real_run, tmp_path, capsys):
     assert set(summary["breakdown_ms"]) == {"t_data", "t_compute", "t_allreduce", "t_optimizer", "t_checkpoint",
                                             "t_other"}
     assert summary["breakdown_ms"]["t_compute"] > 0
+    assert summary["median_samples_per_s"] == pytest.approx(statistics.median(r["samples_per_s"] for r in steps))
+    assert summary["min_loss"] == pytest.approx(min(r["loss"] for r in steps))
     text = (out / "summary.txt").read_text()
     assert text in printed and "steps: 20 (10 logged)" in text and "forward + backward" in text
+    assert f"median {summary['median_samples_per_s']:.1f} samples/s" in text
+    assert f"-> {steps[-1]['loss']:.4f} (min {summary['min_loss']:.4f})" in text
+    assert "world sizes: 2; restarts: 0" in text and "eval x2, final x1" in text
 
 
 @pytest.mark.timeout(120)
@@ -80,7 +85,8 @@ def step(n, t, loss, world=2, restarts=0):
 
 
 def test_restarts_resizes_and_redone_steps(tmp_path):
-    """A restart from the checkpoint at step 2 redoes step 3; an elastic resize goes 2 -> 1 worker."""
+    """A restart from the checkpoint at step 2 redoes step 3; an elastic resize goes 2 -> 1 worker;
+    a preemption at step 5 and a resume on 2 workers."""
     run = tmp_path / "run"
     write_metrics(run, [
         step(1, 100.0, 4.0), step(2, 101.0, 3.5), step(3, 102.0, 9.9),         # step 3 is abandoned
@@ -88,42 +94,78 @@ def test_restarts_resizes_and_redone_steps(tmp_path):
         step(3, 111.0, 3.0, restarts=1),
         {"event": "resize", "step": 3, "world_size": 1, "time": 120.0, "restarts": 1},
         step(4, 121.0, 2.5, world=1, restarts=1),
-        '{"step": 5, "loss": 2.',                                              # cut short by a kill
+        step(5, 122.0, 2.0, world=1, restarts=1),
+        {"event": "preempted", "step": 5, "world_size": 1, "time": 123.0, "restarts": 1},
+        {"event": "resume", "step": 5, "world_size": 2, "time": 300.0, "restarts": 1},
+        step(6, 301.0, 1.5, restarts=1),
+        {"step": 7, "loss": 1.0, "time": "noon"},                              # hand-edited: skipped
+        '{"step": 7, "loss": 2.',                                              # cut short by a kill
     ])
     log = load_run(run)
-    assert [r["loss"] for r in log.final_history()] == [4.0, 3.5, 3.0, 2.5]
-    labels = [m["label"] for m in log.markers]
-    assert "restart 1" in labels and "resume @ step 2" in labels
-    assert "resize @ step 3" in labels and "2 -> 1 workers" in labels
+    assert [r["loss"] for r in log.final_history()] == [4.0, 3.5, 3.0, 2.5, 2.0, 1.5]
+    assert [(m["label"], m["step"]) for m in log.markers] == [
+        ("resume @ step 2", 2), ("restart 1", 2), ("resize @ step 3", 3), ("2 -> 1 workers", 3),
+        ("preempted @ step 5", 5), ("resume @ step 5", 5), ("1 -> 2 workers", 5)]
     summary = summarize(log)
-    assert summary["world_sizes"] == [1, 2] and summary["restarts"] == 1 and summary["skipped_lines"] == 1
-    assert summary["min_loss"] == 2.5 and summary["last_step"] == 4
+    assert summary["world_sizes"] == [1, 2] and summary["restarts"] == 1 and summary["skipped_lines"] == 2
+    assert summary["min_loss"] == 1.5 and summary["last_step"] == 6 and summary["final_loss"] == 1.5
+    assert summary["median_samples_per_s"] == 200.0  # 5 records on 2 workers, 2 on 1
+    assert summary["events"] == {"preempted": 1, "resize": 1, "resume": 2}
+    assert summary["wall_s"] == 201.0
     assert summary["breakdown_ms"]["t_compute"] == 6.0
     assert main([str(run)]) == 0
     for name in ("loss_lr.png", "throughput.png", "breakdown.png"):
-        png_size(run / "report" / name)
+        width, height = png_size(run / "report" / name)
+        assert width >= 600 and height >= 300
+    text = (run / "report" / "summary.txt").read_text()
+    assert "steps: 6 (6 logged)" in text and "loss: 4.0000 -> 1.5000 (min 1.5000)" in text
+    assert "world sizes: 1, 2; restarts: 1" in text and "preempted x1, resize x1, resume x2" in text
+    assert "skipped 2 unreadable lines" in text
+
+
+def test_a_run_without_breakdown_or_events_still_gets_its_plots(tmp_path):
+    """A script that logs only step and loss (its own MetricsLogger use, or an older run)."""
+    run = tmp_path / "run"
+    write_metrics(run, [{"step": n, "loss": 5.0 / n} for n in range(1, 6)])
+    assert main([str(run)]) == 0
+    written = sorted(p.name for p in (run / "report").iterdir())
+    assert written == ["loss_lr.png", "summary.json", "summary.txt"]  # no time, no samples/s: no throughput
+    text = (run / "report" / "summary.txt").read_text()
+    assert "steps: 5 (5 logged)" in text and "median n/a samples/s" in text and "time per step" not in text
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("missing_dir", "is not a directory"),
-    ("no_metrics", "metrics.jsonl does not exist"),
-    ("only_events", "has no step records"),
-    ("garbage", "has no step records (2 unreadable lines)"),
+    ("missing_dir", "is not a directory; pass the --run-dir"),
+    ("a_file_not_a_dir", "is not a directory; pass the --run-dir"),
+    ("no_metrics", "metrics.jsonl does not exist; pass the --run-dir of a run that logged"),
+    ("empty", "has no step records (0 unreadable lines); log steps"),
+    ("only_events", "has no step records (0 unreadable lines); log steps"),
+    ("garbage", "has no step records (3 unreadable lines); log steps"),
+    ("out_not_writable", "cannot create"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case, expected):
     run = tmp_path / "run"
-    if case != "missing_dir":
+    args = [str(run)]
+    if case == "a_file_not_a_dir":
+        run.write_text("not a run")
+    elif case != "missing_dir":
         run.mkdir()
         (run / "checkpoints").mkdir()
         (run / "checkpoints" / "keep.txt").write_text("precious")
+    if case == "empty":
+        (run / "metrics.jsonl").write_text("")
     if case == "only_events":
         write_metrics(run, [{"event": "resume", "step": 3, "time": 1.0}])
     if case == "garbage":
-        write_metrics(run, ["not json", "[1, 2]"])
-    before = tree_digest(run) if run.exists() else None
-    proc = subprocess.run([sys.executable, "-m", "distrib.report", str(run)], cwd=REPO, capture_output=True,
+        write_metrics(run, ["not json", "[1, 2]", {"step": "3", "loss": 1.0}])
+    if case == "out_not_writable":
+        write_metrics(run, [step(1, 100.0, 4.0)])
+        args += ["--out", str(run / "checkpoints" / "keep.txt" / "report")]  # under a regular file
+    before = tree_digest(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "distrib.report", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=100)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distrib.report: error: ") and expected in lines[0], proc.stderr
-    assert (tree_digest(run) if run.exists() else None) == before
+    assert proc.stdout == ""
+    assert tree_digest(tmp_path) == before
