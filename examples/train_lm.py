@@ -31,8 +31,18 @@ from distrib.preemption import PreemptionHandler  # noqa: E402
 from lm_model import CORPUS_PATH, CharDataset, CharTokenizer, GPT, GPTConfig, load_corpus  # noqa: E402
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line, not argparse's usage block: every worker prints it and the launcher
+    repeats the failing rank's stderr, so a usage block would fill the screen three times."""
+
+    def error(self, message: str):
+        print(f"train_lm: error: {message}; see python examples/train_lm.py --help", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The flags; raises ValueError naming a bad value and its fix (argparse's own errors exit 2)."""
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=600, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per worker per micro-batch")
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
@@ -62,11 +72,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--n-embd", type=int, default=128)
     model.add_argument("--dropout", type=float, default=0.0)
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "accumulate", "log_every", "commit_every"):
+    for name in ("steps", "batch_size", "accumulate", "log_every", "commit_every", "block_size", "n_layer",
+                 "n_head", "n_embd"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # A negative interval would silently mean "every step" (step % -1 == 0).
+    for name, zero in (("checkpoint_every", "only at the end"), ("eval_every", "only at the end"),
+                       ("warmup", "no warm-up")):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: {zero}), got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.keep < 2:
-        p.error(f"--keep {args.keep} is too few: keep at least 2 checkpoints (the newest may be cut short by a crash)")
+        raise ValueError(f"--keep {args.keep} is too few: keep at least 2 checkpoints (the newest may be cut short "
+                         "by a crash)")
     return args
 
 
@@ -246,7 +265,7 @@ def cli() -> int:
     a traceback; the launcher shows that line as the worker's failure."""
     try:
         return main()
-    except (ValueError, CheckpointError, DistribSetupError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError, DistribSetupError) as exc:
         print(f"train_lm: error: {exc}", file=sys.stderr, flush=True)
         return 2
 

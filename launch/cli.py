@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import NoReturn, Optional, Sequence, Tuple
 
-from launch.hosts import Hosts, format_hosts, parse_host_list, read_hostfile, total_slots
+from launch.hosts import Hosts, format_hosts, is_local, local_names, parse_host_list, read_hostfile, total_slots
 from launch.slurm_env import hosts_from_slurm, in_slurm_job
 
 PROG = "distrib-launch"
@@ -97,6 +97,13 @@ class LaunchConfig:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        # argparse names the problem ("invalid int value: 'two'"); add the fix.
+        if "invalid int value" in message:
+            message += "; give a whole number, e.g. 2"
+        elif "invalid float value" in message:
+            message += "; give a number of seconds, e.g. 60"
+        else:
+            message += f"; see {PROG} --help"
         fail(message)
 
 
@@ -159,6 +166,8 @@ def config_from_args(argv: Sequence[str]) -> LaunchConfig:
         if args.discovery_script is not None and not os.access(args.discovery_script, os.X_OK):
             raise ValueError(f"--host-discovery-script {args.discovery_script!r} is not an executable file; "
                              "chmod +x it or give its path")
+        if args.timeline:
+            _check_timeline(args.timeline, hosts)
         if not os.path.isfile(args.script):
             raise ValueError(f"script {args.script!r} not found (from {os.getcwd()}); give the path of the "
                              f"training script")
@@ -187,6 +196,15 @@ def discovered_hosts(script: str) -> Hosts:
     if not lines:
         raise ValueError(f"--host-discovery-script {script!r} listed no host; it must print 'host:slots' lines")
     return parse_host_list(",".join(lines))
+
+
+def _check_timeline(path: str, hosts: Hosts) -> None:
+    """Horovod opens the timeline on rank 0's host (the first host) and, when it cannot,
+    runs on without one and says nothing: check the folder when that host is this one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if hosts and is_local(hosts[0][0], local_names()) and not os.path.isdir(folder):
+        raise ValueError(f"--timeline {path}: folder {folder} does not exist; create it or give a file in an "
+                         "existing folder")
 
 
 def _default_np(args, hosts: Hosts) -> int:

@@ -44,7 +44,8 @@ def fake_horovod(tmp_path: Path, torch_module: str) -> dict:
 # (id, launcher args, script args, extra env maker, exit code, words the error line must contain)
 CASES = [
     ("np_zero", ["-np", "0"], [], None, 2, ["-np 0", "give -np 1 or more"]),
-    ("np_not_a_number", ["-np", "two"], [], None, 2, ["-np", "invalid int value: 'two'"]),
+    ("np_negative", ["-np", "-3"], [], None, 2, ["-np -3", "give -np 1 or more"]),
+    ("np_not_a_number", ["-np", "two"], [], None, 2, ["-np", "invalid int value: 'two'", "give a whole number"]),
     ("np_more_than_slots", ["-np", "5", "-H", "localhost:2"], [], None, 2, ["more than the 2 slots", "lower -np"]),
     ("hostfile_malformed", ["--hostfile", "{tmp}/hosts.txt"], [], None, 2, ["line 1", "write e.g. node1:4"]),
     ("hostfile_missing", ["--hostfile", "{tmp}/nohosts.txt"], [], None, 2, ["cannot be read", "existing file"]),
@@ -56,6 +57,12 @@ CASES = [
     ("horovod_without_mpi", ["-np", "2", "--controller", "mpi"], [], HOROVOD_WITHOUT_MPI, 2,
      ["Horovod was built without MPI", "--controller gloo"]),
     ("elastic_without_bounds", ["-np", "2", "--elastic"], [], None, 2, ["--elastic needs --min-np and --max-np"]),
+    ("elastic_on_mpi", ["-np", "2", "--elastic", "--min-np", "1", "--max-np", "2", "--controller", "mpi"], [], None,
+     2, ["--elastic needs Horovod's Gloo controller", "drop --controller mpi"]),
+    ("timeline_folder_missing", ["-np", "2", "--timeline", "{tmp}/no/such/tl.json"], [], None, 2,
+     ["--timeline", "does not exist", "create it"]),
+    ("unknown_launcher_choice", ["-np", "2", "--controller", "nccl"], [], None, 2,
+     ["invalid choice: 'nccl'", "--help"]),
     ("run_dir_not_writable", ["-np", "2"], ["--run-dir", "{tmp}/a_file/run"], None, 2,
      ["is not a writable directory", "choose another --run-dir"]),
     ("checkpoint_of_another_model", ["-np", "2"], ["--run-dir", "{run}", "--n-embd", "32"], None, 2,
@@ -66,6 +73,15 @@ CASES = [
      ["--keep 1 is too few", "at least 2"]),
     ("heads_do_not_divide_width", ["-np", "2"], ["--run-dir", "{run}", "--n-head", "3"], None, 2,
      ["n_embd=16 is not divisible by n_head=3"]),
+    ("zero_heads", ["-np", "2"], ["--run-dir", "{run}", "--n-head", "0"], None, 2, ["--n-head must be >= 1"]),
+    ("negative_checkpoint_interval", ["-np", "2"], ["--run-dir", "{run}", "--checkpoint-every", "-1"], None, 2,
+     ["--checkpoint-every must be >= 0", "0: only at the end"]),
+    ("script_flag_not_a_number", ["-np", "2"], ["--run-dir", "{run}", "--steps", "many"], None, 2,
+     ["argument --steps: invalid int value: 'many'", "--help"]),
+    ("corpus_missing", ["-np", "2"], ["--run-dir", "{run}", "--corpus", "{tmp}/nocorpus.txt"], None, 2,
+     ["nocorpus.txt is missing", "pass --corpus FILE"]),
+    ("global_batch_larger_than_data", ["-np", "2"], ["--run-dir", "{run}", "--batch-size", "100000"], None, 2,
+     ["fewer than one global batch (100000 x 2 workers)", "lower --batch-size"]),
 ]
 
 
@@ -88,6 +104,8 @@ def test_mistake_gives_one_line_and_damages_nothing(existing_run, tmp_path, case
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=200, env=env)
     assert proc.returncode == code, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "usage:" not in proc.stderr, proc.stderr[-3000:]  # one line, not argparse's usage block
     last = proc.stderr.strip().splitlines()[-1].strip()
     assert "error:" in last and all(w in last for w in words), f"last line: {last!r}\n{proc.stderr[-2000:]}"
     assert tree_digest(existing_run) == before, "the existing run directory was changed"
+    assert not (tmp_path / "fresh").exists(), "a run directory was created for a run that cannot start"
