@@ -36,7 +36,12 @@ NOT_EXPORTED = frozenset({"HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", 
 # mpi_yield_when_idle: Open MPI otherwise busy-polls in every wait, and Horovod's background
 # thread waits in MPI each cycle; with one worker per core that spinning steals the core from
 # the worker's own computation (measured here: 2-worker MLP step 63-88 ms -> 52-58 ms).
-OMPI_MCA = ("-mca", "pml", "ob1", "-mca", "btl", "^openib", "-mca", "mpi_yield_when_idle", "1")
+# odls_base_sigkill_timeout 0: when a rank dies, mpirun otherwise sleeps 1 s after SIGCONT and
+# again after SIGTERM before it kills the others, which are stuck in a collective and cannot do
+# anything useful; that was 1 s of every 4.4 s restart here. A graceful stop (Ctrl-C, scancel)
+# does not depend on it: the supervisor signals the workers itself before mpirun.
+OMPI_MCA = ("-mca", "pml", "ob1", "-mca", "btl", "^openib", "-mca", "mpi_yield_when_idle", "1",
+            "-mca", "odls_base_sigkill_timeout", "0")
 NO_BINDING = ("--bind-to", "none", "--map-by", "slot")
 
 

@@ -33,6 +33,7 @@ from launch.cli import LaunchConfig
 from launch.plan import HEARTBEAT_DIR_ENV, RESTART_COUNT_ENV, STATUS_DIR_ENV, Plan
 
 POLL_S = 0.2
+LAUNCHER_EXIT_S = 1.0  # for mpirun/horovodrun to end on its own after its local workers did
 
 
 class State(enum.Enum):
@@ -247,11 +248,15 @@ class Attempt:
         for p in procs:
             self.tracked.setdefault(p.pid, p)
 
-    def _signal_all(self, sig: int) -> List[psutil.Process]:
+    def _signal_launcher(self, sig: int) -> None:
+        """mpirun/horovodrun and whatever shares its process group; remote workers are reached through it."""
         try:
             os.killpg(self.proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def _signal_workers(self, sig: int) -> List[psutil.Process]:
+        """Every tracked local worker process (shims and scripts): those still alive."""
         alive = []
         for p in self.tracked.values():
             try:
@@ -263,22 +268,33 @@ class Attempt:
         return alive
 
     def _stop(self) -> None:
+        """SIGTERM the local workers first and give them ``stop_grace`` seconds (a script may save a
+        checkpoint on SIGTERM), then the launcher, then SIGKILL what is left. The launcher comes
+        second because mpirun answers SIGTERM by killing its workers at once (see plan.OMPI_MCA)."""
         self._track()
-        alive = self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.stop_grace
+        alive = self._signal_workers(signal.SIGTERM)
         if not alive and self.proc.poll() is not None:
             return
         self.log(f"stopping {len(alive)} worker processes (SIGTERM)", verbose=True)
-        self._signal_all(signal.SIGCONT)  # a stopped (SIGSTOP) process only acts on SIGTERM once continued
-        deadline = time.monotonic() + self.config.stop_grace
+        self._signal_workers(signal.SIGCONT)  # a stopped (SIGSTOP) process only acts on SIGTERM once continued
         _, alive = psutil.wait_procs(alive, timeout=self.config.stop_grace)
+        try:  # mpirun ends by itself once its workers have; a SIGTERM while it aborts can crash it
+            self.proc.wait(timeout=LAUNCHER_EXIT_S)
+        except subprocess.TimeoutExpired:
+            pass
+        self._signal_launcher(signal.SIGTERM)
+        self._signal_launcher(signal.SIGCONT)
         try:
-            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            self.proc.wait(timeout=max(0.5, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
         self._track()
+        alive = self._signal_workers(0)
         if alive or self.proc.poll() is None:
             self.log("workers still running after SIGTERM: sending SIGKILL", verbose=True)
-            alive = self._signal_all(signal.SIGKILL)
+            self._signal_launcher(signal.SIGKILL)
+            alive = self._signal_workers(signal.SIGKILL)
             psutil.wait_procs(alive, timeout=5)
         self.proc.wait()
 

@@ -28,13 +28,13 @@ MPI_EXPORTS = ["-x", "DISTRIB_RESTART_COUNT", "-x", "DISTRIB_RUN", "-x", "DISTRI
 def test_mpi_non_root():
     assert list(plan("mpi").argv) == [
         "/usr/bin/mpirun", "--oversubscribe", "-np", "2", "-H", "localhost:2", "--bind-to", "none",
-        "--map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib", "-mca", "mpi_yield_when_idle", "1", *MPI_EXPORTS, *WORKER]
+        "--map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib", "-mca", "mpi_yield_when_idle", "1", "-mca", "odls_base_sigkill_timeout", "0", *MPI_EXPORTS, *WORKER]
 
 
 def test_mpi_root_allows_running_as_root():
     assert list(plan("mpi", is_root=True).argv) == [
         "/usr/bin/mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-H", "localhost:2",
-        "--bind-to", "none", "--map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib", "-mca", "mpi_yield_when_idle", "1", *MPI_EXPORTS,
+        "--bind-to", "none", "--map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib", "-mca", "mpi_yield_when_idle", "1", "-mca", "odls_base_sigkill_timeout", "0", *MPI_EXPORTS,
         *WORKER]
 
 
@@ -43,7 +43,7 @@ def test_mpi_hosts_timeline_and_hang_timeout():
     p = plan("mpi", cfg, env={"PATH": "/bin"})
     assert list(p.argv) == [
         "/usr/bin/mpirun", "--oversubscribe", "-np", "6", "-H", "node1:4,node2:4", "--bind-to", "none",
-        "--map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib", "-mca", "mpi_yield_when_idle", "1",
+        "--map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib", "-mca", "mpi_yield_when_idle", "1", "-mca", "odls_base_sigkill_timeout", "0",
         "-x", "DISTRIB_HEARTBEAT_FILE_DIR", "-x", "DISTRIB_RESTART_COUNT", "-x", "DISTRIB_STATUS_DIR",
         "-x", "HOROVOD_TIMELINE", "-x", "PATH", *WORKER]
     assert p.env == {"HOROVOD_TIMELINE": "/runs/tl.json"}

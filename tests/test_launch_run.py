@@ -1,6 +1,7 @@
 """Real runs of ``python -m launch`` with Horovod on 2 workers, under both controllers:
 allreduce result, first-failure report, Ctrl-C, hang detection, restart. Slow: a worker imports
 torch and Horovod; every run has a timeout and the suite asserts no wall-clock speed."""
+import os
 import re
 import signal
 import subprocess
@@ -90,3 +91,24 @@ def test_restart_runs_the_job_again(tmp_path):
     assert "distrib-launch: restart 1/1" in proc.stderr
     restarts = re.findall(r"rank=1 size=2 sum=3 restart=(\d)", proc.stdout)
     assert restarts == ["0", "1"], proc.stdout
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("controller", ["mpi", "gloo"])
+def test_sigterm_gives_workers_the_stop_grace_to_save(controller, tmp_path):
+    """scancel or a preemption SIGTERMs the launcher: every worker gets SIGTERM and up to the stop
+    grace (5 s) to save; mpirun alone would SIGKILL them first."""
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "-np", "2", "--controller", controller,
+                             str(SCRIPTS / "slow_stop.py"), "--pid-dir", str(tmp_path), "--save-s", "3"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        wait_for_pids(tmp_path, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "distrib-launch: interrupted by SIGTERM: stopped every worker" in err
+    assert sorted(p.name for p in tmp_path.glob("saved-*")) == ["saved-0", "saved-1"], err
+    assert_workers_gone(tmp_path)
