@@ -1,8 +1,14 @@
 """Golden tests of launch/plan.py: LaunchConfig -> the exact mpirun / horovodrun argv."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from launch.cli import LaunchConfig
 from launch.plan import Tools, build_plan, describe, exported_names, resolve_controller
+from tests.helpers import REPO
 
 TOOLS = Tools(python="/venv/bin/python", mpirun="/usr/bin/mpirun", horovodrun="/venv/bin/horovodrun")
 LOCAL = frozenset({"vm"})
@@ -118,3 +124,31 @@ def test_describe_names_controller_reason_hosts_and_command():
         "distrib-launch: max restarts: 2; hang timeout: off",
         "distrib-launch: command: /venv/bin/horovodrun --gloo -np 3 -H localhost:2,node2:2 "
         "/venv/bin/python -m launch.worker train.py --steps 5"]
+
+
+CHECK = ("import json, sys; from launch.plan import horovod_built_with_mpi, _mpi_built_from_extension; "
+         "print(json.dumps([_mpi_built_from_extension(), horovod_built_with_mpi(), 'torch' in sys.modules]))")
+
+
+def _check_in_subprocess(env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    out = subprocess.run([sys.executable, "-c", CHECK], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_mpi_check_reads_the_extension_without_importing_torch():
+    """The launcher's answer is Horovod's own (hvd.mpi_built()), without the seconds of importing torch."""
+    import horovod.torch as hvd
+    fast, answer, torch_imported = _check_in_subprocess()
+    assert fast is answer is bool(hvd.mpi_built())
+    assert not torch_imported
+
+
+def test_mpi_check_falls_back_to_the_import_without_an_extension(tmp_path):
+    """A horovod package without the library (e.g. a source tree): the import decides."""
+    pkg = tmp_path / "horovod"
+    (pkg / "torch").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "torch" / "__init__.py").write_text("def mpi_built():\n    return False\n")
+    assert _check_in_subprocess({"PYTHONPATH": f"{tmp_path}:{REPO}"}) == [None, False, False]
