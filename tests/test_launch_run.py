@@ -56,18 +56,26 @@ def wait_for_pids(pid_dir, proc, n=2, timeout=240):
         time.sleep(0.2)
 
 
-@pytest.mark.timeout(300)
-def test_ctrl_c_stops_every_worker(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "launch", "-np", "2", "--controller", "mpi", str(SCRIPT),
-                             "--beat-seconds", "600", "--pid-dir", str(tmp_path)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def interrupt_once_started(launch_args, script, script_args, pid_dir, signum):
+    """Start the launcher, send it ``signum`` once every worker wrote its pid: (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "launch", *launch_args, str(script), *script_args,
+                             "--pid-dir", str(pid_dir)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        wait_for_pids(tmp_path, proc)
-        proc.send_signal(signal.SIGINT)
+        wait_for_pids(pid_dir, proc)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    return proc.returncode, err
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_every_worker(tmp_path):
+    code, err = interrupt_once_started(["-np", "2", "--controller", "mpi"], SCRIPT, ["--beat-seconds", "600"],
+                                       tmp_path, signal.SIGINT)
+    assert code == 130, err
     assert "distrib-launch: interrupted by SIGINT: stopped every worker" in err
     assert_workers_gone(tmp_path)
 
@@ -98,17 +106,9 @@ def test_restart_runs_the_job_again(tmp_path):
 def test_sigterm_gives_workers_the_stop_grace_to_save(controller, tmp_path):
     """scancel or a preemption SIGTERMs the launcher: every worker gets SIGTERM and up to the stop
     grace (5 s) to save; mpirun alone would SIGKILL them first."""
-    proc = subprocess.Popen([sys.executable, "-m", "launch", "-np", "2", "--controller", controller,
-                             str(SCRIPTS / "slow_stop.py"), "--pid-dir", str(tmp_path), "--save-s", "3"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        wait_for_pids(tmp_path, proc)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, err
+    code, err = interrupt_once_started(["-np", "2", "--controller", controller], SCRIPTS / "slow_stop.py",
+                                       ["--save-s", "3"], tmp_path, signal.SIGTERM)
+    assert code == 143, err
     assert "distrib-launch: interrupted by SIGTERM: stopped every worker" in err
     assert sorted(p.name for p in tmp_path.glob("saved-*")) == ["saved-0", "saved-1"], err
     assert_workers_gone(tmp_path)

@@ -41,6 +41,17 @@ def log_step(out: Path, step: int, rank: int, size: int, generation: int) -> Non
         f.write(f"{time.time():.6f} {step} {rank} {size} {generation} {os.getpid()}\n")
 
 
+def train_forever(model, opt, x, step: int, step_sleep: float, after_step) -> None:
+    """Paced steps until killed; ``after_step(step)`` checkpoints and logs."""
+    while True:
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        step += 1
+        time.sleep(step_sleep)
+        after_step(step)
+
+
 def run_ddp(args):
     import torch.distributed as dist
     dist.init_process_group("gloo")
@@ -55,17 +66,14 @@ def run_ddp(args):
         opt.load_state_dict(saved["optimizer"])
         step = saved["step"]
     generation = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    while True:
-        opt.zero_grad()
-        ddp(x).pow(2).mean().backward()
-        opt.step()
-        step += 1
-        time.sleep(args.step_sleep)
+
+    def after_step(step):
         if step % args.every == 0 and rank == 0:
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
             os.replace(tmp, ckpt)
         log_step(args.out, step, rank, size, generation)
+    train_forever(ddp, opt, x, step, args.step_sleep, after_step)
 
 
 def run_restart(args):
@@ -78,15 +86,12 @@ def run_restart(args):
     saved = {"model": model, "optimizer": opt}
     step = ckpts.restore(saved) or 0
     generation = int(os.environ.get("DISTRIB_RESTART_COUNT", "0"))
-    while True:
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-        step += 1
-        time.sleep(args.step_sleep)
+
+    def after_step(step):
         if step % args.every == 0:
             ckpts.save(step, saved)
         log_step(args.out, step, ctx.rank, ctx.size, generation)
+    train_forever(model, opt, x, step, args.step_sleep, after_step)
 
 
 def run_elastic(args):
