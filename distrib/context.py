@@ -11,6 +11,8 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
+from distrib import crash_record
+
 
 class DistribSetupError(RuntimeError):
     """Horovod is missing or unusable; the message says how to fix the installation."""
@@ -129,6 +131,14 @@ def init(seed: Optional[int] = None) -> Context:
         for name, value in horovod_env_defaults(os.environ).items():
             os.environ.setdefault(name, value)
         hvd.init()
+        initial_rank = hvd.rank()
+
+        def current_rank() -> int:  # Horovod Elastic renumbers ranks; a shut-down Horovod may not answer
+            try:
+                return hvd.rank()
+            except Exception:  # noqa: BLE001
+                return initial_rank
+        crash_record.install(current_rank)
     device = select_device(hvd.local_rank(), torch.cuda.device_count() if torch.cuda.is_available() else 0,
                            local_size=hvd.local_size())
     if device.type == "cuda":

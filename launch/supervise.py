@@ -10,7 +10,10 @@ Workers are found three ways, because Open MPI and Horovod's Gloo launcher put e
 process group of its own: our process group, the launcher process's descendants (sampled while
 it runs) and the ``started-<rank>.json`` files the shims write (pids on this host).
 
-The root cause is the failed rank with the earliest ``end_time`` in the shims' status files.
+The root cause is the failed rank with the earliest ``end_time`` in the shims' status files,
+or the earliest ``raised-<rank>.json`` that ``distrib.init()``'s exception hook writes (see
+distrib/crash_record.py: the shim of the rank that raised may be killed by mpirun before it can
+write its own file).
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ class RankStatus:
     signal: Optional[str]
     end_time: float
     stderr_tail: Tuple[str, ...] = ()
+    exception: Optional[str] = None  # from raised-<rank>.json: "RuntimeError: ..."
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "RankStatus":
@@ -63,7 +67,8 @@ class RankStatus:
 
     @property
     def how(self) -> str:
-        return f"killed by {self.signal}" if self.signal else f"exit code {self.exit_code}"
+        ended = f"killed by {self.signal}" if self.signal else f"exit code {self.exit_code}"
+        return f"{ended} (uncaught {self.exception})" if self.exception else ended
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,8 @@ PEER_FAILURE_MARKS = ("HorovodInternalError", "Horovod has been shut down", "Con
 
 
 def failed_because_of_a_peer(status: RankStatus) -> bool:
-    return any(mark in line for line in status.stderr_tail for mark in PEER_FAILURE_MARKS)
+    lines = (*status.stderr_tail, status.exception or "")
+    return any(mark in line for line in lines for mark in PEER_FAILURE_MARKS)
 
 
 def first_failure(statuses: Iterable[RankStatus]) -> Optional[RankStatus]:
@@ -114,16 +120,50 @@ def stale_rank(ages: Mapping[int, float], finished: Iterable[int], timeout: floa
     return rank, age
 
 
-def read_statuses(folder: str) -> List[RankStatus]:
-    statuses = []
+def _read_records(folder: str, prefix: str) -> List[dict]:
+    records = []
     for name in sorted(os.listdir(folder)):
-        if name.startswith("rank-") and name.endswith(".json"):
+        if name.startswith(prefix) and name.endswith(".json"):
             try:
                 with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    statuses.append(RankStatus.from_dict(json.load(f)))
-            except (OSError, ValueError, KeyError):
-                continue  # written atomically by the shim; anything else is not ours
-    return statuses
+                    record = json.load(f)
+            except (OSError, ValueError):
+                continue  # written atomically by the shim or distrib; anything else is not ours
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def with_raised(status: Optional[RankStatus], raised: Mapping) -> RankStatus:
+    """Fold a ``raised-<rank>.json`` into the rank's status. The raise is when the rank's failure
+    began (its end came after Horovod's shutdown and finalisation); a rank whose shim was killed
+    before it wrote a status would have exited with Python's code for an uncaught exception, 1."""
+    if status is None:
+        return RankStatus(rank=raised.get("rank"), host=raised.get("host", "?"), pid=raised.get("pid", 0),
+                          exit_code=1, signal=None, end_time=float(raised["time"]),
+                          stderr_tail=tuple(raised.get("traceback_tail") or ()), exception=raised.get("exception"))
+    return replace(status, end_time=min(status.end_time, float(raised["time"])), exception=raised.get("exception"))
+
+
+def read_statuses(folder: str) -> List[RankStatus]:
+    """Every rank that ended or raised: the shims' ``rank-*.json`` with distrib's ``raised-*.json``."""
+    by_rank: Dict[Optional[int], RankStatus] = {}
+    unknown: List[RankStatus] = []
+    for record in _read_records(folder, "rank-"):
+        try:
+            status = RankStatus.from_dict(record)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if status.rank is None:
+            unknown.append(status)
+        else:
+            by_rank[status.rank] = status
+    for raised in _read_records(folder, "raised-"):
+        try:
+            by_rank[raised.get("rank")] = with_raised(by_rank.get(raised.get("rank")), raised)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return [by_rank[rank] for rank in sorted(by_rank, key=lambda r: (r is None, r or 0))] + unknown
 
 
 def heartbeat_ages(folder: str, now: float) -> Dict[int, float]:

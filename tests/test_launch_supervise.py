@@ -1,6 +1,7 @@
 """launch/supervise.py with a stand-in for mpirun (tests/scripts/fake_launcher.py) and no Horovod:
 first failure, stopping ranks that ignore SIGTERM, hang detection, restarts, interruption."""
 import io
+import json
 import os
 import signal
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from launch.cli import LaunchConfig
 from launch.plan import Plan
-from launch.supervise import RankStatus, first_failure, stale_rank, supervise
+from launch.supervise import RankStatus, first_failure, read_statuses, stale_rank, supervise
 from tests.helpers import SCRIPTS, assert_workers_gone
 
 TOY = str(SCRIPTS / "launch_toy.py")
@@ -42,6 +43,41 @@ def test_a_rank_that_failed_because_of_a_peer_is_not_the_root_cause():
     assert first_failure([gloo_peer, culprit]).rank == 1
     # When every failed rank shows a peer's failure, the earliest still is the answer.
     assert first_failure([peer, gloo_peer]).rank == 2
+
+
+def write(folder, name, record):
+    (folder / name).write_text(json.dumps(record))
+
+
+def test_a_raise_recorded_by_distrib_counts_even_when_the_shim_never_wrote_a_status(tmp_path):
+    """What mpirun leaves behind when it kills the raising rank's shim mid-finalisation: rank 0's
+    follow-on error ended first and has a status; rank 1 has only its raised-1.json."""
+    write(tmp_path, "rank-0.json", {"rank": 0, "host": "h", "pid": 10, "exit_code": 1, "end_time": 2.0,
+                                    "stderr_tail": ["HorovodInternalError: Horovod has been shut down."]})
+    write(tmp_path, "raised-0.json", {"rank": 0, "host": "h", "pid": 10, "time": 1.9,
+                                      "exception": "HorovodInternalError: Horovod has been shut down."})
+    write(tmp_path, "raised-1.json", {"rank": 1, "host": "h", "pid": 11, "time": 1.5,
+                                      "exception": "RuntimeError: injected failure at step 6",
+                                      "traceback_tail": ["Traceback (most recent call last):", "RuntimeError: x"]})
+    write(tmp_path, "started-1.json", {"rank": 1})          # not a status
+    (tmp_path / "rank-2.json").write_text("{half a fi")     # not ours / unreadable: ignored
+    statuses = read_statuses(str(tmp_path))
+    assert [s.rank for s in statuses] == [0, 1]
+    culprit = first_failure(statuses)
+    assert (culprit.rank, culprit.exit_code, culprit.end_time, culprit.pid) == (1, 1, 1.5, 11)
+    assert culprit.how == "exit code 1 (uncaught RuntimeError: injected failure at step 6)"
+    assert culprit.stderr_tail == ("Traceback (most recent call last):", "RuntimeError: x")
+
+
+def test_a_raise_moves_the_rank_to_when_its_failure_began(tmp_path):
+    """Both shims wrote statuses, but rank 1 (which raised first) ended last."""
+    write(tmp_path, "rank-0.json", {"rank": 0, "host": "h", "pid": 10, "exit_code": 2, "end_time": 2.0})
+    write(tmp_path, "rank-1.json", {"rank": 1, "host": "h", "pid": 11, "exit_code": 1, "end_time": 3.0,
+                                    "stderr_tail": ["shim tail"]})
+    write(tmp_path, "raised-1.json", {"rank": 1, "host": "h", "pid": 11, "time": 1.0, "exception": "ValueError: v"})
+    culprit = first_failure(read_statuses(str(tmp_path)))
+    assert (culprit.rank, culprit.end_time, culprit.stderr_tail) == (1, 1.0, ("shim tail",))
+    assert culprit.how == "exit code 1 (uncaught ValueError: v)"
 
 
 def test_stale_rank():

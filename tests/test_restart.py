@@ -54,7 +54,7 @@ def test_worker_dies_after_a_checkpoint_job_restarts_and_ends_identical(uninterr
     run_dir = tmp_path / "run"
     proc = launch(["--max-restarts", "2"], FAULTY, run_dir, {"FAULT": fault, "FAULT_RANK": "1", "FAULT_STEP": "6"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cause = "killed by SIGKILL" if fault == "kill" else "exit code 1"
+    cause = "killed by SIGKILL" if fault == "kill" else r"exit code 1 \(uncaught RuntimeError: injected failure at step 6\)"
     assert re.search(rf"^distrib-launch: rank 1 on \S+ failed first: {cause}", proc.stderr, re.M), proc.stderr
     assert "distrib-launch: restart 1/2" in proc.stderr and "restart 2/2" not in proc.stderr
     steps, records = logged_steps(run_dir)
@@ -75,8 +75,25 @@ def test_restart_budget_exhausted_fails_with_the_root_cause(tmp_path):
                   {"FAULT": "raise", "FAULT_RANK": "0", "FAULT_STEP": "3", "FAULT_EVERY_ATTEMPT": "1"})
     assert proc.returncode != 0
     assert "distrib-launch: restart 1/1" in proc.stderr
-    assert re.search(r"giving up after 1 restarts; root cause: rank 0 .*exit code", proc.stderr), proc.stderr[-3000:]
+    assert re.search(r"giving up after 1 restarts; root cause: rank 0 on \S+ failed first: exit code 1 "
+                     r"\(uncaught RuntimeError: injected failure at step 3\)$", proc.stderr, re.M), proc.stderr[-3000:]
     assert "injected failure at step 3" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("controller", ["mpi", "gloo"])
+def test_the_rank_that_raised_is_blamed_even_when_it_is_killed_before_its_shim_reports(tmp_path, controller):
+    """Rank 1 raises, then lingers in finalisation after Horovod's shutdown; rank 0 dies of the
+    follow-on HorovodInternalError first, and the launcher kills rank 1 before its shim writes
+    how it ended. distrib's exception hook recorded the raise, so rank 1 is still the root cause."""
+    proc = launch(["--controller", controller], FAULTY, tmp_path / "run",
+                  {"FAULT": "raise", "FAULT_RANK": "1", "FAULT_STEP": "6", "FAULT_SLOW_EXIT": "30"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert re.search(r"^distrib-launch: rank 1 on \S+ failed first: exit code 1 \(uncaught RuntimeError: injected "
+                     r"failure at step 6\)$", proc.stderr, re.M), proc.stderr[-3000:]
+    # and its traceback (from the record) is the one shown under the root cause
+    assert re.search(r"^distrib-launch: last \d+ lines of its stderr:\n(    .*\n)*    RuntimeError: injected failure "
+                     r"at step 6$", proc.stderr, re.M), proc.stderr[-3000:]
 
 
 @pytest.mark.timeout(600)

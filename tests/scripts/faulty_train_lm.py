@@ -3,12 +3,17 @@
     FAULT_RANK=1 FAULT_STEP=6 FAULT=kill|stop|raise python faulty_train_lm.py [train_lm args]
 
 When rank FAULT_RANK logs step FAULT_STEP (after that step's optimizer update, before its
-checkpoint) it SIGKILLs itself, SIGSTOPs itself (a hang) or raises. DISTRIB_RESTART_COUNT
-(set by the launcher) > 0 means a restarted attempt: no fault then, unless FAULT_EVERY_ATTEMPT=1.
+checkpoint) it SIGKILLs itself, SIGSTOPs itself (a hang) or raises. With FAULT_SLOW_EXIT=S a
+rank that raised lingers S seconds after Horovod's shutdown (as a big job finalising does), so its
+peers die of the follow-on error first and mpirun kills it before its shim can say how it ended.
+DISTRIB_RESTART_COUNT (set by the launcher) > 0 means a restarted attempt: no fault then, unless
+FAULT_EVERY_ATTEMPT=1.
 """
+import atexit
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -30,11 +35,23 @@ def _faulty_step(self, step, **kw):
         elif fault == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)
         else:
+            _raised.append(step)
             raise RuntimeError(f"injected failure at step {step}")
     return _log_step(self, step, **kw)
 
 
 distrib.metrics.MetricsLogger.step = _faulty_step
+_raised = []
+
+
+def _linger_after_horovod_shutdown():
+    if _raised:
+        time.sleep(float(os.environ.get("FAULT_SLOW_EXIT", "0")))
+
+
+# atexit runs handlers last-registered first: this one, registered before hvd.init() registers
+# Horovod's shutdown, runs after it.
+atexit.register(_linger_after_horovod_shutdown)
 
 import train_lm  # noqa: E402
 
