@@ -1,8 +1,9 @@
 """Sections "step" and "scaling": training step time of distrib against one process alone,
 plain Horovod (same controller), torch DDP over Gloo (torchrun), and the weak-scaling ideal.
 
-Each round launches every implementation once, in a rotated order; a launch reports the
-median of its timed steps. Ratios are taken per round, then summarised over rounds.
+Each round launches every implementation once, in a rotated order; a launch times every model
+(in a rotated order too) and reports the median of each model's timed steps. Ratios are taken
+per round, then summarised over rounds.
 """
 from __future__ import annotations
 
@@ -26,34 +27,41 @@ def _command(impl, argv, opts, env):
     return launchers.torchrun_cmd(opts.np, argv)
 
 
-def measure(opts, model: str) -> dict:
-    """{impl: [median step ms per round]} plus the ideal's allreduce ms per round."""
+def measure(opts, models) -> dict:
+    """{model: {"ms": {impl: [median step ms per round]}, "ideal_comm_ms": [...], ...}}.
+
+    One launch per implementation and round times every model (a launch costs more than the
+    steps it times); the order of the implementations and of the models rotates per round."""
     steps = 10 if opts.quick else 25
-    per = {i: [] for i in IMPLS}
-    ideal_comm = []
+    found = {m: {"ms": {i: [] for i in IMPLS}, "ideal_comm_ms": []} for m in models}
     for r in range(opts.rounds):
+        order = ",".join(stats.rotate(models, r))
         for impl in stats.rotate(IMPLS, r):
-            out = opts.work / f"step-{model}-{impl}.json"
+            out = opts.work / f"step-{impl}.json"
             out.unlink(missing_ok=True)
             extra = {"DISTRIB_REDUCER": "per-parameter"} if impl == "distrib-before" else {}
             env = launchers.worker_env(extra)
-            argv = [STEP, "--impl", "distrib" if impl.startswith("distrib") else impl, "--model", model,
+            argv = [STEP, "--impl", "distrib" if impl.startswith("distrib") else impl, "--model", order,
                     "--steps", str(steps), "--out", str(out)]
             if impl == "distrib" and opts.controller == "mpi":
                 argv.append("--ideal")
             launchers.run(_command(impl, argv, opts, env), env)
             res = json.loads(out.read_text())
-            per[impl].append(statistics.median(res["step_ms"]))
-            if "mpi_allreduce_grad_ms" in res:
-                ideal_comm.append(res["mpi_allreduce_grad_ms"])
-            grad_bytes, params = res["grad_bytes"], res["params"]
-    return {"ms": per, "ideal_comm_ms": ideal_comm, "grad_bytes": grad_bytes, "params": params}
+            for model, got in (res["by_model"] if "by_model" in res else {res["model"]: res}).items():
+                m = found[model]
+                m["ms"][impl].append(statistics.median(got["step_ms"]))
+                if "mpi_allreduce_grad_ms" in got:
+                    m["ideal_comm_ms"].append(got["mpi_allreduce_grad_ms"])
+                m["grad_bytes"], m["params"] = got["grad_bytes"], got["params"]
+    return found
 
 
 def run(opts) -> dict:
     rows = []
-    for model in (("mlp",) if opts.quick else MODELS):
-        m = measure(opts, model)
+    models = ("mlp",) if opts.quick else MODELS
+    found = measure(opts, models)
+    for model in models:
+        m = found[model]
         ms = m["ms"]
         row = {"model": model, "params": m["params"], "grad_bytes": m["grad_bytes"],
                "step_ms": {i: stats.summary(v) for i, v in ms.items()},

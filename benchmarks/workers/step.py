@@ -1,5 +1,9 @@
 """Time training steps of one implementation; rank 0 writes {"step_ms": [...], ...} to --out.
 
+``--model mlp,lm`` times several models one after the other in the same processes (each with its
+own warm-up), so that one launch serves them all: a launch costs more than the steps it times.
+The file then holds ``{"by_model": {"mlp": {...}, "lm": {...}}}``; with one model, its fields.
+
     alone     one process, plain torch
     distrib   distrib.wrap (run under the project launcher)
     horovod   plain hvd.DistributedOptimizer script (run under horovodrun / mpirun)
@@ -23,7 +27,7 @@ from benchmarks.workers.models import DEFAULT_BATCH, build  # noqa: E402
 def parse_args():
     p = argparse.ArgumentParser()
     p.add_argument("--impl", choices=["alone", "distrib", "horovod", "ddp"], required=True)
-    p.add_argument("--model", choices=["mlp", "lm"], default="mlp")
+    p.add_argument("--model", default="mlp", help="mlp, lm, or a comma-separated list timed in this order")
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
@@ -32,7 +36,13 @@ def parse_args():
                    help="distrib only: comma-separated DISTRIB_REDUCER choices, alternated in-process")
     p.add_argument("--segments", type=int, default=3, help="alternations of --reducers")
     p.add_argument("--out", required=True)
-    return p.parse_args()
+    args = p.parse_args()
+    args.models = args.model.split(",")
+    if not set(args.models) <= {"mlp", "lm"}:
+        p.error(f"--model: unknown model in {args.model!r}; choose from mlp, lm")
+    if args.reducers and len(args.models) > 1:
+        p.error("--reducers times one model; give one --model")
+    return args
 
 
 def setup(impl, model):
@@ -48,7 +58,7 @@ def setup(impl, model):
         return 0, 1, step, lambda: None, model
     if impl == "distrib":
         import distrib
-        ctx = distrib.init()
+        ctx = distrib.init()  # idempotent: a second model reuses the job
         opt = distrib.wrap(model, sgd(model), ctx)
 
         def step(loss):
@@ -60,7 +70,8 @@ def setup(impl, model):
         return ctx.rank, ctx.size, step, lambda: hvd.allreduce(torch.zeros(1), name="barrier"), model
     if impl == "horovod":
         import horovod.torch as hvd
-        hvd.init()
+        if not hvd.is_initialized():
+            hvd.init()
         opt = hvd.DistributedOptimizer(sgd(model), named_parameters=model.named_parameters())
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
@@ -71,7 +82,8 @@ def setup(impl, model):
         return hvd.rank(), hvd.size(), step, lambda: hvd.allreduce(torch.zeros(1), name="barrier"), model
     if impl == "ddp":
         import torch.distributed as dist
-        dist.init_process_group("gloo")
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = sgd(ddp)
 
@@ -98,12 +110,10 @@ def mpi_allreduce_ms(nbytes: int, reps: int = 15) -> float:
     return 1e3 * times[len(times) // 2]
 
 
-def main():
-    args = parse_args()
-    t_start = time.time()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    batch = args.batch_size or DEFAULT_BATCH[args.model]
-    model, loss_fn = build(args.model, batch)
+def time_model(args, name, t_start):
+    """Every timing of one model in this process; the dict one launch reports for it."""
+    batch = args.batch_size or DEFAULT_BATCH[name]
+    model, loss_fn = build(name, batch)
     rank, size, step, barrier, module = setup(args.impl, model)
     times = []
     first_step_done = None
@@ -115,8 +125,10 @@ def main():
             first_step_done = time.time()
     if args.reducers:
         result_by = _alternate_reducers(args, model, loss_fn, module, step)
+    elif hasattr(step, "optimizer"):
+        step.optimizer.close()  # its gradient hooks and buckets; the next model wraps its own
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    result = {"impl": args.impl, "model": args.model, "size": size, "batch": batch,
+    result = {"impl": args.impl, "model": name, "size": size, "batch": batch,
               "params": sum(p.numel() for p in model.parameters()), "grad_bytes": grad_bytes,
               "step_ms": [1e3 * x for x in times[args.warmup:]], "first_step_unix": first_step_done,
               "process_start_unix": t_start}
@@ -124,8 +136,19 @@ def main():
         result["step_ms_by_reducer"] = result_by
     if args.ideal and size > 1:
         result["mpi_allreduce_grad_ms"] = mpi_allreduce_ms(grad_bytes)
-    barrier()
+    barrier()  # the next model starts together on every rank
+    return rank, barrier, result
+
+
+def main():
+    args = parse_args()
+    t_start = time.time()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    by_model = {}
+    for name in args.models:
+        rank, barrier, by_model[name] = time_model(args, name, t_start)
     if rank == 0:
+        result = by_model[name] if len(by_model) == 1 else {"by_model": by_model}
         Path(args.out).write_text(json.dumps(result))
 
 
