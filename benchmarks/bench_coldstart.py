@@ -26,7 +26,7 @@ def run(opts) -> dict:
             argv = [STEP, "--impl", impl, "--model", "mlp", "--warmup", "0", "--steps", "1", "--out", str(out)]
             t0 = time.time()
             launchers.run(_cold_command(impl, argv, opts, env), env)
-            cold[impl].append(json.loads(out.read_text())["first_step_unix"] - t0)
+            cold[impl].append(json.loads(out.read_text())["by_model"]["mlp"]["first_step_unix"] - t0)
     row = {"seconds": {i: stats.summary(v) for i, v in cold.items()},
            "distrib_vs_torchrun": stats.ratios(cold["distrib"], cold["ddp"])}
     launcher = "python -m launch" if launchers.has_project_launcher() else f"{opts.controller} launcher directly"

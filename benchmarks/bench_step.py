@@ -47,7 +47,7 @@ def measure(opts, models) -> dict:
                 argv.append("--ideal")
             launchers.run(_command(impl, argv, opts, env), env)
             res = json.loads(out.read_text())
-            for model, got in (res["by_model"] if "by_model" in res else {res["model"]: res}).items():
+            for model, got in res["by_model"].items():
                 m = found[model]
                 m["ms"][impl].append(statistics.median(got["step_ms"]))
                 if "mpi_allreduce_grad_ms" in got:

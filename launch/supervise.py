@@ -147,8 +147,8 @@ def with_raised(status: Optional[RankStatus], raised: Mapping) -> RankStatus:
 
 def read_statuses(folder: str) -> List[RankStatus]:
     """Every rank that ended or raised: the shims' ``rank-*.json`` with distrib's ``raised-*.json``."""
-    by_rank: Dict[Optional[int], RankStatus] = {}
-    unknown: List[RankStatus] = []
+    by_rank: Dict[int, RankStatus] = {}
+    unknown: List[RankStatus] = []  # a shim that found no rank variable
     for record in _read_records(folder, "rank-"):
         try:
             status = RankStatus.from_dict(record)
@@ -159,11 +159,12 @@ def read_statuses(folder: str) -> List[RankStatus]:
         else:
             by_rank[status.rank] = status
     for raised in _read_records(folder, "raised-"):
+        rank = raised.get("rank")
         try:
-            by_rank[raised.get("rank")] = with_raised(by_rank.get(raised.get("rank")), raised)
+            by_rank[rank] = with_raised(by_rank.get(rank), raised)
         except (KeyError, TypeError, ValueError):
             continue
-    return [by_rank[rank] for rank in sorted(by_rank, key=lambda r: (r is None, r or 0))] + unknown
+    return [by_rank[rank] for rank in sorted(by_rank)] + unknown
 
 
 def heartbeat_ages(folder: str, now: float) -> Dict[int, float]:

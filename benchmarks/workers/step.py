@@ -1,8 +1,8 @@
-"""Time training steps of one implementation; rank 0 writes {"step_ms": [...], ...} to --out.
+"""Time training steps of one implementation; rank 0 writes the timings to --out.
 
 ``--model mlp,lm`` times several models one after the other in the same processes (each with its
 own warm-up), so that one launch serves them all: a launch costs more than the steps it times.
-The file then holds ``{"by_model": {"mlp": {...}, "lm": {...}}}``; with one model, its fields.
+The file holds ``{"by_model": {"mlp": {...}, "lm": {...}}}``, one entry per model timed.
 
     alone     one process, plain torch
     distrib   distrib.wrap (run under the project launcher)
@@ -137,7 +137,7 @@ def time_model(args, name, t_start):
     if args.ideal and size > 1:
         result["mpi_allreduce_grad_ms"] = mpi_allreduce_ms(grad_bytes)
     barrier()  # the next model starts together on every rank
-    return rank, barrier, result
+    return rank, result
 
 
 def main():
@@ -146,10 +146,9 @@ def main():
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     by_model = {}
     for name in args.models:
-        rank, barrier, by_model[name] = time_model(args, name, t_start)
+        rank, by_model[name] = time_model(args, name, t_start)
     if rank == 0:
-        result = by_model[name] if len(by_model) == 1 else {"by_model": by_model}
-        Path(args.out).write_text(json.dumps(result))
+        Path(args.out).write_text(json.dumps({"by_model": by_model}))
 
 
 def _alternate_reducers(args, model, loss_fn, module, first_step):
