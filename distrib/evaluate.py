@@ -6,6 +6,7 @@ from typing import Callable, Dict, Iterable
 import torch
 
 from distrib.context import _import_horovod
+from distrib.heartbeat import beat
 
 
 def weighted_mean(sums: Dict[str, float], count: int) -> Dict[str, float]:
@@ -18,6 +19,7 @@ def weighted_mean(sums: Dict[str, float], count: int) -> Dict[str, float]:
     hvd = _import_horovod()
     names = sorted(sums)
     local = torch.tensor([float(sums[n]) for n in names] + [float(count)], dtype=torch.float64)
+    beat()  # before every collective distrib runs: see distrib/heartbeat.py
     total = hvd.allreduce(local, op=hvd.Sum, name="distrib.evaluate.weighted_mean")
     if total[-1] == 0:
         raise ValueError("no evaluation samples on any rank; check the evaluation data")

@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from distrib.context import _import_horovod
+from distrib.heartbeat import beat
 from distrib.reducers import make_reducer
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -76,6 +77,7 @@ class DistributedOptimizer:
     def synchronize(self) -> None:
         """Wait until every gradient is averaged across workers. Called by :meth:`step`;
         call it yourself to time the wait, or to inspect averaged gradients before the step."""
+        beat()  # before every collective distrib waits for: see distrib/heartbeat.py
         for p in self._params():
             left = self._passes_left[p]
             if left == 0:

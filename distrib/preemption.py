@@ -32,6 +32,8 @@ import sys
 import threading
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
+from distrib.heartbeat import beat
+
 DEFAULT_MAX_REQUEUES = 20
 REQUEUE_SIGNAL = signal.SIGUSR2
 
@@ -72,6 +74,7 @@ def _horovod_sum(values: Sequence[int]) -> Sequence[int]:
     import horovod.torch as hvd
     import torch
 
+    beat()  # before every collective distrib runs: see distrib/heartbeat.py
     # One name per shape: [requeue, terminate] flags, or [1] for the barrier in requeue().
     total = hvd.allreduce(torch.tensor(list(values), dtype=torch.int64), op=hvd.Sum,
                           name=f"distrib.preemption.sum{len(values)}")

@@ -25,7 +25,6 @@ from distrib.context import DistribSetupError  # noqa: E402
 from distrib.checkpoint.manager import HorovodComm  # noqa: E402
 from distrib.evaluate import evaluate  # noqa: E402
 from distrib.export import save_model_artifact  # noqa: E402
-from distrib.heartbeat import beat  # noqa: E402
 from distrib.metrics import MetricsLogger  # noqa: E402
 from distrib.preemption import PreemptionHandler  # noqa: E402
 from lm_model import CORPUS_PATH, CharDataset, CharTokenizer, GPT, GPTConfig, load_corpus  # noqa: E402
@@ -239,7 +238,6 @@ def train_steps(state, job: Job) -> str:
         lr = job.schedule.lr
         job.schedule.step()
         state.step += 1
-        beat()
         log.step(state.step, loss=loss.item(), lr=lr)
         if args.eval_every and state.step % args.eval_every == 0:
             val_loss = validation_loss(job.model, job.val_set, state.ctx, args.batch_size)

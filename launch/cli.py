@@ -20,7 +20,7 @@ from launch.slurm_env import hosts_from_slurm, in_slurm_job
 
 PROG = "distrib-launch"
 CONTROLLERS = ("auto", "mpi", "gloo")
-MIN_HANG_TIMEOUT_S = 3.0  # heartbeats are rate-limited to one per second
+MIN_HANG_TIMEOUT_S = 3.0  # heartbeat counts reach the file once a second
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=0, metavar="K",
                    help="after a failure, stop everything and run the whole job again, up to K times")
     p.add_argument("--hang-timeout", type=float, metavar="SECONDS",
-                   help="treat a rank as hung when its heartbeat (distrib.heartbeat.beat) is this old")
+                   help="treat a rank as hung when its heartbeat count (distrib.heartbeat.beat) has not "
+                        "moved for this long")
     elastic = p.add_argument_group("elastic mode (Horovod Elastic, Gloo controller)")
     elastic.add_argument("--elastic", action="store_true",
                          help="keep training when workers die or come back (the script uses distrib.elastic)")

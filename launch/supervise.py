@@ -2,7 +2,7 @@
 
 One attempt is a small state machine: RUNNING until the launcher process (mpirun/horovodrun)
 ends, a rank reports a failure (then the job gets ``failure_grace`` seconds to end by itself),
-a rank's heartbeat goes stale (HUNG), or the launcher is interrupted (INTERRUPTED). Leaving
+a rank's heartbeat count stops moving (HUNG), or the launcher is interrupted (INTERRUPTED). Leaving
 RUNNING always stops every worker: SIGTERM (and SIGCONT, so a stopped process can act on it),
 then SIGKILL after ``stop_grace`` seconds, because a rank stuck in a collective ignores SIGTERM.
 
@@ -107,17 +107,53 @@ def failure_outcome(status: RankStatus) -> Outcome:
                    status.rank)
 
 
-def stale_rank(ages: Mapping[int, float], finished: Iterable[int], timeout: float) -> Optional[Tuple[int, float]]:
-    """The unfinished rank with the oldest heartbeat older than ``timeout``: (rank, age) or None.
+@dataclass(frozen=True)
+class Progress:
+    """What the launcher knows of one rank's heartbeat (see distrib/heartbeat.py)."""
+    count: int      # beats so far: comparable across ranks, which all beat at the same points
+    since: float    # launcher's monotonic clock when this count was first seen
+    written: float  # the file's mtime: stops moving when the whole process is frozen
 
-    Ranks that never beat are not judged (start-up, compilation, a script without ``beat()``).
+
+@dataclass(frozen=True)
+class Hang:
+    rank: int
+    seconds: float  # without progress
+    count: int      # its beats
+    furthest: int   # the most beats of any rank
+
+    def describe(self, timeout: float) -> str:
+        return (f"rank {self.rank} hung: no progress for {self.seconds:.0f} s at heartbeat {self.count}, "
+                f"the furthest rank is at {self.furthest} (--hang-timeout {timeout:g})")
+
+
+def updated_progress(progress: Mapping[int, Progress], beats: Mapping[int, Tuple[int, float]],
+                     now: float) -> Dict[int, Progress]:
+    """``progress`` after reading ``beats`` (rank -> (count, mtime)) at ``now``."""
+    updated = dict(progress)
+    for rank, (count, written) in beats.items():
+        old = progress.get(rank)
+        since = old.since if old is not None and old.count == count else now
+        updated[rank] = Progress(count, since, written)
+    return updated
+
+
+def hung_rank(progress: Mapping[int, Progress], finished: Iterable[int], timeout: float,
+              now: float) -> Optional[Hang]:
+    """Once an unfinished rank has made no progress for ``timeout`` seconds, the rank to blame.
+
+    A stalled rank stalls its peers: they block in the next allreduce, having beaten once more
+    than it did. So of the stalled ranks the one with the fewest beats is the cause; among equals,
+    the one whose heartbeat file stopped being written first (a frozen process), then the lowest
+    rank. Ranks that never beat are not judged (start-up, compilation, a script that never beats).
     """
     done = set(finished)
-    stale = [(age, rank) for rank, age in ages.items() if rank not in done and age > timeout]
-    if not stale:
+    stalled = [(p.count, p.written, rank, p) for rank, p in progress.items()
+               if rank not in done and now - p.since > timeout]
+    if not stalled:
         return None
-    age, rank = max(stale)
-    return rank, age
+    count, _, rank, p = min(stalled)
+    return Hang(rank, now - p.since, count, max(q.count for q in progress.values()))
 
 
 def _read_records(folder: str, prefix: str) -> List[dict]:
@@ -167,16 +203,19 @@ def read_statuses(folder: str) -> List[RankStatus]:
     return [by_rank[rank] for rank in sorted(by_rank)] + unknown
 
 
-def heartbeat_ages(folder: str, now: float) -> Dict[int, float]:
-    ages = {}
+def read_heartbeats(folder: str) -> Dict[int, Tuple[int, float]]:
+    """rank -> (beat count, file mtime) from the ``heartbeat-<rank>`` files distrib writes."""
+    beats = {}
     for name in os.listdir(folder):
         rank = name[len("heartbeat-"):]
         if name.startswith("heartbeat-") and rank.isdigit():
+            path = os.path.join(folder, name)
             try:
-                ages[int(rank)] = now - os.stat(os.path.join(folder, name)).st_mtime
-            except OSError:
-                continue
-    return ages
+                with open(path) as f:
+                    beats[int(rank)] = (int(f.read()), os.stat(path).st_mtime)
+            except (OSError, ValueError):
+                continue  # replaced atomically; anything else is not ours
+    return beats
 
 
 class Attempt:
@@ -188,6 +227,7 @@ class Attempt:
         self.tracked: Dict[int, psutil.Process] = {}
         self.seen_started: set = set()
         self.reported: set = set()
+        self.progress: Dict[int, Progress] = {}  # heartbeats, with --hang-timeout
         self.host = socket.gethostname()
 
     def run(self) -> Outcome:
@@ -232,11 +272,11 @@ class Attempt:
             if failed_at is None and not self.config.elastic and any(s.exit_code != 0 for s in statuses):
                 failed_at = time.monotonic()
             if self.config.hang_timeout and failed_at is None:
-                hung = stale_rank(heartbeat_ages(self.status_dir, time.time()),
-                                  [s.rank for s in statuses], self.config.hang_timeout)
-                if hung:
-                    return Outcome(State.HUNG, 1, f"rank {hung[0]} hung: no progress for {hung[1]:.0f} s "
-                                                  f"(--hang-timeout {self.config.hang_timeout:g})", rank=hung[0])
+                now = time.monotonic()
+                self.progress = updated_progress(self.progress, read_heartbeats(self.status_dir), now)
+                hang = hung_rank(self.progress, [s.rank for s in statuses], self.config.hang_timeout, now)
+                if hang:
+                    return Outcome(State.HUNG, 1, hang.describe(self.config.hang_timeout), rank=hang.rank)
             if self.proc.poll() is not None:
                 break
             if failed_at is not None and time.monotonic() - failed_at > self.config.failure_grace:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,16 @@ def run_launch(launch_args: Sequence[str], script: str | Path, script_args: Sequ
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+HANG_REPORT = re.compile(r"^distrib-launch: rank (\d+) hung: no progress for \d+ s at heartbeat (\d+), "
+                         r"the furthest rank is at (\d+) \(--hang-timeout ([\d.]+)\)$", re.M)
+
+
+def hang_report(stderr: str) -> tuple | None:
+    """(rank, its heartbeat count, the furthest count, the timeout) from the launcher's hang line."""
+    found = HANG_REPORT.search(stderr)
+    return tuple(int(g) for g in found.groups()) if found else None
 
 
 def assert_workers_gone(pid_dir: Path, at_least: int = 2) -> None:

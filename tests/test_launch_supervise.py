@@ -12,7 +12,8 @@ import pytest
 
 from launch.cli import LaunchConfig
 from launch.plan import Plan
-from launch.supervise import RankStatus, first_failure, read_statuses, stale_rank, supervise
+from launch.supervise import (Progress, RankStatus, first_failure, hung_rank, read_heartbeats, read_statuses,
+                              supervise, updated_progress)
 from tests.helpers import SCRIPTS, assert_workers_gone
 
 TOY = str(SCRIPTS / "launch_toy.py")
@@ -80,12 +81,50 @@ def test_a_raise_moves_the_rank_to_when_its_failure_began(tmp_path):
     assert culprit.how == "exit code 1 (uncaught ValueError: v)"
 
 
-def test_stale_rank():
-    assert stale_rank({0: 1.0, 1: 2.0}, [], 5.0) is None
-    assert stale_rank({0: 1.0, 1: 9.0}, [], 5.0) == (1, 9.0)
-    assert stale_rank({0: 7.0, 1: 9.0}, [], 5.0) == (1, 9.0)       # the oldest heartbeat
-    assert stale_rank({0: 1.0, 1: 9.0}, [1], 5.0) is None          # rank 1 already finished
-    assert stale_rank({}, [], 5.0) is None                          # nobody beat yet: not judged
+def test_progress_remembers_since_when_each_count_stood_still():
+    progress = updated_progress({}, {0: (3, 100.0), 1: (3, 100.0)}, now=10.0)
+    progress = updated_progress(progress, {0: (4, 101.0), 1: (3, 101.0)}, now=11.0)
+    assert progress == {0: Progress(4, 11.0, 101.0), 1: Progress(3, 10.0, 101.0)}
+    assert updated_progress(progress, {}, now=12.0) == progress  # a file not readable this time: kept
+
+
+def test_no_rank_is_hung_before_one_stood_still_for_the_timeout():
+    progress = {0: Progress(7, since=0.0, written=9.0), 1: Progress(6, since=0.0, written=1.0)}
+    assert hung_rank(progress, [], timeout=5.0, now=4.0) is None
+    assert hung_rank({}, [], timeout=5.0, now=100.0) is None          # nobody beat yet: not judged
+    assert hung_rank(progress, [0, 1], timeout=5.0, now=100.0) is None  # both finished
+
+
+def test_the_rank_behind_is_blamed_not_the_peer_that_waits_for_it():
+    """The CI failure this replaces: rank 1 stopped after its 6th beat, rank 0 blocked in the 7th
+    step's allreduce. Rank 0 stood still first (its last count was seen earlier) and its file is as
+    fresh; the counts still say rank 1 is the cause."""
+    progress = {0: Progress(7, since=0.0, written=50.0), 1: Progress(6, since=0.5, written=50.0)}
+    hang = hung_rank(progress, [], timeout=20.0, now=30.0)
+    assert (hang.rank, hang.seconds, hang.count, hang.furthest) == (1, 29.5, 6, 7)
+    assert hang.describe(20.0) == ("rank 1 hung: no progress for 30 s at heartbeat 6, "
+                                   "the furthest rank is at 7 (--hang-timeout 20)")
+
+
+def test_among_equal_counts_the_frozen_process_is_blamed_then_the_lowest_rank():
+    frozen_1 = {0: Progress(6, 0.0, written=50.0), 1: Progress(6, 0.0, written=20.0)}
+    assert hung_rank(frozen_1, [], timeout=5.0, now=30.0).rank == 1
+    alike = {0: Progress(6, 0.0, 50.0), 1: Progress(6, 0.0, 50.0), 2: Progress(6, 0.0, 50.0)}
+    assert hung_rank(alike, [], timeout=5.0, now=30.0).rank == 0
+
+
+def test_a_finished_rank_is_not_judged():
+    progress = {0: Progress(9, 0.0, 1.0), 1: Progress(9, 0.0, 1.0)}
+    assert hung_rank(progress, [0], timeout=5.0, now=30.0).rank == 1
+
+
+def test_read_heartbeats(tmp_path):
+    (tmp_path / "heartbeat-0").write_text("12\n")
+    (tmp_path / "heartbeat-1").write_text("")         # not a count: skipped
+    (tmp_path / "heartbeat-1.tmp").write_text("13\n")  # the writer's temporary file: not a rank
+    (tmp_path / "rank-0.json").write_text("{}")
+    beats = read_heartbeats(str(tmp_path))
+    assert beats == {0: (12, (tmp_path / "heartbeat-0").stat().st_mtime)}
 
 
 def run(tmp_path, *toy_args, np=2, **config):

@@ -12,6 +12,8 @@ import psutil
 import pytest
 import torch
 
+from tests.helpers import hang_report
+
 REPO = Path(__file__).resolve().parents[1]
 FAULTY = str(REPO / "tests" / "scripts" / "faulty_train_lm.py")
 TRAIN_LM = str(REPO / "examples" / "train_lm.py")
@@ -96,6 +98,13 @@ def test_the_rank_that_raised_is_blamed_even_when_it_is_killed_before_its_shim_r
                      r"at step 6$", proc.stderr, re.M), proc.stderr[-3000:]
 
 
+def assert_rank_1_blamed_for_the_hang(stderr):
+    """Rank 1 stopped while logging step 6; rank 0 beat once more, before the next collective, in
+    which it blocked. (Rank 1's file may hold an earlier count: it is written once a second.)"""
+    rank, count, furthest, timeout = hang_report(stderr) or (None,) * 4
+    assert (rank, timeout) == (1, 20) and count < furthest, stderr[-3000:]
+
+
 @pytest.mark.timeout(600)
 def test_hung_worker_is_detected_and_the_job_restarts(uninterrupted, tmp_path):
     """SIGSTOP one worker of the real example: with --hang-timeout the launcher declares it hung,
@@ -104,7 +113,7 @@ def test_hung_worker_is_detected_and_the_job_restarts(uninterrupted, tmp_path):
     proc = launch(["--max-restarts", "1", "--hang-timeout", "20"], FAULTY, run_dir,
                   {"FAULT": "stop", "FAULT_RANK": "1", "FAULT_STEP": "6"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"rank 1 .*(hung|no progress)", proc.stderr), proc.stderr[-3000:]
+    assert_rank_1_blamed_for_the_hang(proc.stderr)
     assert "distrib-launch: restart 1/1" in proc.stderr
     resumed = params(run_dir)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
@@ -117,8 +126,7 @@ def test_hung_worker_without_restarts_fails_naming_the_rank(tmp_path):
     run_dir = tmp_path / "run"
     proc = launch(["--hang-timeout", "20"], FAULTY, run_dir, {"FAULT": "stop", "FAULT_RANK": "1", "FAULT_STEP": "6"})
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert re.search(r"^distrib-launch: rank 1 hung: no progress for \d+ s \(--hang-timeout 20\)$", proc.stderr,
-                     re.M), proc.stderr[-3000:]
+    assert_rank_1_blamed_for_the_hang(proc.stderr)
     assert "distrib-launch: restart 1" not in proc.stderr and "giving up" not in proc.stderr
     left = [p.pid for p in psutil.process_iter(["cmdline", "status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
             and str(run_dir) in " ".join(p.info["cmdline"] or [])]

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from distrib.checkpoint import state as st
 from distrib.checkpoint import store
 from distrib.checkpoint.store import CheckpointError
+from distrib.heartbeat import beat
 from distrib.rng import rng_state, set_rng_state
 
 log = logging.getLogger("distrib.checkpoint")
@@ -43,9 +44,11 @@ class HorovodComm:
         self._hvd = hvd
 
     def allgather_object(self, obj: Any, name: str) -> List[Any]:
+        beat()  # before every collective distrib runs: see distrib/heartbeat.py
         return self._hvd.allgather_object(obj, name=f"distrib.checkpoint.{name}")
 
     def broadcast_object(self, obj: Any, name: str) -> Any:
+        beat()
         return self._hvd.broadcast_object(obj, root_rank=0, name=f"distrib.checkpoint.{name}")
 
 
