@@ -31,7 +31,6 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--ideal", action="store_true", help="also time a raw mpi4py allreduce of the gradient bytes")
     p.add_argument("--reducers", default="",
                    help="distrib only: comma-separated DISTRIB_REDUCER choices, alternated in-process")
     p.add_argument("--segments", type=int, default=3, help="alternations of --reducers")
@@ -95,21 +94,6 @@ def setup(impl, model):
     raise AssertionError(impl)
 
 
-def mpi_allreduce_ms(nbytes: int, reps: int = 15) -> float:
-    """Median time of a raw in-place mpi4py Allreduce of ``nbytes`` of float32 (the ideal's comm)."""
-    from mpi4py import MPI
-    comm = MPI.COMM_WORLD
-    buf = torch.ones(nbytes // 4).numpy()
-    times = []
-    for _ in range(reps + 2):
-        comm.Barrier()
-        t = time.perf_counter()
-        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        times.append(time.perf_counter() - t)
-    times = sorted(times[2:])
-    return 1e3 * times[len(times) // 2]
-
-
 def time_model(args, name, t_start):
     """Every timing of one model in this process; the dict one launch reports for it."""
     batch = args.batch_size or DEFAULT_BATCH[name]
@@ -134,8 +118,6 @@ def time_model(args, name, t_start):
               "process_start_unix": t_start}
     if args.reducers:
         result["step_ms_by_reducer"] = result_by
-    if args.ideal and size > 1:
-        result["mpi_allreduce_grad_ms"] = mpi_allreduce_ms(grad_bytes)
     barrier()  # the next model starts together on every rank
     return rank, result
 
