@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Dict, List, Optional
 
+from distrib.broadcast import broadcast_training_state
 from distrib.context import Context, _import_horovod, init
 
 
@@ -80,9 +81,7 @@ def _make_state_class():
         def sync(self) -> None:
             """Rank 0's state on every worker. Must be called on all ranks (Horovod does it)."""
             model, optimizer = self._stateful["model"], self._stateful["optimizer"]
-            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-            inner = getattr(optimizer, "optimizer", optimizer)
-            hvd.broadcast_optimizer_state(inner, root_rank=0)
+            broadcast_training_state(model, getattr(optimizer, "optimizer", optimizer), hvd, root_rank=0)
             small = {"step": self.step, "user": {n: getattr(self, n) for n in self._user_names},
                      "stateful": {n: o.state_dict() for n, o in self._stateful.items()
                                   if n not in ("model", "optimizer")}}

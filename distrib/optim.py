@@ -13,6 +13,7 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
+from distrib.broadcast import broadcast_training_state
 from distrib.context import _import_horovod
 from distrib.heartbeat import beat
 from distrib.reducers import make_reducer
@@ -131,8 +132,7 @@ class DistributedOptimizer:
     def broadcast_state(self, root_rank: int = 0) -> None:
         """Make every rank's parameters and optimizer state equal to ``root_rank``'s.
         Must be called on all ranks (it is a collective)."""
-        self._hvd.broadcast_parameters(self.model.state_dict(), root_rank=root_rank)
-        self._hvd.broadcast_optimizer_state(self.optimizer, root_rank=root_rank)
+        broadcast_training_state(self.model, self.optimizer, self._hvd, root_rank)
 
     def reset(self) -> None:
         """Forget in-flight communication and partial accumulation: after a peer died the

@@ -44,3 +44,19 @@ def test_accumulation_and_clipping_match_one_big_batch(tmp_path):
     one = train(tmp_path, "one", 1, "gloo", 16, "--optimizer", "adam", "--max-grad-norm", "0.05")
     two = train(tmp_path, "acc", 2, "gloo", 4, "--accumulate", "2", "--optimizer", "adam", "--max-grad-norm", "0.05")
     assert_same_params(one["params"], two["params"])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_wrapped_workers_match_the_plain_single_process_script(tmp_path, optimizer):
+    """Against plain torch, not distrib on one worker: wrapping must not change the training
+    (Horovod's broadcast_optimizer_state steps a fresh optimizer once, which AdamW's weight
+    decay and Adam's step count would show)."""
+    plain = train(tmp_path, "plain", 1, "mpi", 16, "--optimizer", optimizer, "--plain")
+    two = train(tmp_path, "two", 2, "mpi", 8, "--optimizer", optimizer)
+    assert_same_params(plain["params"], two["params"])
+    # right after wrap, before any step: rank 0's initial weights, untouched, on every rank
+    plain0 = train(tmp_path, "plain0", 1, "mpi", 16, "--optimizer", optimizer, "--plain", "--steps", "0")
+    two0 = train(tmp_path, "two0", 2, "mpi", 8, "--optimizer", optimizer, "--steps", "0")
+    for rank_params in two0["all_ranks"]:
+        assert all(torch.equal(plain0["params"][k], rank_params[k]) for k in plain0["params"])

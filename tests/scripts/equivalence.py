@@ -13,7 +13,8 @@ p = argparse.ArgumentParser()
 p.add_argument("--batch-size", type=int, required=True)
 p.add_argument("--steps", type=int, default=6)
 p.add_argument("--accumulate", type=int, default=1)
-p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+p.add_argument("--plain", action="store_true", help="no distrib.wrap: the single-process script it replaces")
 p.add_argument("--max-grad-norm", type=float, default=None)
 p.add_argument("--out", required=True)
 args = p.parse_args()
@@ -27,9 +28,16 @@ model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Li
 if ctx.rank != 0:  # a different init: the broadcast from rank 0 must erase it
     for param in model.parameters():
         torch.nn.init.normal_(param)
-inner = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if args.optimizer == "sgd"
-         else torch.optim.Adam(model.parameters(), lr=0.01))
-optimizer = distrib.wrap(model, inner, ctx, accumulate=args.accumulate, max_grad_norm=args.max_grad_norm)
+inner = {"sgd": lambda: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+         "adam": lambda: torch.optim.Adam(model.parameters(), lr=0.01),
+         # weight decay: a hidden optimizer step at wrap time would show (it decays the weights)
+         "adamw": lambda: torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.5)}[args.optimizer]()
+if args.plain:
+    assert ctx.size == 1 and args.accumulate == 1 and args.max_grad_norm is None
+    optimizer = inner
+    optimizer.backward = lambda loss: loss.backward()
+else:
+    optimizer = distrib.wrap(model, inner, ctx, accumulate=args.accumulate, max_grad_norm=args.max_grad_norm)
 loader = distrib.ShardedLoader(torch.utils.data.TensorDataset(x, y), args.batch_size, ctx, seed=7)
 batches = loader.forever()
 for step in range(args.steps):
