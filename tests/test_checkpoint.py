@@ -12,6 +12,7 @@ from distrib.checkpoint import CheckpointError, CheckpointManager, store
 from distrib.checkpoint import state as st
 from distrib.rng import rng_state, set_rng_state
 from tests.checkpoint_fixtures import cpu_ctx, params, same, tiny_state, train_step
+from tests.helpers import tree_digest
 
 CFG = {"n_layer": 2, "n_embd": 8, "vocab": "abc"}
 
@@ -288,6 +289,17 @@ def test_shape_mismatch_without_config_fails_before_anything_is_loaded(tmp_path)
             manager(tmp_path) as ckpt:
         ckpt.restore(fresh)
     assert same(params(fresh["model"]), before) and fresh["extra"]["epoch"] == 0
+
+
+def test_shape_mismatch_of_an_older_checkpoint_leaves_the_newer_ones_in_place(tmp_path):
+    """--resume PATH of an older checkpoint would move the newer ones aside: not when it does not fit."""
+    with manager(tmp_path) as ckpt:
+        for s in (1, 2):
+            ckpt.save(s, tiny_state(hidden=8))
+    before = tree_digest(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="does not fit this run"), manager(tmp_path) as ckpt:
+        ckpt.restore(tiny_state(hidden=6), resume=str(tmp_path / "run/checkpoints/step-00000001"))
+    assert tree_digest(tmp_path / "run") == before
 
 
 def test_missing_state_name_is_an_error(tmp_path):

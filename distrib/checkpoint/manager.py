@@ -255,6 +255,9 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {why}; "
                                   "use --resume none or a matching config")
         st.apply(state, payload["state"])
+        if self._main and collective:
+            # Only now that the checkpoint is known to fit: a mismatch must leave the run dir as it was.
+            self._supersede_newer(path, step, resume)
         mine = st.rng_for_rank(rngs, self.ctx.rank, self.seed, step)
         if mine is not None:
             set_rng_state(mine)
@@ -264,7 +267,7 @@ class CheckpointManager:
 
     def _choose(self, resume: Union[str, Path], config: Optional[Dict], move_newer: bool = True) -> Dict[str, Any]:
         """Rank 0: which checkpoint to load, as ``{"path", "step"}``; raises CheckpointError.
-        ``move_newer``: move checkpoints newer than the choice aside (only one rank may)."""
+        ``move_newer``: with ``resume="none"``, move the earlier checkpoints aside (only one rank may)."""
         if resume is None or str(resume) == "none":
             moved = store.supersede(self.root, -1) if move_newer else None
             if moved:
@@ -281,12 +284,16 @@ class CheckpointManager:
         if mismatch:
             raise CheckpointError(f"checkpoint {path} was saved with {mismatch}; "
                                   "use --resume none or a matching config")
-        moved = store.supersede(self.root, marker["step"]) if move_newer else None
+        return {"path": str(path), "step": int(marker["step"])}
+
+    def _supersede_newer(self, path: Path, step: int, resume: Union[str, Path]) -> None:
+        """Rank 0, after loading ``path``: move the checkpoints newer than it aside, so that the
+        run's next saves cannot be mistaken for (or lose to) an abandoned future."""
+        moved = store.supersede(self.root, step)
         if moved:
             # After a fallback these are the damaged folders, already warned about.
             log.log(logging.INFO if str(resume) == "auto" else logging.WARNING,
                     "resuming from %s: moved the newer checkpoints of %s to %s", path, self.root, moved)
-        return {"path": str(path), "step": int(marker["step"])}
 
 
 def _warn_damaged(path: Path, reason: str) -> None:
