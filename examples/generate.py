@@ -29,8 +29,13 @@ def load_model(path: Path) -> GPT:
     if not isinstance(artifact, dict) or artifact.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} file; a checkpoint folder must be exported first "
                          "with python -m distrib.export")
-    model = GPT(GPTConfig.from_dict(artifact["model_config"]))
-    model.load_state_dict(artifact["model_state"])
+    try:
+        model = GPT(GPTConfig.from_dict(artifact["model_config"]))
+        model.load_state_dict(artifact["model_state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: its weights do not fit its model config ({first_line}); "
+                         "export it again with python -m distrib.export") from exc
     return model.eval()
 
 

@@ -122,9 +122,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
 
         final_log = tmp_path / "final.log"
         proc = start(run_dir, out, final_log, slow=0)
-        assert proc.wait(timeout=300) == 0, final_log.read_text()[-3000:]
+        assert proc.wait(timeout=300) == 0, report + "\n" + final_log.read_text()[-3000:]
         assert reference.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     finally:
         kill_tree(reference.pid)
+    print(report)  # the seed, to replay a failure, and where each kill fell
     assert_same_final(torch.load(out, weights_only=False), torch.load(ref_out, weights_only=False))
-    print(report)

@@ -15,6 +15,7 @@ import pytest
 
 from launch.cli import LaunchConfig
 from launch.plan import Tools, build_plan, discovery_script_text, resolve_controller
+from tests.checkpoint_fixtures import kill_tree
 from tests.helpers import REPO, SCRIPTS, run_launch
 
 SCRIPT = SCRIPTS / "elastic_train.py"
@@ -117,7 +118,7 @@ def test_worker_added_mid_run_joins_at_the_next_commit(tmp_path):
         output, _ = proc.communicate(timeout=250)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            kill_tree(proc.pid)  # horovodrun's workers run in sessions of their own
             proc.wait()
     assert proc.returncode == 0, output[-3000:]
     indices, finals, sizes = read_run(out)

@@ -110,6 +110,15 @@ def test_generate_rejects_a_checkpoint_folder_and_unknown_characters(tmp_path, r
     assert proc.returncode == 2 and "not in the model's vocabulary" in proc.stderr
 
 
+def test_generate_rejects_weights_that_do_not_fit_their_config(tmp_path):
+    model, cfg = tiny_gpt()
+    bigger = {**cfg.to_dict(), "n_embd": 32}
+    save_model_artifact(tmp_path / "m.pt", model.state_dict(), bigger, 5)
+    proc = run(REPO / "examples" / "generate.py", tmp_path / "m.pt")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "do not fit its model config" in proc.stderr, proc.stderr
+
+
 def test_artifact_round_trip_and_format_check(tmp_path):
     model, cfg = tiny_gpt()
     path = save_model_artifact(tmp_path / "sub" / "m.pt", model.state_dict(), cfg.to_dict(), 5)
