@@ -354,8 +354,16 @@ def write_report(run_dir, out: Optional[Path] = None) -> List[Path]:
     return written + [out / "summary.txt", out / "summary.json"]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Errors as one line with the fix (argparse would print its usage block first)."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"distrib.report: error: {message}; see python -m distrib.report --help\n")
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distrib.report", description=__doc__.split("\n\n")[0])
+    p = _OneLineParser(prog="python -m distrib.report", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path, help="a training run's --run-dir (holds metrics.jsonl)")
     p.add_argument("--out", type=Path, default=None, help="where to write (default RUN_DIR/report)")
     args = p.parse_args(argv)
@@ -363,6 +371,10 @@ def main(argv=None) -> int:
         paths = write_report(args.run_dir, args.out)
     except ReportError as exc:
         print(f"distrib.report: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. an --out folder that exists but cannot be written
+        print(f"distrib.report: error: cannot write the report: {exc.strerror}: {exc.filename}; "
+              "pass --out a folder you can write", file=sys.stderr)
         return 2
     print(paths[-2].read_text(), end="")
     for path in paths:

@@ -120,8 +120,16 @@ def render(cfg: SbatchConfig, argv: Optional[Sequence[str]] = None) -> str:
     return "\n".join(lines) + "\n" + RUN_BODY % {"command": command}
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Errors as one line with the fix (argparse would print its usage block first)."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{PROG}: error: {message}; see {PROG} --help\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    p = _OneLineParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU only")

@@ -142,6 +142,7 @@ def test_a_run_without_breakdown_or_events_still_gets_its_plots(tmp_path):
     ("only_events", "has no step records (0 unreadable lines); log steps"),
     ("garbage", "has no step records (3 unreadable lines); log steps"),
     ("out_not_writable", "cannot create"),
+    ("out_blocked", "cannot write the report: Is a directory"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case, expected):
     run = tmp_path / "run"
@@ -161,6 +162,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case, expecte
     if case == "out_not_writable":
         write_metrics(run, [step(1, 100.0, 4.0)])
         args += ["--out", str(run / "checkpoints" / "keep.txt" / "report")]  # under a regular file
+    if case == "out_blocked":  # the folder exists, but a plot cannot be written where it belongs
+        write_metrics(run, [step(1, 100.0, 4.0)])
+        (run / "out" / "loss_lr.png").mkdir(parents=True)
+        args += ["--out", str(run / "out")]
     before = tree_digest(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "distrib.report", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=100)
