@@ -115,6 +115,42 @@ def horovod_env_defaults(env: Mapping[str, str]) -> Dict[str, str]:
     return {"HOROVOD_CYCLE_TIME": SINGLE_HOST_MPI_CYCLE_MS} if one_host else {}
 
 
+# Set for a worker started by mpirun (Open MPI), horovodrun --gloo, or Horovod Elastic: they
+# give it its rank, and the SLURM_STEP_* variables it inherits describe their helpers, not it.
+LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "HOROVOD_RANK", "HOROVOD_GLOO_RENDEZVOUS_ADDR")
+# Set by srun's MPI plugins (--mpi=pmix, --mpi=pmi2): how the tasks of a step find each other.
+SRUN_MPI_PLUGIN_VARIABLES = ("PMIX_RANK", "PMI_RANK", "PMI_FD")
+SRUN_FIX = ("run srun --mpi=pmix (see srun --mpi=list) or start the workers with python -m launch "
+            "inside the allocation")
+
+
+def srun_step_tasks(env: Mapping[str, str]) -> int:
+    """How many tasks the ``srun`` step that started this process has; 0 when no srun started it
+    as one of its tasks (a batch script, a launcher's worker)."""
+    if any(name in env for name in LAUNCHER_VARIABLES) or "SLURM_PROCID" not in env:
+        return 0
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "")
+    return int(tasks) if tasks.isdigit() else 0
+
+
+def srun_problem_before_init(env: Mapping[str, str]) -> Optional[str]:
+    """A multi-task srun step without an MPI plugin: Open MPI would abort each task with a page of
+    text, and a Horovod without MPI would train each task alone. Say it in one line instead."""
+    tasks = srun_step_tasks(env)
+    if tasks > 1 and not any(name in env for name in SRUN_MPI_PLUGIN_VARIABLES):
+        return f"srun started {tasks} tasks without an MPI plugin, so they cannot join each other; {SRUN_FIX}"
+    return None
+
+
+def srun_problem_after_init(env: Mapping[str, str], horovod_size: int) -> Optional[str]:
+    """The tasks of the srun step did not form one Horovod world (N trainings of size 1, say,
+    all writing to the same run directory). ``env`` is the environment from before ``hvd.init()``."""
+    tasks = srun_step_tasks(env)
+    if tasks > 1 and tasks != horovod_size:
+        return f"srun started {tasks} tasks but Horovod sees a world of {horovod_size}; {SRUN_FIX}"
+    return None
+
+
 def init(seed: Optional[int] = None) -> Context:
     """Initialise Horovod (idempotent) and return this worker's :class:`Context`.
 
@@ -130,7 +166,14 @@ def init(seed: Optional[int] = None) -> Context:
                                     "rebuild it with MPI (make setup) or launch with --controller gloo")
         for name, value in horovod_env_defaults(os.environ).items():
             os.environ.setdefault(name, value)
+        env_before_init = dict(os.environ)  # MPI's init adds OMPI_* variables of its own
+        problem = srun_problem_before_init(env_before_init)
+        if problem:
+            raise DistribSetupError(problem)
         hvd.init()
+        problem = srun_problem_after_init(env_before_init, hvd.size())
+        if problem:
+            raise DistribSetupError(problem)
         initial_rank = hvd.rank()
 
         def current_rank() -> int:  # Horovod Elastic renumbers ranks; a shut-down Horovod may not answer

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from distrib.context import Context, DistribSetupError, select_device, threads_per_worker
+from distrib.context import (Context, DistribSetupError, select_device, srun_problem_after_init,
+                             srun_problem_before_init, threads_per_worker)
 
 
 @pytest.mark.parametrize("local_rank,count,env,expected", [
@@ -81,3 +82,25 @@ def test_context_validates_ranks():
         Context(2, 2, 0, 2, 0, 1, cpu, "mpi")
     with pytest.raises(ValueError, match="local rank 2 is outside local size 2"):
         Context(1, 2, 2, 2, 0, 1, cpu, "mpi")
+
+
+SRUN_TASK = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "4"}
+
+
+@pytest.mark.parametrize("env, size, before, after", [
+    ({**SRUN_TASK, "PMIX_RANK": "1"}, 4, None, None),                          # srun --mpi=pmix: fine
+    ({**SRUN_TASK, "PMI_RANK": "1"}, 4, None, None),                           # --mpi=pmi2
+    (SRUN_TASK, 1, "srun started 4 tasks without an MPI plugin", "Horovod sees a world of 1"),
+    ({**SRUN_TASK, "PMIX_RANK": "1"}, 1, None, "srun started 4 tasks but Horovod sees a world of 1"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}, 1, None, None),       # srun -n 1, or a batch step
+    ({**SRUN_TASK, "OMPI_COMM_WORLD_SIZE": "8"}, 8, None, None),               # mpirun's worker inside a step
+    ({**SRUN_TASK, "HOROVOD_RANK": "3"}, 2, None, None),                       # horovodrun --gloo / elastic
+    ({"SLURM_STEP_NUM_TASKS": "4"}, 1, None, None),                            # not a task of the step
+    ({}, 1, None, None),
+])
+def test_srun_step_problems(env, size, before, after):
+    for found, expected in ((srun_problem_before_init(env), before), (srun_problem_after_init(env, size), after)):
+        if expected is None:
+            assert found is None
+        else:
+            assert expected in found and found.endswith("inside the allocation") and "--mpi=pmix" in found

@@ -97,6 +97,36 @@ def test_single_node_sbatch_trains_lm(slurm_cluster, tmp_path):
     assert (run_dir / "model.pt").exists()
 
 
+SRUN_WITHOUT_PMIX = """\
+#!/bin/bash
+#SBATCH --ntasks=2
+#SBATCH --cpus-per-task=1
+#SBATCH --time=00:05:00
+set -euo pipefail
+# The batch step itself is one process: distrib must not mistake it for a broken srun step.
+python -c 'import distrib; ctx = distrib.init(); print(f"batch step: rank {ctx.rank} of {ctx.size}")'
+srun --mpi=none python "$@"
+"""
+
+
+def test_srun_without_pmix_fails_in_one_line_instead_of_training_twice(slurm_cluster, tmp_path):
+    """`srun --mpi=none`: the tasks cannot find each other (Open MPI would abort each with a page
+    of text). distrib.init() refuses on every task in one line that names the fix."""
+    script = tmp_path / "job.sbatch"
+    script.write_text(SRUN_WITHOUT_PMIX)
+    log, run_dir = tmp_path / "job.out", tmp_path / "run"
+    job_id = slurm_cluster.sbatch(script, str(REPO / "examples" / "train_lm.py"), "--steps", "3", *TINY_LM,
+                                  "--run-dir", str(run_dir), sbatch_args=[f"--output={log}"])
+    job = slurm_cluster.wait(job_id, timeout=120, output=log)
+    text = log.read_text()
+    assert job.state == "FAILED", text
+    assert "batch step: rank 0 of 1" in text, text
+    problem = ("train_lm: error: srun started 2 tasks without an MPI plugin, so they cannot join each other; "
+               "run srun --mpi=pmix")
+    assert text.count(problem) == 2 and "Traceback" not in text, text
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
 def test_requeue_sbatch_lm_preempted_requeued_resumed(slurm_cluster, tmp_path):
     """(b) slurm/requeue.sbatch with train_lm: `scancel --full --signal=USR2` (every process of the
     job, as Slurm's own --signal does for the tasks) mid-run; it resumes and finishes."""
