@@ -167,7 +167,10 @@ def build_plan(config: LaunchConfig, controller: str, reason: str, *, env_names:
     """The exact argv for ``controller`` (``mpi`` or ``gloo``); pure. Elastic runs need the path of
     the host discovery script (the user's, or one the caller wrote from :func:`discovery_script_text`)."""
     env = {"HOROVOD_TIMELINE": config.timeline} if config.timeline else {}
-    worker = (tools.python, "-m", "launch.worker", config.script, *config.script_args)
+    # "--" before the script's own flags: horovodrun's argparse resolves abbreviations over the
+    # whole command line, so a script flag such as --log ("ambiguous option: --log could match
+    # --log-level, ...") would stop the job before it starts. The shim drops the "--".
+    worker = (tools.python, "-m", "launch.worker", config.script, "--", *config.script_args)
     hosts = format_hosts(config.hosts)
     if config.elastic:
         if controller != "gloo" or not discovery_script:

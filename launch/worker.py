@@ -128,11 +128,17 @@ def run(argv: List[str], env: Mapping[str, str]) -> int:
     return code
 
 
+def script_argv(argv: List[str]) -> List[str]:
+    """``script.py [--] args`` -> ``script.py args``: the launcher puts "--" after the script so
+    that horovodrun's parser leaves the script's flags alone (see launch/plan.py)."""
+    return argv[:1] + argv[2:] if argv[1:2] == ["--"] else argv
+
+
 def main() -> None:
     if len(sys.argv) < 2:
-        sys.stderr.write("usage: python -m launch.worker script.py [args]\n")
+        sys.stderr.write("usage: python -m launch.worker script.py [--] [args]\n")
         sys.exit(2)
-    sys.exit(run(sys.argv[1:], os.environ))
+    sys.exit(run(script_argv(sys.argv[1:]), os.environ))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def test_elastic_plan_golden():
     assert plan.argv == ("horovodrun", "--gloo", "-np", "2", "--min-np", "1", "--max-np", "2",
                          "--host-discovery-script", "/tmp/d.sh", "--network-interface", "lo",
                          "--blacklist-cooldown-range", "5", "30", "--reset-limit", "4",
-                         "/py", "-m", "launch.worker", "train.py", "--x")
+                         "/py", "-m", "launch.worker", "train.py", "--", "--x")
 
 
 def test_elastic_plan_on_remote_hosts_leaves_the_interface_to_horovodrun_unless_given():

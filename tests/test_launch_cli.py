@@ -90,7 +90,7 @@ def test_dry_run_prints_the_command_and_runs_nothing():
     proc = subprocess.run([sys.executable, "-m", "launch", "--dry-run", "-np", "2", "--controller", "gloo", SCRIPT,
                            "--mode", "my mode"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    assert proc.stdout.strip().endswith(f"-m launch.worker {SCRIPT} --mode 'my mode'")
+    assert proc.stdout.strip().endswith(f"-m launch.worker {SCRIPT} -- --mode 'my mode'")
     assert "--gloo -np 2 -H localhost:2 --network-interface lo" in proc.stdout
     assert "distrib-launch: controller: gloo (requested with --controller gloo)" in proc.stderr
     assert "distrib-launch: command: " in proc.stderr

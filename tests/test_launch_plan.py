@@ -14,7 +14,7 @@ TOOLS = Tools(python="/venv/bin/python", mpirun="/usr/bin/mpirun", horovodrun="/
 LOCAL = frozenset({"vm"})
 ENV = {"PATH": "/bin", "HOME": "/root", "PYTHONPATH": "/src", "LD_LIBRARY_PATH": "/lib", "OMP_NUM_THREADS": "1",
        "HOROVOD_CYCLE_TIME": "1", "HOROVOD_RANK": "3", "DISTRIB_RUN": "x", "TERM": "xterm", "SSH_AUTH_SOCK": "/s"}
-WORKER = ["/venv/bin/python", "-m", "launch.worker", "train.py", "--steps", "5"]
+WORKER = ["/venv/bin/python", "-m", "launch.worker", "train.py", "--", "--steps", "5"]
 
 
 def config(**kw):
@@ -60,7 +60,7 @@ def test_gloo_local_uses_loopback():
     assert list(p.argv) == ["/venv/bin/horovodrun", "--gloo", "-np", "2", "-H", "localhost:2",
                             "--network-interface", "lo", *WORKER]
     assert p.command == ("/venv/bin/horovodrun --gloo -np 2 -H localhost:2 --network-interface lo "
-                         "/venv/bin/python -m launch.worker train.py --steps 5")
+                         "/venv/bin/python -m launch.worker train.py -- --steps 5")
 
 
 def test_gloo_local_names_of_this_machine():
@@ -77,7 +77,7 @@ def test_gloo_remote_hosts_no_interface():
 
 def test_command_is_shell_quoted():
     p = plan("gloo", config(script_args=("--name", "my run", "a'b")))
-    assert p.command.endswith("train.py --name 'my run' 'a'\"'\"'b'")
+    assert p.command.endswith("train.py -- --name 'my run' 'a'\"'\"'b'")
 
 
 def test_exported_names_filter():
@@ -123,7 +123,7 @@ def test_describe_names_controller_reason_hosts_and_command():
         "distrib-launch: hosts: localhost:2, node2:2 (remote); np: 3",
         "distrib-launch: max restarts: 2; hang timeout: off",
         "distrib-launch: command: /venv/bin/horovodrun --gloo -np 3 -H localhost:2,node2:2 "
-        "/venv/bin/python -m launch.worker train.py --steps 5"]
+        "/venv/bin/python -m launch.worker train.py -- --steps 5"]
 
 
 CHECK = ("import json, sys; from launch.plan import horovod_built_with_mpi, _mpi_built_from_extension; "

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from launch.worker import exit_status, rank_from_env, tail_lines
+from launch.worker import exit_status, rank_from_env, script_argv, tail_lines
 from tests.helpers import REPO
 
 
@@ -19,6 +19,16 @@ from tests.helpers import REPO
 ])
 def test_rank_from_env(env, rank):
     assert rank_from_env(env) == rank
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["t.py", "--", "--log", "x"], ["t.py", "--log", "x"]),  # as the launcher starts it
+    (["t.py", "--", "--", "a"], ["t.py", "--", "a"]),          # the script's own "--" survives
+    (["t.py", "--log", "x"], ["t.py", "--log", "x"]),          # started by hand
+    (["t.py"], ["t.py"]),
+])
+def test_script_argv_drops_the_launchers_separator(argv, expected):
+    assert script_argv(argv) == expected
 
 
 def test_exit_status_and_tail():
