@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from distrib.checkpoint import store
 from launch.cli import LaunchConfig
 from launch.plan import Tools, build_plan, discovery_script_text, resolve_controller
 from tests.checkpoint_fixtures import kill_tree
@@ -128,3 +129,31 @@ def test_worker_added_mid_run_joins_at_the_next_commit(tmp_path):
     assert len(joined_at) == 1 and joined_at.pop() > 0
     # the learning rate follows the new world size (linear scaling, 2 workers)
     assert all(f["lr"] == pytest.approx(2e-4, rel=0.05) for f in finals)
+
+
+TINY_LM = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+           "--warmup", "2", "--log-every", "1", "--sample-tokens", "0", "--seed", "7"]
+
+
+@pytest.mark.timeout(400)
+def test_train_lm_elastic_keeps_writing_durable_checkpoints_after_a_worker_dies(tmp_path):
+    """The real example under --elastic: rank 1 SIGKILLs itself at step 8; the survivor goes on
+    alone and still writes checkpoints, and a plain (non-elastic) run resumes from the last one."""
+    run_dir = tmp_path / "run"
+    run_launch(["--elastic", "--min-np", "1", "--max-np", "2", "-H", TWO_HOSTS], SCRIPTS / "faulty_train_lm.py",
+               [*TINY_LM, "--checkpoint-every", 5, "--commit-every", 2, "--steps", 16, "--run-dir", run_dir],
+               env={"FAULT": "kill", "FAULT_RANK": "1", "FAULT_STEP": "8"}, timeout=350)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resizes = [r for r in records if r.get("event") == "resize"]
+    assert [r["world_size"] for r in resizes] == [1] and resizes[0]["step"] <= 8, resizes
+    logged = [(r["step"], r["world_size"]) for r in records if "event" not in r]
+    assert logged[-1] == (16, 1) and (1, 2) in logged
+    # checkpoints written by the survivor, complete and valid
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if store.step_of(p) is not None)
+    assert saved[-2:] == ["step-00000015", "step-00000016"], saved
+    assert all(store.validate(run_dir / "checkpoints" / name)["step"] for name in saved)
+    # losing every worker now would cost nothing: a plain restart resumes at step 16
+    run_launch(["-np", "1"], REPO / "examples" / "train_lm.py", [*TINY_LM, "--steps", 18, "--run-dir", run_dir])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [16]
+    assert [r["step"] for r in records if "event" not in r][-2:] == [17, 18]
