@@ -314,8 +314,8 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                                    f"{_tail(output, 40) if output else ''}")
             time.sleep(0.1)
 
-    def wait_requeued(self, job_id: str, timeout: float = 60) -> Job:
-        """Wait until a job has been requeued (pending again, or already running again).
+    def wait_requeued(self, job_id: str, timeout: float = 60, restarts: int = 1) -> Job:
+        """Wait until a job has been requeued ``restarts`` times (pending again, or already running again).
 
         Slurm holds a requeued job for cred_expire + 1 s (Reason=BeginTime): slurmd refuses to
         start a job whose previous credential it still holds as revoked ("Job credential
@@ -325,7 +325,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         deadline = time.monotonic() + timeout
         while True:
             job = self.job(job_id)
-            if job.restarts >= 1 and job.state in ("PENDING", "RUNNING"):
+            if job.restarts >= restarts and job.state in ("PENDING", "RUNNING"):
                 return job
             if job.state in TERMINAL_STATES or time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} was not requeued: {job.state}, restarts {job.restarts}, "

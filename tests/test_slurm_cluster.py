@@ -60,28 +60,34 @@ def test_srun_per_task_starts_horovod_over_pmix(slurm_cluster, tmp_path):
 
 def test_standin_preempted_requeued_resumed(slurm_cluster, tmp_path):
     """(b, stand-in) SIGUSR2 to the batch shell only (it forwards to srun) -> checkpoint, requeue,
-    resume; no step lost or repeated."""
+    resume; preempted twice, it still makes progress each time, and no step is lost or repeated."""
     log, run_dir = tmp_path / "job.out", tmp_path / "run"
     job_id = slurm_cluster.sbatch(REPO / "slurm" / "requeue.sbatch", "--steps", "16", "--step-sleep", "0.2",
                                   sbatch_args=[*SMALL_NODE, f"--output={log}"],
                                   env={"SCRIPT": STANDIN, "RUN_DIR": str(run_dir)})
-    _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--batch", total=16)
+    _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--batch", total=16, preemptions=2)
 
 
-def _preempt_and_finish(cluster, job_id, run_dir, log, scancel_mode, total):
-    cluster.wait_until(lambda: len(steps(run_dir)) >= 3, 120, "3 training steps", job_id, log)
-    cluster.scancel(job_id, "--signal=USR2", scancel_mode)
-    cluster.wait_requeued(job_id)
+def _preempt_and_finish(cluster, job_id, run_dir, log, scancel_mode, total, preemptions=1):
+    for restart in range(preemptions):
+        # a few more steps in each run of the job before it is preempted again: progress
+        reached = len(steps(run_dir)) + 3
+        cluster.wait_until(lambda: len(steps(run_dir)) >= reached, 120, f"{reached} training steps", job_id, log)
+        cluster.scancel(job_id, "--signal=USR2", scancel_mode)
+        cluster.wait_requeued(job_id, restarts=restart + 1)
     job = cluster.wait(job_id, timeout=150, output=log)
     text = log.read_text()
-    assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", "0:0", 1), text
+    assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", "0:0", preemptions), text
     got = steps(run_dir)
     assert got == list(range(1, total + 1)), f"steps lost or repeated: {got}\n{text}"
-    preempted = [r for r in records(run_dir) if r.get("event") == "preempted"]
-    assert len(preempted) == 1 and 1 <= preempted[0]["step"] < total, records(run_dir)
-    # --open-mode=append: both runs of the job wrote to the same log.
-    assert f"job {job_id} (restart 0)" in text and f"job {job_id} (restart 1)" in text, text
-    assert f"requeued job {job_id} (restart 1 of at most 50)" in text, text
+    preempted = [r["step"] for r in records(run_dir) if r.get("event") == "preempted"]
+    assert len(preempted) == preemptions and preempted == sorted(set(preempted)), records(run_dir)
+    assert 1 <= preempted[0] and preempted[-1] < total, records(run_dir)
+    # --open-mode=append: every run of the job wrote to the same log.
+    for restart in range(preemptions + 1):
+        assert f"job {job_id} (restart {restart})" in text, text
+    for restart in range(1, preemptions + 1):
+        assert f"requeued job {job_id} (restart {restart} of at most 50)" in text, text
 
 
 def test_single_node_sbatch_trains_lm(slurm_cluster, tmp_path):
