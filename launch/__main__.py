@@ -12,9 +12,10 @@ import tempfile
 from typing import List, Optional
 
 from launch.cli import config_from_args, fail
-from launch.hosts import local_names, remote_hosts, unreachable_host_error
+from launch.hosts import hosts_needing_ssh, local_names, unreachable_host_error
 from launch.plan import (build_plan, describe, discovery_script_text, find_tools, horovod_built_with_mpi,
                          resolve_controller)
+from launch.slurm_env import in_slurm_job
 from launch.supervise import supervise
 
 
@@ -43,7 +44,7 @@ def _main(argv: Optional[List[str]]) -> int:
         if config.dry_run:
             print(plan.command)
             return 0
-        error = unreachable_host_error(remote_hosts(config.hosts, local))
+        error = unreachable_host_error(hosts_needing_ssh(config.hosts, local, controller, in_slurm_job()))
         if error:
             fail(error)
         return supervise(plan, config)

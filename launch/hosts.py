@@ -119,6 +119,15 @@ def remote_hosts(hosts: Hosts, local: FrozenSet[str]) -> Tuple[str, ...]:
     return tuple(name for name, _ in hosts if not is_local(name, local))
 
 
+def hosts_needing_ssh(hosts: Hosts, local: FrozenSet[str], controller: str, in_slurm: bool) -> Tuple[str, ...]:
+    """The remote hosts the workers are started on over ssh. Inside a Slurm allocation mpirun
+    starts its daemons on the other nodes through srun (Open MPI's Slurm launcher), so clusters
+    without ssh between nodes work; horovodrun (Gloo) always uses ssh."""
+    if controller == "mpi" and in_slurm:
+        return ()
+    return remote_hosts(hosts, local)
+
+
 def local_names() -> FrozenSet[str]:
     """This machine's names, lower-cased: hostname, fully qualified name, and their addresses."""
     names = {socket.gethostname(), socket.getfqdn()}

@@ -3,8 +3,8 @@ import subprocess
 
 import pytest
 
-from launch.hosts import (check_ssh, format_hosts, is_local, parse_host_list, parse_hostfile, read_hostfile,
-                          remote_hosts, total_slots, unreachable_host_error)
+from launch.hosts import (check_ssh, format_hosts, hosts_needing_ssh, is_local, parse_host_list, parse_hostfile,
+                          read_hostfile, remote_hosts, total_slots, unreachable_host_error)
 
 LOCAL = frozenset({"vm", "vm.example.org", "10.1.2.3"})
 
@@ -120,3 +120,14 @@ def test_check_ssh_runs_batch_mode_ssh():
 def test_check_ssh_real_unreachable_name():
     reason = check_ssh("nonexistent-host.invalid")
     assert reason is not None and "\n" not in reason
+
+
+@pytest.mark.parametrize("controller, in_slurm, expected", [
+    ("mpi", False, ("node2",)),
+    ("gloo", False, ("node2",)),
+    ("mpi", True, ()),           # mpirun reaches the other nodes through srun
+    ("gloo", True, ("node2",)),  # horovodrun always uses ssh
+])
+def test_hosts_needing_ssh(controller, in_slurm, expected):
+    hosts = (("localhost", 2), ("node2", 2))
+    assert hosts_needing_ssh(hosts, LOCAL, controller, in_slurm) == expected
