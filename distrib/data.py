@@ -20,7 +20,7 @@ few samples are seen twice in that epoch, as in ``torch.utils.data.DistributedSa
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import torch
 from torch.utils.data import DataLoader, Dataset

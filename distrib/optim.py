@@ -9,7 +9,7 @@ as backward has finished accumulating it, so communication overlaps the rest of 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 

@@ -6,7 +6,7 @@ Plain PyTorch, no distrib imports: the same module loads an exported model for i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List
 

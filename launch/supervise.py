@@ -28,12 +28,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from typing import Dict, Iterable, List, Mapping, Optional, TextIO, Tuple
+from typing import Dict, List, Optional, TextIO, Tuple
 
 import psutil
 
 from launch.cli import LaunchConfig
 from launch.plan import HEARTBEAT_DIR_ENV, RESTART_COUNT_ENV, STATUS_DIR_ENV, Plan
+from launch.rank_reports import (Progress, RankStatus, first_failure, hung_rank, read_heartbeats, read_statuses,
+                                 updated_progress)
 
 POLL_S = 0.2
 LAUNCHER_EXIT_S = 1.0  # for mpirun/horovodrun to end on its own after its local workers did
@@ -48,30 +50,6 @@ class State(enum.Enum):
 
 
 @dataclass(frozen=True)
-class RankStatus:
-    """One ``rank-<rank>.json`` written by launch/worker.py."""
-    rank: Optional[int]
-    host: str
-    pid: int
-    exit_code: int
-    signal: Optional[str]
-    end_time: float
-    stderr_tail: Tuple[str, ...] = ()
-    exception: Optional[str] = None  # from raised-<rank>.json: "RuntimeError: ..."
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "RankStatus":
-        return cls(rank=d.get("rank"), host=d.get("host", "?"), pid=d.get("pid", 0),
-                   exit_code=int(d["exit_code"]), signal=d.get("signal"), end_time=float(d["end_time"]),
-                   stderr_tail=tuple(d.get("stderr_tail") or ()))
-
-    @property
-    def how(self) -> str:
-        ended = f"killed by {self.signal}" if self.signal else f"exit code {self.exit_code}"
-        return f"{ended} (uncaught {self.exception})" if self.exception else ended
-
-
-@dataclass(frozen=True)
 class Outcome:
     state: State
     exit_code: int
@@ -80,142 +58,10 @@ class Outcome:
     rank: Optional[int] = None     # the failed or hung rank
 
 
-# What a rank prints when it failed only because a peer did: Horovod shuts down on every rank
-# once one rank raised, and the others' pending collectives then raise. Such a rank can end
-# *before* the one that raised (still printing its traceback), so it is not the root cause.
-PEER_FAILURE_MARKS = ("HorovodInternalError", "Horovod has been shut down", "Connection closed by peer")
-
-
-def failed_because_of_a_peer(status: RankStatus) -> bool:
-    lines = (*status.stderr_tail, status.exception or "")
-    return any(mark in line for line in lines for mark in PEER_FAILURE_MARKS)
-
-
-def first_failure(statuses: Iterable[RankStatus]) -> Optional[RankStatus]:
-    """The root cause: the failed rank that ended first, among those that did not fail only
-    because a peer did (all of them when every failed rank shows a peer's failure)."""
-    failed = [s for s in statuses if s.exit_code != 0]
-    if not failed:
-        return None
-    own = [s for s in failed if not failed_because_of_a_peer(s)] or failed
-    return min(own, key=lambda s: (s.end_time, s.rank if s.rank is not None else -1))
-
-
 def failure_outcome(status: RankStatus) -> Outcome:
     return Outcome(State.FAILED, status.exit_code if 0 < status.exit_code < 256 else 1,
                    f"rank {status.rank} on {status.host} failed first: {status.how}", status.stderr_tail,
                    status.rank)
-
-
-@dataclass(frozen=True)
-class Progress:
-    """What the launcher knows of one rank's heartbeat (see distrib/heartbeat.py)."""
-    count: int      # beats so far: comparable across ranks, which all beat at the same points
-    since: float    # launcher's monotonic clock when this count was first seen
-    written: float  # the file's mtime: stops moving when the whole process is frozen
-
-
-@dataclass(frozen=True)
-class Hang:
-    rank: int
-    seconds: float  # without progress
-    count: int      # its beats
-    furthest: int   # the most beats of any rank
-
-    def describe(self, timeout: float) -> str:
-        return (f"rank {self.rank} hung: no progress for {self.seconds:.0f} s at heartbeat {self.count}, "
-                f"the furthest rank is at {self.furthest} (--hang-timeout {timeout:g})")
-
-
-def updated_progress(progress: Mapping[int, Progress], beats: Mapping[int, Tuple[int, float]],
-                     now: float) -> Dict[int, Progress]:
-    """``progress`` after reading ``beats`` (rank -> (count, mtime)) at ``now``."""
-    updated = dict(progress)
-    for rank, (count, written) in beats.items():
-        old = progress.get(rank)
-        since = old.since if old is not None and old.count == count else now
-        updated[rank] = Progress(count, since, written)
-    return updated
-
-
-def hung_rank(progress: Mapping[int, Progress], finished: Iterable[int], timeout: float,
-              now: float) -> Optional[Hang]:
-    """Once an unfinished rank has made no progress for ``timeout`` seconds, the rank to blame.
-
-    A stalled rank stalls its peers: they block in the next allreduce, having beaten once more
-    than it did. So of the stalled ranks the one with the fewest beats is the cause; among equals,
-    the one whose heartbeat file stopped being written first (a frozen process), then the lowest
-    rank. Ranks that never beat are not judged (start-up, compilation, a script that never beats).
-    """
-    done = set(finished)
-    stalled = [(p.count, p.written, rank, p) for rank, p in progress.items()
-               if rank not in done and now - p.since > timeout]
-    if not stalled:
-        return None
-    count, _, rank, p = min(stalled)
-    return Hang(rank, now - p.since, count, max(q.count for q in progress.values()))
-
-
-def _read_records(folder: str, prefix: str) -> List[dict]:
-    records = []
-    for name in sorted(os.listdir(folder)):
-        if name.startswith(prefix) and name.endswith(".json"):
-            try:
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    record = json.load(f)
-            except (OSError, ValueError):
-                continue  # written atomically by the shim or distrib; anything else is not ours
-            if isinstance(record, dict):
-                records.append(record)
-    return records
-
-
-def with_raised(status: Optional[RankStatus], raised: Mapping) -> RankStatus:
-    """Fold a ``raised-<rank>.json`` into the rank's status. The raise is when the rank's failure
-    began (its end came after Horovod's shutdown and finalisation); a rank whose shim was killed
-    before it wrote a status would have exited with Python's code for an uncaught exception, 1."""
-    if status is None:
-        return RankStatus(rank=raised.get("rank"), host=raised.get("host", "?"), pid=raised.get("pid", 0),
-                          exit_code=1, signal=None, end_time=float(raised["time"]),
-                          stderr_tail=tuple(raised.get("traceback_tail") or ()), exception=raised.get("exception"))
-    return replace(status, end_time=min(status.end_time, float(raised["time"])), exception=raised.get("exception"))
-
-
-def read_statuses(folder: str) -> List[RankStatus]:
-    """Every rank that ended or raised: the shims' ``rank-*.json`` with distrib's ``raised-*.json``."""
-    by_rank: Dict[int, RankStatus] = {}
-    unknown: List[RankStatus] = []  # a shim that found no rank variable
-    for record in _read_records(folder, "rank-"):
-        try:
-            status = RankStatus.from_dict(record)
-        except (KeyError, TypeError, ValueError):
-            continue
-        if status.rank is None:
-            unknown.append(status)
-        else:
-            by_rank[status.rank] = status
-    for raised in _read_records(folder, "raised-"):
-        rank = raised.get("rank")
-        try:
-            by_rank[rank] = with_raised(by_rank.get(rank), raised)
-        except (KeyError, TypeError, ValueError):
-            continue
-    return [by_rank[rank] for rank in sorted(by_rank)] + unknown
-
-
-def read_heartbeats(folder: str) -> Dict[int, Tuple[int, float]]:
-    """rank -> (beat count, file mtime) from the ``heartbeat-<rank>`` files distrib writes."""
-    beats = {}
-    for name in os.listdir(folder):
-        rank = name[len("heartbeat-"):]
-        if name.startswith("heartbeat-") and rank.isdigit():
-            path = os.path.join(folder, name)
-            try:
-                with open(path) as f:
-                    beats[int(rank)] = (int(f.read()), os.stat(path).st_mtime)
-            except (OSError, ValueError):
-                continue  # replaced atomically; anything else is not ours
-    return beats
 
 
 class Attempt:

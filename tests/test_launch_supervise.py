@@ -1,4 +1,4 @@
-"""launch/supervise.py with a stand-in for mpirun (tests/scripts/fake_launcher.py) and no Horovod:
+"""launch/supervise.py and launch/rank_reports.py with a stand-in for mpirun (tests/scripts/fake_launcher.py) and no Horovod:
 first failure, stopping ranks that ignore SIGTERM, hang detection, restarts, interruption."""
 import io
 import json
@@ -12,8 +12,9 @@ import pytest
 
 from launch.cli import LaunchConfig
 from launch.plan import Plan
-from launch.supervise import (Progress, RankStatus, first_failure, hung_rank, read_heartbeats, read_statuses,
-                              supervise, updated_progress)
+from launch.rank_reports import (Progress, RankStatus, first_failure, hung_rank, read_heartbeats, read_statuses,
+                                 updated_progress)
+from launch.supervise import supervise
 from tests.helpers import SCRIPTS, assert_workers_gone
 
 TOY = str(SCRIPTS / "launch_toy.py")

@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 import torch
 
-from distrib.checkpoint.store import CheckpointError
 
 
 def _is_stateful(obj: Any) -> bool:
