@@ -42,9 +42,9 @@ fi
 mkdir -p "$LOG_DIR"
 
 # 3. Python dependencies (build requirements of Horovod included).
-if ! "$PY" -c "import torch, numpy, mpi4py, cmake, psutil, yaml, cloudpickle, packaging, wheel, tqdm, matplotlib, pytest, pytest_timeout" 2>/dev/null; then
+if ! "$PY" -c "import torch, numpy, mpi4py, cmake, psutil, yaml, cloudpickle, packaging, wheel, tqdm, matplotlib, tensorboard, pytest, pytest_timeout" 2>/dev/null; then
     say "installing $TORCH_SPEC, numpy, mpi4py and Horovod's build requirements"
-    logged pip-deps "$PY" -m pip install $TORCH_SPEC numpy mpi4py cmake setuptools wheel packaging psutil pyyaml cloudpickle pytest pytest-timeout tqdm matplotlib
+    logged pip-deps "$PY" -m pip install $TORCH_SPEC numpy mpi4py cmake setuptools wheel packaging psutil pyyaml cloudpickle pytest pytest-timeout tqdm matplotlib tensorboard
 fi
 
 # 4. Horovod 0.28.1 built with PyTorch, MPI and Gloo.

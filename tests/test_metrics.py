@@ -125,3 +125,47 @@ def test_tensorboard_missing_is_a_warning_not_a_crash(tmp_path, monkeypatch):
 def test_breakdown_table_shares():
     table = breakdown_table({"t_compute": 75.0, "t_allreduce": 25.0}, 10)
     assert "compute" in table and "75.0%" in table and "25.0%" in table and "100.00" in table
+
+
+def test_tensorboard_gets_the_logged_scalars(tmp_path):
+    """With tensorboard installed (the bootstrap installs it) --tensorboard writes real event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    clock = FakeClock()
+    log, stream = make_logger(tmp_path, clock, tensorboard=True)
+    run_steps(log, clock, 1, 4)
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(2, pytest.approx(1.5)), (4, pytest.approx(3.5))]  # the mean of each logged window
+    assert "time_ms/compute" in events.Tags()["scalars"]
+    assert "not installed" not in stream.getvalue()
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar(tmp_path):
+    """A real pseudo-terminal: the bar redraws in place (carriage returns) with the loss on it."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    with os.fdopen(slave, "w") as terminal:
+        p = Progress(10, stream=terminal)
+        assert p.tty
+        p.update(4, 2.5, 1234.0, 30.0)
+        p.close()
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the slave side is closed: everything has been read
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    text = out.decode()
+    assert "\r" in text and "4/10" in text and "loss 2.500 | 1,234 samples/s" in text, repr(text)
+    assert "step 4/10 | loss" not in text  # not the plain log line
