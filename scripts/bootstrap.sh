@@ -71,10 +71,12 @@ exec /usr/bin/c++ "${args[@]}"
 WRAPPER
     chmod +x "$WRAP/c++"
     # CMAKE_POLICY_VERSION_MINIMUM: CMake 4 refuses the old minimum in Horovod's bundled gloo.
+    # --no-cache-dir: the built library's RUNPATH names the torch/lib of the venv that built it,
+    # so a wheel cached from another checkout's venv would point at a folder that may be gone.
     logged horovod-build env PATH="$VENV/bin:$PATH" CXX="$WRAP/c++" CMAKE_POLICY_VERSION_MINIMUM=3.5 \
         HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
         HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 MAKEFLAGS="-j$(nproc)" \
-        "$PY" -m pip install --no-build-isolation "horovod==$HOROVOD_VERSION"
+        "$PY" -m pip install --no-build-isolation --no-cache-dir "horovod==$HOROVOD_VERSION"
     horovod_ok || fail "Horovod built but lacks MPI or Gloo; see $LOG_DIR/horovod-build.log"
 fi
 
