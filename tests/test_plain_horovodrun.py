@@ -1,8 +1,6 @@
 """The examples run unchanged under plain ``horovodrun -np 2 python examples/...``, without our
 launcher: distrib.init() takes the world from whatever started Horovod."""
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.checkpoint_fixtures import kill_tree
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.multiprocess
@@ -19,16 +18,14 @@ TINY_LM = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-hea
 
 
 def horovodrun(controller, *args, timeout=240):
-    """horovodrun in its own process group, so that a hang kills every worker, not only horovodrun."""
+    """Plain horovodrun; on a hang every worker is killed too, not only horovodrun."""
     cmd = [HOROVODRUN, f"--{controller}", "-np", "2", sys.executable, *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # timed out: horovodrun and the workers it started
+            kill_tree(proc.pid)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
     return out
 
