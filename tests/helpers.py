@@ -11,6 +11,10 @@ from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "scripts"
+# The model and batch flags of a train_lm run that is fast on 2 shared cores; each test adds its own
+# schedule, logging and checkpoint flags.
+TINY_LM_MODEL = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                 "--sample-tokens", "0"]
 
 
 def run_launch(launch_args: Sequence[str], script: str | Path, script_args: Sequence[str] = (), *,

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import tree_digest
+from tests.helpers import TINY_LM_MODEL, tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "examples" / "train_lm.py")
-TINY_LM = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-           "--warmup", "1", "--log-every", "1", "--sample-tokens", "0", "--checkpoint-every", "2"]
+TINY_LM = [*TINY_LM_MODEL, "--warmup", "1", "--log-every", "1", "--checkpoint-every", "2"]
 
 # Stand-ins for broken Horovod installations (a second real Horovod build is 5 minutes):
 # put first on PYTHONPATH, they shadow the real package in the launcher and in the workers.

@@ -17,7 +17,7 @@ from distrib.checkpoint import store
 from launch.cli import LaunchConfig
 from launch.plan import Tools, build_plan, discovery_script_text, resolve_controller
 from tests.checkpoint_fixtures import kill_tree
-from tests.helpers import REPO, SCRIPTS, run_launch
+from tests.helpers import REPO, SCRIPTS, TINY_LM_MODEL, run_launch
 
 SCRIPT = SCRIPTS / "elastic_train.py"
 TWO_HOSTS = "localhost:1,127.0.0.1:1"
@@ -131,8 +131,7 @@ def test_worker_added_mid_run_joins_at_the_next_commit(tmp_path):
     assert all(f["lr"] == pytest.approx(2e-4, rel=0.05) for f in finals)
 
 
-TINY_LM = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-           "--warmup", "2", "--log-every", "1", "--sample-tokens", "0", "--seed", "7"]
+TINY_LM = [*TINY_LM_MODEL, "--warmup", "2", "--log-every", "1", "--seed", "7"]
 
 
 @pytest.mark.timeout(400)

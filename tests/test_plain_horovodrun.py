@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from tests.checkpoint_fixtures import kill_tree
-from tests.helpers import REPO
+from tests.helpers import REPO, TINY_LM_MODEL
 
 pytestmark = pytest.mark.multiprocess
 HOROVODRUN = str(Path(sys.executable).with_name("horovodrun"))
-TINY_LM = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-           "--warmup", "1", "--log-every", "1", "--sample-tokens", "0", "--checkpoint-every", "2"]
+TINY_LM = [*TINY_LM_MODEL, "--warmup", "1", "--log-every", "1", "--checkpoint-every", "2"]
 
 
 def horovodrun(controller, *args, timeout=240):

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from distrib.report import load_run, main, summarize
-from tests.helpers import tree_digest
+from tests.helpers import TINY_LM_MODEL, tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_LM = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-           "--warmup", "2", "--log-every", "2", "--sample-tokens", "0", "--eval-every", "10",
+TINY_LM = [*TINY_LM_MODEL, "--warmup", "2", "--log-every", "2", "--eval-every", "10",
            "--checkpoint-every", "10"]
 
 

@@ -12,14 +12,13 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers import hang_report
+from tests.helpers import TINY_LM_MODEL, hang_report
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTY = str(REPO / "tests" / "scripts" / "faulty_train_lm.py")
 TRAIN_LM = str(REPO / "examples" / "train_lm.py")
 # Synchronous checkpoints: the one at step 5 is complete when the fault hits at step 6.
-TINY_LM = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-           "--warmup", "2", "--log-every", "1", "--sample-tokens", "0", "--checkpoint-every", "5",
+TINY_LM = [*TINY_LM_MODEL, "--warmup", "2", "--log-every", "1", "--checkpoint-every", "5",
            "--sync-checkpoint", "--steps", "12", "--seed", "7"]
 pytestmark = pytest.mark.multiprocess
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from launch.slurm import main as generate_sbatch
+from tests.helpers import TINY_LM_MODEL
 from tests.slurm_cluster import REPO, slurm_cluster  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slurm]
 
 STANDIN = "tests/scripts/slurm_train.py"
 # A tiny train_lm: fast on 2 shared cores, one metrics line per step.
-TINY_LM = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-           "--warmup", "2", "--log-every", "1", "--sample-tokens", "0", "--eval-every", "0"]
+TINY_LM = [*TINY_LM_MODEL, "--warmup", "2", "--log-every", "1", "--eval-every", "0"]
 # The checked-in scripts ask for 4 GPUs and 8 CPUs per task; the test node has 2 and 2.
 SMALL_NODE = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=00:10:00"]
 
