@@ -17,6 +17,7 @@ from typing import NoReturn, Optional, Sequence, Tuple
 
 from launch.hosts import Hosts, format_hosts, is_local, local_names, parse_host_list, read_hostfile, total_slots
 from launch.slurm_env import hosts_from_slurm, in_slurm_job
+from launch.version import distrib_version
 
 PROG = "distrib-launch"
 CONTROLLERS = ("auto", "mpi", "gloo")
@@ -116,6 +117,7 @@ def fail(message: str) -> NoReturn:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Start N Horovod workers running script.py and supervise them.",
                 usage="%(prog)s [-np N] [-H HOSTS | --hostfile FILE] [options] script.py [args ...]")
+    p.add_argument("--version", action="version", version=f"%(prog)s {distrib_version()}")
     p.add_argument("-np", "--num-proc", dest="np", type=int, metavar="N",
                    help="number of workers (default: all slots of -H/--hostfile; required without them)")
     where = p.add_mutually_exclusive_group()
