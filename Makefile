@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   bootstrap if needed, then train the example LM on 2 workers
 #   make test    bootstrap if needed, then run the test suite
-PY := .venv/bin/python
+# DISTRIB_PYTHON=/path/to/python: use an environment you already have (its torch and Horovod) instead of .venv.
+PY := $(or $(DISTRIB_PYTHON),.venv/bin/python)
 NP ?= 2
 ARGS ?=
 

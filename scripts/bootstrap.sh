@@ -4,17 +4,36 @@
 #
 # GPU users: set TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>")
 # and HOROVOD_GPU_OPERATIONS=NCCL before the first run; the rest is the same.
+#
+# An environment you already have (a cluster module, a conda env, a container):
+# DISTRIB_PYTHON=/path/to/python uses that interpreter instead of creating .venv. Its torch is
+# never replaced, and its Horovod is kept (not rebuilt) when `horovodrun --check-build` lists
+# PyTorch and at least one controller (MPI or Gloo): sites often build Horovod against their own
+# MPI only, and the launcher picks whichever controller is there.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
-LOG_DIR="$VENV/logs"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 HOROVOD_VERSION="0.28.1"
-PY="$VENV/bin/python"
 
 say() { echo "[bootstrap] $*"; }
 fail() { echo "[bootstrap] error: $*" >&2; exit 1; }
+
+if [ -n "${DISTRIB_PYTHON:-}" ]; then
+    PY="$DISTRIB_PYTHON"
+    "$PY" -c "import sys; assert sys.version_info >= (3, 9)" 2>/dev/null ||
+        fail "DISTRIB_PYTHON=$DISTRIB_PYTHON is not a Python 3.9+ interpreter; give the path of your environment's python"
+    PREFIX="$("$PY" -c "import sys; print(sys.prefix)")"
+    # Logs and the remembered check live in .venv when that is the environment, else beside the checkout
+    # (an environment you brought may be read-only).
+    if [ "$PREFIX" = "$(cd "$VENV" 2>/dev/null && pwd -P)" ]; then STATE="$VENV"; else STATE="$ROOT/.setup"; fi
+else
+    PY="$VENV/bin/python"
+    STATE="$VENV"
+fi
+BIN="$(dirname "$PY")"
+LOG_DIR="$STATE/logs"
 
 # Runs a step with its output in a log file; on failure prints one line naming the log.
 logged() {
@@ -34,31 +53,61 @@ if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null; then
     logged apt-openmpi bash -c "$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y openmpi-bin libopenmpi-dev"
 fi
 
-# 2. The virtual environment.
+# 2. The virtual environment (not with DISTRIB_PYTHON: that environment exists).
 if [ ! -x "$PY" ]; then
     say "creating $VENV"
     python3 -m venv "$VENV"
 fi
 mkdir -p "$LOG_DIR"
 
-# 3. Python dependencies (build requirements of Horovod included).
-if ! "$PY" -c "import torch, numpy, mpi4py, cmake, psutil, yaml, cloudpickle, packaging, wheel, tqdm, matplotlib, tensorboard, pytest, pytest_timeout" 2>/dev/null; then
-    say "installing $TORCH_SPEC, numpy, mpi4py and Horovod's build requirements"
-    logged pip-deps "$PY" -m pip install $TORCH_SPEC numpy mpi4py cmake setuptools wheel packaging psutil pyyaml cloudpickle pytest pytest-timeout tqdm matplotlib tensorboard
+# 3. Python dependencies: distrib's requirements and extras (pyproject.toml), the test tools and
+# Horovod's build requirements. A torch that is already there stays: it may be the site's CUDA build.
+if ! "$PY" -c "import torch, numpy, mpi4py, cmake, psutil, yaml, cloudpickle, packaging, wheel, tqdm, matplotlib, tensorboard, pytest, pytest_timeout, build" 2>/dev/null; then
+    TORCH_REQ="$TORCH_SPEC"
+    if "$PY" -c "import torch" 2>/dev/null; then TORCH_REQ=""; fi
+    say "installing ${TORCH_REQ:+$TORCH_REQ, }numpy, mpi4py, the test tools and Horovod's build requirements"
+    logged pip-deps "$PY" -m pip install $TORCH_REQ numpy mpi4py cmake setuptools wheel packaging psutil pyyaml cloudpickle pytest pytest-timeout tqdm matplotlib tensorboard build
 fi
 
-# 4. Horovod 0.28.1 built with PyTorch, MPI and Gloo.
-# Its CMake forces -std=c++14 but torch >= 2.1 headers need C++17: a compiler wrapper rewrites
-# the flag (upstream fixed this on master but never released it: horovod issues 3996, 4014).
-horovod_ok() {
-    "$PY" - <<'PY' 2>/dev/null
-import horovod.torch as hvd
-assert hvd.mpi_built() and hvd.gloo_built()
+# What `horovodrun --check-build` marks [X] for this environment's Horovod among PyTorch and the
+# controllers: e.g. "PyTorch MPI Gloo"; empty when there is no Horovod with PyTorch support. The
+# check takes ~9 s (it probes every framework), so its answer is remembered against the Horovod
+# library and the torch it came from: a second set-up reuses it in well under a second, and a
+# rebuilt Horovod or a replaced torch is checked again. horovodrun's own entry point is called
+# through $PY, so no other environment's horovodrun on PATH can answer for this one.
+horovod_built() {
+    local fingerprint stamp="$STATE/.horovod-check-build" check
+    fingerprint="$("$PY" - <<'PY' 2>/dev/null
+import glob, importlib.metadata, importlib.util, os
+spec = importlib.util.find_spec("horovod")
+lib = glob.glob(os.path.join(os.path.dirname(spec.origin), "torch", "mpi_lib_v2*.so"))[0]
+st = os.stat(lib)
+print(lib, st.st_size, int(st.st_mtime), "torch", importlib.metadata.version("torch"))
 PY
+)" || return 0
+    if [ "$(head -n 1 "$stamp" 2>/dev/null)" = "$fingerprint" ]; then
+        tail -n +2 "$stamp"
+        return 0
+    fi
+    check="$("$PY" -c "import sys; from horovod.runner.launch import run_commandline; sys.argv[0] = 'horovodrun'; sys.exit(run_commandline())" --check-build 2>&1)" || return 0
+    local built
+    built="$(echo "$check" | awk '/^Available /{section=$2} /\[X\]/ && ((section == "Frameworks:" && $2 == "PyTorch") || section == "Controllers:") {printf "%s%s", sep, $2; sep=" "}')"
+    printf '%s\n%s\n' "$fingerprint" "$built" >"$stamp"
+    echo "$built"
 }
-if ! horovod_ok; then
-    say "building Horovod $HOROVOD_VERSION (about 5 minutes on 2 cores; log: $LOG_DIR/horovod-build.log)"
-    WRAP="$VENV/cxx17"
+has() { [[ " $built " == *" $1 "* ]]; }
+
+# 4. Horovod with PyTorch. Our own .venv gets 0.28.1 built with PyTorch, MPI and Gloo (the tests
+# use both controllers); an environment given by DISTRIB_PYTHON keeps any Horovod that has PyTorch
+# and one controller.
+built="$(horovod_built)"
+if has PyTorch && { has MPI && has Gloo || { [ -n "${DISTRIB_PYTHON:-}" ] && { has MPI || has Gloo; }; }; }; then
+    say "keeping the Horovod of $PY: horovodrun --check-build lists ${built// /, }; not rebuilding it"
+else
+    # Its CMake forces -std=c++14 but torch >= 2.1 headers need C++17: a compiler wrapper rewrites
+    # the flag (upstream fixed this on master but never released it: horovod issues 3996, 4014).
+    say "building Horovod $HOROVOD_VERSION (horovodrun --check-build lists: ${built:-no Horovod with PyTorch}; about 5 minutes on 2 cores; log: $LOG_DIR/horovod-build.log)"
+    WRAP="$STATE/cxx17"
     mkdir -p "$WRAP"
     cat >"$WRAP/c++" <<'WRAPPER'
 #!/usr/bin/env bash
@@ -73,30 +122,23 @@ WRAPPER
     # CMAKE_POLICY_VERSION_MINIMUM: CMake 4 refuses the old minimum in Horovod's bundled gloo.
     # --no-cache-dir: the built library's RUNPATH names the torch/lib of the venv that built it,
     # so a wheel cached from another checkout's venv would point at a folder that may be gone.
-    logged horovod-build env PATH="$VENV/bin:$PATH" CXX="$WRAP/c++" CMAKE_POLICY_VERSION_MINIMUM=3.5 \
+    # --force-reinstall --no-deps: a Horovod 0.28.1 that is there but lacks a part is rebuilt, not
+    # "already satisfied" (its own requirements came in step 3).
+    logged horovod-build env PATH="$BIN:$PATH" CXX="$WRAP/c++" CMAKE_POLICY_VERSION_MINIMUM=3.5 \
         HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
         HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 MAKEFLAGS="-j$(nproc)" \
-        "$PY" -m pip install --no-build-isolation --no-cache-dir "horovod==$HOROVOD_VERSION"
-    horovod_ok || fail "Horovod built but lacks MPI or Gloo; see $LOG_DIR/horovod-build.log"
+        "$PY" -m pip install --no-build-isolation --no-cache-dir --force-reinstall --no-deps "horovod==$HOROVOD_VERSION"
+    built="$(horovod_built)"
+    has PyTorch && has MPI && has Gloo ||
+        fail "Horovod built but horovodrun --check-build lists only: ${built:-nothing}; see $LOG_DIR/horovod-build.log"
 fi
 
 # 5. distrib itself, editable, with the distrib-launch console script.
-if ! "$PY" -c "import distrib, launch" 2>/dev/null || [ ! -x "$VENV/bin/distrib-launch" ]; then
+if ! "$PY" -c "import distrib, launch" 2>/dev/null || [ ! -x "$BIN/distrib-launch" ]; then
     say "installing distrib (editable)"
     logged pip-distrib "$PY" -m pip install --no-build-isolation --no-deps -e "$ROOT"
 fi
 
-# 6. Check the result the way a user would. horovodrun --check-build takes ~9 s (it probes every
-# framework), so a passed check is remembered against the Horovod library it checked: a second
-# set-up skips it in well under a second, and a rebuilt or replaced Horovod is checked again.
-stamp="$VENV/.horovod-check-build-ok"
-horovod_lib="$(ls "$VENV"/lib/python*/site-packages/horovod/torch/mpi_lib_v2*.so 2>/dev/null | head -n 1)"
-fingerprint="$(stat -c '%n %s %Y' "$horovod_lib" 2>/dev/null || echo none)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$fingerprint" ]; then
-    check="$("$VENV/bin/horovodrun" --check-build 2>&1)" || fail "horovodrun --check-build failed: $check"
-    for want in "\[X\] PyTorch" "\[X\] MPI" "\[X\] Gloo"; do
-        echo "$check" | grep -q "$want" || fail "horovodrun --check-build lacks ${want//\\/}; rebuild with: rm -rf $VENV && make setup"
-    done
-    echo "$fingerprint" >"$stamp"
-fi
-say "ready: $("$PY" -c 'import torch, horovod; print("torch", torch.__version__, "horovod", horovod.__version__)')"
+versions="$("$PY" -c 'import torch, horovod, distrib; print("torch", torch.__version__, "horovod", horovod.__version__, "distrib", distrib.__version__)' 2>&1)" ||
+    fail "torch, Horovod or distrib does not import in $PY: $(echo "$versions" | tail -n 1)"
+say "ready: $versions"
