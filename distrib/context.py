@@ -90,8 +90,8 @@ def _import_horovod():
         import horovod.torch as hvd
     except ImportError as exc:
         raise DistribSetupError(
-            f"Horovod with PyTorch support is not importable ({exc}); run `make setup` "
-            "(or scripts/bootstrap.sh) to build it") from exc
+            f"Horovod with PyTorch support is not importable ({exc}); install it into this environment "
+            "(README: Installing into your own environment), or run `make setup` in a checkout to build it") from exc
     return hvd
 
 

@@ -95,8 +95,9 @@ def resolve_controller(requested: str, mpi_built: Callable[[], Optional[bool]], 
     built = mpi_built()
     if built is None:  # neither controller can work: say so now, not once per worker
         raise ValueError("Horovod with PyTorch support cannot be imported by this Python "
-                         f"({sys.executable}); run `make setup` (scripts/bootstrap.sh), and "
-                         "`python -c 'import horovod.torch'` shows why")
+                         f"({sys.executable}); install it into this environment (README: Installing into your own "
+                         "environment) or run `make setup` in a checkout; `python -c 'import horovod.torch'` "
+                         "shows why")
     if not built:
         return "gloo", "auto: Horovod was built without MPI"
     if mpirun is None:
