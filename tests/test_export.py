@@ -10,9 +10,9 @@ from distrib.export import FORMAT, ExportError, load_model_artifact, save_model_
 from tests.checkpoint_fixtures import REPO, cpu_ctx
 
 sys.path.insert(0, str(REPO / "examples"))
-from lm_model import GPT, CharTokenizer, GPTConfig  # noqa: E402
+from lm_model import GPT, CharTokenizer, GPTConfig, load_corpus  # noqa: E402
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 20
+TEXT = load_corpus()  # the export verifies on its held-out tail, so the vocab must cover it
 
 
 def tiny_gpt(seed=0):
@@ -106,7 +106,7 @@ def test_generate_rejects_a_checkpoint_folder_and_unknown_characters(tmp_path, r
     proc = run(gen, run_path / "checkpoints" / "step-00000020")
     assert proc.returncode == 2 and proc.stderr.startswith("generate.py: error:") and "distrib.export" in proc.stderr
     save_model_artifact(tmp_path / "m.pt", model.state_dict(), model.config.to_dict(), 20)
-    proc = run(gen, tmp_path / "m.pt", "--prompt", "XYZ")
+    proc = run(gen, tmp_path / "m.pt", "--prompt", "\u00a7")
     assert proc.returncode == 2 and "not in the model's vocabulary" in proc.stderr
 
 
