@@ -21,11 +21,8 @@ from typing import Callable, FrozenSet, Iterable, Mapping, Optional, Tuple
 
 from launch.cli import LaunchConfig
 from launch.hosts import format_hosts, is_local
+from launch.status_channel import HEARTBEAT_ENV, RUNTIME_ENV_NAMES
 
-# Variables the supervisor sets for every attempt (values known only at run time).
-STATUS_DIR_ENV = "DISTRIB_STATUS_DIR"          # the shim writes rank-<rank>.json here
-RESTART_COUNT_ENV = "DISTRIB_RESTART_COUNT"    # 0 on the first attempt, i on restart i
-HEARTBEAT_DIR_ENV = "DISTRIB_HEARTBEAT_FILE_DIR"  # set with --hang-timeout; see distrib/heartbeat.py
 
 # What mpirun must forward to remote workers (local ones inherit the whole environment anyway).
 EXPORT_NAMES = frozenset({"PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONUNBUFFERED",
@@ -76,8 +73,9 @@ def exported_names(env_names: Iterable[str], ours: Iterable[str] = ()) -> Tuple[
 
 
 def runtime_env_names(config: LaunchConfig) -> Tuple[str, ...]:
-    """The variables the supervisor sets for each attempt (the heartbeat one only with --hang-timeout)."""
-    return (STATUS_DIR_ENV, RESTART_COUNT_ENV) + ((HEARTBEAT_DIR_ENV,) if config.hang_timeout else ())
+    """The variables the supervisor sets for each attempt (launch/status_channel.py; the heartbeat
+    one only with --hang-timeout)."""
+    return RUNTIME_ENV_NAMES + ((HEARTBEAT_ENV,) if config.hang_timeout else ())
 
 
 def resolve_controller(requested: str, mpi_built: Callable[[], Optional[bool]], mpirun: Optional[str],

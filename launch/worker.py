@@ -3,20 +3,26 @@
 It runs the training script as a child process, so that even a script killed by SIGKILL is seen
 ending. The child's stdout passes through untouched; its stderr is copied through as it comes
 while the last lines are kept. SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 are forwarded to the
-child. When the child ends, the shim writes ``$DISTRIB_STATUS_DIR/rank-<rank>.json``::
+child. It reports to the launcher over the status channel (launch/status_channel.py), which works
+from any host: at start ``started`` (rank, host, pid, shim_pid, so that the supervisor can stop the
+rank's processes itself when they run on its host), and when the child ends ``ended``::
 
     {"rank": 1, "host": "node1", "pid": 4242, "exit_code": 137, "signal": "SIGKILL",
      "end_time": 1764000000.1, "stderr_tail": ["...", "..."]}
 
-and exits with the child's code (128 + N for a signal N). At start it writes
-``started-<rank>.json`` (rank, host, pid, shim_pid) so that the supervisor can stop the rank's
-processes itself. Without ``DISTRIB_STATUS_DIR`` (run by hand) it writes nothing.
+then exits with the child's code (128 + N for a signal N). While the script runs the shim keeps
+its connection open; when the launcher ends it (the attempt is being stopped, or the launcher
+died) the shim stops the script: SIGCONT and SIGTERM, SIGKILL after ``DISTRIB_STOP_GRACE``
+seconds. That is how a worker on another host is stopped even when mpirun or horovodrun cannot
+reach it. Without the channel's variables (run by hand), or when the launcher cannot be reached,
+it reports nothing and the script runs all the same.
 """
 from __future__ import annotations
 
 import ctypes
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -24,23 +30,15 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Deque, List, Mapping, Optional
+from typing import Deque, List, Mapping
 
-STATUS_DIR_ENV = "DISTRIB_STATUS_DIR"
-# Where launchers put the global rank: Horovod's Gloo launcher, Open MPI, PMIx (srun), SLURM.
-RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+from launch.status_channel import STOP_GRACE_ENV, Channel, rank_from_env
+
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 TAIL_LINES = 20
 _TAIL_BYTES = 64 * 1024
 _PR_SET_PDEATHSIG = 1
-
-
-def rank_from_env(env: Mapping[str, str]) -> Optional[int]:
-    for name in RANK_VARIABLES:
-        value = env.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return None
+DEFAULT_STOP_GRACE_S = 5.0
 
 
 def exit_status(returncode: int) -> tuple:
@@ -95,10 +93,34 @@ def _pump(source, sink, tail: Deque[bytes]) -> None:
             kept -= len(tail.popleft())
 
 
+def _stop_when_launcher_leaves(channel: Channel, child: subprocess.Popen, grace: float) -> None:
+    """In a thread: the launcher ended our connection (it is stopping the attempt, or it died):
+    stop the script as the launcher would, SIGTERM then SIGKILL after ``grace`` seconds."""
+    sock = channel.sock
+    if sock is None:
+        return
+    try:
+        select.select([sock], [], [])
+        if sock.recv(1, socket.MSG_PEEK) != b"":
+            return  # the launcher sends nothing: not an end we understand, leave the script alone
+    except (OSError, ValueError):
+        return  # our own side was closed (the shim is finishing)
+    if child.poll() is not None:
+        return
+    for sig in (signal.SIGCONT, signal.SIGTERM):
+        try:
+            child.send_signal(sig)
+        except ProcessLookupError:
+            return
+    try:
+        child.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        child.kill()
+
+
 def run(argv: List[str], env: Mapping[str, str]) -> int:
-    status_dir = env.get(STATUS_DIR_ENV) or None
+    channel = Channel.from_env(env)
     rank = rank_from_env(env)
-    name = str(rank) if rank is not None else f"unknown-{os.getpid()}"
     host = socket.gethostname()
     child = subprocess.Popen([sys.executable, *argv], stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
 
@@ -109,9 +131,13 @@ def run(argv: List[str], env: Mapping[str, str]) -> int:
             pass
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
 
-    if status_dir:
-        write_json(os.path.join(status_dir, f"started-{name}.json"),
-                   {"rank": rank, "host": host, "pid": child.pid, "shim_pid": os.getpid(), "start_time": time.time()})
+    if channel is not None and channel.send({"kind": "started", "rank": rank, "host": host, "pid": child.pid,
+                                             "shim_pid": os.getpid(), "start_time": time.time()}):
+        try:
+            grace = float(env.get(STOP_GRACE_ENV) or DEFAULT_STOP_GRACE_S)
+        except ValueError:
+            grace = DEFAULT_STOP_GRACE_S
+        threading.Thread(target=_stop_when_launcher_leaves, args=(channel, child, grace), daemon=True).start()
     tail: Deque[bytes] = deque()
     pump = threading.Thread(target=_pump, args=(child.stderr, sys.stderr.buffer, tail), daemon=True)
     pump.start()
@@ -121,10 +147,10 @@ def run(argv: List[str], env: Mapping[str, str]) -> int:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
     code, signame = exit_status(returncode)
-    if status_dir:
-        write_json(os.path.join(status_dir, f"rank-{name}.json"),
-                   {"rank": rank, "host": host, "pid": child.pid, "exit_code": code, "signal": signame,
-                    "end_time": end_time, "stderr_tail": tail_lines(b"".join(list(tail)))})
+    if channel is not None:
+        channel.send({"kind": "ended", "rank": rank, "host": host, "pid": child.pid, "exit_code": code,
+                      "signal": signame, "end_time": end_time, "stderr_tail": tail_lines(b"".join(list(tail)))})
+        channel.close()
     return code
 
 

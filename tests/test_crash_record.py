@@ -1,32 +1,50 @@
-"""distrib/crash_record.py: an uncaught exception is written to DISTRIB_STATUS_DIR before the
-process goes on to exit (and to Horovod's atexit shutdown), and the traceback still reaches stderr."""
+"""distrib/crash_record.py: an uncaught exception is reported to the launcher's status server before
+the process goes on to exit (and to Horovod's atexit shutdown), and the traceback still reaches stderr."""
 import json
 import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 from distrib import crash_record
+from launch.status_server import StatusServer
 from tests.helpers import REPO
 
+# The atexit handler waits (bounded) for the launcher to have the record: it can only be there
+# if the hook sent it before the atexit handlers ran.
 RAISE = """
-import atexit, os, sys
+import atexit, os, sys, time
 from distrib import crash_record
-atexit.register(lambda: print("atexit sees record:", os.path.exists(sys.argv[1]), flush=True))
+def check():
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("atexit sees record:", os.path.exists(sys.argv[1]), flush=True)
+atexit.register(check)
 crash_record.install(lambda: 3)
 raise {exc}
 """
 
 
-def run_raising(tmp_path, exc):
-    env = {**os.environ, crash_record.STATUS_DIR_ENV: str(tmp_path)}
+@pytest.fixture
+def server(tmp_path):
+    srv = StatusServer(str(tmp_path))
+    yield srv
+    srv.close()
+
+
+def run_raising(tmp_path, server, exc):
+    env = {**os.environ, **server.env()}
     record = tmp_path / "raised-3.json"
     proc = subprocess.run([sys.executable, "-c", RAISE.format(exc=exc), str(record)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     return proc, record
 
 
-def test_an_uncaught_exception_is_recorded_before_atexit_and_still_printed(tmp_path):
-    proc, record = run_raising(tmp_path, 'ValueError("bad shard\\nsecond line")')
+def test_an_uncaught_exception_is_recorded_before_atexit_and_still_printed(tmp_path, server):
+    proc, record = run_raising(tmp_path, server, 'ValueError("bad shard\\nsecond line")')
     assert proc.returncode == 1
     assert "atexit sees record: True" in proc.stdout          # written before the atexit handlers ran
     assert proc.stderr.rstrip().endswith("second line")       # the usual traceback, untouched
@@ -38,8 +56,8 @@ def test_an_uncaught_exception_is_recorded_before_atexit_and_still_printed(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["raised-3.json"]  # no temporary file left
 
 
-def test_ctrl_c_is_not_a_crash(tmp_path):
-    proc, record = run_raising(tmp_path, "KeyboardInterrupt")
+def test_ctrl_c_is_not_a_crash(tmp_path, server):
+    proc, record = run_raising(tmp_path, server, "KeyboardInterrupt")
     assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
     assert not record.exists()
 
@@ -50,24 +68,31 @@ def test_nothing_is_installed_outside_the_launcher(monkeypatch):
     assert sys.excepthook is sys.__excepthook__
 
 
-def test_installing_twice_keeps_one_hook(tmp_path, monkeypatch, capsys):
+def test_installing_twice_keeps_one_hook(tmp_path, server, monkeypatch, capsys):
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
-    env = {crash_record.STATUS_DIR_ENV: str(tmp_path)}
+    env = server.env()
     assert crash_record.install(lambda: 0, env=env) and crash_record.install(lambda: 0, env=env)
     try:
         raise ValueError("once")
     except ValueError as exc:
         sys.excepthook(type(exc), exc, exc.__traceback__)
     assert capsys.readouterr().err.count("ValueError: once") == 1  # not chained to itself
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "raised-0.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert json.loads((tmp_path / "raised-0.json").read_text())["exception"] == "ValueError: once"
+
+
+def test_an_unreachable_launcher_still_shows_the_traceback(tmp_path, server):
+    env = server.env()
+    server.close()
+    proc = subprocess.run([sys.executable, "-c", "from distrib import crash_record\n"
+                           "crash_record.install(lambda: 0)\nraise ValueError('lost report')"],
+                          cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.rstrip().endswith("ValueError: lost report")
 
 
 def test_describe_is_one_short_line():
     assert crash_record.describe(RuntimeError("x" * 500)) == "RuntimeError: " + "x" * 183 + "..."
     assert crash_record.describe(KeyError()) == "KeyError"
     assert crash_record.describe(OSError("disk full\n  details")) == "OSError: disk full"
-
-
-def test_the_status_folder_variable_is_the_launchers():
-    from launch.plan import STATUS_DIR_ENV
-    assert crash_record.STATUS_DIR_ENV == STATUS_DIR_ENV

@@ -1,15 +1,17 @@
-"""distrib/heartbeat.py: the library side of the launcher's hang detection."""
+"""distrib/heartbeat.py: the library side of the launcher's hang detection (beats sent to a real StatusServer)."""
 import time
 
 import pytest
 
 import distrib.heartbeat as heartbeat
-from distrib.heartbeat import HEARTBEAT_DIR_ENV, Heartbeat, beat, heartbeat_path
+from distrib.heartbeat import Heartbeat, beat, heartbeat_sender
+from launch.status_channel import ADDRESS_ENV, HEARTBEAT_ENV, SECRET_ENV
+from launch.status_server import StatusServer
 
 
 @pytest.fixture(autouse=True)
 def fresh_process_state(monkeypatch):
-    """beat() keeps its writer per process; each test starts as a new process would."""
+    """beat() keeps its sender per process; each test starts as a new process would."""
     monkeypatch.setattr(heartbeat, "_heartbeat", None)
     monkeypatch.setattr(heartbeat, "_disabled", False)
     yield
@@ -17,70 +19,81 @@ def fresh_process_state(monkeypatch):
         heartbeat._heartbeat.close()
 
 
-def wait_for_content(path, expected, timeout=10.0):
-    """The file's content once it equals ``expected`` (a bounded wait, not a speed assertion)."""
+@pytest.fixture
+def server(tmp_path):
+    srv = StatusServer(str(tmp_path))
+    yield srv
+    srv.close()
+
+
+def wait_for(predicate, timeout=10.0):
+    """A bounded wait for something a thread does (not a speed assertion)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text() == expected:
-            return expected
+    while not predicate() and time.monotonic() < deadline:
         time.sleep(0.01)
-    return path.read_text() if path.exists() else None
+    return predicate()
 
 
-def test_path_needs_the_directory_and_a_rank(tmp_path):
-    assert heartbeat_path({}) is None
-    assert heartbeat_path({HEARTBEAT_DIR_ENV: str(tmp_path)}) is None
-    assert heartbeat_path({"HOROVOD_RANK": "1"}) is None
-    assert heartbeat_path({HEARTBEAT_DIR_ENV: str(tmp_path), "OMPI_COMM_WORLD_RANK": "3"}) == \
-        str(tmp_path / "heartbeat-3")
+def test_a_sender_needs_the_switch_the_channel_and_a_rank(server):
+    channel = server.env()
+    assert heartbeat_sender({}) is None
+    assert heartbeat_sender({**channel, "HOROVOD_RANK": "1"}) is None           # no --hang-timeout
+    assert heartbeat_sender({HEARTBEAT_ENV: "1", "HOROVOD_RANK": "1"}) is None  # no launcher
+    assert heartbeat_sender({**channel, HEARTBEAT_ENV: "1"}) is None            # no rank
+    assert heartbeat_sender({**channel, HEARTBEAT_ENV: "1", "OMPI_COMM_WORLD_RANK": "3"}) is not None
 
 
-def test_beat_is_a_no_op_without_the_variable(tmp_path, monkeypatch):
-    monkeypatch.delenv(HEARTBEAT_DIR_ENV, raising=False)
+def test_beat_is_a_no_op_without_the_variables(monkeypatch):
+    for name in (HEARTBEAT_ENV, ADDRESS_ENV, SECRET_ENV):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOROVOD_RANK", "0")
-    monkeypatch.chdir(tmp_path)
     beat()
     beat()
-    assert list(tmp_path.iterdir()) == [] and heartbeat._heartbeat is None
+    assert heartbeat._heartbeat is None and heartbeat._disabled
 
 
-def test_the_first_beat_is_written_at_once_and_the_rest_by_the_writer(tmp_path):
-    path = tmp_path / "heartbeat-2"
-    hb = Heartbeat(str(path), interval=0.05)
+def test_the_first_beat_is_sent_at_once_and_the_count_again_every_interval():
+    """A rank blocked in an allreduce still sends: the launcher sees it alive, only its count stops."""
+    sent = []
+    hb = Heartbeat(lambda count: sent.append(count) or True, interval=0.05)
     hb.beat()
-    assert path.read_text() == "1\n"  # before the writer thread ever ran: a rank stopped now is judged
+    assert sent == [1]  # before the thread ever ran: a rank stopped now is judged
     for _ in range(4):
         hb.beat()
-    assert wait_for_content(path, "5\n") == "5\n"
+    assert wait_for(lambda: sent and sent[-1] == 5)
+    n = len(sent)
+    assert wait_for(lambda: len(sent) >= n + 2)  # the count stands still, the sends go on
     hb.close()
+    assert sent[-1] == 5
 
 
-def test_the_writer_keeps_writing_while_the_count_stands_still(tmp_path):
-    """A rank blocked in an allreduce still writes: its file stays fresh, only its count stops."""
-    path = tmp_path / "heartbeat-0"
-    hb = Heartbeat(str(path), interval=0.05)
-    hb.beat()
-    first = path.stat().st_mtime_ns
-    deadline = time.monotonic() + 10
-    while path.stat().st_mtime_ns == first and time.monotonic() < deadline:
-        time.sleep(0.01)
-    hb.close()
-    assert path.stat().st_mtime_ns > first and path.read_text() == "1\n"
-
-
-def test_beat_writes_this_ranks_file(tmp_path, monkeypatch):
-    monkeypatch.setenv(HEARTBEAT_DIR_ENV, str(tmp_path))
-    monkeypatch.setenv("HOROVOD_RANK", "2")
-    monkeypatch.setattr(heartbeat, "WRITE_INTERVAL_S", 0.05)
+def test_beat_reaches_the_launchers_file_for_this_rank(tmp_path, server, monkeypatch):
+    for name, value in {**server.env(), HEARTBEAT_ENV: "1", "HOROVOD_RANK": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(heartbeat, "SEND_INTERVAL_S", 0.05)
     for _ in range(3):
         beat()
     assert heartbeat._heartbeat.count == 3
-    assert wait_for_content(tmp_path / "heartbeat-2", "3\n") == "3\n"
+    path = tmp_path / "heartbeat-2"
+    assert wait_for(lambda: path.exists() and path.read_text() == "3\n")
 
 
-def test_beat_never_raises(tmp_path, monkeypatch):
-    monkeypatch.setenv(HEARTBEAT_DIR_ENV, str(tmp_path / "missing" / "dir"))
-    monkeypatch.setenv("HOROVOD_RANK", "0")
+def test_beat_never_raises_when_the_launcher_is_gone(server, monkeypatch):
+    for name, value in {**server.env(), HEARTBEAT_ENV: "1", "HOROVOD_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    server.close()
     beat()
     beat()
     assert heartbeat._heartbeat.count == 2
+
+
+def test_a_failing_sender_does_not_stop_the_beats():
+    calls = []
+
+    def send(count):
+        calls.append(count)
+        raise OSError("network unreachable")
+    hb = Heartbeat(send, interval=0.02)
+    hb.beat()
+    assert wait_for(lambda: len(calls) >= 3)
+    hb.close()

@@ -26,7 +26,8 @@ def plan(controller, cfg=None, env=ENV, is_root=False):
     return build_plan(cfg or config(), controller, "why", env_names=env, is_root=is_root, tools=TOOLS, local=LOCAL)
 
 
-MPI_EXPORTS = ["-x", "DISTRIB_RESTART_COUNT", "-x", "DISTRIB_RUN", "-x", "DISTRIB_STATUS_DIR",
+MPI_EXPORTS = ["-x", "DISTRIB_RESTART_COUNT", "-x", "DISTRIB_RUN", "-x", "DISTRIB_STATUS_ADDR",
+               "-x", "DISTRIB_STATUS_SECRET", "-x", "DISTRIB_STOP_GRACE",
                "-x", "HOROVOD_CYCLE_TIME", "-x", "LD_LIBRARY_PATH", "-x", "OMP_NUM_THREADS", "-x", "PATH",
                "-x", "PYTHONPATH"]
 
@@ -50,7 +51,8 @@ def test_mpi_hosts_timeline_and_hang_timeout():
     assert list(p.argv) == [
         "/usr/bin/mpirun", "--oversubscribe", "-np", "6", "-H", "node1:4,node2:4", "--bind-to", "none",
         "--map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib", "-mca", "mpi_yield_when_idle", "1", "-mca", "odls_base_sigkill_timeout", "0",
-        "-x", "DISTRIB_HEARTBEAT_FILE_DIR", "-x", "DISTRIB_RESTART_COUNT", "-x", "DISTRIB_STATUS_DIR",
+        "-x", "DISTRIB_HEARTBEAT", "-x", "DISTRIB_RESTART_COUNT", "-x", "DISTRIB_STATUS_ADDR",
+        "-x", "DISTRIB_STATUS_SECRET", "-x", "DISTRIB_STOP_GRACE",
         "-x", "HOROVOD_TIMELINE", "-x", "PATH", *WORKER]
     assert p.env == {"HOROVOD_TIMELINE": "/runs/tl.json"}
 

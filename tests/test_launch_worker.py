@@ -1,15 +1,35 @@
-"""launch/worker.py, the shim: pass output through, record how the script ended, forward signals."""
+"""launch/worker.py, the shim: pass output through, report how the script ended, forward signals,
+stop the script when the launcher ends its connection. Reports go to a real StatusServer."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from launch.status_channel import ADDRESS_ENV, SECRET_ENV, new_secret
+from launch.status_server import StatusServer
 from launch.worker import exit_status, rank_from_env, script_argv, tail_lines
 from tests.helpers import REPO
+
+
+@pytest.fixture
+def server(tmp_path):
+    (tmp_path / "reports").mkdir()
+    srv = StatusServer(str(tmp_path / "reports"))
+    yield srv
+    srv.close()
+
+
+def wait_for_file(path, timeout=20.0):
+    """The report's file once the server wrote it (reports arrive over TCP, after the shim sent them)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return json.loads(path.read_text())
 
 
 @pytest.mark.parametrize("env, rank", [
@@ -40,21 +60,21 @@ def test_exit_status_and_tail():
     assert tail_lines(b"a\nb\r\n\nc\xff") == ["a", "b", "c\ufffd"]
 
 
-def shim(tmp_path, code, rank="1", **kw):
+def shim(tmp_path, server, code, rank="1", **kw):
     script = tmp_path / "script.py"
     script.write_text(code)
-    env = {**os.environ, "DISTRIB_STATUS_DIR": str(tmp_path), "HOROVOD_RANK": rank}
+    env = {**os.environ, **server.env(), "HOROVOD_RANK": rank}
     return subprocess.Popen([sys.executable, "-m", "launch.worker", str(script), "arg 1"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def status(tmp_path, rank="1"):
-    return json.loads((tmp_path / f"rank-{rank}.json").read_text())
+    return wait_for_file(tmp_path / "reports" / f"rank-{rank}.json")
 
 
 @pytest.mark.timeout(60)
-def test_exit_code_output_and_status(tmp_path):
-    proc = shim(tmp_path, "import sys\nprint('out', sys.argv[1:])\n"
+def test_exit_code_output_and_status(tmp_path, server):
+    proc = shim(tmp_path, server, "import sys\nprint('out', sys.argv[1:])\n"
                           "for i in range(25): print('err', i, file=sys.stderr)\nsys.exit(3)\n")
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 3
@@ -64,13 +84,13 @@ def test_exit_code_output_and_status(tmp_path):
     assert (s["rank"], s["exit_code"], s["signal"]) == (1, 3, None)
     assert s["stderr_tail"] == [f"err {i}" for i in range(5, 25)]
     assert abs(s["end_time"] - time.time()) < 60 and s["host"]
-    started = json.loads((tmp_path / "started-1.json").read_text())
+    started = wait_for_file(tmp_path / "reports" / "started-1.json")
     assert started["pid"] == s["pid"] and started["shim_pid"] == proc.pid
 
 
 @pytest.mark.timeout(60)
-def test_sigkilled_script_is_seen(tmp_path):
-    proc = shim(tmp_path, "import os, sys\nprint('dying', file=sys.stderr)\nos.kill(os.getpid(), 9)\n", rank="0")
+def test_sigkilled_script_is_seen(tmp_path, server):
+    proc = shim(tmp_path, server, "import os, sys\nprint('dying', file=sys.stderr)\nos.kill(os.getpid(), 9)\n", rank="0")
     proc.communicate(timeout=30)
     assert proc.returncode == 137
     s = status(tmp_path, "0")
@@ -78,11 +98,11 @@ def test_sigkilled_script_is_seen(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_is_forwarded_to_the_script(tmp_path):
+def test_sigterm_is_forwarded_to_the_script(tmp_path, server):
     code = ("import signal, sys, time\n"
             "def on_term(*a):\n    print('got TERM', file=sys.stderr, flush=True); sys.exit(7)\n"
             "signal.signal(signal.SIGTERM, on_term)\nprint('ready', flush=True)\ntime.sleep(60)\n")
-    proc = shim(tmp_path, code)
+    proc = shim(tmp_path, server, code)
     assert proc.stdout.readline() == "ready\n"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
@@ -91,10 +111,10 @@ def test_sigterm_is_forwarded_to_the_script(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_script_dies_with_a_killed_shim(tmp_path):
-    proc = shim(tmp_path, "import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+def test_script_dies_with_a_killed_shim(tmp_path, server):
+    proc = shim(tmp_path, server, "import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
     assert proc.stdout.readline() == "ready\n"
-    child = json.loads((tmp_path / "started-1.json").read_text())["pid"]
+    child = wait_for_file(tmp_path / "reports" / "started-1.json")["pid"]
     proc.kill()
     proc.communicate(timeout=30)
     deadline = time.time() + 10
@@ -106,10 +126,54 @@ def test_script_dies_with_a_killed_shim(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_without_status_dir_writes_nothing(tmp_path):
+def test_the_launcher_ending_the_connection_stops_the_script(tmp_path, server):
+    """How a worker on another host is stopped: SIGTERM (its handler runs), and the end is reported."""
+    code = ("import signal, sys, time\n"
+            "def on_term(*a):\n    print('got TERM', file=sys.stderr, flush=True); sys.exit(5)\n"
+            "signal.signal(signal.SIGTERM, on_term)\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    proc = shim(tmp_path, server, code)
+    assert proc.stdout.readline() == "ready\n"
+    wait_for_file(tmp_path / "reports" / "started-1.json")
+    server.stop_workers()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 5 and "got TERM" in err
+    assert status(tmp_path)["exit_code"] == 5  # the server still reads after it stopped writing
+
+
+@pytest.mark.timeout(60)
+def test_a_script_that_ignores_sigterm_is_killed_after_the_grace(tmp_path, server):
+    code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    env = {**os.environ, **server.env(), "HOROVOD_RANK": "0", "DISTRIB_STOP_GRACE": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "launch.worker", str(script)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    wait_for_file(tmp_path / "reports" / "started-0.json")
+    server.stop_workers()
+    proc.communicate(timeout=30)
+    assert proc.returncode == 137 and status(tmp_path, "0")["signal"] == "SIGKILL"
+
+
+@pytest.mark.timeout(60)
+def test_an_unreachable_launcher_does_not_stop_the_script(tmp_path):
+    """Reports are best-effort: nothing listens on the port, the script runs and its code stands."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections are refused
+    script = tmp_path / "s.py"
+    script.write_text("import sys\nprint('trained')\nsys.exit(4)\n")
+    env = {**os.environ, ADDRESS_ENV: f"127.0.0.1:{port}", SECRET_ENV: new_secret(), "HOROVOD_RANK": "0"}
+    proc = subprocess.run([sys.executable, "-m", "launch.worker", str(script)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (4, "trained\n", "")
+
+
+@pytest.mark.timeout(60)
+def test_without_the_channel_reports_nothing(tmp_path):
     script = tmp_path / "s.py"
     script.write_text("print('hi')\n")
-    env = {k: v for k, v in os.environ.items() if k != "DISTRIB_STATUS_DIR"}
+    env = {k: v for k, v in os.environ.items() if k not in (ADDRESS_ENV, SECRET_ENV)}
     proc = subprocess.run([sys.executable, "-m", "launch.worker", str(script)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and proc.stdout == "hi\n"
