@@ -236,10 +236,9 @@ def test_the_wheel_works_outside_the_checkout(dists, tmp_path):
     shutil.copy(SCRIPTS / "installed_run.py", work)
 
     assert ok(user_run(env, work, "distrib-launch", "--version")).stdout.strip() == f"distrib-launch {version}"
-    where = ok(user_run(env, work, "python", "-c", "import distrib, launch; print(distrib.__version__); "
-                                                   "print(distrib.__file__); print(launch.__file__)")).stdout.split()
-    assert where[0] == version
-    assert all(Path(p).is_relative_to(site_packages(env)) for p in where[1:]), where
+    # The launcher is the installed one (the workers report their distrib below).
+    launcher = ok(user_run(env, work, "python", "-c", "import launch; print(launch.__file__)")).stdout.strip()
+    assert Path(launcher).is_relative_to(site_packages(env)), launcher
 
     mlp = ok(user_run(env, work, "distrib-launch", "-np", "2", "train_mlp.py"))
     assert f"{env / 'bin' / 'python'} -m launch.worker train_mlp.py" in mlp.stderr, mlp.stderr
@@ -279,6 +278,13 @@ def test_an_environment_without_horovod_gets_one_line(dists, tmp_path):
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "Horovod with PyTorch support cannot be imported" in lines[0], lines[0]
+    assert "Installing into your own environment" in lines[0], lines[0]
+    # A script started some other way: distrib.init() raises one line naming the same fix.
+    proc = user_run(env, tmp_path, "python", "-c", "import distrib; distrib.init()", timeout=120)
+    last = proc.stderr.splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith(
+        "distrib.context.DistribSetupError: Horovod with PyTorch support is not importable "
+        "(No module named 'horovod')") and "Installing into your own environment" in last, proc.stderr
 
 
 # -- the set-up keeps the Horovod of an environment it is given --------------------------------
