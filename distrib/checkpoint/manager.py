@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
+from distrib.checkpoint import sharded
 from distrib.checkpoint import state as st
 from distrib.checkpoint import store
 from distrib.checkpoint.store import CheckpointError
@@ -79,6 +80,7 @@ class CheckpointManager:
         self._failure: Optional[str] = None  # set by the writer thread, read after join()
         self._closed = False
         self._staging: Any = None  # rank 0, async: the last CPU snapshot, reused as buffers
+        self._shards = sharded.ShardWriter()  # every rank: its part of sharded optimizer state
         self.last_saved: Optional[Path] = None
         self.last_step: Optional[int] = None  # step of the last save() call, on every rank
 
@@ -112,18 +114,24 @@ class CheckpointManager:
         self.last_step = step
         meta = {"step": step, "world_size": self.ctx.size, "model_config": _json_config(model_config)}
         problem = None
+        shards = sharded.staging_dir(self.root, step) if sharded.sharded_names(state) else None
         if self._main:
             problem = self._join_writer()
             if problem is None:
-                problem = self._prepare_root(step)
-        # Collective: every rank's RNG states to rank 0, and rank 0's verdict on the previous
+                problem = self._prepare_root(step, shards)
+        problem = problem or self._shards.join()  # every rank: its previous shard write
+        # Collective: every rank's RNG states to rank 0, and every rank's verdict on the previous
         # write to every rank, so that all ranks raise together or none does.
         gathered = self._comm.allgather_object({"rng": rng_state(), "problem": problem}, "save")
-        if gathered[0]["problem"]:
-            raise CheckpointError(gathered[0]["problem"])
+        failed = next((g["problem"] for g in gathered if g["problem"]), None)
+        if failed:
+            raise CheckpointError(failed)
+        if shards is not None:  # rank 0 made the staging folder before the allgather
+            self._shards.start(state, shards, self.ctx.rank, self.async_save)
+        adopt = sharded.adopt(shards, self.ctx.size) if shards is not None else None
         files = None
         if self._main:
-            collected = st.collect(state)
+            collected = sharded.strip(st.collect(state))
             if self.async_save:
                 # The previous snapshot is free (its write was joined above): reuse its memory.
                 collected = self._staging = st.cpu_snapshot(collected, reuse=self._staging)
@@ -131,23 +139,26 @@ class CheckpointManager:
                      store.RNG_FILE: [g["rng"] for g in gathered]}
         if self.async_save:
             if self._main:
-                self._thread = threading.Thread(target=self._write, args=(step, files, meta),
+                self._thread = threading.Thread(target=self._write, args=(step, files, meta, adopt),
                                                 name=f"checkpoint-{step}", daemon=False)
                 self._thread.start()
             return
         if self._main:
-            self._write(step, files, meta)
+            self._write(step, files, meta, adopt)
             problem = self._failure
             self._failure = None
+        self._shards.join()  # (a failed shard is in rank 0's verdict: it read every rank's note)
         # Collective: the sync write's outcome, so that every rank returns or raises together.
         problem = self._comm.broadcast_object(problem, "saved")
         if problem:
             raise CheckpointError(problem)
 
-    def _prepare_root(self, step: int) -> Optional[str]:
+    def _prepare_root(self, step: int, shards: Optional[Path] = None) -> Optional[str]:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             store.remove_leftovers(self.root)
+            if shards is not None:
+                shards.mkdir()
             # Checkpoints newer than this one belong to an abandoned history (a run started
             # over without moving them, e.g. under Horovod Elastic): set them aside so that
             # they cannot win the next --resume auto.
@@ -163,10 +174,10 @@ class CheckpointManager:
             return store.io_error_message(self.root, exc)
         return None
 
-    def _write(self, step: int, files: Dict[str, Any], meta: Dict[str, Any]) -> None:
+    def _write(self, step: int, files: Dict[str, Any], meta: Dict[str, Any], adopt=None) -> None:
         slow = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
         try:
-            self.last_saved = store.write_checkpoint(self.root, step, files, meta, slow_s=slow)
+            self.last_saved = store.write_checkpoint(self.root, step, files, meta, slow_s=slow, adopt=adopt)
             store.apply_retention(self.root, self.keep)
         except CheckpointError as exc:
             self._failure = str(exc)
@@ -185,6 +196,7 @@ class CheckpointManager:
         """Block until the asynchronous write (if any) is committed. Must be called on all
         ranks; raises :class:`CheckpointError` on every rank if that write failed."""
         problem = self._join_writer() if self._main else None
+        self._shards.join()  # (a failed shard is in rank 0's verdict)
         # Collective: share rank 0's outcome so no rank exits believing the save succeeded.
         problem = self._comm.broadcast_object(problem, "wait")
         if problem:
@@ -248,6 +260,8 @@ class CheckpointManager:
         try:
             payload = store.load_file(path, store.STATE_FILE)
             rngs = store.load_file(path, store.RNG_FILE)
+            # sharded optimizer state: re-cut for this rank's elements (or consolidated when unsharded)
+            payload["state"] = sharded.resolve(state, payload["state"], path)
         except Exception as exc:
             raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
         why = st.incompatibility(state, payload["state"])

@@ -152,8 +152,10 @@ def _slow(seconds: float) -> None:
 
 
 def write_checkpoint(root: Path, step: int, files: Dict[str, Any], meta: Dict[str, Any],
-                     slow_s: float = 0.0) -> Path:
+                     slow_s: float = 0.0, adopt: Optional[Callable[[Path], Dict[str, Any]]] = None) -> Path:
     """Write ``files`` (name -> object for ``torch.save``) as ``root/step-<step>`` atomically.
+    ``adopt(tmp)`` moves files written elsewhere (other ranks' shards) into the temporary folder
+    and returns their ``{"sha256", "bytes"}`` for the marker.
 
     Temporary folder, fsync of every file, marker last, fsync, ``os.replace``, fsync of
     ``root``. An existing folder of the same step (a re-run of that step) is replaced.
@@ -165,7 +167,7 @@ def write_checkpoint(root: Path, step: int, files: Dict[str, Any], meta: Dict[st
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        sums = {}
+        sums = adopt(tmp) if adopt is not None else {}
         for name, obj in files.items():
             sums[name] = _save_file(tmp / name, obj)
             _slow(slow_s)

@@ -60,12 +60,13 @@ def schedule(opt, total):
     return distrib.LRSchedule(opt, base_lr=BASE_LR, world_size=1, total_steps=total, warmup_steps=2, scaling="none")
 
 
-def plain(kind, steps, max_norm):
-    """Single-process torch on the whole global batch: what the sharded runs must equal."""
+def plain(kind, steps, max_norm, total=None):
+    """Single-process torch on the whole global batch: what the sharded runs must equal (after
+    ``steps`` steps of a schedule of ``total``)."""
     x, y = data()
     model = make_model()
     opt = make_optimizer(kind, model)
-    sched = schedule(opt, steps)
+    sched = schedule(opt, total or steps)
     for step in range(steps):
         idx = batch(step)
         torch.nn.functional.mse_loss(model(x[idx]), y[idx]).backward()

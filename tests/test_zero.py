@@ -1,0 +1,77 @@
+"""ZeRO stages 1 and 2 (distrib.wrap(..., shard=...)) with real Horovod workers: the same numbers
+as single-process torch, and checkpoints that reshard (2 -> 3 -> 1 workers, sharded -> unsharded).
+
+The math cases all run in one launch (tests/scripts/zero_train.py --mode math): AdamW with two
+param groups and weight decay, accumulation, clipping by the global norm, SGD with momentum; each
+with shard="optimizer", shard="gradients" and unsharded, float64, ~400-byte buckets so that
+parameters straddle ranks.
+"""
+import sys
+
+import pytest
+import torch
+
+from distrib.checkpoint import store
+from distrib.checkpoint.sharded import consolidate, shard_file
+from tests.helpers import SCRIPTS, run_launch
+
+SCRIPT = SCRIPTS / "zero_train.py"
+sys.path.insert(0, str(SCRIPTS))
+import zero_train  # noqa: E402  (the plain torch reference, computed here too)
+
+
+def launch(np_, *args):
+    run_launch(["-np", str(np_), "--controller", "gloo"], SCRIPT, [str(a) for a in args], timeout=300)
+
+
+def assert_close(a, b, what):
+    assert a.keys() == b.keys()
+    for key in a:  # float64: reduction-order noise only
+        torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-12, msg=f"{what}: {key}")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_sharded_training_computes_what_single_process_torch_computes(tmp_path):
+    launch(2, "--mode", "math", "--out", tmp_path / "math.pt")
+    results = torch.load(tmp_path / "math.pt", weights_only=False)
+    assert results["size"] == 2 and len(results["cases"]) == len(zero_train.MATH_CASES)
+    for case in results["cases"]:
+        name = "{} accumulate={} max_grad_norm={}".format(*case["case"])
+        plain = case["plain"]
+        assert any(not torch.equal(plain[k], case["initial"][k]) for k in plain), f"{name}: nothing trained"
+        for shard in ("optimizer", "gradients", "none"):
+            ranks = case["sharded"][shard]["ranks"]
+            assert_close(ranks[0], plain, f"{name}, shard={shard}")
+            # every rank holds the whole, identical model (rank 1 started from other weights)
+            assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in plain), f"{name}, shard={shard}"
+        full = case["sharded"]["none"]["state_bytes"][0]
+        for shard in ("optimizer", "gradients"):
+            per_rank = case["sharded"][shard]["state_bytes"]
+            # each rank keeps about half the moments (plus one step counter per piece)
+            assert max(per_rank) < 0.55 * full and sum(per_rank) >= full, (name, shard, per_rank, full)
+        if case["case"][2] is not None:  # the global norm, from the shards' partial sums
+            assert case["sharded"]["gradients"]["norm"] == pytest.approx(case["sharded"]["none"]["norm"], rel=1e-12)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(400)
+def test_resume_on_3_then_1_workers_reshards_the_optimizer_state(tmp_path):
+    run = tmp_path / "run"
+    common = ["--mode", "train", "--run-dir", run, "--every", 2, "--total", 12]
+    launch(2, *common, "--shard", "gradients", "--stop-at", 4, "--out", tmp_path / "a.pt", "--sync")
+    launch(3, *common, "--shard", "optimizer", "--stop-at", 8, "--out", tmp_path / "b.pt")
+    root = run / "checkpoints"
+    assert sorted(p.name for p in (root / store.step_dirname(8)).iterdir()) == sorted(
+        [store.MARKER, store.STATE_FILE, store.RNG_FILE] + [shard_file(r) for r in range(3)])
+    # the 3 shards of step 8, consolidated, are torch's optimizer state after 8 steps
+    _, plain_opt = zero_train.plain("adamw", 8, 0.05, total=12)
+    saved = consolidate(root / store.step_dirname(8))["state"]["optimizer"]
+    assert saved["state"].keys() == plain_opt["state"].keys()
+    for index, moments in plain_opt["state"].items():
+        assert_close(saved["state"][index], moments, f"step 8, parameter {index}")
+    # and an unsharded single worker continues from them
+    launch(1, *common, "--shard", "none", "--out", tmp_path / "c.pt")
+    final = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert final["step"] == 12 and final["size"] == 1
+    assert_close(final["ranks"][0], final["plain"], "after 2 -> 3 -> 1 workers")
