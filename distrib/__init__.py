@@ -3,13 +3,34 @@
     ctx = distrib.init()
     opt = distrib.wrap(model, torch.optim.AdamW(model.parameters()), ctx)
     loader = distrib.ShardedLoader(dataset, batch_size, ctx, seed=0)
+    run = distrib.Run(ctx, "runs/x", model=model, optimizer=opt, loader=loader)  # resume, checkpoints...
+    for step, batch in run.steps(1000): ...
+
+Everything a training script needs is exported here; the submodules are implementation.
 """
 from distrib._version import __version__
 from distrib.context import Context, DistribSetupError, init
-from distrib.data import ShardedLoader
+from distrib.checkpoint import CheckpointError, CheckpointManager
+from distrib.checkpoint.manager import HorovodComm
+from distrib.data import ShardedLoader, eval_loader, eval_shard
+from distrib.evaluate import evaluate, weighted_mean
+from distrib.metrics import MetricsLogger, read_metrics
+from distrib.preemption import PreemptionHandler
+from distrib.run import Run
 from distrib.log import get_logger, rank0_print
 from distrib.optim import DistributedOptimizer, wrap
 from distrib.schedule import LRSchedule, scaled_lr
 
 __all__ = ["Context", "DistribSetupError", "init", "ShardedLoader", "DistributedOptimizer", "wrap",
-           "LRSchedule", "scaled_lr", "rank0_print", "get_logger"]
+           "LRSchedule", "scaled_lr", "rank0_print", "get_logger",
+           "Run", "CheckpointManager", "CheckpointError", "HorovodComm", "MetricsLogger", "read_metrics",
+           "PreemptionHandler", "evaluate", "weighted_mean", "eval_loader", "eval_shard", "ElasticState"]
+
+
+def __getattr__(name):
+    # ElasticState imports Horovod's elastic module: only when asked for, so that `import distrib`
+    # works (and reports a broken Horovod in one line at init()) without it.
+    if name == "ElasticState":
+        from distrib.elastic import ElasticState
+        return ElasticState
+    raise AttributeError(f"module 'distrib' has no attribute {name!r}")

@@ -6,12 +6,14 @@ the rank, sizes or device; nothing in distrib keeps a module-level copy of it.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
 import torch
 
 from distrib import crash_record
+from distrib.heartbeat import beat
 
 
 class DistribSetupError(RuntimeError):
@@ -83,6 +85,39 @@ def threads_per_worker(cpu_count: int, local_size: int, env: Optional[Mapping[st
     if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
         return int(env["OMP_NUM_THREADS"])
     return max(1, cpu_count // max(1, local_size))
+
+
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+
+
+def machine_id() -> str:
+    """The physical machine (kernel) this process runs on: its boot id. Network namespaces and
+    containers of one machine share it, and its cores, though their host names differ (Horovod's
+    local size only counts workers under the same host name). The host name without /proc."""
+    try:
+        with open(BOOT_ID_FILE, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def share_cores(hvd, *, collective: bool) -> int:
+    """Set this worker's torch threads to its share of its machine's cores; return the count.
+
+    The workers of this machine are those with the same :func:`machine_id`, found with an
+    allgather when the job spans several host names and ``collective`` is True (then it must be
+    called on all ranks); otherwise Horovod's local size. Horovod Elastic allows collectives only
+    inside its retry loop, so ``init()`` passes ``collective=False`` there and
+    :class:`distrib.Run` calls this after each state sync.
+    """
+    workers = hvd.local_size()
+    if collective and hvd.cross_size() > 1:
+        beat()  # before every collective distrib runs: see distrib/heartbeat.py
+        ids = hvd.allgather_object(machine_id(), name="distrib.context.machine_id")
+        workers = ids.count(ids[hvd.rank()])
+    threads = threads_per_worker(os.cpu_count() or 1, workers)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _import_horovod():
@@ -187,7 +222,7 @@ def init(seed: Optional[int] = None) -> Context:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(threads_per_worker(os.cpu_count() or 1, hvd.local_size()))
+        share_cores(hvd, collective=os.environ.get("HOROVOD_ELASTIC") != "1")
     if seed is not None:
         from distrib.rng import seed_everything
         seed_everything(seed)

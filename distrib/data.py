@@ -61,6 +61,14 @@ def eval_shard(dataset_len: int, rank: int, size: int) -> List[int]:
     return list(range(rank, dataset_len, size))
 
 
+def eval_loader(dataset: Dataset, batch_size: int, ctx, **loader_options) -> DataLoader:
+    """This rank's part of an evaluation set (:func:`eval_shard`: every sample once over all
+    ranks, no padding), as a plain ``DataLoader``. Pass ``ctx`` anew after an elastic resize.
+    Average the metrics with :func:`distrib.evaluate`, which weights ranks by sample count."""
+    shard = eval_shard(len(dataset), ctx.rank, ctx.size)
+    return DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size, **loader_options)
+
+
 class ShardedLoader:
     """An iterable over this rank's mini-batches, with its position in the epoch as state.
 
@@ -100,8 +108,19 @@ class ShardedLoader:
         self.epoch, self.consumed = epoch, 0
 
     def __len__(self) -> int:
-        """Batches left in the current epoch (the same on every rank)."""
-        return len(self._remaining())
+        """Batches (steps) in one whole epoch at the current world size, the same on every rank.
+
+        It does not shrink as the epoch goes on, so ``epochs * len(loader)`` is a run's length
+        even right after a resume; it changes when the world size does (elastic resize).
+        """
+        full, tail = divmod(len(self.dataset), self.global_batch)
+        return full + (1 if tail and not self.drop_last else 0)
+
+    @property
+    def batches_left(self) -> int:
+        """Batches left in the current epoch (0 once it is used up), the same on every rank."""
+        full, tail = divmod(len(self.dataset) - min(self.consumed, len(self.dataset)), self.global_batch)
+        return full + (1 if tail and not self.drop_last else 0)
 
     def _remaining(self) -> List[List[int]]:
         order = epoch_order(len(self.dataset), self.seed, self.epoch, self.shuffle)
@@ -112,8 +131,9 @@ class ShardedLoader:
         mine = [rank_slice(b, self.rank, self.size) for b in global_batches]
         # A generator of its own: a DataLoader iterator otherwise draws its base seed from the
         # global torch RNG, so a run resumed mid-epoch (one extra iterator) would shift every
-        # later random draw (dropout masks) and no longer match the uninterrupted run.
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # later random draw (dropout masks) and no longer match the uninterrupted run. The rank
+        # is part of it: worker processes (seeded base + worker id) augment differently per rank.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + self.rank * 7_919_117)
         loader = DataLoader(self.dataset, batch_sampler=mine, collate_fn=self.collate_fn,
                             num_workers=self.num_workers, pin_memory=self.pin_memory, generator=generator)
         for indices, batch in zip(mine, loader):
@@ -129,7 +149,7 @@ class ShardedLoader:
             for batch in self:
                 yielded = True
                 yield batch
-            if not yielded and len(self) == 0 and self.consumed == 0:
+            if not yielded and len(self) == 0:
                 raise ValueError("the dataset yields no full global batch; lower --batch-size")
 
     def state_dict(self) -> Dict[str, int]:

@@ -13,22 +13,68 @@ flushed, and readers skip a last line cut short by a crash.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, TextIO
+from typing import Dict, Iterator, List, Optional, TextIO
 
 from distrib.progress import Progress
-from distrib.timing import PHASES, PhaseTimer
+from distrib.timing import PHASES
 
 METRICS_FILE = "metrics.jsonl"
 
 
+class NestedPhaseTimer:
+    """Seconds per named phase, where a phase opened inside another is not counted twice: the
+    outer phase is charged only for its time outside the inner one (``distrib.Run`` times the
+    whole loop body as "compute" and the optimizer's step inside it as "optimizer")."""
+
+    def __init__(self, clock=time.perf_counter):
+        self._clock = clock
+        self._totals: Dict[str, float] = {}
+        self._open: List[str] = []   # the phases entered and not left, innermost last
+        self._since = 0.0            # when the innermost open phase last started counting
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        now = self._clock()
+        if self._open:
+            self._charge(now)
+        self._open.append(name)
+        self._since = now
+        try:
+            yield
+        finally:
+            self._charge(self._clock())
+            self._open.pop()
+            self._since = self._clock()
+
+    def _charge(self, now: float) -> None:
+        name = self._open[-1]
+        self._totals[name] = self._totals.get(name, 0.0) + now - self._since
+
+    def take(self) -> Dict[str, float]:
+        """The totals since the last call (phases still open keep counting into the next)."""
+        if self._open:
+            now = self._clock()
+            self._charge(now)
+            self._since = now
+        totals, self._totals = self._totals, {}
+        return totals
+
+
 class MetricsLogger:
-    """Per-step bookkeeping for the training loop. Call it on every rank; only rank 0 writes
-    and prints, the others only time their phases (microseconds)."""
+    """Per-step bookkeeping for the training loop: ``metrics.jsonl``, the progress display and
+    the time breakdown. Call it on every rank; only rank 0 writes and prints, the others only
+    time their phases (microseconds). :class:`distrib.Run` makes and drives one for you.
+
+    ``total_steps`` is the run's length for the progress display (see :meth:`set_total`),
+    ``start_step`` where it starts (a resumed run), ``global_batch`` the samples of one
+    optimizer step over all workers (for samples/s). Nothing here is a collective.
+    """
 
     def __init__(self, run_dir, ctx, *, total_steps: int, start_step: int = 0, log_every: int = 10,
                  tensorboard: bool = False, global_batch: int = 1, stream: TextIO = sys.stderr,
@@ -38,7 +84,7 @@ class MetricsLogger:
         self.ctx, self.total_steps, self.log_every = ctx, total_steps, log_every
         self.global_batch = global_batch
         self.enabled = ctx.rank == 0
-        self.timer = PhaseTimer(clock=clock)
+        self.timer = NestedPhaseTimer(clock=clock)
         self._clock, self._wall = clock, wall_clock
         self._restarts = int(os.environ.get("DISTRIB_RESTART_COUNT", "0") or 0)
         self._window = _Window()
@@ -69,43 +115,58 @@ class MetricsLogger:
             self._file.close()
             self._file = None
 
+    def set_total(self, total_steps: int) -> None:
+        """A new run length for the progress display and ETA (an epoch-based run whose world
+        size changed now needs another number of steps)."""
+        self.total_steps = total_steps
+        if self._progress is not None:
+            self._progress.set_total(total_steps)
+
     def phase(self, name: str):
-        """``with log.phase("compute"): ...``: time one part of the step."""
+        """``with log.phase("compute"): ...``: time one part of the step. Phases may nest; the
+        outer one is charged only for the time outside the inner one."""
         return self.timer.phase(name)
 
-    def step(self, step: int, *, loss: float, lr: float, **extra) -> None:
-        """End of optimizer step ``step`` (1-based count of steps done)."""
+    def step(self, step: int, *, loss: Optional[float] = None, lr: Optional[float] = None, **metrics) -> None:
+        """End of optimizer step ``step`` (1-based count of steps done). ``loss`` and the other
+        numeric ``metrics`` are averaged over the steps of the logged window."""
         now = self._clock()
         phases = self.timer.take()
         elapsed = now - self._last_step_end
         self._last_step_end = now
+        values = dict(metrics)
+        if loss is not None:
+            values["loss"] = float(loss)
         for window in (self._window, self._run):
-            window.add(elapsed, loss, phases)
+            window.add(elapsed, values, phases)
         if step % self.log_every == 0 or step == self.total_steps:
-            self._flush_window(step, lr, extra)
+            self._flush_window(step, lr)
 
-    def _flush_window(self, step: int, lr: float, extra: Dict) -> None:
+    def _flush_window(self, step: int, lr: Optional[float]) -> None:
         w, self._window = self._window, _Window()
         if not self.enabled or not w.steps:
             return
         samples_per_s = self.global_batch * w.steps / w.seconds if w.seconds > 0 else 0.0
-        record = {"step": step, "loss": w.loss / w.steps, "lr": lr, "samples_per_s": samples_per_s,
+        record = {"step": step, **w.means(), "samples_per_s": samples_per_s,
                   "world_size": self.ctx.size, "time": self._wall(), "restarts": self._restarts}
+        if lr is not None:
+            record["lr"] = lr
         record.update(w.per_step_ms())
-        record.update(extra)
         self._write(record)
-        steps_left = self.total_steps - step
+        steps_left = max(0, self.total_steps - step)
         eta = steps_left * w.seconds / w.steps if w.seconds > 0 else None
-        self._progress.update(step, record["loss"], samples_per_s, eta)
+        self._progress.update(step, record.get("loss"), samples_per_s, eta)
         if self._tb is not None:
-            for key in ("loss", "lr", "samples_per_s"):
-                self._tb.add_scalar(f"train/{key}", record[key], step)
+            for key in (*w.means(), "lr", "samples_per_s"):
+                if key in record:
+                    self._tb.add_scalar(f"train/{key}", record[key], step)
             for key, value in w.per_step_ms().items():
                 self._tb.add_scalar(f"time_ms/{key[2:]}", value, step)
 
     def event(self, name: str, *, step: int, **info) -> None:
         """A line ``{"event": name, "step": step, ...}`` (rank 0); the next step's time does not
         include what happened between (a restart, an evaluation)."""
+        self.timer.take()  # time spent on the event (an evaluation) belongs to no step
         if self.enabled:
             self._write({"event": name, "step": step, "world_size": self.ctx.size, "time": self._wall(),
                          "restarts": self._restarts, **info})
@@ -136,15 +197,22 @@ class _Window:
     """Sums over a run of steps."""
 
     def __init__(self):
-        self.steps, self.seconds, self.loss = 0, 0.0, 0.0
+        self.steps, self.seconds = 0, 0.0
+        self.sums: Dict[str, float] = {}    # metric -> sum over the steps that logged it
+        self.counts: Dict[str, int] = {}
         self.phases: Dict[str, float] = {}
 
-    def add(self, seconds: float, loss: float, phases: Dict[str, float]) -> None:
+    def add(self, seconds: float, values: Dict[str, float], phases: Dict[str, float]) -> None:
         self.steps += 1
         self.seconds += seconds
-        self.loss += loss
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+            self.counts[name] = self.counts.get(name, 0) + 1
         for name, value in phases.items():
             self.phases[name] = self.phases.get(name, 0.0) + value
+
+    def means(self) -> Dict[str, float]:
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
 
     def per_step_ms(self) -> Dict[str, float]:
         if not self.steps:

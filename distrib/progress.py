@@ -14,9 +14,10 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def progress_line(step: int, total: int, loss: float, samples_per_s: float, eta_s: Optional[float]) -> str:
+def progress_line(step: int, total: int, loss: Optional[float], samples_per_s: float, eta_s: Optional[float]) -> str:
     eta = format_duration(eta_s) if eta_s is not None else "?"
-    return f"step {step}/{total} | loss {loss:.3f} | {samples_per_s:,.0f} samples/s | eta {eta}"
+    shown = f" | loss {loss:.3f}" if loss is not None else ""
+    return f"step {step}/{total}{shown} | {samples_per_s:,.0f} samples/s | eta {eta}"
 
 
 class Progress:
@@ -31,10 +32,17 @@ class Progress:
             from tqdm import tqdm
             self._bar = tqdm(total=total, initial=start, file=stream, unit="step", dynamic_ncols=True)
 
-    def update(self, step: int, loss: float, samples_per_s: float, eta_s: Optional[float]) -> None:
+    def set_total(self, total: int) -> None:
+        """The run's length changed (epoch-based training after an elastic resize)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+
+    def update(self, step: int, loss: Optional[float], samples_per_s: float, eta_s: Optional[float]) -> None:
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix_str(f"loss {loss:.3f} | {samples_per_s:,.0f} samples/s", refresh=True)
+            shown = f"loss {loss:.3f} | " if loss is not None else ""
+            self._bar.set_postfix_str(f"{shown}{samples_per_s:,.0f} samples/s", refresh=True)
         else:
             print(progress_line(step, self.total, loss, samples_per_s, eta_s), file=self.stream, flush=True)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 SCALINGS = ("linear", "sqrt", "none")
 DECAYS = ("cosine", "linear", "constant")
@@ -43,12 +43,19 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str = "cosi
 @dataclass
 class LRSchedule:
     """Sets the optimizer's learning rate each step. ``optimizer`` may be a torch optimizer or
-    a :class:`distrib.optim.DistributedOptimizer` (anything with ``param_groups``)."""
+    a :class:`distrib.DistributedOptimizer` (anything with ``param_groups``).
+
+    The peak rate is ``base_lr`` (tuned for one worker) scaled for ``world_size`` by
+    ``scaling``; it warms up linearly over ``warmup_steps`` and then decays (``cosine``,
+    ``linear``) to a tenth at ``total_steps``, or stays (``constant``, which needs no
+    ``total_steps``). Call :meth:`step` once per optimizer step (:class:`distrib.Run` does).
+    Its checkpointed state is the step count only.
+    """
 
     optimizer: object
     base_lr: float
     world_size: int
-    total_steps: int
+    total_steps: Optional[int] = None
     warmup_steps: int = 0
     scaling: str = "linear"
     decay: str = "cosine"
@@ -57,14 +64,18 @@ class LRSchedule:
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
             raise ValueError(f"lr decay {self.decay!r} is not one of {', '.join(DECAYS)}")
-        if self.warmup_steps < 0 or self.total_steps < 1:
+        if self.total_steps is None and self.decay != "constant":
+            raise ValueError(f"lr decay {self.decay!r} needs total_steps (when it reaches its end); give "
+                             "total_steps, or decay='constant'")
+        if self.warmup_steps < 0 or (self.total_steps is not None and self.total_steps < 1):
             raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {self.warmup_steps}, {self.total_steps}")
         self.peak_lr = scaled_lr(self.base_lr, self.world_size, self.scaling)
         self._apply()
 
     @property
     def lr(self) -> float:
-        return self.peak_lr * lr_factor(self.step_count, self.warmup_steps, self.total_steps, self.decay)
+        total = self.total_steps if self.total_steps is not None else self.warmup_steps
+        return self.peak_lr * lr_factor(self.step_count, self.warmup_steps, total, self.decay)
 
     def step(self) -> None:
         self.step_count += 1

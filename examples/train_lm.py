@@ -12,21 +12,13 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distrib  # noqa: E402
-import distrib.elastic  # noqa: E402
-from distrib.checkpoint import CheckpointError, CheckpointManager  # noqa: E402
-from distrib.context import DistribSetupError  # noqa: E402
-from distrib.checkpoint.manager import HorovodComm  # noqa: E402
-from distrib.evaluate import evaluate  # noqa: E402
 from distrib.export import save_model_artifact  # noqa: E402
-from distrib.metrics import MetricsLogger  # noqa: E402
-from distrib.preemption import PreemptionHandler  # noqa: E402
 from lm_model import CORPUS_PATH, CharDataset, CharTokenizer, GPT, GPTConfig, load_corpus  # noqa: E402
 
 
@@ -88,30 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create RUN_DIR now, so that a path that cannot be written fails in one clear line before
-    any training (every rank checks: the run directory must be on a file system all ranks see)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"--run-dir {run_dir} is not a writable directory ({exc.strerror or exc}); "
-                         "choose another --run-dir") from None
-
-
 def build_data(args, tokenizer: CharTokenizer, text: str):
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     split = int(len(ids) * 0.9)
     stride = args.block_size // 2  # overlapping windows: more samples from a small corpus
     return CharDataset(ids[:split], args.block_size, stride), CharDataset(ids[split:], args.block_size, args.block_size)
-
-
-def validation_loss(model, val_set, ctx, batch_size: int) -> float:
-    shard = distrib.data.eval_shard(len(val_set), ctx.rank, ctx.size)
-    batches = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, shard), batch_size=batch_size)
-    return evaluate(model, batches, lambda m, b: ({"loss": m(b[0], b[1]).item()}, len(b[0])))["loss"]
 
 
 def main(argv=None) -> int:
@@ -131,57 +104,36 @@ def main(argv=None) -> int:
                                   warmup_steps=args.warmup, scaling=args.lr_scaling)
     loader = distrib.ShardedLoader(train_set, args.batch_size, ctx, seed=args.seed)
 
-    run_dir = Path(args.run_dir)
-    prepare_run_dir(run_dir)
-    # Under Horovod Elastic no collective may run outside the elastic loop: restore on each
-    # worker alone; the elastic state's first sync then hands rank 0's state to everyone.
-    checkpoints = CheckpointManager(run_dir, ctx, keep=args.keep, async_save=not args.sync_checkpoint,
-                                    seed=args.seed, comm=HorovodComm() if ctx.elastic else None)
-    saved = {"model": model, "optimizer": optimizer, "scheduler": schedule, "loader": loader}
-    start_step = checkpoints.restore(saved, resume=args.resume, model_config=config.to_dict(),
-                                     collective=not ctx.elastic) or 0
-    log = MetricsLogger(run_dir, ctx, total_steps=args.steps, start_step=start_step, log_every=args.log_every,
-                        tensorboard=args.tensorboard, global_batch=args.batch_size * ctx.size * args.accumulate)
-    if start_step:
-        log.event("resume", step=start_step)
+    def validation(ctx):  # on every rank, with the current world (it changes under --elastic)
+        batches = distrib.eval_loader(val_set, args.batch_size, ctx)
+        return distrib.evaluate(model, batches, lambda m, b: ({"loss": m(b[0], b[1]).item()}, len(b[0])))
+
+    run = distrib.Run(ctx, args.run_dir, model=model, optimizer=optimizer, loader=loader, schedule=schedule,
+                      resume=args.resume, checkpoint_every=args.checkpoint_every, keep=args.keep,
+                      async_save=not args.sync_checkpoint, evaluate=validation, eval_every=args.eval_every,
+                      log_every=args.log_every, tensorboard=args.tensorboard, commit_every=args.commit_every,
+                      micro_batches=args.accumulate, model_config=config.to_dict(), seed=args.seed)
     distrib.rank0_print(ctx, f"training {sum(p.numel() for p in model.parameters()):,} parameters on {ctx.size} "
                              f"workers ({ctx.controller}{', elastic' if ctx.elastic else ''}), "
-                             f"steps {start_step}->{args.steps}, run dir {run_dir}")
-    if start_step >= args.steps:
-        distrib.rank0_print(ctx, f"{run_dir} is already at step {start_step} of --steps {args.steps}: nothing to "
-                                 "train (raise --steps to continue it, or pass --resume none or another "
+                             f"steps {run.step}->{args.steps}, run dir {run.run_dir}")
+    if run.step >= args.steps:
+        distrib.rank0_print(ctx, f"{run.run_dir} is already at step {run.step} of --steps {args.steps}: nothing "
+                                 "to train (raise --steps to continue it, or pass --resume none or another "
                                  "--run-dir to start over)")
 
-    if ctx.elastic:
-        state = distrib.elastic.ElasticState(ctx, model=model, optimizer=optimizer, loader=loader,
-                                             scheduler=schedule, step=start_step)
+    for _, micro_batches in run.steps(args.steps):
+        for x, y in micro_batches:
+            with optimizer.autocast():
+                loss = model(x.to(run.ctx.device), y.to(run.ctx.device))
+            optimizer.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        run.log(loss=loss.item())
 
-        def adopt_world(s):
-            checkpoints.set_context(s.ctx)
-            log.set_context(s.ctx, step=s.step, global_batch=args.batch_size * s.ctx.size * args.accumulate)
-            log.event("resize", step=s.step)
-
-        state.on_world_change(adopt_world)
-        train = distrib.elastic.run(train_steps)
-    else:
-        state, train = LocalState(ctx, start_step), train_steps
-    job = Job(args, config, model, optimizer, schedule, loader, val_set, checkpoints, log, PreemptionHandler(), saved)
-    if train(state, job) == "preempted":
-        return 0
-
-    ctx, step = state.ctx, state.step
-    with log.phase("checkpoint"):
-        if start_step < args.steps and checkpoints.last_step != step:
-            checkpoints.save(step, saved, model_config=config.to_dict())
-        checkpoints.close()
-    val_loss = validation_loss(model, val_set, ctx, args.batch_size)
-    log.event("final", step=step, val_loss=val_loss)
-    log.close()
-    job.preemption.close()
-    if ctx.is_main:
-        save_model_artifact(run_dir / "model.pt", model.state_dict(), config.to_dict(), step)
-        print(f"validation loss {val_loss:.3f} (uniform guess: {math.log(config.vocab_size):.3f}); "
-              f"model written to {run_dir / 'model.pt'}")
+    if run.ctx.is_main:
+        save_model_artifact(run.run_dir / "model.pt", model.state_dict(), config.to_dict(), run.step)
+        print(f"validation loss {run.last_eval['loss']:.3f} (uniform guess: {math.log(config.vocab_size):.3f}); "
+              f"model written to {run.run_dir / 'model.pt'}")
         if args.sample_tokens:
             prompt = torch.tensor([tokenizer.encode("The ")], device=ctx.device)
             out = model.generate(prompt, args.sample_tokens, temperature=0.8,
@@ -190,80 +142,13 @@ def main(argv=None) -> int:
     return 0
 
 
-class LocalState:
-    """What the loop needs of :class:`distrib.elastic.ElasticState` when not elastic."""
-
-    def __init__(self, ctx, step: int):
-        self.ctx, self.step = ctx, step
-
-    def commit(self) -> None:
-        pass
-
-
-@dataclass
-class Job:
-    args: argparse.Namespace
-    config: GPTConfig
-    model: GPT
-    optimizer: distrib.DistributedOptimizer
-    schedule: distrib.LRSchedule
-    loader: distrib.ShardedLoader
-    val_set: CharDataset
-    checkpoints: CheckpointManager
-    log: MetricsLogger
-    preemption: PreemptionHandler
-    saved: dict  # what a checkpoint holds
-
-
-def train_steps(state, job: Job) -> str:
-    """Train from ``state.step`` to ``--steps``; "done", or "preempted" after saving.
-    Runs on every worker; under Horovod Elastic it is re-entered after each re-formation."""
-    args, log, optimizer = job.args, job.log, job.optimizer
-    batches = job.loader.forever()
-    while state.step < args.steps:
-        device = state.ctx.device
-        for _ in range(args.accumulate):
-            with log.phase("data"):
-                x, y = next(batches)
-                x, y = x.to(device), y.to(device)
-            with log.phase("compute"), optimizer.autocast():
-                loss = job.model(x, y)
-            with log.phase("compute"):
-                optimizer.backward(loss)
-        with log.phase("allreduce"):
-            optimizer.synchronize()
-        with log.phase("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad()
-        lr = job.schedule.lr
-        job.schedule.step()
-        state.step += 1
-        log.step(state.step, loss=loss.item(), lr=lr)
-        if args.eval_every and state.step % args.eval_every == 0:
-            val_loss = validation_loss(job.model, job.val_set, state.ctx, args.batch_size)
-            log.event("eval", step=state.step, val_loss=val_loss)
-        stopping = job.preemption.should_stop(state.ctx)
-        if stopping or (args.checkpoint_every and state.step % args.checkpoint_every == 0):
-            with log.phase("checkpoint"):
-                job.checkpoints.save(state.step, job.saved, model_config=job.config.to_dict())
-        if stopping:
-            job.checkpoints.close()
-            log.event("preempted", step=state.step)
-            log.close()
-            job.preemption.requeue(state.ctx)
-            return "preempted"
-        if state.step % args.commit_every == 0:
-            state.commit()  # elastic: in-memory snapshot, and where returning workers join
-    return "done"
-
-
 def cli() -> int:
     """main() with the mistakes a user can make (bad flags for this checkpoint, a run directory
     that cannot be written, a broken Horovod) as one line on stderr and exit code 2, instead of
     a traceback; the launcher shows that line as the worker's failure."""
     try:
         return main()
-    except (ValueError, FileNotFoundError, CheckpointError, DistribSetupError) as exc:
+    except (ValueError, FileNotFoundError, distrib.CheckpointError, distrib.DistribSetupError) as exc:
         print(f"train_lm: error: {exc}", file=sys.stderr, flush=True)
         return 2
 

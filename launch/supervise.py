@@ -67,10 +67,13 @@ def failure_outcome(status: RankStatus) -> Outcome:
 class Attempt:
     """One run of the plan, from start to a final :class:`Outcome`, with every worker stopped."""
 
-    def __init__(self, plan: Plan, config: LaunchConfig, number: int, log, interrupted):
+    def __init__(self, plan: Plan, config: LaunchConfig, number: int, log, interrupted,
+                 to_forward=lambda: ()):
         self.plan, self.config, self.number = plan, config, number
         self.log, self.interrupted = log, interrupted
+        self.to_forward = to_forward  # signals the launcher received for the workers (SIGUSR2)
         self.tracked: Dict[int, psutil.Process] = {}
+        self.shims: Dict[int, psutil.Process] = {}  # this host's worker shims: they forward signals
         self.seen_started: set = set()
         self.reported: set = set()
         self.progress: Dict[int, Progress] = {}  # heartbeats, with --hang-timeout
@@ -113,6 +116,8 @@ class Attempt:
             if signum:
                 name = signal.Signals(signum).name
                 return Outcome(State.INTERRUPTED, 128 + signum, f"interrupted by {name}: stopped every worker")
+            for sig in self.to_forward():
+                self._forward(sig)
             # Under Horovod Elastic a dead worker is Horovod's to handle (the others re-form
             # the ring); only horovodrun's own exit ends the job.
             if failed_at is None and not self.config.elastic and any(s.exit_code != 0 for s in statuses):
@@ -172,8 +177,33 @@ class Attempt:
                             procs.append(psutil.Process(int(started[key])))
                         except (psutil.Error, KeyError, ValueError):
                             pass
+                        else:
+                            if key == "shim_pid":
+                                self.shims[procs[-1].pid] = procs[-1]
         for p in procs:
             self.tracked.setdefault(p.pid, p)
+
+    def _forward(self, sig: int) -> None:
+        """Pass a signal meant for the job (Slurm's SIGUSR2 before the time limit) to the workers
+        and keep watching: each shim hands it to its script, whose PreemptionHandler checkpoints;
+        the ranks agree at the next step, so the workers of this host suffice. With none here
+        (all remote), mpirun forwards SIGUSR1/SIGUSR2 to every rank itself."""
+        name = signal.Signals(sig).name
+        self._track()
+        sent = 0
+        for p in self.shims.values():
+            try:
+                p.send_signal(sig)
+                sent += 1
+            except psutil.Error:
+                pass
+        if sent:
+            self.log(f"{name}: forwarded to {sent} workers on this host")
+        elif os.path.basename(self.plan.argv[0]) == "mpirun":
+            self._signal_launcher(sig)
+            self.log(f"{name}: forwarded to mpirun (no worker on this host yet)")
+        else:
+            self.log(f"{name}: no worker on this host to forward it to (yet); ignored")
 
     def _signal_launcher(self, sig: int) -> None:
         """mpirun/horovodrun and whatever shares its process group; remote workers are reached through it."""
@@ -227,16 +257,30 @@ class Attempt:
 
 
 class _SignalCatcher:
-    """SIGINT/SIGTERM to the launcher: remember the first one; the attempt loop stops the workers."""
+    """SIGINT/SIGTERM to the launcher: remember the first one; the attempt loop stops the workers.
+    SIGUSR2 (``scancel --signal=USR2 --batch``, ``#SBATCH --signal=B:USR2@90``: Slurm's warning
+    before the time limit, sent to the batch script's processes): queued for the attempt to
+    forward to the workers, which checkpoint and requeue; the launcher keeps running (its default
+    action would kill it, exit 140, and leave the workers unsupervised)."""
+
+    FORWARDED = (signal.SIGUSR2,)
 
     def __enter__(self):
         self.caught: Optional[int] = None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.pending: List[int] = []
+        self.previous = {sig: signal.signal(sig, self._handle)
+                         for sig in (signal.SIGINT, signal.SIGTERM, *self.FORWARDED)}
         return self
 
     def _handle(self, signum, _frame):
-        if self.caught is None:
+        if signum in self.FORWARDED:
+            self.pending.append(signum)
+        elif self.caught is None:
             self.caught = signum
+
+    def take_pending(self) -> List[int]:
+        taken, self.pending = self.pending, []
+        return taken
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -255,7 +299,7 @@ def supervise(plan: Plan, config: LaunchConfig, out: TextIO = sys.stderr) -> int
         for number in range(config.max_restarts + 1):
             if signals.caught:  # between attempts: do not start another one
                 return 128 + signals.caught
-            outcome = Attempt(plan, config, number, log, lambda: signals.caught).run()
+            outcome = Attempt(plan, config, number, log, lambda: signals.caught, signals.take_pending).run()
             if outcome.state is State.SUCCEEDED:
                 log("all ranks finished successfully", verbose=True)
                 return 0

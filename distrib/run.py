@@ -1,0 +1,428 @@
+"""``distrib.Run``: one object for a long training job, so that the user's loop is only the step.
+
+    run = distrib.Run(ctx, "runs/mnist", model=model, optimizer=optimizer, loader=loader,
+                      schedule=schedule, checkpoint_every=100, evaluate=test, eval_every=500)
+    for step, (x, y) in run.steps(10_000):         # or run.steps(epochs=10)
+        loss = F.nll_loss(model(x), y)
+        optimizer.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        run.log(loss=loss.item())
+
+What it does around each step, on every rank:
+
+* before the first step: restores the newest good checkpoint (``resume="auto"``; ``"none"`` or
+  a path), prints nothing itself and logs a ``resume`` event;
+* after each step: steps the LR schedule, logs the metrics and the time breakdown
+  (``RUN_DIR/metrics.jsonl``, the progress line), evaluates every ``eval_every`` steps with the
+  user's ``evaluate(ctx) -> dict``, checkpoints every ``checkpoint_every`` steps;
+* on SIGUSR2/SIGTERM (Slurm's warning, ``scancel``): at the next step boundary every rank saves a
+  checkpoint, waits for it (``close``), rank 0 requeues the Slurm job, and the process exits 0;
+* under Horovod Elastic: commits the state every ``commit_every`` steps, and when a worker dies or
+  joins it rolls back to the last commit, re-forms the ring, re-shards the loader, rescales the LR
+  schedule, points checkpoints and metrics at the new rank 0 and goes on; the loop never sees it;
+* at the end: a last checkpoint, a last evaluation (``run.last_eval``), the breakdown table.
+
+Elastic mode moves Horovod's retry loop (``hvd.elastic.run``) inside :meth:`Run.steps`. What
+Horovod Elastic asks of the code inside that loop therefore applies to the loop body: no
+collectives of your own (the optimizer's ``backward``/``synchronize``/``step`` are the ones Run
+watches), and no state outside the model, optimizer, loader and schedule that must roll back.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+
+from distrib.checkpoint import CheckpointManager
+from distrib.context import share_cores
+from distrib.metrics import MetricsLogger
+from distrib.preemption import PreemptionHandler
+
+Evaluate = Callable[[Any], Dict[str, float]]
+
+
+class Run:
+    """Checkpoints, resume, preemption, elastic recovery, metrics and evaluation around a loop.
+
+    Build it on every rank after ``distrib.init()``, ``distrib.wrap()`` and the loader, then
+    iterate :meth:`steps`. Arguments:
+
+    * ``ctx``: from :func:`distrib.init`; ``run_dir``: where checkpoints and ``metrics.jsonl`` go
+      (created; it must be on a file system every rank sees);
+    * ``model``, ``optimizer`` (from :func:`distrib.wrap`), ``loader`` (a
+      :class:`distrib.ShardedLoader`), ``schedule`` (a :class:`distrib.LRSchedule`, optional;
+      Run steps it after every step, do not step it yourself);
+    * ``resume``: ``"auto"`` (newest good checkpoint, if any), ``"none"`` (start over), or a
+      checkpoint path; ``checkpoint_every`` steps between checkpoints (0: only at the end and on
+      preemption), ``keep`` checkpoints kept, ``async_save`` (written in the background);
+    * ``evaluate(ctx) -> {"loss": ..., ...}``: called on every rank with the current context,
+      must return the same averaged metrics everywhere (:func:`distrib.evaluate` does); it is run
+      every ``eval_every`` steps (0: only at the end; ``"epoch"``: at the end of each epoch) and
+      logged as ``val_<name>``;
+    * ``log_every`` steps per ``metrics.jsonl`` line; ``tensorboard``; ``commit_every`` steps
+      between elastic commits (work lost when a worker dies);
+    * ``micro_batches=k``: each step yields a list of ``k`` batches (gradient accumulation);
+    * ``model_config``: saved with each checkpoint and checked on resume; ``seed``: derives the
+      RNG state of ranks a resumed checkpoint did not have;
+    * ``preemption``: handle SIGUSR2/SIGTERM (default True).
+
+    The lower-level pieces stay reachable: ``run.checkpoints`` (:class:`distrib.CheckpointManager`),
+    ``run.metrics`` (:class:`distrib.MetricsLogger`), ``run.preemption``
+    (:class:`distrib.PreemptionHandler` or None). Raises ``ValueError`` for bad settings and
+    :class:`distrib.CheckpointError` when the checkpoint to resume does not fit, on every rank.
+    """
+
+    def __init__(self, ctx, run_dir: Union[str, Path], *, model: torch.nn.Module, optimizer, loader,
+                 schedule=None, resume: Union[str, Path] = "auto", checkpoint_every: int = 0, keep: int = 3,
+                 async_save: bool = True, evaluate: Optional[Evaluate] = None, eval_every: Union[int, str] = 0,
+                 log_every: int = 10, tensorboard: bool = False, commit_every: int = 10,
+                 micro_batches: Optional[int] = None, model_config: Optional[Dict] = None, seed: int = 0,
+                 preemption: bool = True, stream=sys.stderr):
+        _check_interval("checkpoint_every", checkpoint_every, "only at the end")
+        if eval_every != "epoch":
+            _check_interval("eval_every", eval_every, "only at the end")
+        if commit_every < 1:
+            raise ValueError(f"commit_every must be >= 1 step, got {commit_every}")
+        if micro_batches is not None and micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.run_dir = prepare_run_dir(run_dir)
+        self.model, self.optimizer, self.loader, self.schedule = model, optimizer, loader, schedule
+        self.checkpoint_every, self.eval_every, self.commit_every = checkpoint_every, eval_every, commit_every
+        self.micro_batches, self.model_config = micro_batches, model_config
+        self._evaluate_fn = evaluate
+        self.last_eval: Dict[str, float] = {}  # the last evaluation's metrics, on every rank
+        self._last_eval_step: Optional[int] = None
+        self._logged: Dict[str, float] = {}
+        self._broken: Optional[BaseException] = None  # elastic: the world broke inside this step
+        self._total: Optional[int] = None
+        self._epochs: Optional[int] = None
+        self._trained = False
+        self._started = False
+
+        # Under Horovod Elastic no collective may run outside the retry loop (in steps()):
+        # every rank restores on its own; the first sync then hands rank 0's state to everyone.
+        self.checkpoints = CheckpointManager(self.run_dir, ctx, keep=keep, async_save=async_save, seed=seed,
+                                             comm=_horovod_comm() if ctx.elastic else None)
+        start = self.checkpoints.restore(self._saved(), resume=resume, model_config=model_config,
+                                         collective=not ctx.elastic) or 0
+        self.metrics = MetricsLogger(self.run_dir, ctx, total_steps=max(start, 1), start_step=start,
+                                     log_every=log_every, tensorboard=tensorboard,
+                                     global_batch=self._global_batch(), stream=stream)
+        self.preemption = PreemptionHandler() if preemption else None
+        self._state = _elastic_state(self, ctx, start) if ctx.elastic else _LocalState(ctx, start)
+        self._restore_optimizer = _instrument(optimizer, self)
+
+    # -- what the loop reads ----------------------------------------------------------------
+    @property
+    def ctx(self):
+        """The current :class:`distrib.Context` (a new one after an elastic re-formation)."""
+        return self._state.ctx
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (restored from the checkpoint on resume)."""
+        return self._state.step
+
+    @property
+    def epoch(self) -> int:
+        """The loader's epoch (0-based). After the last batch of an epoch it moves on only when
+        the next batch is taken, so a run of ``epochs=2`` ends in epoch 1 with no batch left."""
+        return self.loader.epoch
+
+    # -- the loop ---------------------------------------------------------------------------
+    def steps(self, total: Optional[int] = None, *, epochs: Optional[int] = None) -> Iterator[Tuple[int, Any]]:
+        """Yield ``(step, batch)`` until ``total`` optimizer steps (or ``epochs`` epochs) are done.
+
+        ``step`` counts the steps done before this one (0 on a fresh start, the checkpoint's step
+        on resume); ``batch`` is this rank's part of the next global batch (a list of
+        ``micro_batches`` of them when set), not yet moved to the device. Everything else
+        happens between two items (see the module docstring). Must be iterated on all ranks.
+        After a preemption the process exits with code 0 from inside this iterator, so code
+        after the loop runs only once training is finished.
+        """
+        if (total is None) == (epochs is None):
+            raise ValueError("give run.steps() either total (optimizer steps) or epochs=, not both and not neither")
+        if (total if total is not None else epochs) < 0:
+            raise ValueError(f"run.steps() needs a count >= 0, got {total if total is not None else epochs}")
+        self._total, self._epochs = total, epochs
+        self._update_total()
+        if not self.ctx.elastic:
+            yield from self._loop()
+            return
+        from horovod.common.elastic import notification_manager
+        notification_manager.init()  # host changes reach the state, raised at its next commit
+        notification_manager.register_listener(self._state)
+        try:
+            yield from self._elastic_loop()
+        finally:
+            notification_manager.remove_listener(self._state)
+
+    def log(self, **metrics: float) -> None:
+        """Metrics of this step (``loss=...``; tensors are read with ``.item()``); averaged over
+        the ``log_every`` window in ``metrics.jsonl``. Local: no collective."""
+        for name, value in metrics.items():
+            self._logged[name] = float(value.item() if isinstance(value, torch.Tensor) else value)
+
+    def phase(self, name: str):
+        """``with run.phase("data"): ...``: charge part of the step to a phase of the breakdown
+        (the rest of the loop body counts as ``compute``; the optimizer's step as ``optimizer``
+        and its gradient wait as ``allreduce``)."""
+        return self.metrics.phase(name)
+
+    def event(self, name: str, **info) -> None:
+        """A line ``{"event": name, "step": run.step, ...}`` in metrics.jsonl (rank 0)."""
+        self.metrics.event(name, step=self.step, **info)
+
+    # -- internals --------------------------------------------------------------------------
+    def _announce(self) -> None:
+        """The first lines of this run in metrics.jsonl, once the world is settled (under Horovod
+        Elastic: after the first sync, which also shared the machine's cores among its workers)."""
+        if not self._started:
+            self._started = True
+            self.metrics.event("start", threads=torch.get_num_threads(), step=self.step)
+            if self.step:
+                self.metrics.event("resume", step=self.step)
+
+    def _loop(self) -> Iterator[Tuple[int, Any]]:
+        self._announce()
+        batches = self._batches()
+        while not self._done():
+            with self.metrics.phase("data"):
+                batch = self._next(batches)
+            with self.metrics.phase("compute"):
+                yield self.step, batch
+            self._end_step()
+        self._finish()
+
+    def _elastic_loop(self) -> Iterator[Tuple[int, Any]]:
+        """:meth:`_loop` inside Horovod's retry loop (``horovod.common.elastic.run_fn``), which
+        cannot wrap a generator's consumer: a failure inside the loop body is caught by the
+        optimizer's guard (:func:`_instrument`) and raised here, between two steps."""
+        from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
+        hvd = _hvd()
+        need_sync = True
+        while True:
+            try:
+                if need_sync:
+                    self._state.sync()  # rank 0's state to everyone (also a worker that just joined)
+                    if self.ctx.device.type == "cpu":
+                        share_cores(hvd, collective=True)  # the workers per machine changed
+                    need_sync = False
+                    self._announce()
+                batches = self._batches()
+                while not self._done():
+                    with self.metrics.phase("data"):
+                        batch = self._next(batches)
+                    self._broken = None
+                    with self.metrics.phase("compute"):
+                        yield self.step, batch
+                    if self._broken is not None:
+                        raise self._broken
+                    self._end_step()
+                self._finish()
+                return
+            except HorovodInternalError:
+                self._state.restore()  # a peer died: back to the last commit
+                need_sync = True
+            except HostsUpdatedInterrupt as interrupt:
+                need_sync = not interrupt.skip_sync  # a host came or went at a commit: state is current
+            self._broken = None
+            self.model.zero_grad(set_to_none=True)  # gradients of an abandoned step
+            hvd.shutdown()
+            hvd.init()
+            self._state.on_reset()  # ElasticState.reset: new ctx, re-shard, rescale; then _adopt_world
+
+    def _batches(self) -> Iterator[Any]:
+        # A new iterator after every restore or resize: it starts at the loader's position and
+        # takes this rank's share at the current world size.
+        return self.loader.forever()
+
+    def _next(self, batches: Iterator[Any]) -> Any:
+        if self.micro_batches is None:
+            return next(batches)
+        return [next(batches) for _ in range(self.micro_batches)]
+
+    def _done(self) -> bool:
+        if self._epochs is None:
+            return self.step >= self._total
+        epoch = self.loader.epoch
+        return epoch >= self._epochs or (epoch == self._epochs - 1 and self.loader.batches_left == 0)
+
+    def _update_total(self) -> None:
+        """The run's length in steps, for the progress display: with ``epochs`` it depends on the
+        world size (the global batch), so it is recomputed after every resize."""
+        if self._epochs is None:
+            total = self._total
+        else:
+            loader = self.loader
+            whole = max(0, self._epochs - loader.epoch - 1) * len(loader)
+            total = self.step + (loader.batches_left if loader.epoch < self._epochs else 0) + whole
+        self.metrics.set_total(max(total, self.step))
+
+    def _end_step(self) -> None:
+        lr = self.schedule.lr if self.schedule is not None else self.optimizer.param_groups[0]["lr"]
+        if self.schedule is not None:
+            self.schedule.step()
+        self._state.step += 1
+        self._trained = True
+        step = self.step
+        logged, self._logged = self._logged, {}
+        self.metrics.step(step, lr=lr, **logged)
+        end_of_epoch = self.loader.batches_left == 0
+        if self._evaluate_fn is not None and (
+                (self.eval_every == "epoch" and end_of_epoch)
+                or (self.eval_every not in (0, "epoch") and step % self.eval_every == 0)):
+            self._evaluate("eval")
+        stopping = self.preemption is not None and self.preemption.should_stop(self.ctx)
+        if stopping or (self.checkpoint_every and step % self.checkpoint_every == 0):
+            self._save()
+        if stopping:
+            self._preempted()
+        if self.ctx.elastic and step % self.commit_every == 0:
+            self._state.commit()  # in-memory snapshot; where workers that came back join
+
+    def _evaluate(self, event: Optional[str]) -> None:
+        metrics = self._evaluate_fn(self.ctx)
+        self.last_eval = {name: float(value) for name, value in metrics.items()}
+        self._last_eval_step = self.step
+        if event:
+            self.metrics.event(event, step=self.step, **{f"val_{k}": v for k, v in self.last_eval.items()})
+
+    def _save(self) -> None:
+        with self.metrics.phase("checkpoint"):
+            self.checkpoints.save(self.step, self._saved(), model_config=self.model_config)
+
+    def _saved(self) -> Dict[str, Any]:
+        saved = {"model": self.model, "optimizer": self.optimizer, "loader": self.loader}
+        if self.schedule is not None:
+            saved["scheduler"] = self.schedule
+        return saved
+
+    def _preempted(self) -> None:
+        """Checkpoint saved: wait for it, requeue (rank 0, Slurm, after SIGUSR2), exit 0."""
+        self.checkpoints.close()  # an asynchronous write must be on disk before Slurm kills the job
+        self.metrics.event("preempted", step=self.step, decision=self.preemption.decision)
+        self.metrics.close()
+        self._restore_optimizer()
+        self.preemption.requeue(self.ctx)
+        sys.exit(0)
+
+    def _finish(self) -> None:
+        with self.metrics.phase("checkpoint"):
+            if self._trained and self.checkpoints.last_step != self.step:
+                self.checkpoints.save(self.step, self._saved(), model_config=self.model_config)
+            self.checkpoints.close()
+        if self._evaluate_fn is not None and self._last_eval_step != self.step:
+            self._evaluate(None)
+        self.metrics.event("final", step=self.step, **{f"val_{k}": v for k, v in self.last_eval.items()})
+        self.metrics.close()
+        if self.preemption is not None:
+            self.preemption.close()
+        self._restore_optimizer()
+
+    def _adopt_world(self, state) -> None:
+        """After an elastic re-formation (on every worker): rank 0 may be another process now."""
+        self.checkpoints.set_context(state.ctx)
+        self.metrics.set_context(state.ctx, step=state.step, global_batch=self._global_batch())
+        self.metrics.event("resize", step=state.step, threads=torch.get_num_threads())
+        if self._total is not None or self._epochs is not None:
+            self._update_total()
+
+    def _global_batch(self) -> int:
+        return self.loader.global_batch * (self.micro_batches or 1)
+
+
+def prepare_run_dir(run_dir: Union[str, Path]) -> Path:
+    """Create ``run_dir`` now, so that a path that cannot be written fails in one clear line
+    before any training (every rank checks: it must be on a file system all ranks see)."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--run-dir {run_dir} is not a writable directory ({exc.strerror or exc}); "
+                         "choose another --run-dir") from None
+    return run_dir
+
+
+def _check_interval(name: str, value, zero: str) -> None:
+    # A negative interval would silently mean "every step" (step % -1 == 0).
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0 (0: {zero}), got {value!r}")
+
+
+class _LocalState:
+    """What the loop needs of :class:`distrib.ElasticState` when not elastic."""
+
+    def __init__(self, ctx, step: int):
+        self.ctx, self.step = ctx, step
+
+
+def _elastic_state(run: Run, ctx, step: int):
+    from distrib.elastic import ElasticState  # imports Horovod's elastic module: only in elastic mode
+    state = ElasticState(ctx, model=run.model, optimizer=run.optimizer, loader=run.loader,
+                         scheduler=run.schedule, step=step)
+    state.on_world_change(run._adopt_world)
+    return state
+
+
+def _hvd():
+    import horovod.torch as hvd  # elastic mode only: distrib.init() has imported it already
+    return hvd
+
+
+def _horovod_comm():
+    from distrib.checkpoint.manager import HorovodComm
+    return HorovodComm()
+
+
+def _instrument(optimizer, run: Run) -> Callable[[], None]:
+    """Time the optimizer's gradient wait ("allreduce") and step ("optimizer"); under Horovod
+    Elastic also turn a ``HorovodInternalError`` raised inside the loop body into a note that
+    :meth:`Run._elastic_loop` raises between steps (the rest of a broken step does nothing: it
+    is rolled back anyway). Instance attributes, removed by the returned function."""
+    elastic = run.ctx.elastic
+    internal_error = None
+    if elastic:
+        from horovod.common.exceptions import HorovodInternalError as internal_error
+    originals = {name: getattr(optimizer, name) for name in ("backward", "synchronize", "step", "zero_grad")
+                 if callable(getattr(optimizer, name, None))}
+
+    def guarded(name: str, phase: Optional[str]):
+        method = originals[name]
+
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            if run._broken is not None:
+                return None
+            try:
+                if phase is None:
+                    return method(*args, **kwargs)
+                with run.metrics.phase(phase):
+                    if name == "step" and "synchronize" in originals:
+                        with run.metrics.phase("allreduce"):
+                            originals["synchronize"]()  # the step then does not exchange again
+                    return method(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - only Horovod's own error is kept, see below
+                if internal_error is None or not isinstance(exc, internal_error):
+                    raise
+                run._broken = exc
+                return None
+        return call
+
+    phases = {"backward": None, "synchronize": "allreduce", "step": "optimizer", "zero_grad": None}
+    for name in originals:
+        if name in ("synchronize", "step") or elastic:
+            setattr(optimizer, name, guarded(name, phases[name]))
+
+    def restore() -> None:
+        for name in originals:
+            optimizer.__dict__.pop(name, None)
+    return restore
