@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import venv
 from pathlib import Path
@@ -182,8 +184,12 @@ def dists(tmp_path_factory) -> tuple[Path, Path]:
     return sdists[0], wheels[0]
 
 
-def site_packages(prefix: Path) -> Path:
-    return prefix / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+# Where this test's interpreter (the set-up's environment, with torch and Horovod) keeps its packages.
+OWN_PACKAGES = Path(sysconfig.get_paths()["purelib"])
+
+
+def site_packages(venv_root: Path) -> Path:
+    return venv_root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
 
 
 def user_environment(root: Path, reuse: Path) -> Path:
@@ -225,7 +231,7 @@ def test_the_wheel_works_outside_the_checkout(dists, tmp_path):
     sdist, wheel = dists
     version = source_version()
     assert (sdist.name, wheel.name) == (f"distrib-{version}.tar.gz", f"distrib-{version}-py3-none-any.whl")
-    env = user_environment(tmp_path / "env", site_packages(Path(sys.prefix)))
+    env = user_environment(tmp_path / "env", OWN_PACKAGES)
     # --no-index: the requirements must already be there (the reused environment has them);
     # pip sees the checkout's editable distrib in the reused folder and leaves it alone.
     ok(user_run(env, tmp_path, str(env / "bin" / "python"), "-m", "pip", "install", "--no-index", str(wheel)))
@@ -268,7 +274,7 @@ def test_an_environment_without_horovod_gets_one_line(dists, tmp_path):
     """torch there, Horovod not: the launcher stops before starting anything, in one line."""
     reuse = tmp_path / "no-horovod"  # the test's site-packages without Horovod (and without distrib)
     reuse.mkdir()
-    for entry in site_packages(Path(sys.prefix)).iterdir():
+    for entry in OWN_PACKAGES.iterdir():
         if not re.match(r"(horovod|distrib|__editable__)", entry.name, re.I):
             (reuse / entry.name).symlink_to(entry)
     env = user_environment(tmp_path / "env", reuse)
@@ -292,7 +298,7 @@ def test_an_environment_without_horovod_gets_one_line(dists, tmp_path):
 def test_setup_keeps_an_existing_horovod(tmp_path):
     """DISTRIB_PYTHON=<this test's python>: its Horovod has PyTorch and both controllers, so the
     set-up says so in one line and builds nothing."""
-    lib = next((site_packages(Path(sys.prefix)) / "horovod" / "torch").glob("mpi_lib_v2*.so"))
+    lib = next((Path(importlib.util.find_spec("horovod").origin).parent / "torch").glob("mpi_lib_v2*.so"))
     before = lib.stat()
     proc = subprocess.run(["bash", str(REPO / "scripts" / "bootstrap.sh")], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path, env={**os.environ, "DISTRIB_PYTHON": sys.executable})
