@@ -79,11 +79,12 @@ fi
 horovod_built() {
     local fingerprint stamp="$STATE/.horovod-check-build" check
     fingerprint="$("$PY" - <<'PY' 2>/dev/null
-import glob, importlib.metadata, importlib.util, os
-spec = importlib.util.find_spec("horovod")
-lib = glob.glob(os.path.join(os.path.dirname(spec.origin), "torch", "mpi_lib_v2*.so"))[0]
-st = os.stat(lib)
-print(lib, st.st_size, int(st.st_mtime), "torch", importlib.metadata.version("torch"))
+import glob, importlib.util, os
+def where(package, *parts):  # the file, its size and time; no import (a site's torch may have no metadata)
+    path = os.path.join(os.path.dirname(importlib.util.find_spec(package).origin), *parts)
+    path = glob.glob(path)[0]
+    return f"{path} {os.stat(path).st_size} {int(os.stat(path).st_mtime)}"
+print(where("horovod", "torch", "mpi_lib_v2*.so"), where("torch", "version.py"))
 PY
 )" || return 0
     if [ "$(head -n 1 "$stamp" 2>/dev/null)" = "$fingerprint" ]; then
