@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks import launchers, registry
+from benchmarks import registry
 
 HERE = Path(__file__).resolve().parent
 
@@ -27,10 +27,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    + ", ".join(s.name for s in registry.available()))
     p.add_argument("--rounds", type=int, default=None, help="A/B alternations per figure (default 5, quick 2)")
     p.add_argument("--np", type=int, default=2, help="workers")
-    p.add_argument("--controller", choices=["mpi", "gloo"], default="mpi",
-                   help="Horovod controller for distrib and plain Horovod (default mpi, what the launcher picks here)")
-    p.add_argument("--out-dir", type=Path, default=HERE, help="where results.md/json go")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where results.md/json go (default: benchmarks/ for a full run; benchmarks/_work/ for "
+                        "--quick, --only or --rounds, so that a partial run never replaces the committed results)")
     args = p.parse_args(argv)
+    partial = args.quick or args.only or args.rounds
+    args.out_dir = args.out_dir or (HERE / "_work" if partial else HERE)
     args.rounds = args.rounds or (2 if args.quick else 5)
     if args.rounds < 1 or args.np < 2:
         p.error("--rounds must be >= 1 and --np >= 2")
@@ -46,11 +48,11 @@ def main(argv=None) -> int:
         return 2
     opts.work = HERE / "_work"
     opts.work.mkdir(exist_ok=True)
-    results = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-                        "cpus": os.cpu_count(), "np": opts.np, "controller": opts.controller,
-                        "rounds": opts.rounds, "quick": opts.quick,
-                        "launcher": "python -m launch" if launchers.has_project_launcher() else "mpirun/horovodrun",
-                        "load_before": os.getloadavg()}, "sections": {}}
+    started = time.time()
+    results = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "host": platform.node(), "cpus": os.cpu_count(), "np": opts.np, "rounds": opts.rounds,
+                        "quick": opts.quick, "only": opts.only, "torch": _version("torch"),
+                        "horovod": _version("horovod"), "load_before": os.getloadavg()}, "sections": {}}
     failed = False
     for section in sections:
         t = time.time()
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
         print(f"[benchmarks] {section.name} done in {res['seconds']} s", flush=True)
         print(res["markdown"], flush=True)
     results["meta"]["load_after"] = os.getloadavg()
+    results["meta"]["seconds"] = round(time.time() - started, 1)
     write(results, opts.out_dir)
     return 1 if failed else 0
 
@@ -75,14 +78,22 @@ def write(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = results["meta"]
     md = ["# distrib benchmarks", "",
-          f"{meta['date']}, {meta['cpus']} CPUs, {meta['np']} workers x 1 thread, controller {meta['controller']}, "
-          f"{meta['rounds']} alternated rounds{' (quick)' if meta['quick'] else ''}, launcher {meta['launcher']}, "
-          f"load average {meta['load_before'][0]:.1f} -> {meta['load_after'][0]:.1f}. "
-          "Figures: median over rounds (min-max). Produced by `make bench`.", ""]
+          f"{meta['date']}, {meta['cpus']} CPUs, {meta['np']} workers x 1 thread, "
+          f"{meta['rounds']} alternated rounds{' (quick)' if meta['quick'] else ''}, torch {meta['torch']}, "
+          f"Horovod {meta['horovod']}, load average {meta['load_before'][0]:.1f} -> {meta['load_after'][0]:.1f}, "
+          f"{meta['seconds'] / 60:.1f} min. Figures: median over rounds (min-max). Produced by `make bench`.", ""]
     for name, res in results["sections"].items():
         md += [f"## {res['title']}", "", res["markdown"], ""]
     (out_dir / "results.md").write_text("\n".join(md))
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 if __name__ == "__main__":

@@ -1,19 +1,13 @@
-"""How long does a checkpoint block training? Async vs sync save vs bare torch.save + fsync.
+"""Section "checkpoint": what checkpointing costs training.
 
-    python benchmarks/bench_checkpoint.py [--mb 64] [--rounds 5] [--dir benchmarks/_work]
-
-One process, real files. The state is an MLP of about --mb MiB of float32 parameters with
-AdamW moments (so ~3x that is written). Each round runs, in rotating order:
-
-* async:  the time ``CheckpointManager.save`` (async) blocks the training loop (CPU snapshot);
-          the background write that follows is timed too (write_s) and waited for outside the
-          measurement;
-* sync:   ``save`` with ``async_save=False`` (write, fsync, marker, rename, retention);
-* bare:   ``torch.save`` of the same state dicts to one file + fsync: the floor for these bytes.
-
-Then resume time: a fresh process from start to the end of its first training step, resuming
-that checkpoint vs starting from scratch. Prints a table and one JSON line; figures are
-noisy on a shared machine, so compare the ratios measured side by side.
+* During training (2 workers under the launcher, benchmarks/workers/checkpoint_train.py): the
+  step-time overhead of a checkpoint every K steps with distrib's async writer running beside
+  the steps, against the synchronous save and torch DCP's ``async_save`` of the same state.
+* One process (``python benchmarks/bench_checkpoint.py [--mb 64] [--rounds 5]``): how long a
+  save blocks the training loop, async vs sync vs a bare ``torch.save`` + fsync of the same
+  state dicts (the floor for these bytes), and resume time (start -> first step) against a
+  fresh start, alternated. The state is an MLP of about --mb MiB of float32 parameters with
+  AdamW moments (~3x that is written).
 """
 from __future__ import annotations
 
@@ -21,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks import launchers, stats  # noqa: E402
 from distrib.checkpoint import CheckpointManager  # noqa: E402
 from distrib.context import Context  # noqa: E402
 
@@ -62,24 +56,19 @@ def bare_save(path: Path, state) -> None:
         os.fsync(f.fileno())
 
 
-def summary(xs):
-    xs = sorted(xs)
-    return {"median_s": statistics.median(xs), "min_s": xs[0], "max_s": xs[-1], "n": len(xs)}
-
-
 def bench_saves(work: Path, mb: float, rounds: int):
+    """(state bytes, {kind: [seconds per round]}) of the three ways of saving, rotated per round."""
     model, optimizer = make_state(mb)
     state = {"model": model, "optimizer": optimizer}
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3
     times = {"async_blocked": [], "async_write": [], "sync": [], "bare": [], "step": []}
     managers = {"async": CheckpointManager(work / "async", ctx1(), keep=2, async_save=True),
                 "sync": CheckpointManager(work / "sync", ctx1(), keep=2, async_save=False)}
-    kinds = ["async", "sync", "bare"]
     for r in range(rounds):
         t0 = time.perf_counter()
         step(model, optimizer)
         times["step"].append(time.perf_counter() - t0)
-        for kind in kinds[r % 3:] + kinds[:r % 3]:  # rotate the order: no kind always runs first
+        for kind in stats.rotate(["async", "sync", "bare"], r):  # no kind always runs first
             t0 = time.perf_counter()
             if kind == "bare":
                 bare_save(work / "bare.pt", state)
@@ -94,7 +83,7 @@ def bench_saves(work: Path, mb: float, rounds: int):
                 times[kind].append(elapsed)
     for m in managers.values():
         m.close()
-    return nbytes, {k: summary(v) for k, v in times.items()}
+    return nbytes, times
 
 
 CHILD = r"""
@@ -114,21 +103,19 @@ print(time.time() - t_start, t_restore, restored)
 
 
 def bench_resume(work: Path, mb: float, runs: int):
-    run_dir = work / "async"
-    out = {}
-    for mode in ("auto", "none"):
-        if mode == "none":
-            run_dir = work / "fresh"
-        totals, restores = [], []
-        for _ in range(runs):
+    """{"resume"|"fresh": {"to_first_step": [s], "restore_call": [s]}}: a process resuming the
+    async run's checkpoint, and one starting from scratch, alternated."""
+    out = {k: {"to_first_step": [], "restore_call": []} for k in ("resume", "fresh")}
+    for r in range(runs):
+        for kind in stats.rotate(["resume", "fresh"], r):
+            run_dir, mode = (work / "async", "auto") if kind == "resume" else (work / "fresh", "none")
             line = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), str(mb), repr(time.time()),
                                    str(REPO), mode], capture_output=True, text=True, check=True,
                                   cwd=REPO).stdout.split()
-            totals.append(float(line[0]))
-            restores.append(float(line[1]))
-            assert (line[2] != "None") == (mode == "auto"), line
-        out["resume" if mode == "auto" else "fresh"] = {"to_first_step": summary(totals),
-                                                        "restore_call": summary(restores)}
+            if (line[2] != "None") != (kind == "resume"):
+                raise RuntimeError(f"{kind} run restored {line[2]}: the benchmark's checkpoint is missing")
+            out[kind]["to_first_step"].append(float(line[0]))
+            out[kind]["restore_call"].append(float(line[1]))
     return out
 
 
@@ -142,30 +129,71 @@ def measure(work: Path, mb: float, rounds: int, resume_runs: int) -> dict:
         resume = bench_resume(work, mb, resume_runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    bare = saves["bare"]["median_s"]
-    ratios = {"async_blocked/bare": saves["async_blocked"]["median_s"] / bare,
-              "sync/bare": saves["sync"]["median_s"] / bare,
-              "async_blocked/sync": saves["async_blocked"]["median_s"] / saves["sync"]["median_s"],
-              "resume/fresh_to_first_step": resume["resume"]["to_first_step"]["median_s"]
-              / resume["fresh"]["to_first_step"]["median_s"]}
-    return {"bench": "checkpoint", "state_bytes": nbytes, "rounds": rounds, "saves": saves,
-            "resume": resume, "ratios": ratios, "torch": torch.__version__, "cpus": os.cpu_count()}
+    ratio = lambda a, b, what: {"a": a, "b": b, "what": what, **stats.ratios(saves[a], saves[b])}  # noqa: E731
+    ratios = {"async_blocked_vs_bare": ratio("async_blocked", "bare", "step blocked by an async save / bare torch.save"),
+              "sync_vs_bare": ratio("sync", "bare", "sync save / bare torch.save"),
+              "async_blocked_vs_sync": ratio("async_blocked", "sync", "step blocked by an async save / sync save"),
+              "resume_vs_fresh": {"a": "resume", "b": "fresh", "what": "start to first step",
+                                  **stats.ratios(resume["resume"]["to_first_step"], resume["fresh"]["to_first_step"])}}
+    return {"bench": "checkpoint", "state_bytes": nbytes, "rounds": rounds,
+            "saves_s": {k: stats.summary(v) for k, v in saves.items()},
+            "resume_s": {k: {m: stats.summary(v) for m, v in d.items()} for k, d in resume.items()},
+            "ratios": ratios, "torch": torch.__version__, "cpus": os.cpu_count()}
 
 
 def markdown(result: dict) -> str:
-    saves, resume = result["saves"], result["resume"]
+    saves, resume = result["saves_s"], result["resume_s"]
     rows = [("train step (no save)", saves["step"]), ("async save: step blocked", saves["async_blocked"]),
             ("async save: until committed", saves["async_write"]), ("sync save", saves["sync"]),
             ("bare torch.save + fsync", saves["bare"]),
             ("resume: start -> first step", resume["resume"]["to_first_step"]),
-            ("  of which restore()", resume["resume"]["restore_call"]),
+            ("of which restore()", resume["resume"]["restore_call"]),
             ("fresh: start -> first step", resume["fresh"]["to_first_step"])]
     out = [f"State: {result['state_bytes'] / 2**20:.0f} MiB (params + AdamW moments), one process, "
-           f"{result['rounds']} rotated rounds.", "", "| what | median ms | min-max ms |", "|---|---|---|"]
-    out += [f"| {name.strip()} | {s['median_s'] * 1000:.1f} | {s['min_s'] * 1000:.1f}-{s['max_s'] * 1000:.1f} |"
-            for name, s in rows]
-    out += ["", "| ratio | value |", "|---|---|"]
-    out += [f"| {name} | {value:.2f}x |" for name, value in result["ratios"].items()]
+           f"{result['rounds']} rotated rounds.", "", "| what | median ms (min-max) |", "|---|---|"]
+    out += [f"| {name} | {1e3 * s['median']:.1f} ({1e3 * s['min']:.1f}-{1e3 * s['max']:.1f}) |" for name, s in rows]
+    out += ["", "| ratio | per round |", "|---|---|"]
+    out += [f"| {r['a']} / {r['b']} ({r['what']}) | {stats.fmt(r)} |" for r in result["ratios"].values()]
+    return "\n".join(out)
+
+
+TRAIN_WORKER = "benchmarks/workers/checkpoint_train.py"
+OVERHEAD_GOAL = 0.035  # CheckFreq's anchor: checkpointing costs at most 3.5 % of the training time
+
+
+def during_training(opts, model: str = "lm") -> dict:
+    """The step-time cost of a checkpoint every K steps, 2 workers under the launcher: per round,
+    (time of K steps + one checkpoint) / (time of K steps without) - 1, per variant."""
+    every, rounds = (20, 2) if opts.quick else (100, 3)
+    out = opts.work / "checkpoint-train.json"
+    out.unlink(missing_ok=True)
+    env = launchers.worker_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(launchers.free_port())})
+    argv = [TRAIN_WORKER, "--model", model, "--every", str(every), "--rounds", str(rounds),
+            "--dir", str(opts.work / "checkpoint-train"), "--out", str(out)]
+    launchers.run(launchers.launch(opts.np, argv), env, timeout=900)
+    got = json.loads(out.read_text())
+    seg = got["segments"]
+    overhead = {v: stats.summary([t / n - 1 for t, n in zip(seg[v], seg["none"])]) for v in seg if v != "none"}
+    per_step = {v: stats.summary([1e3 * t / every for t in seg[v]]) for v in seg}
+    return {"model": model, "every": every, "rounds": rounds, "state_bytes": got["state_bytes"],
+            "overhead": overhead, "segment_step_ms": per_step,
+            "max_step_ms": {v: max(ms) for v, ms in got["steps"].items()}}
+
+
+def during_markdown(d: dict) -> str:
+    out = [f"{d['model']}, 2 workers, AdamW state {d['state_bytes'] / 2**20:.1f} MiB, a checkpoint every "
+           f"{d['every']} steps, {d['rounds']} rounds of the four variants alternated in the same processes.", "",
+           "| variant | overhead on K steps (median, min-max) | ms per step incl. the checkpoint | slowest step ms |",
+           "|---|---|---|---|"]
+    for v, s in d["segment_step_ms"].items():
+        o = d["overhead"].get(v)
+        pct = f"{100 * o['median']:+.1f} % ({100 * o['min']:+.1f} to {100 * o['max']:+.1f})" if o else "reference"
+        out.append(f"| {v} | {pct} | {stats.fmt_value(s, '', 1)} | {d['max_step_ms'][v]:.0f} |")
+    out += ["", "none: no checkpoint; async: distrib's CheckpointManager (a thread writes while the steps "
+            "run; the segment ends when the write is committed); sync: CheckpointManager(async_save=False); "
+            "dcp-async: torch.distributed.checkpoint.async_save of the same model and optimizer state over a "
+            f"Gloo group of the same workers. Goal: async overhead <= {100 * OVERHEAD_GOAL:.1f} % at "
+            "--checkpoint-every 100 (CheckFreq)."]
     return "\n".join(out)
 
 
@@ -173,8 +201,11 @@ def run(opts) -> dict:
     """The ``checkpoint`` section of ``python -m benchmarks``."""
     result = measure(opts.work, mb=16 if opts.quick else 64, rounds=max(5, opts.rounds),
                      resume_runs=2 if opts.quick else 3)
-    return {"title": "Checkpoint: time a step is blocked, and resume time", "rows": [result],
-            "markdown": markdown(result)}
+    during = during_training(opts)
+    return {"title": "Checkpoint: cost during training, time a step is blocked, and resume time",
+            "rows": [result], "during_training": during,
+            "markdown": "### During training\n\n" + during_markdown(during)
+            + "\n\n### One process: time a step is blocked\n\n" + markdown(result)}
 
 
 def main(argv=None) -> int:

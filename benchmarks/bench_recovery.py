@@ -1,15 +1,19 @@
 """Section "recovery": time from a worker's death to the next completed training step.
 
-Three ways of surviving a SIGKILLed worker, measured on the same steady loop
-(benchmarks/workers/recovery.py, 2 workers, a step every ~50 ms, commit/checkpoint every 5):
+Ways of surviving a SIGKILLed worker, on the same steady loop (benchmarks/workers/recovery.py,
+2 workers, a step every ~50 ms, commit/checkpoint every 5 steps):
 
-* elastic   python -m launch --elastic on two host names for this machine (FACTS: a dead worker
-            blacklists its host): the survivor rolls back to the last commit and goes on alone;
-            after the cool-down the host returns and the world grows back to 2 before the next kill;
-* restart   python -m launch --max-restarts: every worker is stopped and started again, and
-            resumes from the newest checkpoint;
-* torchrun  torchrun --standalone --max-restarts on the same loop with DDP over Gloo and
-            torch.save checkpoints (TORCHRUN_ENV: see there).
+* distrib-elastic   python -m launch --elastic on two host names for this machine (a dead
+                    worker blacklists its host): the survivor rolls back to the last commit and
+                    goes on alone; after the cool-down the host returns and the world grows back
+                    to 2 before the next kill;
+* horovod-elastic   the same with plain Horovod Elastic (hvd.elastic.TorchState), started by
+                    horovodrun directly with the same hosts, discovery and cool-down;
+* torchrun-elastic  torch elastic's own mode: two torchrun agents (--nnodes 1:2, one worker
+                    each) joined by a c10d rendezvous; the agent of the dead worker restarts it,
+                    the world re-forms and resumes from the newest torch.save checkpoint;
+* distrib-restart   python -m launch --max-restarts: every worker is stopped and started again,
+                    and resumes from the newest checkpoint (the launcher's non-elastic mode).
 
 One job per mode and block kills a worker several times; blocks alternate the modes so that
 they share the machine's noise. A trial succeeds when a step completes after the kill within
@@ -28,9 +32,13 @@ from typing import Dict, List, Optional
 from benchmarks import launchers, stats
 
 WORKER = "benchmarks/workers/recovery.py"
-MODES = ("elastic", "restart", "torchrun")
+MODES = ("distrib-elastic", "horovod-elastic", "torchrun-elastic", "distrib-restart")
+SURVIVORS_GO_ON = ("distrib-elastic", "horovod-elastic")  # the others start new processes
 TRIAL_TIMEOUT_S = 30.0  # a recovery takes seconds; past this the trial failed
+START_TIMEOUT_S = 180.0  # a job's first steps (imports of torch on a loaded machine can take a minute)
 STEADY_STEPS = 3  # steps at full size after a recovery before the next kill
+HOSTS = ("localhost", "127.0.0.1")  # two names for this machine: two "hosts" for Horovod Elastic
+COOLDOWN_S = (1, 2)
 
 
 # torchrun's workers by default share the rendezvous's TCPStore across restarts, and a restarted
@@ -45,17 +53,28 @@ def restart_budget(kills: int) -> int:
     return 3 * kills + 3
 
 
-def command(mode: str, out: Path, kills: int) -> List[str]:
-    if mode == "elastic":
-        return [launchers.PY, "-m", "launch", "--elastic", "--min-np", "1", "--max-np", "2",
-                "-H", "localhost:1,127.0.0.1:1", "--blacklist-cooldown", "1,2", WORKER,
-                "--mode", "elastic", "--out", str(out)]
-    if mode == "restart":
-        return [launchers.PY, "-m", "launch", "-np", "2", "--max-restarts", str(restart_budget(kills)), WORKER,
-                "--mode", "restart", "--out", str(out)]
-    # --standalone: torchrun's own single-machine rendezvous (c10d on a free port), a new round per restart.
-    return [str(Path(launchers.PY).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
-            "--max-restarts", str(restart_budget(kills)), WORKER, "--mode", "ddp", "--out", str(out)]
+def commands(mode: str, out: Path, kills: int) -> List[List[str]]:
+    """The processes that make up one job of ``mode`` (torchrun-elastic: one agent per "node")."""
+    worker = lambda m: [WORKER, "--mode", m, "--out", str(out)]  # noqa: E731
+    if mode == "distrib-elastic":
+        return [[launchers.PY, "-m", "launch", "--elastic", "--min-np", "1", "--max-np", "2",
+                 "-H", ",".join(f"{h}:1" for h in HOSTS), "--blacklist-cooldown", ",".join(map(str, COOLDOWN_S)),
+                 *worker("elastic")]]
+    if mode == "horovod-elastic":
+        script = out / "discover.sh"
+        script.write_text("#!/bin/sh\n" + "".join(f"echo {h}:1\n" for h in HOSTS))
+        script.chmod(0o755)
+        return [[launchers.HOROVODRUN, "--gloo", "-np", "2", "--min-np", "1",
+                 "--max-np", "2", "--host-discovery-script", str(script), "--network-interface", "lo",
+                 "--blacklist-cooldown-range", *map(str, COOLDOWN_S), launchers.PY, *worker("horovod")]]
+    if mode == "torchrun-elastic":
+        endpoint = f"127.0.0.1:{launchers.free_port()}"
+        return [[launchers.TORCHRUN, "--nnodes", "1:2", "--nproc_per_node", "1",
+                 "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "recovery",
+                 "--rdzv_conf", f"is_host={int(agent == 0)}", "--max-restarts", str(restart_budget(kills)),
+                 *worker("ddp")] for agent in range(2)]
+    return [[launchers.PY, "-m", "launch", "-np", "2", "--max-restarts", str(restart_budget(kills)),
+             *worker("restart")]]
 
 
 def read_steps(out: Path) -> List[dict]:
@@ -95,17 +114,13 @@ def steady(out: Path, since: float) -> Optional[int]:
 def recovered(mode: str, before: List[dict], victim: int, t_kill: float, out: Path,
               past: int = 0) -> Optional[float]:
     """Time of the first step (numbered above ``past``) completed after the kill by the re-formed
-    (or restarted) world."""
-    if mode == "elastic":
-        last_gen = {}
-        for r in before:
-            last_gen[r["pid"]] = r["gen"]
-        ok = [r for r in read_steps(out) if r["time"] > t_kill and r["pid"] != victim
-              and r["pid"] in last_gen and r["gen"] > last_gen[r["pid"]]]
+    world: a survivor in a new generation, or (restarting modes) a process started after the kill."""
+    last_gen = {r["pid"]: r["gen"] for r in before}
+    rows = [r for r in read_steps(out) if r["time"] > t_kill and r["step"] > past]
+    if mode in SURVIVORS_GO_ON:
+        ok = [r for r in rows if r["pid"] != victim and r["pid"] in last_gen and r["gen"] > last_gen[r["pid"]]]
     else:
-        gen = max(r["gen"] for r in before)
-        ok = [r for r in read_steps(out) if r["time"] > t_kill and r["gen"] > gen]
-    ok = [r for r in ok if r["step"] > past]
+        ok = [r for r in rows if r["pid"] not in last_gen]
     return min(r["time"] for r in ok) if ok else None
 
 
@@ -115,15 +130,18 @@ def run_job(mode: str, out: Path, kills: int) -> List[Optional[dict]]:
     trial (None: no recovery, or the job never became steady) the job is abandoned."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    env = launchers.worker_env({"PYTHONUNBUFFERED": "1", **(TORCHRUN_ENV if mode == "torchrun" else {})})
+    env = launchers.worker_env({"PYTHONUNBUFFERED": "1", **(TORCHRUN_ENV if mode.startswith("torchrun") else {})})
     log = open(out / "job.log", "w")
-    proc = subprocess.Popen(command(mode, out, kills), cwd=launchers.REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    procs: List[subprocess.Popen] = []
     results: List[Optional[dict]] = []
     since = 0.0
     try:
-        for _ in range(kills):
-            victim = wait_for(lambda: steady(out, since), proc, TRIAL_TIMEOUT_S)
+        for cmd in commands(mode, out, kills):  # one process group for the job: stop_job ends it whole
+            procs.append(subprocess.Popen(cmd, cwd=launchers.REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          process_group=procs[0].pid if procs else 0))
+        proc = procs[0]
+        for k in range(kills):
+            victim = wait_for(lambda: steady(out, since), proc, START_TIMEOUT_S if k == 0 else TRIAL_TIMEOUT_S)
             if victim is None:
                 results.append(None)
                 break
@@ -145,27 +163,30 @@ def run_job(mode: str, out: Path, kills: int) -> List[Optional[dict]]:
             results.append({"first_step_s": done - t_kill, "regained_s": regained - t_kill})
             since = regained
     finally:
-        stop_job(proc)
+        if procs:
+            stop_job(procs)
         log.close()
     return results
 
 
-def stop_job(proc: subprocess.Popen) -> None:
-    """End the job's whole process group (it may have ended by itself: a spent restart budget)."""
+def stop_job(procs: List[subprocess.Popen]) -> None:
+    """End the job's whole process group (it may have ended by itself: a spent restart budget).
+    torchrun's workers live in sessions of their own: its agents stop them on SIGTERM."""
     for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(procs[0].pid, sig)
         except ProcessLookupError:
             break
         try:
-            proc.wait(timeout=wait_s)
+            for proc in procs:
+                proc.wait(timeout=wait_s)
             break
         except subprocess.TimeoutExpired:
             continue
 
 
 def run(opts) -> dict:
-    trials = 4 if opts.quick else 10
+    trials = 2 if opts.quick else 10
     blocks = 2
     per_block = [trials // blocks + (1 if b < trials % blocks else 0) for b in range(blocks)]
     results: Dict[str, List[Optional[dict]]] = {m: [] for m in MODES}
@@ -189,21 +210,21 @@ def run(opts) -> dict:
 
 
 def _table(rows) -> str:
-    out = ["| mode | success | kill -> next step: median s | max s | kill -> past the step reached: median s | max s |",
-           "|---|---|---|---|---|---|"]
+    out = ["| mode | recovered | kill -> next step, s: median (min-max) | max | "
+           "kill -> past the step reached, s: median (min-max) | max |", "|---|---|---|---|---|---|"]
     for r in rows:
         first, regained = r["first_step_s"], r["regained_s"]
-        figures = (f"{first['median']:.2f} | {first['max']:.2f} | {regained['median']:.2f} | {regained['max']:.2f}"
-                   if first else "n/a | n/a | n/a | n/a")
+        figures = (f"{stats.fmt_value(first, '', 2)} | {first['max']:.2f} | {stats.fmt_value(regained, '', 2)} | "
+                   f"{regained['max']:.2f}" if first else "n/a | n/a | n/a | n/a")
         out.append(f"| {r['mode']} | {r['successes']}/{r['trials']} | {figures} |")
     out += ["", "From the SIGKILL of rank 1 to the first training step completed afterwards by the re-formed "
             "(elastic) or restarted world, and to the first step numbered past the last one completed before "
             "the kill (restarts and roll-backs redo the steps since the last checkpoint or commit; one every 5 "
-            "steps of ~50 ms). elastic: python -m launch --elastic on localhost:1,127.0.0.1:1 (the survivor "
-            "goes on alone, the host returns after the cool-down); restart: python -m launch --max-restarts "
-            "(every worker restarts and resumes from the last checkpoint); torchrun: torchrun --standalone "
-            "--max-restarts with DDP over Gloo and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (with the default "
-            "shared store its restarted workers read the dead attempt's addresses and often fail or hang). "
+            "steps of ~50 ms). distrib-elastic and horovod-elastic: hosts localhost:1,127.0.0.1:1, cool-down "
+            f"{COOLDOWN_S[0]}-{COOLDOWN_S[1]} s (the survivor goes on alone, the host returns); torchrun-elastic: "
+            "two agents with --nnodes 1:2 and a c10d rendezvous, DDP over Gloo, "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (with the default shared store restarted workers read the "
+            "dead attempt's addresses and often fail or hang); distrib-restart: python -m launch --max-restarts. "
             f"A failed trial: no such step within {TRIAL_TIMEOUT_S:.0f} s of the kill. Modes alternate in "
             "blocks of kills within one job each."]
     return "\n".join(out)

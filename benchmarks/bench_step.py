@@ -1,123 +1,181 @@
-"""Sections "step" and "scaling": training step time of distrib against one process alone,
-plain Horovod (same controller), torch DDP over Gloo (torchrun), and the weak-scaling ideal.
+"""Section "step": training step time at 2 workers of distrib against fair references, three models.
 
-Each round launches every implementation once, in a rotated order; a launch times every model
-(in a rotated order too) and reports the median of each model's timed steps. Ratios are taken
-per round, then summarised over rounds. The ideal's communication is one more launch in that
-rotation: a raw mpi4py Allreduce of each model's gradient bytes in a plain mpirun job without
-Horovod (inside a Horovod job MPI's lock, shared with Horovod's thread, would slow it).
+Every round launches each job once, in a rotated order; a job times every model (in a rotated
+order too) and, where it has variants, alternates them in the same processes. Ratios are taken
+per round, then summarised over rounds (median and min-max).
+
+References: one process alone; two independent processes at once (``pair``: the compute floor
+when two workers share the two cores); plain Horovod (``hvd.DistributedOptimizer``) under
+``horovodrun`` defaults, and *tuned*, i.e. with the launcher's Open MPI flags and distrib's cycle
+time; DDP over Gloo with defaults and tuned (``gradient_as_bucket_view``, the best bucket size of
+a sweep); and one distrib variant per lever (reducer, cycle time, yield), so that each lever's own
+effect is a ratio. The ideal is alone + a raw mpi4py allreduce of the gradient bytes, timed in a
+plain mpirun job without Horovod (inside a Horovod job MPI's lock, shared with Horovod's thread,
+would slow it).
 """
 from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Tuple
 
 from benchmarks import launchers, stats
 from benchmarks.bench_allreduce import raw_mpi_ms
 
-MODELS = ("mlp", "lm")
 STEP = "benchmarks/workers/step.py"
-IMPLS = ("alone", "distrib", "distrib-before", "horovod", "ddp")
+DDP_SWEEP_MB = (1, 5, 25)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One launch per round: ``command(np, argv, env)`` run with ``env``; each variant is reported as
+    ``names[variant]``."""
+    impl: str
+    command: Callable
+    names: Dict[str, str]
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+def jobs() -> Dict[str, Job]:
+    ddp_names = {"default": "ddp-default", **{f"tuned-{mb}": f"ddp-tuned-{mb}" for mb in DDP_SWEEP_MB}}
+    alone = lambda n, argv, env: [launchers.PY, *argv]  # noqa: E731
+    launch = lambda n, argv, env: launchers.launch(n, argv)  # noqa: E731
+    no_yield = lambda n, argv, env: launchers.tuned_mpirun(n, argv, env, yield_when_idle=False)  # noqa: E731
+    return {
+        "alone": Job("alone", alone, {"default": "alone"}),
+        "pair": Job("alone", launchers.tuned_mpirun, {"default": "pair"}),
+        "distrib": Job("distrib", launch, {"buckets": "distrib", "per-parameter": "distrib-per-parameter"}),
+        "distrib-cycle-1ms": Job("distrib", launch, {"buckets": "distrib-cycle-1ms"}, {"HOROVOD_CYCLE_TIME": "1"}),
+        "distrib-no-yield": Job("distrib", no_yield, {"buckets": "distrib-no-yield"}),
+        "horovod-tuned": Job("horovod", launchers.tuned_mpirun, {"default": "horovod-tuned"},
+                             {"HOROVOD_CYCLE_TIME": launchers.SINGLE_HOST_MPI_CYCLE_MS}),
+        "horovod-default": Job("horovod", lambda n, argv, env: launchers.horovodrun(n, argv),
+                               {"default": "horovod-default"}),
+        "ddp": Job("ddp", lambda n, argv, env: launchers.torchrun(n, argv), ddp_names),
+    }
+
+
 RAW = "raw-mpi"  # not a training step: the ideal's allreduce of the gradient bytes
 
 
 def grad_bytes(model: str) -> int:
     """Bytes of ``model``'s gradients, as the step worker builds it (torch imported only here)."""
-    from benchmarks.workers.models import DEFAULT_BATCH, build
-    net, _ = build(model, DEFAULT_BATCH[model])
-    return sum(p.numel() * p.element_size() for p in net.parameters())
+    from benchmarks.workers.models import DEFAULT_BATCH, build, grad_bytes as nbytes
+    return nbytes(build(model, DEFAULT_BATCH[model])[0])
 
 
-def _command(impl, argv, opts, env):
-    if impl == "alone":
-        return [launchers.PY, *argv]
-    if impl in ("distrib", "distrib-before"):
-        return launchers.distrib_cmd(opts.np, argv, opts.controller, env)
-    if impl == "horovod":
-        return launchers.horovod_cmd(opts.np, argv, opts.controller, env)
-    return launchers.torchrun_cmd(opts.np, argv)
+def _launch(job: Job, opts, models, r: int) -> dict:
+    out = opts.work / f"step-{job.names[next(iter(job.names))]}.json"
+    out.unlink(missing_ok=True)
+    env = launchers.worker_env(job.env)
+    argv = [STEP, "--impl", job.impl, "--model", ",".join(stats.rotate(models, r)),
+            "--variants", ",".join(job.names), "--rotate", str(r),
+            "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--out", str(out)]
+    launchers.run(job.command(opts.np, argv, env), env)
+    return json.loads(out.read_text())["by_model"]
 
 
 def measure(opts, models) -> dict:
-    """{model: {"ms": {impl: [median step ms per round]}, "ideal_comm_ms": [...], ...}}.
-
-    One launch per implementation and round times every model (a launch costs more than the
-    steps it times); the order of the implementations and of the models rotates per round."""
-    steps = 10 if opts.quick else 25
-    found = {m: {"ms": {i: [] for i in IMPLS}, "ideal_comm_ms": []} for m in models}
+    """{model: {"ms": {name: [median step ms per round]}, "ideal_comm_ms": [...], ...}}."""
+    all_jobs = jobs()
+    found = {m: {"ms": {}, "ideal_comm_ms": []} for m in models}
     nbytes = {m: grad_bytes(m) for m in models}
     for r in range(opts.rounds):
-        order = ",".join(stats.rotate(models, r))
-        for impl in stats.rotate(IMPLS + (RAW,), r):
-            if impl == RAW:
+        for name in stats.rotate(list(all_jobs) + [RAW], r):
+            if name == RAW:
                 got = raw_mpi_ms(opts, sorted(set(nbytes.values())))
                 for model in models:
                     found[model]["ideal_comm_ms"].append(got[str(nbytes[model])])
                 continue
-            out = opts.work / f"step-{impl}.json"
-            out.unlink(missing_ok=True)
-            extra = {"DISTRIB_REDUCER": "per-parameter"} if impl == "distrib-before" else {}
-            env = launchers.worker_env(extra)
-            argv = [STEP, "--impl", "distrib" if impl.startswith("distrib") else impl, "--model", order,
-                    "--steps", str(steps), "--out", str(out)]
-            launchers.run(_command(impl, argv, opts, env), env)
-            res = json.loads(out.read_text())
-            for model, got in res["by_model"].items():
+            job = all_jobs[name]
+            for model, res in _launch(job, opts, models, r).items():
                 m = found[model]
-                m["ms"][impl].append(statistics.median(got["step_ms"]))
-                m["grad_bytes"], m["params"] = got["grad_bytes"], got["params"]
+                for variant, ms in res["variants"].items():
+                    m["ms"].setdefault(job.names[variant], []).append(statistics.median(ms))
+                m.update(grad_bytes=res["grad_bytes"], params=res["params"], tensors=res["tensors"],
+                         batch=res["batch"])
     return found
 
 
+# (key, numerator, denominator, what the ratio measures): every ratio names both of its sides.
+RATIOS: Tuple[Tuple[str, str, str, str], ...] = (
+    ("vs_ddp_default", "distrib", "ddp-default", "distrib against DDP over Gloo, defaults"),
+    ("vs_ddp_tuned", "distrib", "ddp-tuned", "distrib against DDP over Gloo, tuned"),
+    ("vs_horovod_tuned", "distrib", "horovod-tuned", "distrib against plain Horovod with the same settings"),
+    ("vs_horovod_default", "distrib", "horovod-default", "distrib against plain Horovod under horovodrun defaults"),
+    ("settings_on_horovod", "horovod-tuned", "horovod-default", "the launcher's settings, on plain Horovod"),
+    ("lever_buckets", "distrib", "distrib-per-parameter", "lever: flat buckets (vs one allreduce per tensor)"),
+    ("lever_cycle", "distrib", "distrib-cycle-1ms", "lever: cycle time 0.1 ms (vs Horovod's 1 ms)"),
+    ("lever_yield", "distrib", "distrib-no-yield", "lever: mpi_yield_when_idle (vs Open MPI's busy polling)"),
+    ("ddp_tuning", "ddp-tuned", "ddp-default", "DDP's own tuning"),
+)
+EFFICIENCY_OF = ("distrib", "horovod-tuned", "horovod-default", "ddp-default", "ddp-tuned", "pair")
+
+
+def best_ddp(ms: Dict[str, list]) -> str:
+    """The swept DDP bucket size with the lowest median step time (its per-round values become
+    "ddp-tuned": picked after the fact, which favours DDP, never distrib)."""
+    swept = [f"ddp-tuned-{mb}" for mb in DDP_SWEEP_MB if f"ddp-tuned-{mb}" in ms]
+    return min(swept, key=lambda k: statistics.median(ms[k]))
+
+
+def model_row(model: str, m: dict) -> dict:
+    ms = dict(m["ms"])
+    tuned = best_ddp(ms)
+    ms["ddp-tuned"] = ms[tuned]
+    row = {"model": model, "params": m["params"], "grad_bytes": m["grad_bytes"], "tensors": m["tensors"],
+           "batch": m["batch"], "ddp_tuned_bucket_mb": float(tuned.rsplit("-", 1)[1]),
+           "step_ms": {k: stats.summary(v) for k, v in ms.items()},
+           "ratios": {key: {"a": a, "b": b, "what": what, **stats.ratios(ms[a], ms[b])}
+                      for key, a, b, what in RATIOS}}
+    ideal = [a + c for a, c in zip(ms["alone"], m["ideal_comm_ms"])]
+    row["ideal_comm_ms"] = stats.summary(m["ideal_comm_ms"])
+    row["step_ms"]["ideal"] = stats.summary(ideal)
+    row["efficiency"] = {k: stats.ratios(ms["alone"], ms[k]) for k in EFFICIENCY_OF}
+    row["efficiency"]["ideal"] = stats.ratios(ms["alone"], ideal)
+    # share of a reference's distance to the ideal that distrib removes (goal: >= 0.5 vs tuned)
+    for ref in ("horovod-tuned", "horovod-default"):
+        row[f"gap_closed_vs_{ref}"] = stats.summary(
+            [(h - d) / (h - i) if h != i else float("nan") for h, d, i in zip(ms[ref], ms["distrib"], ideal)])
+    return row
+
+
 def run(opts) -> dict:
-    rows = []
-    models = ("mlp",) if opts.quick else MODELS
+    opts.warmup, opts.steps = (2, 8) if opts.quick else (4, 16)
+    models = ("mlp", "lm", "conv")
     found = measure(opts, models)
-    for model in models:
-        m = found[model]
-        ms = m["ms"]
-        row = {"model": model, "params": m["params"], "grad_bytes": m["grad_bytes"],
-               "step_ms": {i: stats.summary(v) for i, v in ms.items()},
-               "distrib_vs_ddp": stats.ratios(ms["distrib"], ms["ddp"]),
-               "distrib_vs_horovod": stats.ratios(ms["distrib"], ms["horovod"]),
-               "distrib_vs_before": stats.ratios(ms["distrib"], ms["distrib-before"]),
-               "before_vs_horovod": stats.ratios(ms["distrib-before"], ms["horovod"]),
-               "efficiency": stats.ratios(ms["alone"], ms["distrib"]),
-               "efficiency_horovod": stats.ratios(ms["alone"], ms["horovod"]),
-               "efficiency_ddp": stats.ratios(ms["alone"], ms["ddp"])}
-        ideal = [a + c for a, c in zip(ms["alone"], m["ideal_comm_ms"])]
-        row["ideal_comm_ms"] = stats.summary(m["ideal_comm_ms"])
-        row["ideal_ms"] = stats.summary(ideal)
-        row["efficiency_ideal"] = stats.ratios(ms["alone"], ideal)
-        # share of plain Horovod's distance to the ideal that distrib removes (goal: >= 0.5)
-        row["gap_closed"] = stats.summary([(h - d) / (h - i) if h != i else float("nan")
-                                           for h, d, i in zip(ms["horovod"], ms["distrib"], ideal)])
-        rows.append(row)
-    return {"title": f"Training step time, {opts.np} workers x 1 thread ({opts.controller} controller for "
-                     "distrib and Horovod; DDP over Gloo)", "rows": rows, "markdown": _table(rows)}
+    rows = [model_row(model, found[model]) for model in models]
+    return {"title": f"Training step time, {opts.np} workers x 1 thread", "rows": rows,
+            "steps": {"warmup": opts.warmup, "timed": opts.steps}, "markdown": _table(rows)}
+
+
+SHOWN = ("alone", "pair", "ideal", "distrib", "distrib-per-parameter", "distrib-cycle-1ms", "distrib-no-yield",
+         "horovod-tuned", "horovod-default", "ddp-tuned", "ddp-default")
 
 
 def _table(rows) -> str:
-    out = ["| model | distrib / DDP-Gloo | distrib / plain Horovod | distrib / distrib-before | "
-           "before / plain Horovod | step ms: alone, distrib, before, horovod, ddp |",
-           "|---|---|---|---|---|---|"]
-    for r in rows:
-        s = r["step_ms"]
-        out.append(f"| {r['model']} ({r['params'] / 1e6:.2f} M params) | {stats.fmt(r['distrib_vs_ddp'])} | "
-                   f"{stats.fmt(r['distrib_vs_horovod'])} | {stats.fmt(r['distrib_vs_before'])} | "
-                   f"{stats.fmt(r['before_vs_horovod'])} | "
-                   + ", ".join(f"{s[i]['median']:.1f}" for i in IMPLS) + " |")
-    out += ["", "Ratios of step times (lower is better for distrib). distrib-before: the per-parameter "
-            "reducer (one Horovod allreduce per gradient, like hvd.DistributedOptimizer).", "",
-            "### Weak scaling 1 -> 2 workers (same per-worker batch)", "",
-            "| model | efficiency distrib | plain Horovod | DDP | ideal (alone + raw mpi4py allreduce of the grads) "
-            "| raw allreduce of the grads | share of Horovod's gap to the ideal closed by distrib |",
-            "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['model']} | {stats.fmt(r['efficiency'])} | {stats.fmt(r['efficiency_horovod'])} | "
-                   f"{stats.fmt(r['efficiency_ddp'])} | {stats.fmt(r['efficiency_ideal'])} | "
-                   f"{stats.fmt_value(r['ideal_comm_ms'], 'ms', 2)} | {stats.fmt(r['gap_closed'])} |")
-    out += ["", "Efficiency = alone step time / 2-worker step time (1.0 is perfect). The ideal's allreduce "
-            "is a raw in-place mpi4py Allreduce of the gradient bytes, timed in a separate plain mpirun job "
-            "without Horovod (launched once per round, in the rotation with the implementations)."]
+    out = ["| step ms | " + " | ".join(f"{r['model']} ({r['params'] / 1e6:.2f} M params, {r['tensors']} tensors)"
+                                      for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for k in SHOWN:
+        out.append(f"| {k} | " + " | ".join(stats.fmt_value(r["step_ms"][k], "", 1) for r in rows) + " |")
+    out += ["", "| ratio of step times (lower: the first is faster) | " + " | ".join(r["model"] for r in rows) + " |",
+            "|---" * (len(rows) + 1) + "|"]
+    for key, a, b, what in RATIOS:
+        out.append(f"| {a} / {b} ({what}) | " + " | ".join(stats.fmt(r["ratios"][key]) for r in rows) + " |")
+    for ref in ("horovod-tuned", "horovod-default"):
+        out.append(f"| share of {ref}'s gap to the ideal closed by distrib | "
+                   + " | ".join(stats.fmt(r[f'gap_closed_vs_{ref}']) for r in rows) + " |")
+    out += ["", "| weak-scaling efficiency 1 -> 2 workers (alone / 2-worker step) | "
+            + " | ".join(r["model"] for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for k in EFFICIENCY_OF + ("ideal",):
+        out.append(f"| {k} | " + " | ".join(stats.fmt(r["efficiency"][k]) for r in rows) + " |")
+    out += ["", "ddp-tuned: gradient_as_bucket_view=True, broadcast_buffers=False and the bucket size (MB) "
+            f"of {', '.join(map(str, DDP_SWEEP_MB))} with the lowest median: "
+            + ", ".join(f"{r['model']} {r['ddp_tuned_bucket_mb']:g}" for r in rows)
+            + ". horovod-tuned: plain hvd.DistributedOptimizer under mpirun with the launcher's Open MPI flags "
+            "(`launch/plan.py`) and HOROVOD_CYCLE_TIME=0.1 (distrib's); horovod-default: `horovodrun --mpi`. "
+            "pair: two independent processes (no communication) sharing the cores. ideal: alone + a raw "
+            "mpi4py allreduce of the gradient bytes (raw allreduce: "
+            + ", ".join(f"{r['model']} {stats.fmt_value(r['ideal_comm_ms'], 'ms', 2)}" for r in rows) + ")."]
     return "\n".join(out)

@@ -1,7 +1,7 @@
-"""The command lines that start 1 or N workers for each implementation, and running them.
+"""The command lines that start N workers for each implementation, and running them.
 
-distrib jobs go through the project launcher (``python -m launch``) when it exists, else
-straight through mpirun / horovodrun with the same controller.
+The Open MPI flags are the project launcher's own (``launch.plan``): "tuned" plain Horovod gets
+exactly what ``python -m launch`` gives distrib, so a difference between the two is the library's.
 """
 from __future__ import annotations
 
@@ -13,9 +13,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from distrib.context import SINGLE_HOST_MPI_CYCLE_MS  # distrib's cycle time: tuned Horovod gets it too
+from launch.plan import NO_BINDING, OMPI_MCA
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-MPIRUN_ARGS = ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
+ROOT_ARGS = ["--allow-run-as-root", "--oversubscribe"]  # root needs the first; 2 slots on 2 cores the second
+MPIRUN_ARGS = [*ROOT_ARGS, "--bind-to", "none"]
 FORWARDED = ("OMP_NUM_THREADS", "PYTHONPATH", "DISTRIB_REDUCER", "DISTRIB_BUCKET_MB",
              "MASTER_ADDR", "MASTER_PORT", "HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD")
 
@@ -31,37 +35,47 @@ def worker_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def has_project_launcher() -> bool:
-    return (REPO / "launch" / "__main__.py").is_file()
+def _forward(env: Dict[str, str]) -> List[str]:
+    return [a for k in FORWARDED if k in env for a in ("-x", k)]
 
 
 def mpirun(np_: int, argv: Sequence[str], env: Dict[str, str]) -> List[str]:
-    fwd = [a for k in FORWARDED if k in env for a in ("-x", k)]
-    return ["mpirun", "-np", str(np_), *MPIRUN_ARGS, *fwd, PY, *argv]
+    """Bare mpirun with Open MPI's defaults (busy polling): raw mpi4py references."""
+    return ["mpirun", "-np", str(np_), *MPIRUN_ARGS, *_forward(env), PY, *argv]
 
 
-def horovodrun(np_: int, argv: Sequence[str], controller: str) -> List[str]:
-    if controller == "gloo":
-        return [str(Path(PY).with_name("horovodrun")), "-np", str(np_), "--gloo", PY, *argv]
-    return [str(Path(PY).with_name("horovodrun")), "-np", str(np_), "--mpi",
-            "--mpi-args=" + " ".join(MPIRUN_ARGS), PY, *argv]
+def launcher_mca(yield_when_idle: bool = True) -> List[str]:
+    """The launcher's ``-mca`` flags, optionally without ``mpi_yield_when_idle``."""
+    mca = list(OMPI_MCA)
+    if not yield_when_idle:
+        at = mca.index("mpi_yield_when_idle")
+        del mca[at - 1:at + 2]
+    return mca
 
 
-def distrib_cmd(np_: int, argv: Sequence[str], controller: str, env: Dict[str, str]) -> List[str]:
-    """The project launcher, or (until it exists) the same controller started directly."""
-    if has_project_launcher():
-        return [PY, "-m", "launch", "-np", str(np_), "--controller", controller, *argv]
-    return mpirun(np_, argv, env) if controller == "mpi" else horovodrun(np_, argv, controller)
+def tuned_mpirun(np_: int, argv: Sequence[str], env: Dict[str, str], yield_when_idle: bool = True) -> List[str]:
+    """mpirun with the project launcher's flags (binding, PML, yield), without its worker shim."""
+    return ["mpirun", *ROOT_ARGS, "-np", str(np_), *NO_BINDING, *launcher_mca(yield_when_idle),
+            *_forward(env), PY, *argv]
 
 
-def horovod_cmd(np_: int, argv: Sequence[str], controller: str, env: Dict[str, str]) -> List[str]:
-    """A plain Horovod job on the same controller as distrib's."""
-    return mpirun(np_, argv, env) if controller == "mpi" else horovodrun(np_, argv, controller)
+def horovodrun(np_: int, argv: Sequence[str]) -> List[str]:
+    """Plain ``horovodrun --mpi`` as a Horovod user types it (root needs the mpirun flags)."""
+    return [HOROVODRUN, "-np", str(np_), "--mpi",
+            "--mpi-args=" + " ".join(ROOT_ARGS), PY, *argv]
 
 
-def torchrun_cmd(np_: int, argv: Sequence[str]) -> List[str]:
-    return [str(Path(PY).with_name("torchrun")), "--nproc_per_node", str(np_),
-            "--master_port", str(free_port()), *argv]
+def launch(np_: int, argv: Sequence[str], controller: str = "mpi", hosts: Optional[str] = None) -> List[str]:
+    """The project launcher, as users start distrib."""
+    return [PY, "-m", "launch", "-np", str(np_), "--controller", controller, *(("-H", hosts) if hosts else ()), *argv]
+
+
+TORCHRUN = str(Path(PY).with_name("torchrun"))
+HOROVODRUN = str(Path(PY).with_name("horovodrun"))
+
+
+def torchrun(np_: int, argv: Sequence[str]) -> List[str]:
+    return [TORCHRUN, "--nproc_per_node", str(np_), "--master_port", str(free_port()), *argv]
 
 
 def free_port() -> int:

@@ -1,10 +1,8 @@
 """The sections of ``python -m benchmarks``, in the order they run.
 
 A section is a module with ``run(opts) -> {"title": str, "rows": [...], "markdown": str}``;
-``opts`` has ``quick``, ``rounds``, ``np``, ``controller`` and ``work`` (a scratch folder).
-Later issues add their own module here: the checkpoint and recovery figures live in
-``benchmarks/bench_checkpoint.py`` (included automatically when the file exists; any other
-``bench_<name>.py`` listed in OPTIONAL is too).
+``opts`` has ``quick``, ``rounds``, ``np`` and ``work`` (a scratch folder). A section another
+issue adds goes into OPTIONAL: it runs when its module exists.
 """
 from __future__ import annotations
 
@@ -25,12 +23,14 @@ class Section:
 
 CORE = [
     Section("allreduce", "benchmarks.bench_allreduce"),
-    Section("step", "benchmarks.bench_step"),        # step time; also the weak-scaling table
+    Section("step", "benchmarks.bench_step"),              # step time, levers, one-host weak scaling
+    Section("network", "benchmarks.bench_network"),        # 2 hosts over 1 and 10 Gbit/s (needs root)
     Section("coldstart", "benchmarks.bench_coldstart"),
+    Section("checkpoint", "benchmarks.bench_checkpoint"),  # cost during training, blocked time, resume
+    Section("recovery", "benchmarks.bench_recovery"),
 ]
 OPTIONAL = [
-    Section("checkpoint", "benchmarks.bench_checkpoint"),  # written by the checkpoint engineer
-    Section("recovery", "benchmarks.bench_recovery"),
+    Section("memory", "benchmarks.bench_memory"),
 ]
 
 

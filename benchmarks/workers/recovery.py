@@ -1,8 +1,9 @@
 """A steady training loop that logs every completed step, for the recovery benchmark.
 
     --mode elastic   distrib.elastic (python -m launch --elastic): survivors roll back and go on
+    --mode horovod   plain Horovod Elastic (hvd.elastic.TorchState, horovodrun --min-np/--max-np)
     --mode restart   distrib + CheckpointManager (python -m launch --max-restarts): resume
-    --mode ddp       torch DDP + torch.save checkpoints (torchrun --max-restarts): resume
+    --mode ddp       torch DDP + torch.save checkpoints (torchrun, elastic or --max-restarts): resume
 
 Every rank appends ``time step rank size generation pid`` to OUT/steps.log after each step
 (``generation``: the launcher's restart count, or for elastic the number of times this process
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 
 def parse_args():
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", choices=["elastic", "restart", "ddp"], required=True)
+    p.add_argument("--mode", choices=["elastic", "horovod", "restart", "ddp"], required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--every", type=int, default=5, help="steps between commits / checkpoints")
     p.add_argument("--step-sleep", type=float, default=0.05)
@@ -119,10 +120,36 @@ def run_elastic(args):
     train(state)
 
 
+def run_horovod(args):
+    """Horovod Elastic as its documentation shows it, without distrib."""
+    import horovod.torch as hvd
+    hvd.init()
+    model, x = model_and_batch()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3),
+                                   named_parameters=model.named_parameters())
+    state = hvd.elastic.TorchState(model=model, optimizer=opt, step=0)
+    entered = [0]
+
+    @hvd.elastic.run
+    def train(state):
+        entered[0] += 1
+        while True:
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            state.step += 1
+            time.sleep(args.step_sleep)
+            if state.step % args.every == 0:
+                state.commit()
+            log_step(args.out, state.step, hvd.rank(), hvd.size(), entered[0])
+
+    train(state)
+
+
 def main():
     args = parse_args()
     torch.set_num_threads(1)
-    {"ddp": run_ddp, "restart": run_restart, "elastic": run_elastic}[args.mode](args)
+    {"ddp": run_ddp, "restart": run_restart, "elastic": run_elastic, "horovod": run_horovod}[args.mode](args)
 
 
 if __name__ == "__main__":

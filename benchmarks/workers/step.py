@@ -1,13 +1,21 @@
 """Time training steps of one implementation; rank 0 writes the timings to --out.
 
-``--model mlp,lm`` times several models one after the other in the same processes (each with its
-own warm-up), so that one launch serves them all: a launch costs more than the steps it times.
-The file holds ``{"by_model": {"mlp": {...}, "lm": {...}}}``, one entry per model timed.
+``--model mlp,lm,conv`` times several models one after the other in the same processes, so that
+one launch serves them all (a launch costs more than the steps it times). ``--variants`` times
+several ways of wrapping the same model in the same processes, alternated (A B, then B A, ...);
+every variant builds its model anew from the same seed. The file holds
+``{"by_model": {model: {"variants": {variant: [step ms, ...]}, ...}}}``.
 
-    alone     one process, plain torch
-    distrib   distrib.wrap (run under the project launcher)
-    horovod   plain hvd.DistributedOptimizer script (run under horovodrun / mpirun)
-    ddp       torch DistributedDataParallel over Gloo (run under torchrun)
+    alone     plain torch, no communication; under mpirun -np 2 two such processes share the
+              cores at once (the compute floor of a 2-worker step on this machine)
+    distrib   distrib.wrap; variants: buckets (the default reducer), per-parameter, fp16 (buckets
+              with compression="fp16")
+    horovod   hvd.DistributedOptimizer (the launch decides the Open MPI flags and cycle time);
+              variants: default, fp16 (hvd.Compression.fp16)
+    ddp       torch DDP over Gloo (torchrun); variants: default (25 MB buckets), fp16 (default
+              with DDP's fp16_compress_hook), and tuned-<MB>: gradient_as_bucket_view=True,
+              bucket_cap_mb=MB, broadcast_buffers=False (BatchNorm statistics stay per worker,
+              as under distrib and Horovod)
 """
 from __future__ import annotations
 
@@ -21,140 +29,128 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
-from benchmarks.workers.models import DEFAULT_BATCH, build  # noqa: E402
+from benchmarks.stats import rotate  # noqa: E402
+from benchmarks.workers.models import DEFAULT_BATCH, MODELS, build, grad_bytes  # noqa: E402
+
+VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"), "distrib": ("buckets", "per-parameter", "fp16"),
+            "ddp": ("default", "fp16")}
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--impl", choices=["alone", "distrib", "horovod", "ddp"], required=True)
-    p.add_argument("--model", default="mlp", help="mlp, lm, or a comma-separated list timed in this order")
-    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--impl", choices=sorted(VARIANTS), required=True)
+    p.add_argument("--model", default="mlp", help=f"{', '.join(MODELS)}, or a comma-separated list timed in order")
+    p.add_argument("--variants", default="default", help="comma-separated variants, alternated in-process")
+    p.add_argument("--segments", type=int, default=1, help="alternations of the variants")
+    p.add_argument("--rotate", type=int, default=0, help="start the variant order at this index (the round)")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--reducers", default="",
-                   help="distrib only: comma-separated DISTRIB_REDUCER choices, alternated in-process")
-    p.add_argument("--segments", type=int, default=3, help="alternations of --reducers")
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", required=True)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.models = args.model.split(",")
-    if not set(args.models) <= {"mlp", "lm"}:
-        p.error(f"--model: unknown model in {args.model!r}; choose from mlp, lm")
-    if args.reducers and len(args.models) > 1:
-        p.error("--reducers times one model; give one --model")
+    args.variant_list = args.variants.split(",")
+    if not set(args.models) <= set(MODELS):
+        p.error(f"--model: unknown model in {args.model!r}; choose from {', '.join(MODELS)}")
+    for v in args.variant_list:
+        if v not in VARIANTS[args.impl] and not (args.impl == "ddp" and _ddp_bucket_mb(v)):
+            p.error(f"--variants: {v!r} is not a variant of {args.impl}; choose from "
+                    f"{', '.join(VARIANTS[args.impl])}{', tuned-<MB>' if args.impl == 'ddp' else ''}")
     return args
 
 
-def setup(impl, model):
-    """(rank, size, optimizer, step_fn(loss), barrier)"""
-    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)  # noqa: E731
-    if impl == "alone":
-        opt = sgd(model)
+def _ddp_bucket_mb(variant: str) -> float:
+    try:
+        return float(variant[len("tuned-"):]) if variant.startswith("tuned-") else 0.0
+    except ValueError:
+        return 0.0
 
-        def step(loss):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return 0, 1, step, lambda: None, model
+
+def _sgd(module):
+    return torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+
+
+def join(impl):
+    """(rank, size, barrier) of this process's job, initialising the communication once."""
+    if impl == "alone":
+        if "OMPI_COMM_WORLD_SIZE" not in os.environ:
+            return 0, 1, lambda: None
+        from mpi4py import MPI  # a pair of independent processes: only to start each model together
+        return MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size, MPI.COMM_WORLD.Barrier
+    if impl in ("distrib", "horovod"):
+        import horovod.torch as hvd
+        if impl == "distrib":
+            import distrib
+            distrib.init()
+        elif not hvd.is_initialized():
+            hvd.init()
+        return hvd.rank(), hvd.size(), lambda: hvd.allreduce(torch.zeros(1), name="barrier")
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.barrier
+
+
+def wrap(impl, variant, model):
+    """(module to run forward, optimizer with zero_grad/step, close())"""
+    if impl == "alone":
+        return model, _sgd(model), lambda: None
     if impl == "distrib":
         import distrib
-        ctx = distrib.init()  # idempotent: a second model reuses the job
-        opt = distrib.wrap(model, sgd(model), ctx)
-
-        def step(loss):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        step.optimizer = opt
-        import horovod.torch as hvd
-        return ctx.rank, ctx.size, step, lambda: hvd.allreduce(torch.zeros(1), name="barrier"), model
+        os.environ["DISTRIB_REDUCER"] = "per-parameter" if variant == "per-parameter" else "auto"
+        opt = distrib.wrap(model, _sgd(model), distrib.init(), compression="fp16" if variant == "fp16" else "none")
+        return model, opt, opt.close  # close: its gradient hooks and buckets
     if impl == "horovod":
         import horovod.torch as hvd
-        if not hvd.is_initialized():
-            hvd.init()
-        opt = hvd.DistributedOptimizer(sgd(model), named_parameters=model.named_parameters())
+        compression = hvd.Compression.fp16 if variant == "fp16" else hvd.Compression.none
+        opt = hvd.DistributedOptimizer(_sgd(model), named_parameters=model.named_parameters(),
+                                       compression=compression)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-
-        def step(loss):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return hvd.rank(), hvd.size(), step, lambda: hvd.allreduce(torch.zeros(1), name="barrier"), model
-    if impl == "ddp":
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = sgd(ddp)
-
-        def step(loss):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return dist.get_rank(), dist.get_world_size(), step, dist.barrier, ddp
-    raise AssertionError(impl)
+        return model, opt, lambda: None
+    mb = _ddp_bucket_mb(variant)
+    kwargs = dict(gradient_as_bucket_view=True, bucket_cap_mb=mb, broadcast_buffers=False) if mb else {}
+    ddp = torch.nn.parallel.DistributedDataParallel(model, **kwargs)
+    if variant == "fp16":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+        ddp.register_comm_hook(None, fp16_compress_hook)
+    return ddp, _sgd(ddp), lambda: None
 
 
-def time_model(args, name, t_start):
-    """Every timing of one model in this process; the dict one launch reports for it."""
-    batch = args.batch_size or DEFAULT_BATCH[name]
-    model, loss_fn = build(name, batch)
-    rank, size, step, barrier, module = setup(args.impl, model)
-    times = []
-    first_step_done = None
-    for i in range(args.warmup + args.steps):
+def time_variant(args, name, variant):
+    """Step times (ms) after the warm-up, and the wall-clock time the first step ended."""
+    model, loss_fn = build(name, DEFAULT_BATCH[name])
+    module, opt, close = wrap(args.impl, variant, model)
+    times, first_done = [], None
+    for _ in range(args.warmup + args.steps):
         t = time.perf_counter()
-        step(loss_fn(module))
+        opt.zero_grad()
+        loss_fn(module).backward()
+        opt.step()
         times.append(time.perf_counter() - t)
-        if first_step_done is None:
-            first_step_done = time.time()
-    if args.reducers:
-        result_by = _alternate_reducers(args, model, loss_fn, module, step)
-    elif hasattr(step, "optimizer"):
-        step.optimizer.close()  # its gradient hooks and buckets; the next model wraps its own
-    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    result = {"impl": args.impl, "model": name, "size": size, "batch": batch,
-              "params": sum(p.numel() for p in model.parameters()), "grad_bytes": grad_bytes,
-              "step_ms": [1e3 * x for x in times[args.warmup:]], "first_step_unix": first_step_done,
-              "process_start_unix": t_start}
-    if args.reducers:
-        result["step_ms_by_reducer"] = result_by
-    barrier()  # the next model starts together on every rank
-    return rank, result
+        first_done = first_done or time.time()
+    close()
+    return [1e3 * x for x in times[args.warmup:]], first_done, model
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     t_start = time.time()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    rank, size, barrier = join(args.impl)
     by_model = {}
     for name in args.models:
-        rank, by_model[name] = time_model(args, name, t_start)
+        found = {"variants": {v: [] for v in args.variant_list}, "process_start_unix": t_start, "size": size}
+        for seg in range(args.segments):
+            for variant in rotate(args.variant_list, args.rotate + seg):
+                barrier()  # every rank starts the variant together
+                ms, first_done, model = time_variant(args, name, variant)
+                found["variants"][variant] += ms
+                found.setdefault("first_step_unix", first_done)
+        found.update(params=sum(p.numel() for p in model.parameters()), grad_bytes=grad_bytes(model),
+                     tensors=len(list(model.parameters())), batch=DEFAULT_BATCH[name])
+        by_model[name] = found
+    barrier()
     if rank == 0:
-        Path(args.out).write_text(json.dumps({"by_model": by_model}))
-
-
-def _alternate_reducers(args, model, loss_fn, module, first_step):
-    """Median step time per reducer choice, alternated in the same processes (A B A B ...)."""
-    import distrib
-    first_step.optimizer.close()
-    ctx = distrib.init()
-    by = {}
-    choices = args.reducers.split(",")
-    for seg in range(args.segments):
-        for choice in choices[seg % len(choices):] + choices[:seg % len(choices)]:
-            os.environ["DISTRIB_REDUCER"] = choice
-            opt = distrib.wrap(model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), ctx)
-            times = []
-            for i in range(args.warmup + args.steps):
-                t = time.perf_counter()
-                opt.zero_grad()
-                loss_fn(module).backward()
-                opt.step()
-                times.append(time.perf_counter() - t)
-            opt.close()
-            kept = sorted(times[args.warmup:])
-            by.setdefault(choice, []).append(1e3 * kept[len(kept) // 2])
-    return by
+        Path(args.out).write_text(json.dumps({"impl": args.impl, "by_model": by_model}))
 
 
 if __name__ == "__main__":

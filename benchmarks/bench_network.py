@@ -1,0 +1,145 @@
+"""Section "network": 2 hosts x 1 worker over an emulated link limited to 1 and 10 Gbit/s.
+
+The hosts are the project's multi-host test cluster (tests/nodes.py: network namespaces with
+their own address, hostname and sshd on this machine), their links limited with ``tc tbf``. Per
+round and link speed, in a rotated order: distrib (``python -m launch -H node1:1,node2:1``),
+plain Horovod with the launcher's Open MPI flags (tuned; across hosts distrib leaves Horovod's
+cycle time alone, so both use Horovod's), and DDP over Gloo (one torchrun per host), each with and
+without fp16 compression (alternated in the same processes). One worker alone (no link) is timed
+once per round. The ideal: alone + the link's time for 2(n-1)/n of the gradient bytes.
+
+The two hosts still share this machine's two cores, so compute runs as in the one-host figures.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+from typing import Dict, List
+
+from benchmarks import launchers, stats
+from benchmarks.bench_step import STEP
+
+RATES = {"1gbit": 1e9, "10gbit": 10e9}
+MODEL = "mlp"
+HOSTS = ("node1", "node2")
+# variant in the step worker -> the figure's name
+VARIANTS = {"distrib": {"buckets": "distrib", "fp16": "distrib-fp16"},
+            "horovod": {"default": "horovod-tuned", "fp16": "horovod-tuned-fp16"},
+            "ddp": {"default": "ddp", "fp16": "ddp-fp16"}}
+MPI_ENV = ("PATH", "PYTHONPATH", "OMP_NUM_THREADS", "PYTHONUNBUFFERED")
+
+
+def _argv(impl: str, opts, out, r: int) -> List[str]:
+    return [STEP, "--impl", impl, "--model", MODEL, "--variants", ",".join(VARIANTS.get(impl, {"default": 0})),
+            "--rotate", str(r), "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--out", str(out)]
+
+
+def _commands(cluster, impl: str, argv: List[str]) -> List[List[str]]:
+    """The processes of one job, each as run on its host (the first one on node1)."""
+    hosts = ",".join(f"{h}:1" for h in HOSTS)
+    if impl == "alone":
+        return [cluster.command(HOSTS[0], [launchers.PY, *argv])]
+    if impl == "distrib":
+        return [cluster.command(HOSTS[0], launchers.launch(2, argv, hosts=hosts))]
+    if impl == "horovod":
+        mpirun = launchers.tuned_mpirun(2, argv, {})
+        exports = [a for name in MPI_ENV for a in ("-x", name)]  # the remote worker's environment
+        return [cluster.command(HOSTS[0], [mpirun[0], "-H", hosts, *exports, *mpirun[1:]])]
+    port = launchers.free_port()
+    return [cluster.command(h, [launchers.TORCHRUN, "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1",
+                                "--master_addr", HOSTS[0], "--master_port", str(port), *argv])
+            for i, h in enumerate(HOSTS)]
+
+
+def _run_job(cluster, impl: str, opts, r: int, timeout: float = 300):
+    """({figure name: step ms}, gradient bytes) of one job on the cluster."""
+    out = opts.work / f"network-{impl}.json"
+    out.unlink(missing_ok=True)
+    env = cluster.env({"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"})
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in _commands(cluster, impl, _argv(impl, opts, out, r))]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(p.returncode for p in procs):
+        raise launchers.BenchError(f"network {impl} job failed: " + "\n".join(o[-2000:] for o in outputs))
+    res = json.loads(out.read_text())["by_model"][MODEL]
+    names = VARIANTS.get(impl, {"default": "alone"})
+    return {names[v]: ms for v, ms in res["variants"].items()}, res["grad_bytes"]
+
+
+def measure(cluster, opts) -> dict:
+    """{"ms": {rate: {name: [median ms per round]}}, "alone": [...], "grad_bytes": n}."""
+    ms = {rate: {} for rate in RATES}
+    alone, nbytes = [], 0
+    for r in range(opts.rounds):
+        jobs = [(None, "alone")] + [(rate, impl) for rate in RATES for impl in VARIANTS]
+        for rate, impl in stats.rotate(jobs, r):
+            for host in HOSTS:
+                if rate is not None:
+                    cluster.limit_bandwidth(host, rate)
+            got, nbytes = _run_job(cluster, impl, opts, r)
+            for name, steps in got.items():
+                (alone if rate is None else ms[rate].setdefault(name, [])).append(statistics.median(steps))
+    return {"ms": ms, "alone": alone, "grad_bytes": nbytes}
+
+
+def rate_row(rate: str, ms: Dict[str, List[float]], alone: List[float], nbytes: int, n: int = 2) -> dict:
+    wire_s = nbytes * 2 * (n - 1) / n * 8 / RATES[rate]  # the link's time for a ring allreduce's bytes
+    ideal = {"ideal": [a + 1e3 * wire_s for a in alone], "ideal-fp16": [a + 1e3 * wire_s / 2 for a in alone]}
+    every = {**ms, **ideal, "alone": alone}
+    d, d16, i = ms["distrib"], ms["distrib-fp16"], ideal["ideal"]
+    ratio = lambda a, b, what: {"a": a, "b": b, "what": what, **stats.ratios(every[a], every[b])}  # noqa: E731
+    return {"rate": rate, "link_ms_fp32": 1e3 * wire_s,
+            "step_ms": {k: stats.summary(v) for k, v in every.items()},
+            "efficiency": {k: stats.ratios(alone, v) for k, v in every.items() if k != "alone"},
+            "ratios": {"vs_horovod_tuned": ratio("distrib", "horovod-tuned", "distrib against plain Horovod, same flags"),
+                       "vs_ddp": ratio("distrib", "ddp", "distrib against DDP over Gloo"),
+                       "fp16_on_distrib": ratio("distrib-fp16", "distrib", "fp16 compression, on distrib")},
+            # share of distrib's fp32 distance to the ideal that fp16 compression removes (goal >= 0.5)
+            "fp16_gap_closed": stats.summary([(a - b) / (a - c) if a != c else float("nan")
+                                              for a, b, c in zip(d, d16, i)])}
+
+
+def run(opts) -> dict:
+    from tests.nodes import start  # the project's multi-host test cluster
+    opts.warmup, opts.steps = (2, 6) if opts.quick else (3, 12)
+    cluster = start(len(HOSTS))
+    try:
+        found = measure(cluster, opts)
+    finally:
+        cluster.down()
+    rows = [rate_row(rate, found["ms"][rate], found["alone"], found["grad_bytes"]) for rate in RATES]
+    return {"title": f"Over a network: 2 hosts x 1 worker, {MODEL}, link limited with tc tbf", "model": MODEL,
+            "grad_bytes": found["grad_bytes"], "rows": rows, "markdown": _table(rows, found["grad_bytes"])}
+
+
+SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "horovod-tuned", "horovod-tuned-fp16",
+         "ddp", "ddp-fp16")
+
+
+def _table(rows, nbytes: int) -> str:
+    out = ["| link | " + " | ".join(f"{k} ms" for k in SHOWN) + " |", "|---" * (len(SHOWN) + 1) + "|"]
+    for r in rows:
+        out.append(f"| {r['rate']} | " + " | ".join(stats.fmt_value(r["step_ms"][k], "", 1) for k in SHOWN) + " |")
+    eff = [k for k in SHOWN if k != "alone"]
+    out += ["", "| weak-scaling efficiency (alone / step) | " + " | ".join(eff) + " |", "|---" * (len(eff) + 1) + "|"]
+    for r in rows:
+        out.append(f"| {r['rate']} | " + " | ".join(stats.fmt(r["efficiency"][k]) for k in eff) + " |")
+    out += ["", "| link | " + " | ".join(f"{x['a']} / {x['b']}" for x in rows[0]["ratios"].values())
+            + " | share of distrib's gap to the ideal closed by fp16 |", "|---" * (len(rows[0]["ratios"]) + 2) + "|"]
+    for r in rows:
+        out.append(f"| {r['rate']} | " + " | ".join(stats.fmt(x) for x in r["ratios"].values())
+                   + f" | {stats.fmt(r['fp16_gap_closed'])} |")
+    out += ["", f"The {MODEL}'s gradients are {nbytes / 2**20:.1f} MiB; the ideal adds the link's time for "
+            "2(n-1)/n of them (" + ", ".join(f"{r['rate']}: {r['link_ms_fp32']:.1f} ms" for r in rows)
+            + "; half with fp16). Both hosts share this machine's 2 cores; TCP over the namespaces' veth link is "
+            "itself CPU-bound well below 10 Gbit/s."]
+    return "\n".join(out)
