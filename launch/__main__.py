@@ -5,6 +5,7 @@ arguments -> :class:`launch.cli.LaunchConfig` -> :func:`launch.plan.build_plan` 
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -12,9 +13,9 @@ import tempfile
 from typing import List, Optional
 
 from launch.cli import config_from_args, fail
-from launch.hosts import hosts_needing_ssh, local_names, unreachable_host_error
+from launch.hosts import check_ssh, hosts_needing_ssh, local_names, remote_hosts, unreachable_host_error
 from launch.plan import (build_plan, describe, discovery_script_text, find_tools, horovod_built_with_mpi,
-                         resolve_controller)
+                         local_interfaces, resolve_addresses, resolve_controller, shared_interface)
 from launch.slurm_env import in_slurm_job
 from launch.supervise import supervise
 
@@ -37,17 +38,28 @@ def _main(argv: Optional[List[str]]) -> int:
         fail(str(exc))
     with tempfile.TemporaryDirectory(prefix="distrib-elastic-") as scratch:
         discovery = config.discovery_script or (_write_discovery_script(scratch, config) if config.elastic else None)
+        detected = _detect_interface(config, local)
         plan = build_plan(config, controller, reason, env_names=os.environ, is_root=os.geteuid() == 0,
-                          tools=find_tools(), local=local, discovery_script=discovery)
-        sys.stderr.write(describe(config, plan, local))
+                          tools=find_tools(), local=local, discovery_script=discovery, detected_interface=detected)
+        sys.stderr.write(describe(config, plan, local, detected))
         sys.stderr.flush()
         if config.dry_run:
             print(plan.command)
             return 0
-        error = unreachable_host_error(hosts_needing_ssh(config.hosts, local, controller, in_slurm_job()))
+        tools = find_tools()
+        check = functools.partial(check_ssh, python=tools.python, cwd=os.getcwd())
+        error = unreachable_host_error(hosts_needing_ssh(config.hosts, local, controller, in_slurm_job()), check)
         if error:
             fail(error)
         return supervise(plan, config)
+
+
+def _detect_interface(config, local):
+    """Elastic across hosts: the interface they share (Horovod Elastic hangs on one they cannot reach)."""
+    remote = remote_hosts(config.hosts, local)
+    if not config.elastic or config.network_interface or not remote:
+        return None
+    return shared_interface(resolve_addresses(remote), local_interfaces())
 
 
 def _write_discovery_script(folder: str, config) -> str:

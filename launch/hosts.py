@@ -7,6 +7,7 @@ Malformed input raises ``ValueError`` with a one-line message naming the value a
 from __future__ import annotations
 
 import re
+import shlex
 import socket
 import subprocess
 from typing import Callable, FrozenSet, Optional, Sequence, Tuple
@@ -139,10 +140,23 @@ def local_names() -> FrozenSet[str]:
     return frozenset(n.lower() for n in names if n)
 
 
-def check_ssh(host: str, run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> Optional[str]:
-    """Return None when ``ssh HOST true`` works without a password, else a one-line reason."""
+class HostProblem(str):
+    """A reason that is the whole error already: ssh works, but the host lacks what the workers need."""
+
+
+# Exit codes of the remote check (ssh itself exits 255 when it cannot connect).
+NO_PYTHON, NO_FOLDER = 3, 4
+
+
+def check_ssh(host: str, run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+              python: Optional[str] = None, cwd: Optional[str] = None) -> Optional[str]:
+    """Return None when ssh reaches ``host`` without a password (and, when given, finds ``python``
+    and the folder ``cwd`` there: workers start as that Python, in that folder), else a one-line reason."""
+    remote = ["true"]
+    if python is not None and cwd is not None:
+        remote = [f"test -x {shlex.quote(python)} || exit {NO_PYTHON}; test -d {shlex.quote(cwd)} || exit {NO_FOLDER}"]
     try:
-        proc = run(["ssh", *SSH_OPTIONS, host, "true"], stdin=subprocess.DEVNULL, capture_output=True,
+        proc = run(["ssh", *SSH_OPTIONS, host, *remote], stdin=subprocess.DEVNULL, capture_output=True,
                    text=True, timeout=30)
     except FileNotFoundError:
         return "no ssh client on this machine (install openssh-client)"
@@ -150,6 +164,12 @@ def check_ssh(host: str, run: Callable[..., subprocess.CompletedProcess] = subpr
         return "ssh did not answer within 30 s"
     if proc.returncode == 0:
         return None
+    if proc.returncode == NO_PYTHON and python is not None:
+        return HostProblem(f"host {host!r} has no {python} (the Python the workers run): install the same "
+                           f"environment at the same path on every host, or remove {host} from -H/--hostfile")
+    if proc.returncode == NO_FOLDER and cwd is not None:
+        return HostProblem(f"host {host!r} has no folder {cwd} (the workers start there): put the code at the "
+                           f"same path on every host (a shared file system), or remove {host} from -H/--hostfile")
     lines = [line.strip() for line in (proc.stderr or "").splitlines() if line.strip()]
     return lines[-1] if lines else f"ssh exited with code {proc.returncode}"
 
@@ -159,6 +179,8 @@ def unreachable_host_error(hosts: Sequence[str], check: Callable[[str], Optional
     """The first remote host that ssh cannot reach, as a one-line error with the fix; None if all answer."""
     for host in hosts:
         reason = check(host)
+        if isinstance(reason, HostProblem):
+            return str(reason)
         if reason is not None:
             return (f"cannot reach host {host!r} over ssh ({reason}); make 'ssh {host} true' work without a "
                     f"password (ssh-copy-id {host}) or remove {host} from -H/--hostfile")

@@ -13,11 +13,13 @@ import ctypes
 import importlib.machinery
 import importlib.util
 import os
+import ipaddress
 import shlex
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, FrozenSet, Iterable, Mapping, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from launch.cli import LaunchConfig
 from launch.hosts import format_hosts, is_local
@@ -151,18 +153,64 @@ def discovery_script_text(hosts) -> str:
         f"echo {name}:{slots}\n" for name, slots in hosts)
 
 
-def network_interface(config: LaunchConfig, local: FrozenSet[str]) -> Tuple[Optional[str], str]:
+def network_interface(config: LaunchConfig, local: FrozenSet[str],
+                      detected: Optional[Tuple[Optional[str], str]] = None) -> Tuple[Optional[str], str]:
     """(interface for Gloo, why). Elastic Gloo hangs silently on a multi-interface host when it
-    picks an interface the peers cannot reach (seen here with eth0 beside lo)."""
+    picks an interface the peers cannot reach (seen here with eth0 beside lo). ``detected`` is
+    :func:`shared_interface`'s answer for remote hosts."""
     if config.network_interface:
         return config.network_interface, "given with --network-interface"
     if all(is_local(name, local) for name, _ in config.hosts):
         return "lo", "every host is this machine"
-    return None, "horovodrun picks the interfaces common to all hosts"
+    if detected is not None and detected[0]:
+        return detected
+    return None, (detected[1] if detected else "horovodrun picks the interfaces common to all hosts")
+
+
+def shared_interface(host_addresses: Mapping[str, Optional[str]],
+                     interfaces: Mapping[str, Sequence[Tuple[str, str]]]) -> Tuple[Optional[str], str]:
+    """The interface of this host whose subnet holds the address of every remote host (never a
+    loopback one), and why; pure. ``host_addresses``: remote host -> IPv4 address (None: does not
+    resolve); ``interfaces``: this host's interface -> (address, netmask) pairs. Horovod takes one
+    interface name for every host, so the hosts are assumed to name that network alike (they do
+    on a cluster installed from one image)."""
+    unresolved = sorted(h for h, a in host_addresses.items() if not a)
+    if unresolved or not host_addresses:
+        return None, f"{', '.join(unresolved) or 'no remote host'} does not resolve: horovodrun picks the interfaces"
+    candidates = []
+    for name in sorted(interfaces):
+        networks = [ipaddress.ip_network(f"{a}/{m}", strict=False) for a, m in interfaces[name] if m]
+        if any(n.is_loopback for n in networks):
+            continue
+        if all(any(ipaddress.ip_address(addr) in n for n in networks) for addr in host_addresses.values()):
+            candidates.append(name)
+    hosts = ", ".join(sorted(host_addresses))
+    if not candidates:
+        return None, f"no interface of this host is on the subnet of {hosts}: horovodrun picks the interfaces"
+    return candidates[0], f"this host's interface on the subnet of {hosts}"
+
+
+def local_interfaces() -> Dict[str, List[Tuple[str, str]]]:
+    """This host's interfaces that are up -> their IPv4 (address, netmask) pairs."""
+    import psutil  # only on this path: the launcher's start stays light
+    stats = psutil.net_if_stats()
+    return {name: [(a.address, a.netmask) for a in addrs if a.family == socket.AF_INET]
+            for name, addrs in psutil.net_if_addrs().items() if name not in stats or stats[name].isup}
+
+
+def resolve_addresses(names: Iterable[str]) -> Dict[str, Optional[str]]:
+    found = {}
+    for name in names:
+        try:
+            found[name] = socket.gethostbyname(name)
+        except OSError:
+            found[name] = None
+    return found
 
 
 def build_plan(config: LaunchConfig, controller: str, reason: str, *, env_names: Iterable[str],
-               is_root: bool, tools: Tools, local: FrozenSet[str], discovery_script: Optional[str] = None) -> Plan:
+               is_root: bool, tools: Tools, local: FrozenSet[str], discovery_script: Optional[str] = None,
+               detected_interface: Optional[Tuple[Optional[str], str]] = None) -> Plan:
     """The exact argv for ``controller`` (``mpi`` or ``gloo``); pure. Elastic runs need the path of
     the host discovery script (the user's, or one the caller wrote from :func:`discovery_script_text`)."""
     env = {"HOROVOD_TIMELINE": config.timeline} if config.timeline else {}
@@ -174,7 +222,7 @@ def build_plan(config: LaunchConfig, controller: str, reason: str, *, env_names:
     if config.elastic:
         if controller != "gloo" or not discovery_script:
             raise AssertionError("elastic plans need the gloo controller and a discovery script")
-        interface, _ = network_interface(config, local)
+        interface, _ = network_interface(config, local, detected_interface)
         argv = (tools.horovodrun, "--gloo", "-np", str(config.np), "--min-np", str(config.min_np),
                 "--max-np", str(config.max_np), "--host-discovery-script", discovery_script,
                 *(("--network-interface", interface) if interface else ()),
@@ -198,14 +246,15 @@ def build_plan(config: LaunchConfig, controller: str, reason: str, *, env_names:
     return Plan(controller=controller, reason=reason, argv=argv, env=env)
 
 
-def describe(config: LaunchConfig, plan: Plan, local: FrozenSet[str]) -> str:
+def describe(config: LaunchConfig, plan: Plan, local: FrozenSet[str],
+             detected_interface: Optional[Tuple[Optional[str], str]] = None) -> str:
     """The resolved plan, as printed once at start."""
     where = ", ".join(f"{name}:{slots}{'' if is_local(name, local) else ' (remote)'}"
                       for name, slots in config.hosts)
     lines = [f"controller: {plan.controller} ({plan.reason})",
              f"hosts: {where}; np: {config.np}"]
     if config.elastic:
-        interface, why = network_interface(config, local)
+        interface, why = network_interface(config, local, detected_interface)
         lines.append(f"elastic: {config.min_np}..{config.max_np} workers, hosts from "
                      f"{config.discovery_script or 'a discovery script generated from the hosts'}; "
                      f"network interface: {interface or 'auto'} ({why})")

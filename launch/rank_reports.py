@@ -72,8 +72,9 @@ class Hang:
     count: int      # its beats
     furthest: int   # the most beats of any rank
 
-    def describe(self, timeout: float) -> str:
-        return (f"rank {self.rank} hung: no progress for {self.seconds:.0f} s at heartbeat {self.count}, "
+    def describe(self, timeout: float, host: Optional[str] = None) -> str:
+        where = f" on {host}" if host else ""
+        return (f"rank {self.rank}{where} hung: no progress for {self.seconds:.0f} s at heartbeat {self.count}, "
                 f"the furthest rank is at {self.furthest} (--hang-timeout {timeout:g})")
 
 
@@ -122,13 +123,16 @@ def _read_records(folder: str, prefix: str) -> List[dict]:
 
 def with_raised(status: Optional[RankStatus], raised: Mapping) -> RankStatus:
     """Fold a ``raised-<rank>.json`` into the rank's status. The raise is when the rank's failure
-    began (its end came after Horovod's shutdown and finalisation); a rank whose shim was killed
-    before it wrote a status would have exited with Python's code for an uncaught exception, 1."""
+    began (its end came after Horovod's shutdown and finalisation), and how it ended is Python's
+    code for an uncaught exception, 1: a rank whose shim was killed before it reported, or whose
+    script was stopped while still finalising (SIGTERM when a slow remote rank outlived the job),
+    would have ended so."""
     if status is None:
         return RankStatus(rank=raised.get("rank"), host=raised.get("host", "?"), pid=raised.get("pid", 0),
                           exit_code=1, signal=None, end_time=float(raised["time"]),
                           stderr_tail=tuple(raised.get("traceback_tail") or ()), exception=raised.get("exception"))
-    return replace(status, end_time=min(status.end_time, float(raised["time"])), exception=raised.get("exception"))
+    return replace(status, end_time=min(status.end_time, float(raised["time"])), exception=raised.get("exception"),
+                   exit_code=1, signal=None)
 
 
 def read_statuses(folder: str) -> List[RankStatus]:

@@ -6,14 +6,19 @@ a rank's heartbeat count stops moving (HUNG), or the launcher is interrupted (IN
 RUNNING always stops every worker: SIGTERM (and SIGCONT, so a stopped process can act on it),
 then SIGKILL after ``stop_grace`` seconds, because a rank stuck in a collective ignores SIGTERM.
 
-Workers are found three ways, because Open MPI and Horovod's Gloo launcher put each worker in a
-process group of its own: our process group, the launcher process's descendants (sampled while
-it runs) and the ``started-<rank>.json`` files the shims write (pids on this host).
+The workers report over the status channel: each attempt runs a :class:`StatusServer` (a TCP
+port with a new secret, see launch/status_server.py) that keeps what they report as files in a
+folder on this host, whatever host the workers run on.
 
-The root cause is the failed rank with the earliest ``end_time`` in the shims' status files,
-or the earliest ``raised-<rank>.json`` that ``distrib.init()``'s exception hook writes (see
-distrib/crash_record.py: the shim of the rank that raised may be killed by mpirun before it can
-write its own file).
+Workers on this host are found three ways, because Open MPI and Horovod's Gloo launcher put each
+worker in a process group of its own: our process group, the launcher process's descendants
+(sampled while it runs) and the shims' ``started`` reports (pids on this host). Workers on other
+hosts are stopped by their shims when the status server ends their connections, and by
+mpirun/horovodrun.
+
+The root cause is the failed rank whose ``ended`` report came first, or whose ``raised`` report
+(``distrib.init()``'s exception hook, see distrib/crash_record.py: the shim of the rank that
+raised may be killed by mpirun before it can report) came first.
 """
 from __future__ import annotations
 
@@ -33,9 +38,11 @@ from typing import Dict, List, Optional, TextIO, Tuple
 import psutil
 
 from launch.cli import LaunchConfig
-from launch.plan import HEARTBEAT_DIR_ENV, RESTART_COUNT_ENV, STATUS_DIR_ENV, Plan
+from launch.plan import Plan
 from launch.rank_reports import (Progress, RankStatus, first_failure, hung_rank, read_heartbeats, read_statuses,
                                  updated_progress)
+from launch.status_channel import HEARTBEAT_ENV, RESTART_COUNT_ENV, STOP_GRACE_ENV
+from launch.status_server import StatusServer
 
 POLL_S = 0.2
 LAUNCHER_EXIT_S = 1.0  # for mpirun/horovodrun to end on its own after its local workers did
@@ -77,15 +84,17 @@ class Attempt:
         self.seen_started: set = set()
         self.reported: set = set()
         self.progress: Dict[int, Progress] = {}  # heartbeats, with --hang-timeout
+        self.rank_hosts: Dict[int, str] = {}     # from the shims' started reports, any host
         self.host = socket.gethostname()
 
     def run(self) -> Outcome:
-        self.status_dir = tempfile.mkdtemp(prefix="distrib-launch-")
+        self.status_dir = tempfile.mkdtemp(prefix="distrib-launch-")  # on this host only: the server writes it
+        self.server = StatusServer(self.status_dir)
         try:
-            env = {**os.environ, **self.plan.env, STATUS_DIR_ENV: self.status_dir,
-                   RESTART_COUNT_ENV: str(self.number)}
+            env = {**os.environ, **self.plan.env, **self.server.env(), RESTART_COUNT_ENV: str(self.number),
+                   STOP_GRACE_ENV: f"{self.config.stop_grace:g}"}
             if self.config.hang_timeout:
-                env[HEARTBEAT_DIR_ENV] = self.status_dir
+                env[HEARTBEAT_ENV] = "1"
             try:
                 self.proc = subprocess.Popen(self.plan.argv, env=env, start_new_session=True)
             except OSError as exc:
@@ -104,6 +113,9 @@ class Attempt:
                 outcome = replace(outcome, details=tail)
             return outcome
         finally:
+            self.server.close()
+            if self.server.refused:
+                self.log(f"refused {self.server.refused} status reports without a valid signature", verbose=True)
             shutil.rmtree(self.status_dir, ignore_errors=True)
 
     def _watch(self) -> Outcome:
@@ -127,7 +139,8 @@ class Attempt:
                 self.progress = updated_progress(self.progress, read_heartbeats(self.status_dir), now)
                 hang = hung_rank(self.progress, [s.rank for s in statuses], self.config.hang_timeout, now)
                 if hang:
-                    return Outcome(State.HUNG, 1, hang.describe(self.config.hang_timeout), rank=hang.rank)
+                    return Outcome(State.HUNG, 1, hang.describe(self.config.hang_timeout, self.rank_hosts.get(hang.rank)),
+                                   rank=hang.rank)
             if self.proc.poll() is not None:
                 break
             if failed_at is not None and time.monotonic() - failed_at > self.config.failure_grace:
@@ -171,6 +184,7 @@ class Attempt:
                 except (OSError, ValueError):
                     continue
                 self.seen_started.add(name)
+                self.rank_hosts[started.get("rank")] = started.get("host")
                 if started.get("host") == self.host:
                     for key in ("shim_pid", "pid"):
                         try:
@@ -230,6 +244,7 @@ class Attempt:
         second because mpirun answers SIGTERM by killing its workers at once (see plan.OMPI_MCA)."""
         self._track()
         deadline = time.monotonic() + self.config.stop_grace
+        self.server.stop_workers()  # every shim, on any host, stops its script (SIGTERM, then SIGKILL)
         alive = self._signal_workers(signal.SIGTERM)
         if not alive and self.proc.poll() is not None:
             return

@@ -29,7 +29,7 @@ def run_launch(launch_args: Sequence[str], script: str | Path, script_args: Sequ
     return proc
 
 
-HANG_REPORT = re.compile(r"^distrib-launch: rank (\d+) hung: no progress for \d+ s at heartbeat (\d+), "
+HANG_REPORT = re.compile(r"^distrib-launch: rank (\d+)(?: on \S+)? hung: no progress for \d+ s at heartbeat (\d+), "
                          r"the furthest rank is at (\d+) \(--hang-timeout ([\d.]+)\)$", re.M)
 
 

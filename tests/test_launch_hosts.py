@@ -131,3 +131,18 @@ def test_check_ssh_real_unreachable_name():
 def test_hosts_needing_ssh(controller, in_slurm, expected):
     hosts = (("localhost", 2), ("node2", 2))
     assert hosts_needing_ssh(hosts, LOCAL, controller, in_slurm) == expected
+
+
+@pytest.mark.parametrize("code, start", [
+    (3, "host 'n2' has no /v/bin/python (the Python the workers run): install the same environment"),
+    (4, "host 'n2' has no folder /src (the workers start there): put the code at the same path")])
+def test_a_host_without_the_environment_or_the_code_is_one_line(code, start):
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, code, "", "")
+    error = unreachable_host_error(["n2"], check=lambda h: check_ssh(h, run=fake_run, python="/v/bin/python",
+                                                                     cwd="/src"))
+    assert error.startswith(start) and error.endswith("or remove n2 from -H/--hostfile") and "\n" not in error
+    assert calls[0][-1] == "test -x /v/bin/python || exit 3; test -d /src || exit 4"

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from launch.cli import LaunchConfig
-from launch.plan import Tools, build_plan, describe, exported_names, resolve_controller
+from launch.plan import Tools, build_plan, describe, exported_names, resolve_controller, shared_interface
 from tests.helpers import REPO
 
 TOOLS = Tools(python="/venv/bin/python", mpirun="/usr/bin/mpirun", horovodrun="/venv/bin/horovodrun")
@@ -154,3 +154,29 @@ def test_mpi_check_falls_back_to_the_import_without_an_extension(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "torch" / "__init__.py").write_text("def mpi_built():\n    return False\n")
     assert _check_in_subprocess({"PYTHONPATH": f"{tmp_path}:{REPO}"}) == [None, False, False]
+
+
+IFACES = {"lo": [("127.0.0.1", "255.0.0.0")], "eth0": [("198.18.0.1", "255.255.255.0")],
+          "eth1": [("10.0.0.5", "255.255.0.0")], "down": []}
+
+
+@pytest.mark.parametrize("addresses, expected", [
+    ({"node2": "198.18.0.2", "node3": "198.18.0.3"}, "eth0"),
+    ({"node2": "10.0.7.2"}, "eth1"),
+    ({"node2": "198.18.0.2", "node9": "10.0.0.9"}, None),  # no one interface reaches both
+    ({"node2": "127.0.0.1"}, None),                        # never loopback across hosts
+    ({"node2": None}, None),                               # does not resolve
+])
+def test_shared_interface_is_the_one_on_every_remote_hosts_subnet(addresses, expected):
+    name, why = shared_interface(addresses, IFACES)
+    assert name == expected and why
+
+
+def test_elastic_plan_uses_and_prints_the_detected_interface():
+    cfg = config(hosts=(("node2", 1), ("node3", 1)), np=2, elastic=True, min_np=1, max_np=2)
+    detected = shared_interface({"node2": "198.18.0.2", "node3": "198.18.0.3"}, IFACES)
+    p = build_plan(cfg, "gloo", "why", env_names={}, is_root=False, tools=TOOLS, local=LOCAL,
+                   discovery_script="/d.sh", detected_interface=detected)
+    assert p.argv[p.argv.index("--network-interface") + 1] == "eth0"
+    assert "network interface: eth0 (this host's interface on the subnet of node2, node3)" in \
+        describe(cfg, p, LOCAL, detected)

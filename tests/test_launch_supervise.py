@@ -4,6 +4,7 @@ import io
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -80,6 +81,15 @@ def test_a_raise_moves_the_rank_to_when_its_failure_began(tmp_path):
     culprit = first_failure(read_statuses(str(tmp_path)))
     assert (culprit.rank, culprit.end_time, culprit.stderr_tail) == (1, 1.0, ("shim tail",))
     assert culprit.how == "exit code 1 (uncaught ValueError: v)"
+
+
+def test_a_rank_that_raised_and_was_stopped_while_finalising_failed_by_its_exception(tmp_path):
+    """A remote rank still finalising when the job ended is stopped (SIGTERM): the exception is the cause."""
+    write(tmp_path, "rank-1.json", {"rank": 1, "host": "node2", "pid": 11, "exit_code": 143, "signal": "SIGTERM",
+                                    "end_time": 3.0})
+    write(tmp_path, "raised-1.json", {"rank": 1, "host": "node2", "pid": 11, "time": 1.0, "exception": "ValueError: v"})
+    culprit = first_failure(read_statuses(str(tmp_path)))
+    assert (culprit.exit_code, culprit.how) == (1, "exit code 1 (uncaught ValueError: v)")
 
 
 def test_progress_remembers_since_when_each_count_stood_still():
@@ -171,7 +181,8 @@ def test_signal_death_reported(tmp_path):
 def test_sigstopped_rank_is_hung(tmp_path):
     code, out, pids = run(tmp_path, "--mode", "sigstop", "--others", "beat", hang_timeout=3.0)
     assert code == 1, out
-    assert "distrib-launch: rank 1 hung: no progress for " in out and "(--hang-timeout 3)" in out
+    assert f"distrib-launch: rank 1 on {socket.gethostname()} hung: no progress for " in out
+    assert "(--hang-timeout 3)" in out
     assert "    rank 1 line 29" in out  # the hung rank's last stderr lines
     assert_workers_gone(pids)
 
