@@ -1,13 +1,19 @@
 """python -m distrib.export and examples/generate.py, as a user runs them (subprocesses)."""
+import contextlib
+import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from distrib.checkpoint import CheckpointManager, store
+from distrib.checkpoint import CheckpointManager, sharded, store
 from distrib.export import FORMAT, ExportError, load_model_artifact, save_model_artifact
+from distrib.export.__main__ import main
+from distrib.sharding.optimizer import ZeroShard
 from tests.checkpoint_fixtures import REPO, cpu_ctx
+from tests.helpers import tree_digest
 
 sys.path.insert(0, str(REPO / "examples"))
 from lm_model import GPT, CharTokenizer, GPTConfig, load_corpus  # noqa: E402
@@ -61,20 +67,28 @@ def test_export_run_dir_picks_newest_valid_and_generate_runs_without_horovod(tmp
     assert check.returncode == 0, check.stderr
 
 
-def test_export_falls_back_past_damaged_newest_and_exports_a_folder(tmp_path, run_dir):
+def test_export_falls_back_past_damaged_newest_and_exports_a_folder(tmp_path, run_dir, capsys):
     run_path, _ = run_dir
     (run_path / "checkpoints" / "step-00000020" / store.MARKER).unlink()
-    proc = run("-m", "distrib.export", run_path, tmp_path / "a.pt")
-    assert proc.returncode == 0 and "step 10" in proc.stdout and "skipping damaged" in proc.stderr
-    proc = run("-m", "distrib.export", run_path / "checkpoints" / "step-00000010", tmp_path / "b.pt")
-    assert proc.returncode == 0 and load_model_artifact(tmp_path / "b.pt")["step"] == 10
+    assert main([str(run_path), str(tmp_path / "a.pt")]) == 0
+    out, err = capsys.readouterr()
+    assert "step 10" in out and "skipping damaged" in err
+    assert main([str(run_path / "checkpoints" / "step-00000010"), str(tmp_path / "b.pt")]) == 0
+    assert load_model_artifact(tmp_path / "b.pt")["step"] == 10
 
 
-@pytest.mark.parametrize("case", ["missing", "empty dir", "damaged folder", "wrong key"])
-def test_export_bad_input_one_line_exit_2(tmp_path, run_dir, case):
+BAD_INPUT = ["missing", "empty dir", "damaged folder", "wrong key", "no model_config", "damaged model_config",
+             "model_config not a dict", "mid-write", "unknown format", "unknown quantization", "output is a dir",
+             "output under a file", "no held-out text", "model code missing"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_export_bad_input_one_line_exit_2_nothing_written(tmp_path, run_dir, case, capsys):
     run_path, _ = run_dir
     folder = run_path / "checkpoints" / "step-00000020"
-    extra = []
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    src, out, extra = folder, out_dir / "model.onnx", []
     if case == "missing":
         src = tmp_path / "nope"
     elif case == "empty dir":
@@ -82,22 +96,40 @@ def test_export_bad_input_one_line_exit_2(tmp_path, run_dir, case):
         src.mkdir()
     elif case == "damaged folder":
         (folder / store.STATE_FILE).write_bytes(b"garbage")
-        src = folder
+    elif case == "wrong key":
+        extra = ["--key", "net"]
+    elif case.endswith("model_config") or case == "model_config not a dict":
+        # the marker is not covered by the checksums: a hand-edited or corrupted config gets this far
+        marker = json.loads((folder / store.MARKER).read_text())
+        marker["model_config"] = {"no model_config": None, "damaged model_config": {**marker["model_config"], "n_head": 3},
+                                  "model_config not a dict": "n_layer=1"}[case]
+        (folder / store.MARKER).write_text(json.dumps(marker))
+    elif case == "mid-write":  # what a save in progress (or killed) looks like: a temporary folder, no marker
+        src = folder.with_name(".tmp-step-00000030-1234-abcd")
+        shutil.copytree(folder, src)
+        (src / store.MARKER).unlink()
+    elif case == "unknown format":
+        extra = ["--format", "tflite"]
+    elif case == "unknown quantization":
+        extra = ["--quantize", "int4"]
+    elif case == "output is a dir":
+        out = out_dir
+    elif case == "output under a file":
+        (out_dir / "file").write_text("x")
+        out = out_dir / "file" / "model.onnx"
+    elif case == "no held-out text":
+        extra = ["--corpus", tmp_path / "nope.txt"]
     else:
-        src, extra = folder, ["--key", "net"]
-    proc = run("-m", "distrib.export", src, tmp_path / "out.pt", *extra)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("distrib.export: error: "), proc.stderr
-    assert not (tmp_path / "out.pt").exists()
-
-
-def test_export_needs_model_config(tmp_path):
-    model, _ = tiny_gpt()
-    with CheckpointManager(tmp_path / "run", cpu_ctx()) as ckpt:
-        ckpt.save(1, {"model": model})
-    proc = run("-m", "distrib.export", tmp_path / "run", tmp_path / "out.pt")
-    assert proc.returncode == 2 and "without model_config" in proc.stderr
+        extra = ["--model", tmp_path / "nope.py:GPT"]
+    before = tree_digest(tmp_path)
+    with pytest.raises(SystemExit) if case.startswith("unknown ") else contextlib.nullcontext() as exited:
+        code = main([str(src), str(out), *map(str, extra)])
+    code = exited.value.code if exited else code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distrib.export: error: "), err
+    assert tree_digest(tmp_path) == before  # nothing written, no temporary file, no folder
 
 
 def test_generate_rejects_a_checkpoint_folder_and_unknown_characters(tmp_path, run_dir):
@@ -136,3 +168,37 @@ def test_export_module_loads_without_horovod():
     proc = run("-c", "import sys\nfrom distrib.export import load_model_artifact, save_model_artifact\n"
                      "assert 'horovod' not in sys.modules and 'horovod.torch' not in sys.modules")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_export_of_a_sharded_checkpoint_validates_every_shard(tmp_path, capsys):
+    """A checkpoint of a ZeRO run (distrib.wrap(..., shard=...)): rank 0's state.pt holds the
+    replicated model and the optimizer's layout, each rank's optimizer pieces are in shard-N.pt,
+    all listed in the marker. Written here in one process as CheckpointManager lays it out."""
+    model, cfg = tiny_gpt()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long)).backward()
+    optimizer.step()
+    entries = []
+    for rank in range(2):
+        mine = torch.optim.AdamW(model.parameters(), lr=0.01)
+        mine.load_state_dict(optimizer.state_dict())
+        entries.append(ZeroShard(mine, None, rank, 2, name="optimizer", bucket_bytes=4096).state_dict())
+    files = {store.STATE_FILE: {"step": 7, "state": sharded.strip({"model": model.state_dict(), "optimizer": entries[0]})},
+             store.RNG_FILE: [], **{sharded.shard_file(r): {"optimizer": e["pieces"]} for r, e in enumerate(entries)}}
+    folder = store.write_checkpoint(tmp_path / "run" / "checkpoints", 7, files,
+                                    {"world_size": 2, "model_config": cfg.to_dict()})
+    assert sharded.is_sharded(store.load_file(folder, store.STATE_FILE)["state"]["optimizer"])
+
+    assert main([str(tmp_path / "run"), str(tmp_path / "model.pt")]) == 0, capsys.readouterr().err
+    art = load_model_artifact(tmp_path / "model.pt")
+    assert art["step"] == 7 and all(torch.equal(art["model_state"][k], v) for k, v in model.state_dict().items())
+
+    with open(folder / sharded.shard_file(1), "r+b") as f:  # one flipped byte in rank 1's shard
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    assert main([str(folder), str(tmp_path / "again.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"sha256 of {sharded.shard_file(1)} does not match" in err, err
+    assert not (tmp_path / "again.pt").exists()

@@ -116,7 +116,9 @@ def load(fmt: str, path: Path, factory=None) -> Runner:
         module = torch.jit.load(str(path), map_location="cpu")
         return lambda idx: _no_grad(module, idx)
     import onnxruntime as ort
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as the torch side (OMP_NUM_THREADS)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda idx: torch.from_numpy(session.run([OUTPUT], {INPUT: idx.numpy()})[0])
 
 

@@ -1,7 +1,9 @@
 """What to export: the trained weights and model config of a checkpoint, a run dir or a model file.
 
 Reads files only (no Horovod, no ranks). A checkpoint is used only when it validates (marker,
-sizes, sha256): a folder still being written, or cut short by a crash, is refused by name.
+sizes, sha256 of every file, the optimizer shards of a sharded run included): a folder still being
+written, or cut short by a crash, is refused by name. Under ZeRO stages 1 and 2 the model itself
+is replicated and saved whole in ``state.pt``; an entry that is sharded is consolidated first.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from distrib.checkpoint import store
+from distrib.checkpoint import sharded, store
 from distrib.export.artifact import ExportError, load_model_artifact
 
 
@@ -57,7 +59,10 @@ def read_source(src, key: str = "model") -> Source:
     if key not in saved:
         raise ExportError(f"checkpoint {folder} has no {key!r} state (it has {', '.join(sorted(saved))}); "
                           "pass --key NAME")
-    return Source(saved[key], _config(marker.get("model_config"), folder), marker.get("step"), folder)
+    entry = saved[key]
+    if sharded.is_sharded(entry):  # a sharded run's model is replicated; any sharded entry is consolidated
+        entry = sharded.consolidate_entry(entry, folder, key)
+    return Source(entry, _config(marker.get("model_config"), folder), marker.get("step"), folder)
 
 
 def _config(config, where: Path) -> Dict[str, Any]:
