@@ -20,8 +20,9 @@ from distrib.run import Run
 from distrib.log import get_logger, rank0_print
 from distrib.optim import DistributedOptimizer, wrap
 from distrib.schedule import LRSchedule, scaled_lr
+from distrib.sync_batchnorm import SyncBatchNorm
 
-__all__ = ["Context", "DistribSetupError", "init", "ShardedLoader", "DistributedOptimizer", "wrap",
+__all__ = ["Context", "DistribSetupError", "init", "ShardedLoader", "DistributedOptimizer", "wrap", "SyncBatchNorm",
            "LRSchedule", "scaled_lr", "rank0_print", "get_logger",
            "Run", "CheckpointManager", "CheckpointError", "HorovodComm", "MetricsLogger", "read_metrics",
            "PreemptionHandler", "evaluate", "weighted_mean", "eval_loader", "eval_shard", "ElasticState"]

@@ -45,7 +45,10 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, hvd, root_rank: 
 
 
 def broadcast_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, hvd,
-                             root_rank: int = 0) -> None:
-    """``root_rank``'s parameters, buffers and optimizer state on every rank. Must be called on all ranks."""
+                             root_rank: int = 0, extra_params=()) -> None:
+    """``root_rank``'s parameters, buffers and optimizer state on every rank; ``extra_params``
+    are (name, tensor) pairs the optimizer steps outside the model. Must be called on all ranks."""
     hvd.broadcast_parameters(model.state_dict(), root_rank=root_rank)
+    if extra_params:
+        hvd.broadcast_parameters([(name, p.detach()) for name, p in extra_params], root_rank=root_rank)
     broadcast_optimizer_state(optimizer, hvd, root_rank)

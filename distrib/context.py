@@ -120,7 +120,9 @@ def share_cores(hvd, *, collective: bool) -> int:
     return threads
 
 
-def _import_horovod():
+def import_horovod():
+    """``horovod.torch``, or :class:`DistribSetupError` saying how to install it. The one place
+    distrib imports Horovod's torch API, so that a missing build fails the same way everywhere."""
     try:
         import horovod.torch as hvd
     except ImportError as exc:
@@ -191,10 +193,13 @@ def init(seed: Optional[int] = None) -> Context:
 
     Must be called on all processes, before any collective. On GPU nodes it pins
     ``cuda:<local_rank>``; on CPU it sets the number of torch threads so that the workers of
-    one node share its cores. ``seed``, when given, seeds python, numpy and torch identically
-    on every rank (the initial broadcast makes the parameters equal anyway).
+    one node share its cores. ``seed``, when given, seeds python, numpy and torch on each rank
+    with its own stream (:func:`rank_seed`): dropout masks and data augmentation differ across
+    ranks, as they differ across the samples of one big batch, and every run with the same
+    seed and world size draws the same. Rank 0 uses ``seed`` itself, so it builds the model
+    the single-process script builds; ``wrap()`` then broadcasts rank 0's parameters.
     """
-    hvd = _import_horovod()
+    hvd = import_horovod()
     if not hvd.is_initialized():
         if "OMPI_COMM_WORLD_SIZE" in os.environ and not hvd.mpi_built():
             raise DistribSetupError("this worker was started by mpirun, but Horovod was built without MPI; "
@@ -224,8 +229,8 @@ def init(seed: Optional[int] = None) -> Context:
     else:
         share_cores(hvd, collective=os.environ.get("HOROVOD_ELASTIC") != "1")
     if seed is not None:
-        from distrib.rng import seed_everything
-        seed_everything(seed)
+        from distrib.rng import rank_seed, seed_everything
+        seed_everything(rank_seed(seed, hvd.rank()))
     return Context(
         rank=hvd.rank(), size=hvd.size(),
         local_rank=hvd.local_rank(), local_size=hvd.local_size(),

@@ -25,115 +25,105 @@ import copy
 from typing import Any, Callable, Dict, List, Optional
 
 from distrib.broadcast import broadcast_training_state
-from distrib.context import Context, _import_horovod, init
+from distrib.context import Context, DistribSetupError, import_horovod, init
 
 
-def _horovod_elastic():
-    hvd = _import_horovod()
-    from horovod.common.elastic import State
-    return hvd, State
+try:
+    from horovod.common.elastic import State as _HorovodState
+except ImportError as exc:  # the same one-line fix as distrib.init() gives
+    raise DistribSetupError(f"Horovod is not importable ({exc}); run `make setup` (or scripts/bootstrap.sh) "
+                            "to build it") from exc
 
 
-def _make_state_class():
-    # Built on first use: horovod.common.elastic is imported only when elastic mode is used.
-    hvd, State = _horovod_elastic()
+class ElasticState(_HorovodState):
+    """Model, optimizer, loader, scheduler, step and user values, committed together.
 
-    class _ElasticState(State):
-        """Model, optimizer, loader, scheduler, step and user values, committed together.
+    Objects with ``state_dict()/load_state_dict()`` are snapshotted with a deep copy on
+    :meth:`commit`; plain values given as keyword arguments are attributes (``state.best``)
+    and are committed too. ``state.ctx`` is the current Context: read it after a reset,
+    never keep an old copy.
+    """
 
-        Objects with ``state_dict()/load_state_dict()`` are snapshotted with a deep copy on
-        :meth:`commit`; plain values given as keyword arguments are attributes (``state.best``)
-        and are committed too. ``state.ctx`` is the current Context: read it after a reset,
-        never keep an old copy.
-        """
-
-        def __init__(self, ctx: Context, *, model, optimizer, loader=None, scheduler=None, step: int = 0,
-                     **user_values: Any):
-            self.ctx = ctx
-            self.step = step
-            self.resets = 0
-            self._stateful = {name: obj for name, obj in
-                              (("model", model), ("optimizer", optimizer), ("loader", loader), ("scheduler", scheduler))
-                              if obj is not None}
-            self._user_names = sorted(user_values)
-            for name, value in user_values.items():
-                setattr(self, name, value)
-            self._saved: Dict[str, Any] = {}
-            self._after_reset: List[Callable[["_ElasticState"], None]] = []
-            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
-            self.save()
-
-        # Horovod's State protocol ---------------------------------------------------------
-        def save(self) -> None:
-            self._saved = {
-                "stateful": {n: copy.deepcopy(o.state_dict()) for n, o in self._stateful.items()},
-                "step": self.step,
-                "user": copy.deepcopy({n: getattr(self, n) for n in self._user_names}),
-            }
-
-        def restore(self) -> None:
-            for name, obj in self._stateful.items():
-                obj.load_state_dict(copy.deepcopy(self._saved["stateful"][name]))
-            self.step = self._saved["step"]
-            for name, value in copy.deepcopy(self._saved["user"]).items():
-                setattr(self, name, value)
-
-        def sync(self) -> None:
-            """Rank 0's state on every worker. Must be called on all ranks (Horovod does it)."""
-            model, optimizer = self._stateful["model"], self._stateful["optimizer"]
-            broadcast_training_state(model, getattr(optimizer, "optimizer", optimizer), hvd, root_rank=0)
-            small = {"step": self.step, "user": {n: getattr(self, n) for n in self._user_names},
-                     "stateful": {n: o.state_dict() for n, o in self._stateful.items()
-                                  if n not in ("model", "optimizer")}}
-            if hasattr(optimizer, "scaler"):
-                small["scaler"] = optimizer.scaler.state_dict()
-            small = hvd.broadcast_object(small, root_rank=0, name="distrib.elastic.sync")
-            self.step = small["step"]
-            for name, value in small["user"].items():
-                setattr(self, name, value)
-            for name, value in small["stateful"].items():
-                self._stateful[name].load_state_dict(value)
-            if "scaler" in small and small["scaler"]:
-                optimizer.scaler.load_state_dict(small["scaler"])
-            self.save()
-
-        def reset(self) -> None:
-            """Called by Horovod after the ring re-formed: adopt the new world."""
-            self.resets += 1
-            self.ctx = init()
-            optimizer = self._stateful["optimizer"]
-            if hasattr(optimizer, "reset"):
-                optimizer.reset()
-            loader = self._stateful.get("loader")
-            if loader is not None:
-                loader.set_world(self.ctx.rank, self.ctx.size)
-            scheduler = self._stateful.get("scheduler")
-            if scheduler is not None and hasattr(scheduler, "set_world_size"):
-                scheduler.set_world_size(self.ctx.size)
-            for callback in self._after_reset:
-                callback(self)
-
-        def on_world_change(self, callback: Callable[["_ElasticState"], None]) -> None:
-            """``callback(state)`` runs on every worker after each re-formation (e.g. to log it,
-            or to point a CheckpointManager at ``state.ctx``)."""
-            self._after_reset.append(callback)
-
-    return _ElasticState
-
-
-def ElasticState(ctx: Context, *, model, optimizer, loader=None, scheduler=None, step: int = 0,
+    def __init__(self, ctx: Context, *, model, optimizer, loader=None, scheduler=None, step: int = 0,
                  **user_values: Any):
-    """Build the elastic state (see the module docstring). Horovod is imported lazily so that
-    importing distrib does not need it."""
-    return _make_state_class()(ctx, model=model, optimizer=optimizer, loader=loader, scheduler=scheduler,
-                               step=step, **user_values)
+        self._hvd = import_horovod()
+        self.ctx = ctx
+        self.step = step
+        self.resets = 0
+        self._stateful = {name: obj for name, obj in
+                          (("model", model), ("optimizer", optimizer), ("loader", loader), ("scheduler", scheduler))
+                          if obj is not None}
+        self._user_names = sorted(user_values)
+        for name, value in user_values.items():
+            setattr(self, name, value)
+        self._saved: Dict[str, Any] = {}
+        self._after_reset: List[Callable[["ElasticState"], None]] = []
+        super().__init__(bcast_object=self._hvd.broadcast_object, get_rank=self._hvd.rank)
+        self.save()
+
+    # Horovod's State protocol ---------------------------------------------------------
+    def save(self) -> None:
+        self._saved = {
+            "stateful": {n: copy.deepcopy(o.state_dict()) for n, o in self._stateful.items()},
+            "step": self.step,
+            "user": copy.deepcopy({n: getattr(self, n) for n in self._user_names}),
+        }
+
+    def restore(self) -> None:
+        for name, obj in self._stateful.items():
+            obj.load_state_dict(copy.deepcopy(self._saved["stateful"][name]))
+        self.step = self._saved["step"]
+        for name, value in copy.deepcopy(self._saved["user"]).items():
+            setattr(self, name, value)
+
+    def sync(self) -> None:
+        """Rank 0's state on every worker. Must be called on all ranks (Horovod does it)."""
+        hvd = self._hvd
+        model, optimizer = self._stateful["model"], self._stateful["optimizer"]
+        broadcast_training_state(model, getattr(optimizer, "optimizer", optimizer), hvd, root_rank=0,
+                                 extra_params=getattr(optimizer, "_extra_params", ()))
+        small = {"step": self.step, "user": {n: getattr(self, n) for n in self._user_names},
+                 "stateful": {n: o.state_dict() for n, o in self._stateful.items()
+                              if n not in ("model", "optimizer")}}
+        if hasattr(optimizer, "scaler"):
+            small["scaler"] = optimizer.scaler.state_dict()
+        small = hvd.broadcast_object(small, root_rank=0, name="distrib.elastic.sync")
+        self.step = small["step"]
+        for name, value in small["user"].items():
+            setattr(self, name, value)
+        for name, value in small["stateful"].items():
+            self._stateful[name].load_state_dict(value)
+        if "scaler" in small and small["scaler"]:
+            optimizer.scaler.load_state_dict(small["scaler"])
+        self.save()
+
+    def reset(self) -> None:
+        """Called by Horovod after the ring re-formed: adopt the new world."""
+        self.resets += 1
+        self.ctx = init()
+        optimizer = self._stateful["optimizer"]
+        if hasattr(optimizer, "reset"):
+            optimizer.reset()
+        loader = self._stateful.get("loader")
+        if loader is not None:
+            loader.set_world(self.ctx.rank, self.ctx.size)
+        scheduler = self._stateful.get("scheduler")
+        if scheduler is not None and hasattr(scheduler, "set_world_size"):
+            scheduler.set_world_size(self.ctx.size)
+        for callback in self._after_reset:
+            callback(self)
+
+    def on_world_change(self, callback: Callable[["ElasticState"], None]) -> None:
+        """``callback(state)`` runs on every worker after each re-formation (e.g. to log it,
+        or to point a CheckpointManager at ``state.ctx``)."""
+        self._after_reset.append(callback)
 
 
 def run(func: Callable) -> Callable:
     """Horovod's elastic retry loop around ``func(state, ...)``: on a peer's failure the state
     is restored to the last commit, on a host change it is kept; then the ring re-forms, the
     state is synced from rank 0, and ``func`` is called again."""
-    hvd = _import_horovod()
+    hvd = import_horovod()
     return hvd.elastic.run(func)
 
 

@@ -5,7 +5,7 @@ from typing import Callable, Dict, Iterable
 
 import torch
 
-from distrib.context import _import_horovod
+from distrib.context import import_horovod
 from distrib.heartbeat import beat
 
 
@@ -13,13 +13,14 @@ def weighted_mean(sums: Dict[str, float], count: int) -> Dict[str, float]:
     """Global mean of each metric: ``sums`` are this rank's metric totals over ``count`` samples.
 
     Ranks may hold different numbers of samples (evaluation shards are not padded), so
-    the mean is sum of sums over sum of counts, not the mean of the ranks' means.
-    Must be called on all ranks, with the same metric names.
+    the mean is sum of sums over sum of counts, not the mean of the ranks' means. A rank with
+    no samples (more ranks than evaluation batches) knows no metric names: the names are agreed
+    first, and its sums count as zeros. Must be called on all ranks.
     """
-    hvd = _import_horovod()
-    names = sorted(sums)
-    local = torch.tensor([float(sums[n]) for n in names] + [float(count)], dtype=torch.float64)
+    hvd = import_horovod()
     beat()  # before every collective distrib runs: see distrib/heartbeat.py
+    names = sorted(set().union(*hvd.allgather_object(sorted(sums), name="distrib.evaluate.names")))
+    local = torch.tensor([float(sums.get(n, 0.0)) for n in names] + [float(count)], dtype=torch.float64)
     total = hvd.allreduce(local, op=hvd.Sum, name="distrib.evaluate.weighted_mean")
     if total[-1] == 0:
         raise ValueError("no evaluation samples on any rank; check the evaluation data")

@@ -1,40 +1,48 @@
 """Data-parallel optimizer: gradients averaged across workers with Horovod's allreduce.
 
-``wrap(model, optimizer, ctx)`` returns a :class:`DistributedOptimizer` that *holds* the
-user's optimizer (it does not subclass it dynamically, so user optimizer subclasses keep
-working). Each parameter's gradient is handed to Horovod's asynchronous allreduce as soon
-as backward has finished accumulating it, so communication overlaps the rest of backward;
+``wrap(model, optimizer, ctx)`` returns a :class:`DistributedOptimizer`: a
+``torch.optim.Optimizer`` that holds the user's optimizer and shares its parameter groups and
+state (no dynamic subclassing, so user optimizer subclasses keep working). Each parameter's
+gradient is handed to Horovod's asynchronous allreduce as soon as backward has finished
+accumulating it in the last micro-batch, so communication overlaps the rest of backward;
 ``step()`` waits for the results, then unscales (fp16), clips and steps.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional
+import itertools
+from typing import Dict, Optional
 
 import torch
 
 from distrib.broadcast import broadcast_training_state
-from distrib.context import _import_horovod
-from distrib.heartbeat import beat
-from distrib.reducers import make_reducer
+from distrib.buffers import BufferSync
+from distrib.context import import_horovod
+from distrib.gradients import GradientExchange
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPRESSIONS = ("none", "fp16")
 OPS = ("average", "adasum")
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(torch.optim.Optimizer):
     """Averages gradients over all workers, then steps the wrapped optimizer.
 
+    A real ``torch.optim.Optimizer`` (LR schedulers, Lightning and Hugging Face check
+    ``isinstance``) that *shares* the user's optimizer's ``param_groups``, ``state`` and
+    ``defaults`` instead of subclassing its class: user optimizer subclasses keep working, and
+    a scheduler that changes the learning rate changes it for the optimizer that steps.
+
     Per step, on every rank: ``accumulate`` calls of :meth:`backward` (or ``loss.backward()``),
-    then one :meth:`step`, then :meth:`zero_grad`. Gradients of the ``accumulate``
-    micro-batches are summed locally with no communication and averaged (over micro-batches
-    and workers) by one allreduce launched during the last backward.
+    optionally :meth:`synchronize`, then one :meth:`step`, then :meth:`zero_grad`. Gradients of
+    the micro-batches are summed locally with no communication and averaged (over micro-batches
+    and workers) during the last backward; see :mod:`distrib.gradients` for the state machine.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx, *,
                  accumulate: int = 1, compression: str = "none", op: str = "average",
-                 max_grad_norm: Optional[float] = None, precision: str = "fp32", broadcast: bool = True):
+                 max_grad_norm: Optional[float] = None, precision: str = "fp32", broadcast: bool = True,
+                 sync_buffers: bool = False, name: Optional[str] = None):
         _check_choice("precision", precision, PRECISIONS)
         _check_choice("compression", compression, COMPRESSIONS)
         _check_choice("op", op, OPS)
@@ -45,23 +53,32 @@ class DistributedOptimizer:
         if precision == "fp16" and op == "adasum":
             raise ValueError("op='adasum' with precision='fp16' is not supported: the loss scale would "
                              "enter Adasum's dot products; use precision='bf16' or op='average'")
-        self._hvd = _import_horovod()
+        if isinstance(optimizer, DistributedOptimizer):
+            raise ValueError("this optimizer is already wrapped by distrib.wrap(); wrap the plain torch optimizer once")
+        self._hvd = import_horovod()
+        # torch.optim.Optimizer's own bookkeeping (hook tables, profiled step), then one set of
+        # groups, state and defaults shared with the optimizer that steps.
+        super().__init__([{"params": group["params"]} for group in optimizer.param_groups], {})
+        self.param_groups, self.state, self.defaults = optimizer.param_groups, optimizer.state, optimizer.defaults
         self.model, self.optimizer, self.ctx = model, optimizer, ctx
-        self.accumulate, self.compression, self.op = accumulate, compression, op
         self.max_grad_norm, self.precision = max_grad_norm, precision
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=(precision == "fp16"))
         self.last_grad_norm: Optional[float] = None
-
-        self._named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self._passes_left: Dict[torch.Tensor, int] = {p: accumulate for _, p in self._named_params}
-        self._reducer = make_reducer(self._named_params, self._hvd, compression=compression, op=op)
-        self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
-                              for _, p in self._named_params]
+        self.name = name if name is not None else f"opt{next(_WRAP_COUNTER)}"
+        self._extra_params = optimizer_only_parameters(model, optimizer)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + self._extra_params
+        self._exchange = GradientExchange(named, self._hvd, accumulate=accumulate, compression=compression,
+                                          op=op, prefix=f"distrib.{self.name}")
+        self._buffer_sync = BufferSync(model, self._hvd, prefix=f"distrib.{self.name}") if sync_buffers else None
         # Under Horovod Elastic no collective may run outside the elastic retry loop (a worker
         # joining later would pair this broadcast with its peers' state sync and hang);
         # ElasticState.sync() broadcasts the same state inside the loop instead.
         if broadcast and not ctx.elastic:
             self.broadcast_state()
+
+    @property
+    def accumulate(self) -> int:
+        return self._exchange.accumulate
 
     # -- the training-loop API -------------------------------------------------------------
     def autocast(self):
@@ -71,95 +88,99 @@ class DistributedOptimizer:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.ctx.device.type, dtype=dtype)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, **backward_options) -> None:
         """``loss.backward()``, through the gradient scaler when training in fp16."""
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward(**backward_options)
+
+    def no_sync(self):
+        """Context manager: backward passes inside it accumulate locally and are not counted as
+        micro-batches (DDP's ``no_sync``). Use it for all but the last of several backward
+        passes over one micro-batch (two losses with ``retain_graph=True``)."""
+        return self._exchange.no_sync()
 
     def synchronize(self) -> None:
-        """Wait until every gradient is averaged across workers. Called by :meth:`step`;
-        call it yourself to time the wait, or to inspect averaged gradients before the step."""
-        beat()  # before every collective distrib waits for: see distrib/heartbeat.py
-        for p in self._params():
-            left = self._passes_left[p]
-            if left == 0:
-                continue  # its allreduce was launched during backward
-            if left != self.accumulate:
-                raise RuntimeError(
-                    f"step() was called after {self.accumulate - left} of the {self.accumulate} "
-                    "backward passes of this step (accumulate); call backward once per micro-batch")
-            # No gradient reached this parameter in this step on this rank (unused in the
-            # forward pass). Every rank must still join its allreduce, with zeros.
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            self._grad_ready(p)
-        self._reducer.synchronize()
-        for p in self._params():
-            self._passes_left[p] = self.accumulate
+        """Wait until every gradient is averaged across workers. :meth:`step` calls it; call it
+        yourself to time the wait or to read averaged gradients before the step: the step then
+        does not exchange them again. Parameters that no rank used get ``grad = None``.
+        Must be called on all ranks."""
+        self._exchange.synchronize()
 
     def step(self, closure=None) -> Optional[torch.Tensor]:
-        """Synchronize, unscale (fp16), clip (after averaging, so every rank clips the same
-        global gradient), then step. Must be called on all ranks."""
+        """Synchronize (unless already done), unscale (fp16), clip (after averaging, so every rank
+        clips the same global gradient), then step. Must be called on all ranks."""
         if closure is not None:
             raise ValueError("closures are not supported: a closure would re-run backward after the allreduce")
-        self.synchronize()
+        self._exchange.synchronize()
         self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self._params(), self.max_grad_norm)
-            self.last_grad_norm = float(norm)
+            grads = [p for _, p in self._exchange.named_params if p.grad is not None]
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._exchange.end_step()
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._reducer.in_flight():
-            raise RuntimeError(
-                "zero_grad() was called after loss.backward() but before step(): the gradients are "
-                "still being averaged; call step() (or synchronize()) first")
+        self._exchange.end_step()
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
+    def add_param_group(self, param_group: Dict) -> None:
+        if "optimizer" not in self.__dict__:  # torch.optim.Optimizer.__init__ building its groups
+            return super().add_param_group(param_group)
+        raise RuntimeError("add parameter groups to the optimizer before distrib.wrap(): their gradients "
+                           "must be hooked and broadcast on every rank")
 
     def state_dict(self) -> Dict:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        """The wrapped optimizer's ``state_dict()`` in torch's own format (a plain optimizer of the
+        same class loads it), plus the fp16 grad scaler's state under ``"grad_scaler"``."""
+        state = self.optimizer.state_dict()
+        if self.scaler.is_enabled():
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: Dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        if "optimizer" in state and "param_groups" not in state:  # distrib <= 0.1 checkpoints
+            state = {**state["optimizer"], "grad_scaler": state.get("scaler")}
+        scaler = state.get("grad_scaler")
+        self.optimizer.load_state_dict({k: v for k, v in state.items() if k != "grad_scaler"})
+        if scaler:
+            self.scaler.load_state_dict(scaler)
 
     def broadcast_state(self, root_rank: int = 0) -> None:
-        """Make every rank's parameters and optimizer state equal to ``root_rank``'s.
+        """Make every rank's parameters, buffers and optimizer state equal to ``root_rank``'s.
         Must be called on all ranks (it is a collective)."""
-        broadcast_training_state(self.model, self.optimizer, self._hvd, root_rank)
+        broadcast_training_state(self.model, self.optimizer, self._hvd, root_rank,
+                                 extra_params=self._extra_params)
 
     def reset(self) -> None:
         """Forget in-flight communication and partial accumulation: after a peer died the
         ring was re-formed and the old allreduce handles are void (elastic mode)."""
-        self._reducer = make_reducer(self._named_params, self._hvd, compression=self.compression, op=self.op)
-        for p in self._params():
-            self._passes_left[p] = self.accumulate
+        self._exchange.reset()
 
     def close(self) -> None:
-        """Remove the gradient hooks (the model trains locally again)."""
-        for h in self._hook_handles:
-            h.remove()
-        self._hook_handles = []
+        """Remove the gradient and buffer hooks (the model trains locally again)."""
+        self._exchange.close()
+        if self._buffer_sync is not None:
+            self._buffer_sync.close()
 
-    # -- internals -------------------------------------------------------------------------
-    def _params(self) -> Iterator[torch.Tensor]:
-        return (p for _, p in self._named_params)
+    @property
+    def _reducer(self):  # for tests and benchmarks that inspect the strategy in use
+        return self._exchange.reducer
 
-    def _on_grad_ready(self, p: torch.Tensor) -> None:
-        self._passes_left[p] -= 1
-        if self._passes_left[p] == 0:
-            self._grad_ready(p)
 
-    def _grad_ready(self, p: torch.Tensor) -> None:
-        if self.accumulate > 1:
-            p.grad.div_(self.accumulate)  # mean over micro-batches, before the mean over workers
-        self._reducer.grad_ready(p)
+# Names each wrapped optimizer's collectives; every rank wraps its optimizers in the same
+# order, so the n-th wrap has the same name everywhere.
+_WRAP_COUNTER = itertools.count()
+
+
+def optimizer_only_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """(name, parameter) for trainable parameters the optimizer steps but the model does not own
+    (a learned temperature kept outside the module, say): they are averaged and broadcast too,
+    or each rank would step its own copy and the ranks would drift apart."""
+    owned = {id(p) for p in model.parameters()}
+    return [(f"optimizer.group{g}.param{i}", p)
+            for g, group in enumerate(optimizer.param_groups)
+            for i, p in enumerate(group["params"]) if id(p) not in owned and p.requires_grad]
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -169,6 +190,10 @@ def _check_choice(name: str, value: str, choices) -> None:
 
 def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx, **options) -> DistributedOptimizer:
     """Make ``optimizer`` data-parallel. Must be called on all ranks, after the model is on
-    ``ctx.device``. Broadcasts rank 0's parameters and optimizer state. Options: see
-    :class:`DistributedOptimizer` (accumulate, compression, op, max_grad_norm, precision)."""
+    ``ctx.device``, in the same order on every rank when several models are wrapped.
+    Broadcasts rank 0's parameters, buffers and optimizer state. Options: ``accumulate``,
+    ``compression`` ("none", "fp16"), ``op`` ("average", "adasum"), ``max_grad_norm``,
+    ``precision`` ("fp32", "bf16", "fp16"), ``sync_buffers`` (broadcast rank 0's buffers before
+    each training forward, as DDP does), ``name`` (of the collectives; default: the wrap's
+    ordinal)."""
     return DistributedOptimizer(model, optimizer, ctx, **options)

@@ -3,12 +3,18 @@
 A reducer is told when a parameter's gradient is final for the step (``grad_ready``), may
 start communicating it at once, and on ``synchronize`` leaves every ``param.grad`` holding
 the average over all workers. Every rank must call ``grad_ready`` for the same parameters
-each step (the optimizer guarantees it), in any order.
+each step (:class:`distrib.gradients.GradientExchange` guarantees it), in any order.
+
+``grad_ready(p, used)`` also says whether ``p`` had a gradient on this rank (``used=False``:
+it takes part in the average with zeros). The flags travel with the gradients (one element
+per parameter at the end of each bucket, averaged with it), so ``synchronize`` can tell which
+parameters no rank used, without a collective of its own: those are not stepped, as in a
+single-process run where their ``.grad`` stays ``None``.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,25 +29,39 @@ class PerParameterReducer:
     fusion buffer; this is what ``hvd.DistributedOptimizer`` does.
     """
 
-    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], hvd, *, compression: str, op: str):
+    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], hvd, *, compression: str, op: str,
+                 prefix: str = "distrib"):
         self._hvd = hvd
-        self._names = {p: f"grad.{n}" for n, p in named_params}
+        self._params = [p for _, p in named_params]
+        self._names = {p: f"{prefix}.grad.{n}" for n, p in named_params}
+        self._used_name = f"{prefix}.used"
         self._compress = compression == "fp16"
         self._op = hvd.Adasum if op == "adasum" else hvd.Average
         self._inflight: Dict[torch.Tensor, tuple] = {}  # param -> (handle, tensor on the wire)
+        self._used: Dict[torch.Tensor, bool] = {}
 
-    def grad_ready(self, p: torch.Tensor) -> None:
+    def grad_ready(self, p: torch.Tensor, used: bool = True) -> None:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
         grad = p.grad
         wire = grad.to(torch.float16) if self._compress and grad.is_floating_point() else grad
         handle = self._hvd.allreduce_async_(wire, name=self._names[p], op=self._op)
         self._inflight[p] = (handle, wire)
+        self._used[p] = used
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> FrozenSet[torch.Tensor]:
+        """Wait for every average; return the parameters that no rank used."""
+        # Adasum's result is no average, so the flags cannot ride with the gradients: one
+        # small extra collective per step, on this (non-default) path only.
+        flags = torch.tensor([float(self._used.get(p, False)) for p in self._params], dtype=torch.float64)
+        used_anywhere = self._hvd.allreduce(flags, name=self._used_name, op=self._hvd.Sum)
         for p, (handle, wire) in self._inflight.items():
             self._hvd.synchronize(handle)
             if wire is not p.grad:
                 p.grad.copy_(wire)
         self._inflight.clear()
+        self._used.clear()
+        return frozenset(p for p, n in zip(self._params, used_anywhere.tolist()) if n == 0)
 
     def in_flight(self) -> bool:
         return bool(self._inflight)
@@ -83,12 +103,16 @@ def bucket_offsets(numels: Sequence[int]) -> List[int]:
 
 
 class _Bucket:
+    """One flat buffer: the members' gradients back to back, then one used-flag per member."""
+
     def __init__(self, index: int, params: List[torch.Tensor]):
         self.index = index
         self.params = params
         numels = [p.numel() for p in params]
-        self.buffer = torch.zeros(sum(numels), dtype=params[0].dtype, device=params[0].device)
+        total = sum(numels)
+        self.buffer = torch.zeros(total + len(params), dtype=params[0].dtype, device=params[0].device)
         self.views = [self.buffer[o:o + n].view_as(p) for p, o, n in zip(params, bucket_offsets(numels), numels)]
+        self.used_flags = self.buffer[total:]
         self.pending = len(params)
         self.wire: Optional[torch.Tensor] = None
         self.handle = None
@@ -110,7 +134,7 @@ class BucketedReducer:
     """
 
     def __init__(self, named_params: List[Tuple[str, torch.Tensor]], hvd, *, compression: str = "none",
-                 bucket_bytes: int = int(DEFAULT_BUCKET_MB * 2**20), transport=None):
+                 bucket_bytes: int = int(DEFAULT_BUCKET_MB * 2**20), transport=None, prefix: str = "distrib"):
         params = [p for _, p in named_params]
         self._compress = compression == "fp16"
         groups = assign_buckets([p.numel() * p.element_size() for p in params], [p.dtype for p in params],
@@ -118,15 +142,20 @@ class BucketedReducer:
         self._buckets = [_Bucket(i, [params[j] for j in g]) for i, g in enumerate(groups)]
         self._slot = {p: (b, k) for b in self._buckets for k, p in enumerate(b.params)}
         self._transport = transport if transport is not None else HorovodTransport(hvd)
+        self._prefix = prefix
         self._next = 0  # first bucket not launched yet
 
-    def grad_ready(self, p: torch.Tensor) -> None:
+    def grad_ready(self, p: torch.Tensor, used: bool = True) -> None:
         bucket, k = self._slot[p]
         view = bucket.views[k]
-        if p.grad is not view:
+        if p.grad is None:
+            view.zero_()
+            p.grad = view
+        elif p.grad is not view:
             if p.grad.data_ptr() != view.data_ptr():
                 view.copy_(p.grad)
             p.grad = view
+        bucket.used_flags[k] = 1.0 if used else 0.0
         bucket.pending -= 1
         while self._next < len(self._buckets) and self._buckets[self._next].pending == 0:
             self._launch(self._buckets[self._next])
@@ -137,9 +166,10 @@ class BucketedReducer:
         if self._compress and wire.is_floating_point() and wire.dtype != torch.float16:
             wire = wire.to(torch.float16)
         bucket.wire = wire
-        bucket.handle = self._transport.start(wire, f"bucket.{bucket.index}")
+        bucket.handle = self._transport.start(wire, f"{self._prefix}.bucket.{bucket.index}")
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> FrozenSet[torch.Tensor]:
+        """Wait for every bucket's average; return the parameters that no rank used."""
         if self._next != len(self._buckets):
             missing = [b.index for b in self._buckets if b.pending]
             raise RuntimeError(f"synchronize() before every gradient was ready (buckets {missing} incomplete)")
@@ -150,6 +180,12 @@ class BucketedReducer:
             bucket.wire = bucket.handle = None
             bucket.pending = len(bucket.params)
         self._next = 0
+        if not self._buckets:
+            return frozenset()
+        # One host transfer for all flags (on a GPU, a single small device-to-host copy per step).
+        flags = torch.cat([b.used_flags for b in self._buckets]).tolist()
+        members = [p for b in self._buckets for p in b.params]
+        return frozenset(p for p, used in zip(members, flags) if used == 0)
 
     def in_flight(self) -> bool:
         return any(b.handle is not None for b in self._buckets)
@@ -178,7 +214,7 @@ class MpiTransport:
     Blocking: ``start`` does the whole allreduce (the order of ``start`` calls is the same on
     every rank, see :class:`BucketedReducer`). Only for float32/float64 buffers. Large buffers
     go in chunks of ``chunk_bytes``: shared-memory allreduce of a chunk that stays in cache is
-    several times faster per byte than one of 64 MiB (see /work/shared/FACTS.md).
+    several times faster per byte than one of 64 MiB (benchmarks/results.md).
     """
 
     def __init__(self, comm, chunk_bytes: int = int(DEFAULT_CHUNK_MB * 2**20)):
@@ -216,11 +252,13 @@ class MpiTransport:
 
 
 def make_reducer(named_params, hvd, *, compression: str = "none", op: str = "average",
-                 bucket_mb: Optional[float] = None):
+                 bucket_mb: Optional[float] = None, prefix: str = "distrib"):
     """The reducer for these options: per-parameter Horovod allreduce for Adasum (its dot
     products are per tensor), else flat buckets over Horovod. ``DISTRIB_REDUCER`` forces one
     (``per-parameter``, ``horovod``, ``mpi``: for benchmarks and bisecting); ``DISTRIB_BUCKET_MB``
-    sets the bucket size. Must be called on all ranks (the mpi transport dups a communicator).
+    sets the bucket size. ``prefix`` starts every collective's name: unique per wrapped optimizer,
+    so that two models trained in one process never send tensors of the same name.
+    Must be called on all ranks (the mpi transport dups a communicator).
 
     The mpi4py transport is not the default: on this 2-core host its blocking, busy-polling
     Allreduce in the training thread measured slower than Horovod's background thread
@@ -230,7 +268,7 @@ def make_reducer(named_params, hvd, *, compression: str = "none", op: str = "ave
     if choice not in ("auto", "per-parameter", "horovod", "mpi"):
         raise ValueError(f"DISTRIB_REDUCER={choice!r} is not one of auto, per-parameter, horovod, mpi")
     if op == "adasum" or choice == "per-parameter":
-        return PerParameterReducer(named_params, hvd, compression=compression, op=op)
+        return PerParameterReducer(named_params, hvd, compression=compression, op=op, prefix=prefix)
     if bucket_mb is None:
         bucket_mb = float(os.environ.get("DISTRIB_BUCKET_MB", DEFAULT_BUCKET_MB))
     if bucket_mb <= 0:
@@ -239,4 +277,4 @@ def make_reducer(named_params, hvd, *, compression: str = "none", op: str = "ave
     if choice == "mpi" and compression == "none":
         transport = MpiTransport.available(hvd)
     return BucketedReducer(named_params, hvd, compression=compression, bucket_bytes=int(bucket_mb * 2**20),
-                           transport=transport)
+                           transport=transport, prefix=prefix)

@@ -12,6 +12,15 @@ import numpy as np
 import torch
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank ``rank``'s seed for a job seeded with ``seed``: ``seed`` itself on rank 0 (it draws
+    what the single-process script draws), an independent stream on every other rank (numpy's
+    SeedSequence mixes the pair, so nearby seeds and ranks do not overlap)."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and every CUDA device) in this process."""
     random.seed(seed)

@@ -66,13 +66,24 @@ def test_buckets_launch_in_order_as_soon_as_complete_and_grads_become_views():
     assert hvd.calls == [] and red.in_flight() is False
     red.grad_ready(params["1.weight"])
     red.grad_ready(params["1.bias"])
-    assert hvd.calls == [("bucket.0", 10), ("bucket.1", 20)]
+    # each bucket carries one used-flag per member after its gradients
+    assert hvd.calls == [("distrib.bucket.0", 2 + 8 + 2), ("distrib.bucket.1", 4 + 16 + 2)]
     assert red.in_flight()
-    red.synchronize()
+    assert red.synchronize() == frozenset()  # every parameter was used
     assert not red.in_flight()
     for p in model.parameters():
         assert torch.equal(p.grad, torch.full_like(p, 3.0))
         assert p.grad._base is not None  # a view of the bucket buffer: no copy back needed
+
+
+def test_parameters_no_rank_used_are_reported_by_synchronize():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    red = BucketedReducer(list(model.named_parameters()), FakeHvd(), bucket_bytes=12, prefix="distrib.opt7")
+    model[1].weight.grad = torch.ones(1, 2)
+    for p in model.parameters():
+        red.grad_ready(p, used=p is model[1].weight)  # with one worker, its flags are the average
+    assert red.synchronize() == frozenset({model[0].weight, model[0].bias, model[1].bias})
+    assert torch.count_nonzero(model[0].weight.grad) == 0  # took part in the average with zeros
 
 
 def test_synchronize_before_all_grads_ready_is_an_error():
@@ -106,11 +117,16 @@ def check(tmp_path, controller, reducers, *extra):
                 assert got["transport"] == "MpiTransport"
             for step_ref, step_got in zip(ref["grads"], got["grads"]):
                 for k in step_ref:
-                    torch.testing.assert_close(step_got[k], step_ref[k], rtol=0, atol=0, msg=f"{name} {k}")
+                    if step_ref[k] is None:
+                        assert step_got[k] is None, f"{name} {k}"
+                    else:
+                        torch.testing.assert_close(step_got[k], step_ref[k], rtol=0, atol=0, msg=f"{name} {k}")
             for k in ref["params"]:
                 torch.testing.assert_close(got["params"][k], ref["params"][k], rtol=0, atol=0)
-    # the unused parameter took part with zeros, and the used ones were really averaged
-    assert torch.count_nonzero(ref["grads"][0]["unused.weight"]) == 0
+    # no rank used it: no gradient, so the optimizer skips it (as single-process torch does)
+    assert ref["grads"][0]["unused.weight"] is None
+    assert torch.equal(ref["params"]["unused.weight"], ranks[0]["initial"]["unused.weight"])
+    # and the used ones were really averaged
     assert torch.count_nonzero(ref["grads"][0]["a.weight"]) > 0
 
 

@@ -34,6 +34,8 @@ class Net(torch.nn.Module):
 
 
 results = {}
+torch.manual_seed(0)
+initial = {n: q.detach().clone() for n, q in Net().named_parameters()}
 for choice in args.reducers.split(","):
     os.environ["DISTRIB_REDUCER"] = choice
     os.environ["DISTRIB_BUCKET_MB"] = args.bucket_mb
@@ -48,13 +50,14 @@ for choice in args.reducers.split(","):
             x, y = torch.randn(8, 16, generator=gen), torch.randn(8, 1, generator=gen)
             opt.backward(torch.nn.functional.mse_loss(model(x), y))
         opt.synchronize()
-        grads.append({n: q.grad.clone() for n, q in model.named_parameters()})
+        grads.append({n: None if q.grad is None else q.grad.clone() for n, q in model.named_parameters()})
         opt.step()
         opt.zero_grad(set_to_none=(step % 2 == 0))  # both ways of clearing
     opt.close()
+    results["initial"] = initial
     results[choice] = {"grads": grads, "reducer": type(opt._reducer).__name__,
                        "transport": type(getattr(opt._reducer, "_transport", None)).__name__,
                        "params": {n: q.detach().clone() for n, q in model.named_parameters()}}
-gathered = distrib.context._import_horovod().allgather_object(results)
+gathered = distrib.context.import_horovod().allgather_object(results)
 if ctx.rank == 0:
     torch.save({"ranks": gathered}, args.out)

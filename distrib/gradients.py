@@ -1,0 +1,157 @@
+"""One step's gradient traffic: which backward pass is the last, when a gradient is final,
+and which parameters no rank used.
+
+A step is ``accumulate`` backward passes (micro-batches), then :meth:`GradientExchange.synchronize`
+(called by the optimizer's ``step()``, or by the user before it), then :meth:`end_step`. The
+state is explicit and moves one way::
+
+    ACCUMULATING --(last backward pass ends)--> REDUCING --synchronize()--> SYNCHRONIZED --end_step()--> ACCUMULATING
+
+* Backward passes are counted with an end-of-backward callback (queued from the first gradient
+  hook of each pass, as DDP's reducer does), not per parameter, so a parameter may skip some
+  micro-batches, or all of them.
+* In the last pass a parameter's gradient is final as soon as autograd has accumulated it:
+  it goes to the reducer at once and its allreduce overlaps the rest of backward. When that
+  pass ends, every parameter it did not reach is handed over too: with its gradient from the
+  earlier micro-batches, or with zeros and ``used=False`` when it has none on this rank.
+* ``synchronize()`` is idempotent within a step: ``synchronize(); step()`` exchanges once.
+* A gradient that arrives after its parameter was sent (more backward passes than
+  ``accumulate``, ``retain_graph`` with two losses, reentrant activation checkpointing) is
+  refused with an error that says what to do, instead of being silently lost.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+from typing import Iterator, List, Set, Tuple
+
+import torch
+
+from distrib.heartbeat import beat
+from distrib.reducers import make_reducer
+
+
+class Phase(enum.Enum):
+    ACCUMULATING = "accumulating"   # backward passes of this step are running or to come
+    REDUCING = "reducing"           # the last pass ended: every gradient is with the reducer
+    SYNCHRONIZED = "synchronized"   # averaged gradients are in p.grad; the optimizer may step
+
+
+class GradientExchange:
+    """Averages the gradients of ``named_params`` over all workers, once per step.
+
+    ``prefix`` names this exchange's collectives (unique per wrapped optimizer). Every method
+    that communicates must be called on all ranks, in the same order.
+    """
+
+    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], hvd, *, accumulate: int,
+                 compression: str, op: str, prefix: str):
+        self.named_params = named_params
+        self.accumulate = accumulate
+        self._hvd, self._compression, self._op, self._prefix = hvd, compression, op, prefix
+        self._names = {p: n for n, p in named_params}
+        self._reducer = self._make_reducer()
+        self.phase = Phase.ACCUMULATING
+        self.passes_done = 0        # backward passes finished in this step
+        self._pass_open = False     # a backward pass is running and its end callback is queued
+        self._sent: Set[torch.Tensor] = set()
+        self._paused = 0            # depth of no_sync() blocks
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_accumulated)
+                       for _, p in named_params]
+
+    # -- what the optimizer calls -------------------------------------------------------------
+    def synchronize(self) -> None:
+        """Wait until every gradient is averaged; parameters no rank used get ``grad = None``
+        (so the optimizer skips them, as single-process torch does). Idempotent within a step.
+        Must be called on all ranks."""
+        if self.phase is Phase.SYNCHRONIZED:
+            return
+        if self.phase is Phase.ACCUMULATING:
+            raise RuntimeError(
+                f"step() was called after {self.passes_done} of the {self.accumulate} backward passes of "
+                f"this step (accumulate={self.accumulate}); call backward once per micro-batch")
+        beat()  # before every collective distrib waits for: see distrib/heartbeat.py
+        for p in self._reducer.synchronize():
+            p.grad = None
+        self.phase = Phase.SYNCHRONIZED
+
+    def end_step(self) -> None:
+        """Forget this step (after the optimizer stepped, or the user zeroed the gradients)."""
+        if self.phase is Phase.REDUCING:
+            raise RuntimeError(
+                "zero_grad() was called after loss.backward() but before step(): the gradients are "
+                "still being averaged; call step() (or synchronize()) first")
+        self.phase = Phase.ACCUMULATING
+        self.passes_done = 0
+        self._sent.clear()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside this block only accumulate gradients locally: they are not
+        micro-batches of ``accumulate`` and send nothing. For a second backward over the same
+        micro-batch (two losses with ``retain_graph=True``): all but the last one go in here."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def reset(self) -> None:
+        """Drop in-flight communication and partial accumulation: after a peer died the ring was
+        re-formed and the old handles are void (elastic mode)."""
+        self._reducer = self._make_reducer()
+        self.phase, self.passes_done, self._pass_open = Phase.ACCUMULATING, 0, False
+        self._sent.clear()
+
+    def in_flight(self) -> bool:
+        return self._reducer.in_flight()
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    @property
+    def reducer(self):
+        return self._reducer
+
+    # -- autograd callbacks -------------------------------------------------------------------
+    def _on_grad_accumulated(self, p: torch.Tensor) -> None:
+        if self._paused:
+            return
+        if self.phase is Phase.SYNCHRONIZED:
+            raise RuntimeError(
+                f"a backward pass reached {self._names[p]!r} after synchronize() and before step(); "
+                "call step() (or zero_grad()) before the next backward")
+        if p in self._sent:
+            raise RuntimeError(
+                f"{self._names[p]!r} received a gradient after its average was already sent: more backward "
+                f"passes than accumulate={self.accumulate} in this step, or a parameter reached twice in one "
+                "pass (reentrant checkpointing); sum the losses and call backward once, run the extra "
+                "backward inside `with optimizer.no_sync():`, or use "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)")
+        if not self._pass_open:
+            self._pass_open = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        if self.passes_done + 1 == self.accumulate:
+            self._send(p, used=True)  # final for this step: overlap its allreduce with backward
+
+    def _on_backward_end(self) -> None:
+        self._pass_open = False
+        self.passes_done += 1
+        if self.passes_done != self.accumulate:
+            return
+        for _, p in self.named_params:
+            if p not in self._sent:
+                self._send(p, used=p.grad is not None)
+        self.phase = Phase.REDUCING
+
+    def _send(self, p: torch.Tensor, *, used: bool) -> None:
+        if used and self.accumulate > 1:
+            p.grad.div_(self.accumulate)  # mean over micro-batches, before the mean over workers
+        self._sent.add(p)
+        self._reducer.grad_ready(p, used)
+
+    def _make_reducer(self):
+        return make_reducer(self.named_params, self._hvd, compression=self._compression, op=self._op,
+                            prefix=self._prefix)
