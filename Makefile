@@ -6,7 +6,7 @@ PY := $(or $(DISTRIB_PYTHON),.venv/bin/python)
 NP ?= 2
 ARGS ?=
 
-.PHONY: setup train test bench clean-runs
+.PHONY: setup train test bench docs clean-runs
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -18,8 +18,14 @@ test: setup
 	@bash scripts/slurm_setup.sh
 	$(PY) -m pytest tests -q -p no:cacheprovider --timeout=600 $(ARGS)
 
+# A full run (no ARGS) also renders the README's Performance section from benchmarks/results.json.
 bench: setup
 	$(PY) -m benchmarks $(ARGS)
+	@if [ -z "$(ARGS)" ]; then $(PY) -m benchmarks.render_readme; fi
+
+# The API reference from the docstrings of what `distrib` exports: build/docs/index.html.
+docs: setup
+	$(PY) -m pdoc --docformat restructuredtext --output-directory build/docs distrib
 
 clean-runs:
 	rm -rf runs

@@ -6,7 +6,8 @@
     run = distrib.Run(ctx, "runs/x", model=model, optimizer=opt, loader=loader)  # resume, checkpoints...
     for step, batch in run.steps(1000): ...
 
-Everything a training script needs is exported here; the submodules are implementation.
+Everything a training script needs is exported here (and ``distrib.ElasticState``, imported on
+first use because it needs Horovod's elastic module); the submodules are implementation.
 """
 from distrib._version import __version__
 from distrib.context import Context, DistribSetupError, init
@@ -25,7 +26,7 @@ from distrib.sync_batchnorm import SyncBatchNorm
 __all__ = ["Context", "DistribSetupError", "init", "ShardedLoader", "DistributedOptimizer", "wrap", "SyncBatchNorm",
            "LRSchedule", "scaled_lr", "rank0_print", "get_logger",
            "Run", "CheckpointManager", "CheckpointError", "HorovodComm", "MetricsLogger", "read_metrics",
-           "PreemptionHandler", "evaluate", "weighted_mean", "eval_loader", "eval_shard", "ElasticState"]
+           "PreemptionHandler", "evaluate", "weighted_mean", "eval_loader", "eval_shard"]
 
 
 def __getattr__(name):

@@ -4,7 +4,9 @@
 
 writes into ``RUN_DIR/report/`` (or ``--out``):
 
-* ``loss_lr.png``     training loss and learning rate over steps (validation loss as points);
+* ``loss_lr.png``     training loss and learning rate over steps, every evaluation metric
+                      (``val_<name>`` in ``eval``/``final`` events, as :class:`distrib.Run` logs
+                      them) as points: losses on the loss axis, the others on their own;
 * ``throughput.png``  samples/s and the number of workers over wall-clock time, with restarts,
                       resumes, preemptions and world-size changes marked (when the records have
                       ``time`` and ``samples_per_s``);
@@ -33,6 +35,7 @@ PHASE_LABELS = {"t_data": "waiting for data", "t_compute": "forward + backward",
                 "t_allreduce": "waiting for allreduce", "t_optimizer": "optimizer step",
                 "t_checkpoint": "checkpoint stall", "t_other": "other"}
 NUMERIC_FIELDS = ("loss", "lr", "samples_per_s", "world_size", "time", "restarts", "val_loss") + PHASES
+EVAL_PREFIX = "val_"  # evaluation metrics in events: val_loss, val_accuracy, ...
 # Events drawn as vertical lines, with their colour, most important first: when several happen
 # at once (a restart is followed by a resume), the line takes the first one's colour.
 MARKED_EVENTS = {"restart": "tab:red", "resize": "tab:purple", "preempted": "tab:brown",
@@ -103,7 +106,17 @@ def _well_formed(rec) -> bool:
     if "event" in rec and not isinstance(rec["event"], str):
         return False
     return all(isinstance(rec[k], (int, float)) and not isinstance(rec[k], bool)
-               for k in NUMERIC_FIELDS if k in rec)
+               for k in rec if k in NUMERIC_FIELDS or k.startswith(EVAL_PREFIX))
+
+
+def eval_names(events: Sequence[dict]) -> List[str]:
+    """The evaluation metrics the events carry (``val_loss``, ``val_accuracy``, ...), in order seen."""
+    names: Dict[str, None] = {}
+    for e in events:
+        for key in e:
+            if key.startswith(EVAL_PREFIX):
+                names.setdefault(key)
+    return list(names)
 
 
 def _markers(log: RunLog) -> List[dict]:
@@ -135,6 +148,7 @@ def summarize(log: RunLog) -> Dict[str, object]:
     history = log.final_history()
     rates = [r["samples_per_s"] for r in log.steps if isinstance(r.get("samples_per_s"), (int, float))]
     val = [e["val_loss"] for e in log.events if "val_loss" in e]
+    last_eval = next((e for e in reversed(log.events) if any(k.startswith(EVAL_PREFIX) for k in e)), {})
     times = [r["time"] for r in log.steps + log.events if "time" in r]
     return {
         "run_dir": str(log.run_dir),
@@ -143,6 +157,7 @@ def summarize(log: RunLog) -> Dict[str, object]:
         "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
         "min_loss": min(r["loss"] for r in history),
         "final_val_loss": val[-1] if val else None,
+        "final_eval": {k: v for k, v in last_eval.items() if k.startswith(EVAL_PREFIX)},
         "median_samples_per_s": statistics.median(rates) if rates else None,
         "world_sizes": sorted({r["world_size"] for r in log.steps + log.events if "world_size" in r}),
         "restarts": max((r.get("restarts", 0) for r in log.steps + log.events), default=0),
@@ -164,6 +179,8 @@ def summary_text(s: Dict[str, object]) -> str:
              f"throughput: median {num(s['median_samples_per_s'], '.1f')} samples/s",
              f"world sizes: {', '.join(map(str, s['world_sizes']))}; restarts: {s['restarts']}",
              "events: " + (", ".join(f"{k} x{v}" for k, v in s["events"].items()) or "none")]
+    if s.get("final_eval"):
+        lines.append("last evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in s["final_eval"].items()))
     if s["skipped_lines"]:
         lines.append(f"skipped {s['skipped_lines']} unreadable lines (a run killed mid-write leaves one)")
     bd = s["breakdown_ms"]
@@ -191,10 +208,17 @@ def plot_loss_lr(log: RunLog, path: Path) -> None:
                                          gridspec_kw={"height_ratios": [3, 1.3]})
     ax_loss.plot([r["step"] for r in history], [r["loss"] for r in history], color="tab:blue",
                  lw=1.5, label="training loss")
-    val = [e for e in log.events if "val_loss" in e]
-    if val:
-        ax_loss.plot([e["step"] for e in val], [e["val_loss"] for e in val], "o", color="tab:green",
-                     ms=6, label="validation loss")
+    names = eval_names(log.events)
+    others = [n for n in names if "loss" not in n]
+    ax_other = ax_loss.twinx() if others else None
+    markers = iter(["o", "s", "^", "D", "v", "P", "X"] * 4)
+    for name in names:
+        points = [e for e in log.events if name in e]
+        ax = ax_other if name in others else ax_loss
+        ax.plot([e["step"] for e in points], [e[name] for e in points], next(markers), ms=6, ls="none",
+                color="tab:green" if ax is ax_loss else "tab:purple", label=name.replace("_", " ", 1))
+    if ax_other is not None:
+        ax_other.set_ylabel(", ".join(n[len(EVAL_PREFIX):] for n in others), color="tab:purple")
     lr = [r for r in history if "lr" in r]
     ax_lr.plot([r["step"] for r in lr], [r["lr"] for r in lr], color="tab:orange", lw=1.5)
     if not lr:
@@ -215,7 +239,11 @@ def plot_loss_lr(log: RunLog, path: Path) -> None:
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(f"Loss and learning rate - {log.run_dir.name}")
     ax_loss.grid(alpha=0.3)
-    ax_loss.legend(loc="upper right")
+    handles, labels = ax_loss.get_legend_handles_labels()
+    if ax_other is not None:
+        more = ax_other.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax_loss.legend(handles, labels, loc="upper right")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))

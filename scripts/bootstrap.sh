@@ -63,11 +63,11 @@ mkdir -p "$LOG_DIR"
 # 3. Python dependencies: distrib's requirements and extras (pyproject.toml), the test tools and
 # Horovod's build requirements. A torch that is already there stays: it may be the site's CUDA build.
 # Presence is checked by name (find_spec runs none of them): importing them all took seconds.
-if ! "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in 'torch numpy mpi4py cmake psutil yaml cloudpickle packaging wheel tqdm matplotlib tensorboard onnx onnxscript onnxruntime pytest pytest_timeout build'.split()))" 2>/dev/null; then
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in 'torch numpy mpi4py cmake psutil yaml cloudpickle packaging wheel tqdm matplotlib tensorboard onnx onnxscript onnxruntime pytest pytest_timeout build pdoc'.split()))" 2>/dev/null; then
     TORCH_REQ="$TORCH_SPEC"
     if "$PY" -c "import torch" 2>/dev/null; then TORCH_REQ=""; fi
     say "installing ${TORCH_REQ:+$TORCH_REQ, }numpy, mpi4py, the test tools and Horovod's build requirements"
-    logged pip-deps "$PY" -m pip install $TORCH_REQ numpy mpi4py cmake setuptools wheel packaging psutil pyyaml cloudpickle pytest pytest-timeout tqdm matplotlib tensorboard onnx onnxscript onnxruntime build
+    logged pip-deps "$PY" -m pip install $TORCH_REQ numpy mpi4py cmake setuptools wheel packaging psutil pyyaml cloudpickle pytest pytest-timeout tqdm matplotlib tensorboard onnx onnxscript onnxruntime build pdoc
 fi
 
 # What `horovodrun --check-build` marks [X] for this environment's Horovod among PyTorch and the

@@ -118,3 +118,19 @@ def test_iterating_does_not_touch_the_global_torch_rng():
     torch.manual_seed(123)
     next(iter(l))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_len_is_the_whole_epoch_after_a_resume_and_follows_the_world_size():
+    """len(loader) counts the epoch's batches, not those left: a progress total computed as
+    epochs * len(loader) right after a resume is right (it used to shrink with the position)."""
+    before = loaders(100, 5, 2)[0]
+    take(before, 3)
+    state = before.state_dict()
+    after = loaders(100, 5, 2)[0]
+    after.load_state_dict(state)
+    assert len(after) == len(before) == 10 and after.batches_left == 7
+    assert len([b for b in after]) == 7 and after.batches_left == 10  # the next epoch, untouched
+    after.set_world(0, 1)  # an elastic shrink to one worker: the epoch has twice the steps
+    assert len(after) == 20
+    padded = loaders(103, 5, 2, drop_last=False)[0]
+    assert len(padded) == 11 and padded.batches_left == 11

@@ -173,3 +173,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case, expecte
     assert len(lines) == 1 and lines[0].startswith("distrib.report: error: ") and expected in lines[0], proc.stderr
     assert proc.stdout == ""
     assert tree_digest(tmp_path) == before
+
+
+def test_every_evaluation_metric_is_reported_not_only_val_loss(tmp_path):
+    """distrib.Run logs evaluate()'s metrics as val_<name>: accuracy is drawn and summarised too."""
+    run = tmp_path / "run"
+    write_metrics(run, [
+        step(1, 100.0, 2.3), step(2, 101.0, 2.0),
+        {"event": "eval", "step": 2, "val_loss": 2.1, "val_accuracy": 0.25, "time": 101.5},
+        step(3, 102.0, 1.5),
+        {"event": "final", "step": 3, "val_loss": 1.7, "val_accuracy": 0.5, "time": 103.0},
+    ])
+    log = load_run(run)
+    from distrib.report import eval_names
+    assert eval_names(log.events) == ["val_loss", "val_accuracy"]
+    summary = summarize(log)
+    assert summary["final_val_loss"] == 1.7 and summary["final_eval"] == {"val_loss": 1.7, "val_accuracy": 0.5}
+    assert main([str(run)]) == 0
+    assert "last evaluation: val_loss 1.7000, val_accuracy 0.5000" in (run / "report" / "summary.txt").read_text()
+    assert png_size(run / "report" / "loss_lr.png")[0] >= 600

@@ -168,7 +168,49 @@ def test_steps_needs_exactly_one_length(tmp_path):
         next(run.steps(5, epochs=1))
 
 
+class FakeHorovod:
+    """What share_cores() asks of Horovod, for a job of two workers under two host names."""
+
+    def __init__(self, machine_ids, rank=0):
+        self.machine_ids, self._rank = machine_ids, rank
+
+    def local_size(self):
+        return 1  # Horovod counts the workers under this host name only
+
+    def cross_size(self):
+        return len(self.machine_ids)
+
+    def rank(self):
+        return self._rank
+
+    def allgather_object(self, obj, name):
+        return self.machine_ids
+
+
+@pytest.mark.parametrize("machine_ids, collective, workers", [
+    (["boot-a", "boot-a"], True, 2),   # -H localhost:1,127.0.0.1:1, or two network namespaces: one machine
+    (["boot-a", "boot-b"], True, 1),   # two machines
+    (["boot-a", "boot-a"], False, 1),  # Horovod Elastic outside its loop: no collective, the host name's count
+])
+def test_threads_follow_the_workers_per_physical_machine(monkeypatch, machine_ids, collective, workers):
+    from distrib.context import share_cores
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    try:
+        assert share_cores(FakeHorovod(machine_ids), collective=collective) == 8 // workers
+        assert torch.get_num_threads() == 8 // workers
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_machine_id_is_the_boot_id():
+    from distrib.context import BOOT_ID_FILE, machine_id
+    with open(BOOT_ID_FILE) as f:
+        assert machine_id() == f.read().strip() != ""
+
+
 def test_public_api_is_importable_from_distrib():
     for name in distrib.__all__:
         assert getattr(distrib, name) is not None, name
-    assert callable(distrib.evaluate) and distrib.HorovodComm and distrib.PreemptionHandler
+    assert callable(distrib.evaluate) and distrib.HorovodComm and distrib.PreemptionHandler and distrib.ElasticState

@@ -25,6 +25,8 @@ MNIST = REPO / "examples" / "horovod_mnist.py"
 SMALL = ["--train-samples", "2048", "--test-samples", "128", "--test-batch-size", "64", "--batch-size", "16",
          "--epochs", "1", "--log-interval", "1", "--checkpoint-every", "8"]
 TWO_HOSTS = "localhost:1,127.0.0.1:1"  # one machine under two names: a dead worker blacklists one (FACTS)
+# Two host names for one machine here too: each worker must still take half of its cores.
+PLAIN = ["--controller", "gloo", "-H", TWO_HOSTS]
 
 
 def records(run_dir: Path):
@@ -70,7 +72,7 @@ def finish(proc, timeout=200):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("mnist") / "clean"
-    run_launch(["-np", "2"], MNIST, [*SMALL, "--run-dir", run_dir], timeout=200)
+    run_launch(PLAIN, MNIST, [*SMALL, "--run-dir", run_dir], timeout=200)
     return final_params(run_dir)
 
 
@@ -78,7 +80,7 @@ def uninterrupted(tmp_path_factory):
 def test_usr2_to_the_launcher_then_sigkill_then_resume_ends_as_the_uninterrupted_run(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     # 1. `kill -USR2 <launcher>` (scancel --signal=USR2 --batch): forwarded, checkpoint, clean exit.
-    proc = start(["-np", "2"], run_dir)
+    proc = start(PLAIN, run_dir)
     wait_for(lambda: len(logged_steps(run_dir)) >= 5, proc, "5 steps")
     os.kill(proc.pid, signal.SIGUSR2)
     code, _, err = finish(proc)
@@ -90,20 +92,22 @@ def test_usr2_to_the_launcher_then_sigkill_then_resume_ends_as_the_uninterrupted
     assert store.step_of(store.newest_valid(run_dir / "checkpoints")[0]) == preempted[0]
 
     # 2. resumed, then SIGKILLed (launcher, mpirun, every worker) once it wrote another checkpoint.
-    proc = start(["-np", "2"], run_dir)
+    proc = start(PLAIN, run_dir)
     wait_for(lambda: store.step_of(store.newest_valid(run_dir / "checkpoints")[0] or "x") not in
              (None, preempted[0]) and len(logged_steps(run_dir)) > preempted[0] + 10, proc, "a new checkpoint")
     kill_tree(proc.pid)
     proc.communicate(timeout=30)
 
     # 3. resumed again: to the end, with the parameters of the run that was never interrupted.
-    run_launch(["-np", "2"], MNIST, [*SMALL, "--run-dir", run_dir], timeout=200)
+    run_launch(PLAIN, MNIST, [*SMALL, "--run-dir", run_dir], timeout=200)
     resumed = final_params(run_dir)
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), f"{name} differs from the uninterrupted run"
     resumes = [r["step"] for r in records(run_dir) if r.get("event") == "resume"]
     assert len(resumes) == 2 and resumes[0] == preempted[0] and resumes[1] > preempted[0]
     assert sorted(set(logged_steps(run_dir))) == list(range(1, 65))
+    # every start: 2 workers of one machine under two host names, one thread each (was 2 each)
+    assert [(r["world_size"], r["threads"]) for r in records(run_dir) if r.get("event") == "start"] == [(2, 1)] * 3
 
 
 def mnist_workers(run_dir: Path):
