@@ -116,12 +116,20 @@ class SlurmCluster:
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run a Slurm client command against this cluster; raises with its output when it fails."""
-        proc = subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True,
+        proc = subprocess.run(self.client(cmd), env=self.env(), capture_output=True, text=True,
                               timeout=timeout, cwd=REPO)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: "
                                f"{proc.stdout.strip()} {proc.stderr.strip()}")
         return proc
+
+    def client(self, cmd: Sequence[str], cwd: os.PathLike | str = REPO) -> List[str]:
+        """``cmd`` as run where Slurm's clients reach slurmctld (here: this machine)."""
+        return list(cmd)
+
+    def daemon(self, name: str, cmd: List[str]) -> List[str]:
+        """``cmd`` as run on the host of daemon ``name`` (here: this machine)."""
+        return cmd
 
     # ----------------------------------------------------------------- start / stop
     def _write_config(self) -> None:
@@ -199,7 +207,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         """
         log = self.logs / f"{name}.out"
         launcher = subprocess.run(
-            ["setsid", "sh", "-c", 'exec "$@" >"$DAEMON_LOG" 2>&1 </dev/null & echo $!', "sh", *cmd],
+            ["setsid", "sh", "-c", 'exec "$@" >"$DAEMON_LOG" 2>&1 </dev/null & echo $!', "sh", *self.daemon(name, cmd)],
             env={**self.env(), "DAEMON_LOG": str(log)}, cwd=self.root, capture_output=True, text=True,
             timeout=30, check=True)
         pid = int(launcher.stdout.strip())
@@ -220,24 +228,31 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         raise SlurmStartError(f"timed out after {timeout:.0f}s waiting for {what}; last log lines:\n{_tail(log)}")
 
     def node_state(self) -> str:
+        """The nodes' states, one per line (one line on the one-node cluster)."""
         proc = self.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=10)
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
     def _node_ready(self) -> bool:
-        state = self.node_state()
-        if state.startswith(("drain", "inval")):  # never becomes idle by itself: say why now
-            reason = self.run("sinfo", "-h", "-N", "-o", "%E", check=False).stdout.strip()
-            raise SlurmStartError(f"node {self.host} is {state}: {reason}\n"
+        states = self.node_state().split()
+        bad = [s for s in states if s.startswith(("drain", "inval"))]
+        if bad:  # never becomes idle by itself: say why now
+            reason = self.run("sinfo", "-h", "-N", "-o", "%N %E", check=False).stdout.strip()
+            raise SlurmStartError(f"a node is {bad[0]}: {reason}\n"
                                   f"{_tail(self.logs / 'slurmctld.log', 10)}")
-        return state == "idle"
+        return bool(states) and all(s == "idle" for s in states)
+
+    def slurmds(self) -> List[str]:
+        """The slurmd daemons to start (one per node)."""
+        return ["slurmd"]
 
     def start(self, timeout: float = 60) -> "SlurmCluster":
         self.logs.mkdir(parents=True, exist_ok=True)
         self._write_config()
         self._start_munge()
         self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-i", "-f", str(self.conf)])
-        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
-        self._wait_for(self._node_ready, timeout, "sinfo to show the node idle",
+        for name in self.slurmds():
+            self._spawn(name, ["slurmd", "-D", "-f", str(self.conf)])
+        self._wait_for(self._node_ready, timeout, "sinfo to show every node idle",
                        self.logs / "slurmctld.log")
         return self
 
@@ -253,7 +268,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                     time.sleep(0.5)
             except (subprocess.SubprocessError, OSError):
                 pass
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*self.slurmds(), "slurmctld", "munged"):
             pid, group = self._daemons.pop(name, None), self._groups.pop(name, None)
             if not _alive(pid):
                 continue
@@ -273,7 +288,8 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                env: Optional[Dict[str, str]] = None, cwd: os.PathLike | str = REPO) -> str:
         """Submit ``script`` (a path) with ``script_args``; returns the job id."""
         cmd = ["sbatch", "--parsable", *sbatch_args, str(script), *script_args]
-        proc = subprocess.run(cmd, env=self.env(env), capture_output=True, text=True, timeout=30, cwd=cwd)
+        proc = subprocess.run(self.client(cmd, cwd), env=self.env(env), capture_output=True, text=True, timeout=30,
+                              cwd=cwd)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc.stdout.strip().split(";")[0]
@@ -350,6 +366,90 @@ def start_cluster() -> SlurmCluster:
         raise
 
 
+class MultiNodeSlurm(SlurmCluster):
+    """Slurm on the namespace hosts of tests/nodes.py: slurmctld on the first node, a slurmd on
+    each (its NodeName is the node's hostname; its own spool, pid and log files), the machine's
+    munged for all (its socket is a path every node sees). Its folder is under the nodes' shared
+    state folder (each node has its own /tmp), and its client commands run on the first node,
+    the only place slurmctld's address is reachable from."""
+
+    def __init__(self, root: Path, nodes, names: Sequence[str]):
+        super().__init__(root)
+        self.nodes, self.names = nodes, list(names)
+        self.host = self.names[0]
+
+    def client(self, cmd: Sequence[str], cwd: os.PathLike | str = REPO) -> List[str]:
+        return self.nodes.command(self.host, cmd, cwd)
+
+    def daemon(self, name: str, cmd: List[str]) -> List[str]:
+        if name == "munged":
+            return cmd  # on this machine: its socket is a path the nodes see
+        return self.nodes.command(self.host if name == "slurmctld" else name.split("-", 1)[1], cmd)
+
+    def slurmds(self) -> List[str]:
+        return [f"slurmd-{n}" for n in self.names]
+
+    def _write_config(self) -> None:
+        for sub in ("state", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        r, first = self.root, self.names[0]
+        nodes = "".join(f"NodeName={n} NodeAddr={self.nodes.address(n)} CPUs=1 RealMemory=4000 Gres=gpu:1 "
+                        f"State=UNKNOWN\n" for n in self.names)
+        self.conf.write_text(f"""\
+ClusterName=distribnodes
+SlurmctldHost={first}({self.nodes.address(first)})
+SlurmctldPort=6817
+SlurmdPort=6818
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self.munge_socket},cred_expire=15
+SlurmUser=root
+SlurmdUser=root
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
+MpiDefault=none
+ReturnToService=2
+JobRequeue=0
+KillWait=5
+MinJobAge=600
+InactiveLimit=0
+SlurmdTimeout=300
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+GresTypes=gpu
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool-%n
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd-%n.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+{nodes}PartitionName=debug Nodes={",".join(self.names)} Default=YES MaxTime=INFINITE State=UP
+""")
+        (self.root / "fakegpu0").symlink_to("/dev/null")  # see SlurmCluster._write_config
+        (self.root / "gres.conf").write_text(f"Name=gpu File={self.root}/fakegpu0\n")
+
+
+def start_multi_node(nodes, names: Sequence[str] = ("node1", "node2")) -> MultiNodeSlurm:
+    """A Slurm cluster on ``names`` of a running tests/nodes.py cluster (stopped on failure)."""
+    ensure_installed()
+    root = nodes.root / "slurm"
+    root.mkdir()
+    os.chmod(root, 0o755)
+    cluster = MultiNodeSlurm(root, nodes, names)
+    try:
+        return cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+
+
 try:
     import pytest
 except ImportError:  # pragma: no cover - the module also runs as a script
@@ -369,6 +469,19 @@ if pytest is not None:
             cluster.stop()
             if not os.environ.get("DISTRIB_KEEP_SLURM"):  # set it to keep the daemons' logs
                 shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+    @pytest.fixture(scope="session")
+    def slurm_nodes(nodes):
+        """Slurm on node1 and node2 of the namespace cluster; fails the test if it cannot start."""
+        try:
+            cluster = start_multi_node(nodes)
+        except Exception as exc:  # noqa: BLE001 - any reason must become a visible failure
+            pytest.fail(f"could not start Slurm on the namespace hosts: {exc}", pytrace=False)
+        try:
+            yield cluster
+        finally:
+            cluster.stop()  # its folder goes with the nodes' state folder
 
 
 if __name__ == "__main__":
