@@ -214,3 +214,37 @@ def test_public_api_is_importable_from_distrib():
     for name in distrib.__all__:
         assert getattr(distrib, name) is not None, name
     assert callable(distrib.evaluate) and distrib.HorovodComm and distrib.PreemptionHandler and distrib.ElasticState
+
+
+README_RUNNER = """
+import json, sys, traceback
+for i, code in enumerate(json.load(open(sys.argv[1]))):
+    try:
+        exec(compile(code, f"README snippet {i}", "exec"), {"__name__": "__main__"})
+    except BaseException:
+        traceback.print_exc()
+        sys.exit(f"README snippet {i} failed:\\n{code}")
+print("ran", i + 1)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_readme_snippets_of_the_public_api_run(tmp_path):
+    """Every snippet of the README's Run and object-by-object sections runs as it is (one process,
+    one Horovod worker), in one interpreter; the ElasticState one needs `launch --elastic`."""
+    import re
+    import subprocess
+    import sys
+    from tests.helpers import REPO
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## A long job in a handful of lines"):text.index("\n## Launching")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    runnable = [b for b in blocks if "launch --elastic" not in b.splitlines()[0]]
+    assert len(blocks) == 11 and len(runnable) == 10
+    (tmp_path / "snippets.json").write_text(json.dumps(runnable))
+    (tmp_path / "runner.py").write_text(README_RUNNER)
+    proc = subprocess.run([sys.executable, "runner.py", "snippets.json"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0 and "ran 10" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "step 200, validation {'loss':" in proc.stdout
+    assert (tmp_path / "runs" / "readme" / "checkpoints" / "step-00000200").is_dir()
