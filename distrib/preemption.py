@@ -6,14 +6,17 @@ signal handler fails intermittently (Lightning issue 21406), so the handler only
 signal; the training loop asks :meth:`PreemptionHandler.should_stop` at each step boundary, and
 all ranks agree through one small allreduce so that they stop at the same step::
 
-    preemption = PreemptionHandler()
+    preemption = distrib.PreemptionHandler()
     for step in ...:
         train_step()
         if preemption.should_stop(ctx):      # all ranks, every step
             checkpoints.save(step, state)     # all ranks
-            preemption.requeue(ctx)           # all ranks; rank 0 runs `scontrol requeue`
+            checkpoints.close()               # all ranks: an asynchronous write must end before
+            preemption.requeue(ctx)           # all ranks; rank 0 runs `scontrol requeue`, which ends the job
             return 0                          # exit 0: Slurm starts the job again, --resume auto
     preemption.close()
+
+:class:`distrib.Run` does all of this at every step boundary.
 
 Only ``SIGUSR2`` leads to a requeue; after ``SIGTERM`` (scancel, preemption by Slurm, which
 requeues by itself when configured to) the run saves and exits without requeueing. A run that

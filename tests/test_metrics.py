@@ -169,3 +169,35 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(tmp_path):
     text = out.decode()
     assert "\r" in text and "4/10" in text and "loss 2.500 | 1,234 samples/s" in text, repr(text)
     assert "step 4/10 | loss" not in text  # not the plain log line
+
+
+def test_nested_phases_are_not_counted_twice():
+    """distrib.Run times the loop body as compute and the optimizer's step inside it: the body is
+    charged only for the time outside the step."""
+    from distrib.metrics import NestedPhaseTimer
+    clock = FakeClock()
+    timer = NestedPhaseTimer(clock=clock)
+    with timer.phase("compute"):
+        clock.now += 1.0
+        with timer.phase("optimizer"):
+            clock.now += 0.25
+            with timer.phase("allreduce"):
+                clock.now += 0.5
+        clock.now += 2.0
+    assert timer.take() == {"compute": 3.0, "optimizer": 0.25, "allreduce": 0.5}
+
+
+def test_any_logged_metric_is_averaged_over_the_window_and_the_total_can_change(tmp_path):
+    clock = FakeClock()
+    log, stream = make_logger(tmp_path, clock, total_steps=4)
+    for step, acc in ((1, 0.5), (2, 1.0), (3, 0.0), (4, 0.5)):
+        clock.now += 1.0
+        log.step(step, accuracy=acc)  # no loss: a metric of the user's own
+    log.set_total(8)
+    clock.now += 1.0
+    log.step(5, loss=2.0, accuracy=1.0)
+    log.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["accuracy"]) for r in records] == [(2, 0.75), (4, 0.25)]
+    assert "loss" not in records[0] and "lr" not in records[0]
+    assert "step 2/4 | 8 samples/s | eta 2s" in stream.getvalue()  # no loss logged: none shown

@@ -52,3 +52,15 @@ def test_elastic_resize_rescales_the_peak_lr():
     sched = LRSchedule(opt, base_lr=0.1, world_size=4, total_steps=10, decay="constant", scaling="linear")
     sched.set_world_size(1)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1) and sched.peak_lr == pytest.approx(0.1)
+
+
+def test_constant_schedule_needs_no_total_but_a_decay_does():
+    opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    s = LRSchedule(opt, base_lr=0.1, world_size=4, warmup_steps=2, decay="constant")
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        s.step()
+    assert lrs == pytest.approx([0.2, 0.4, 0.4, 0.4, 0.4])  # warm-up to 0.1 x 4 workers, then flat
+    with pytest.raises(ValueError, match="lr decay 'cosine' needs total_steps"):
+        LRSchedule(opt, base_lr=0.1, world_size=1)
