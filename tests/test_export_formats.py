@@ -164,3 +164,19 @@ def test_a_mismatch_beyond_the_tolerance_is_refused_and_nothing_is_left(trained,
     assert code == 2 and "verified with ONNX Runtime" in stdout
     assert err.count("\n") == 1 and err.startswith("distrib.export: error: refused: the onnx artifact differs "), err
     assert "nothing written" in err and not (root / "refused").exists()  # the folders it made are gone too
+
+
+def test_serve_refuses_what_it_cannot_serve_in_one_line(trained, tmp_path, capsys):
+    import serve
+    root, _, _ = trained
+    pt = root / "fp32" / "model.pt"
+    if not pt.exists():
+        assert cli(capsys, root / "run", pt)[0] == 0
+    (tmp_path / "plain.onnx").write_bytes(b"not a model")
+    cases = {tmp_path / "nope.onnx": "is not a file", pt: "is a torch.save file (--format pt), not TorchScript",
+             tmp_path / "plain.onnx": "is not a model exported by python -m distrib.export"}
+    for path, why in cases.items():
+        capsys.readouterr()
+        assert serve.main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("serve.py: error: ") and why in err, err

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import distrib.export as package
 from distrib.checkpoint.store import CheckpointError
 from distrib.export.artifact import ExportError, first_line
 from distrib.export.formats import FORMATS
@@ -23,7 +24,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _OneLineParser(prog=PROG, description=(__import__("distrib.export").export.__doc__ or "").split("\n\n")[0])
+    p = _OneLineParser(prog=PROG, description=package.__doc__.split("\n\n")[0])
     p.add_argument("source", type=Path, help="a run dir (its newest valid checkpoint), a checkpoint folder "
                                              "(RUN_DIR/checkpoints/step-N) or a model file (RUN_DIR/model.pt)")
     p.add_argument("out", type=Path, help="the file to write, e.g. model.onnx")
