@@ -1,6 +1,7 @@
 """python -m distrib.export --format pt|torchscript|onnx [--quantize int8] on a trained LM of the
 example's default size, and examples/serve.py: each artifact is loaded back in a fresh process
 and compared with the trained model in this one."""
+import copy
 import json
 import os
 import shutil
@@ -180,3 +181,20 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(trained, tmp_path, capsy
         assert serve.main([str(path)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("serve.py: error: ") and why in err, err
+
+
+def test_int8_beyond_the_loss_limit_is_refused_and_nothing_is_left(trained, capsys):
+    """Int8's known failure: an outlier weight sets the per-tensor scale and the others round to
+    ~0. The outlier here multiplies a feature that LayerNorm zeroes, so fp32 does not see it."""
+    root, model, _ = trained
+    outliers = copy.deepcopy(model)
+    with torch.no_grad():
+        outliers.ln_f.weight[0] = outliers.ln_f.bias[0] = 0
+        outliers.head.weight[:, 0] = 1000 * outliers.head.weight.abs().max()
+    with CheckpointManager(root / "outliers", cpu_ctx()) as ckpt:
+        ckpt.save(STEPS, {"model": outliers}, model_config=outliers.config.to_dict())
+    out = root / "int8-refused" / "model.pt"
+    code, stdout, err = cli(capsys, root / "outliers", out, "--quantize", "int8")
+    assert "val loss" in stdout and code == 2, stdout + err
+    assert err.count("\n") == 1 and err.startswith("distrib.export: error: refused: int8 raises the held-out loss by "), err
+    assert "> --max-loss-increase 2%; nothing written" in err and not out.parent.exists()
