@@ -30,7 +30,6 @@ watches), and no state outside the model, optimizer, loader and schedule that mu
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from pathlib import Path
@@ -42,6 +41,7 @@ from distrib.checkpoint import CheckpointManager
 from distrib.context import share_cores
 from distrib.metrics import MetricsLogger
 from distrib.preemption import PreemptionHandler
+from distrib.step_guard import StepGuard
 
 Evaluate = Callable[[Any], Dict[str, float]]
 
@@ -98,7 +98,6 @@ class Run:
         self.last_eval: Dict[str, float] = {}  # the last evaluation's metrics, on every rank
         self._last_eval_step: Optional[int] = None
         self._logged: Dict[str, float] = {}
-        self._broken: Optional[BaseException] = None  # elastic: the world broke inside this step
         self._total: Optional[int] = None
         self._epochs: Optional[int] = None
         self._trained = False
@@ -115,7 +114,7 @@ class Run:
                                      global_batch=self._global_batch(), stream=stream)
         self.preemption = PreemptionHandler() if preemption else None
         self._state = _elastic_state(self, ctx, start) if ctx.elastic else _LocalState(ctx, start)
-        self._restore_optimizer = _instrument(optimizer, self)
+        self._guard = StepGuard(optimizer, self.metrics.phase, elastic=ctx.elastic)
 
     # -- what the loop reads ----------------------------------------------------------------
     @property
@@ -190,19 +189,27 @@ class Run:
 
     def _loop(self) -> Iterator[Tuple[int, Any]]:
         self._announce()
+        yield from self._train()
+        self._close()
+
+    def _train(self) -> Iterator[Tuple[int, Any]]:
+        """The steps from the current position to the end, and the last collectives."""
         batches = self._batches()
         while not self._done():
             with self.metrics.phase("data"):
                 batch = self._next(batches)
+            self._guard.broken = None
             with self.metrics.phase("compute"):
                 yield self.step, batch
+            if self._guard.broken is not None:
+                raise self._guard.broken  # elastic: the world broke inside the loop body
             self._end_step()
         self._finish()
 
     def _elastic_loop(self) -> Iterator[Tuple[int, Any]]:
         """:meth:`_loop` inside Horovod's retry loop (``horovod.common.elastic.run_fn``), which
         cannot wrap a generator's consumer: a failure inside the loop body is caught by the
-        optimizer's guard (:func:`_instrument`) and raised here, between two steps."""
+        optimizer's guard (:class:`distrib.step_guard.StepGuard`) and raised here, between two steps."""
         from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
         hvd = _hvd()
         need_sync = True
@@ -214,28 +221,19 @@ class Run:
                         share_cores(hvd, collective=True)  # the workers per machine changed
                     need_sync = False
                     self._announce()
-                batches = self._batches()
-                while not self._done():
-                    with self.metrics.phase("data"):
-                        batch = self._next(batches)
-                    self._broken = None
-                    with self.metrics.phase("compute"):
-                        yield self.step, batch
-                    if self._broken is not None:
-                        raise self._broken
-                    self._end_step()
-                self._finish()
-                return
+                yield from self._train()
+                break
             except HorovodInternalError:
                 self._state.restore()  # a peer died: back to the last commit
                 need_sync = True
             except HostsUpdatedInterrupt as interrupt:
                 need_sync = not interrupt.skip_sync  # a host came or went at a commit: state is current
-            self._broken = None
+            self._guard.broken = None
             self.model.zero_grad(set_to_none=True)  # gradients of an abandoned step
             hvd.shutdown()
             hvd.init()
             self._state.on_reset()  # ElasticState.reset: new ctx, re-shard, rescale; then _adopt_world
+        self._close()
 
     def _batches(self) -> Iterator[Any]:
         # A new iterator after every restore or resize: it starts at the loader's position and
@@ -308,22 +306,26 @@ class Run:
         self.checkpoints.close()  # an asynchronous write must be on disk before Slurm kills the job
         self.metrics.event("preempted", step=self.step, decision=self.preemption.decision)
         self.metrics.close()
-        self._restore_optimizer()
+        self._guard.remove()
         self.preemption.requeue(self.ctx)
         sys.exit(0)
 
     def _finish(self) -> None:
+        """The last collectives: a failure here (elastic) rolls back and trains the rest again."""
         with self.metrics.phase("checkpoint"):
             if self._trained and self.checkpoints.last_step != self.step:
                 self.checkpoints.save(self.step, self._saved(), model_config=self.model_config)
-            self.checkpoints.close()
+            self.checkpoints.wait()
         if self._evaluate_fn is not None and self._last_eval_step != self.step:
             self._evaluate(None)
+
+    def _close(self) -> None:
+        self.checkpoints.close()  # its write is already on disk (wait above): no new save may follow
         self.metrics.event("final", step=self.step, **{f"val_{k}": v for k, v in self.last_eval.items()})
         self.metrics.close()
         if self.preemption is not None:
             self.preemption.close()
-        self._restore_optimizer()
+        self._guard.remove()
 
     def _adopt_world(self, state) -> None:
         """After an elastic re-formation (on every worker): rank 0 may be another process now."""
@@ -381,48 +383,3 @@ def _hvd():
 def _horovod_comm():
     from distrib.checkpoint.manager import HorovodComm
     return HorovodComm()
-
-
-def _instrument(optimizer, run: Run) -> Callable[[], None]:
-    """Time the optimizer's gradient wait ("allreduce") and step ("optimizer"); under Horovod
-    Elastic also turn a ``HorovodInternalError`` raised inside the loop body into a note that
-    :meth:`Run._elastic_loop` raises between steps (the rest of a broken step does nothing: it
-    is rolled back anyway). Instance attributes, removed by the returned function."""
-    elastic = run.ctx.elastic
-    internal_error = None
-    if elastic:
-        from horovod.common.exceptions import HorovodInternalError as internal_error
-    originals = {name: getattr(optimizer, name) for name in ("backward", "synchronize", "step", "zero_grad")
-                 if callable(getattr(optimizer, name, None))}
-
-    def guarded(name: str, phase: Optional[str]):
-        method = originals[name]
-
-        @functools.wraps(method)
-        def call(*args, **kwargs):
-            if run._broken is not None:
-                return None
-            try:
-                if phase is None:
-                    return method(*args, **kwargs)
-                with run.metrics.phase(phase):
-                    if name == "step" and "synchronize" in originals:
-                        with run.metrics.phase("allreduce"):
-                            originals["synchronize"]()  # the step then does not exchange again
-                    return method(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - only Horovod's own error is kept, see below
-                if internal_error is None or not isinstance(exc, internal_error):
-                    raise
-                run._broken = exc
-                return None
-        return call
-
-    phases = {"backward": None, "synchronize": "allreduce", "step": "optimizer", "zero_grad": None}
-    for name in originals:
-        if name in ("synchronize", "step") or elastic:
-            setattr(optimizer, name, guarded(name, phases[name]))
-
-    def restore() -> None:
-        for name in originals:
-            optimizer.__dict__.pop(name, None)
-    return restore

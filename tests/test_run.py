@@ -248,3 +248,49 @@ def test_readme_snippets_of_the_public_api_run(tmp_path):
     assert proc.returncode == 0 and "ran 10" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "step 200, validation {'loss':" in proc.stdout
     assert (tmp_path / "runs" / "readme" / "checkpoints" / "step-00000200").is_dir()
+
+
+class FailingOptimizer:
+    """An optimizer whose gradient wait fails as Horovod's does when a peer died."""
+
+    def __init__(self, error):
+        self.error, self.calls = error, []
+
+    def synchronize(self):
+        self.calls.append("synchronize")
+        raise self.error
+
+    def step(self):
+        self.calls.append("step")
+
+    def zero_grad(self):
+        self.calls.append("zero_grad")
+
+    def backward(self, loss):
+        self.calls.append("backward")
+
+
+def test_step_guard_keeps_horovods_error_for_the_step_boundary_and_times_the_optimizer():
+    """Under Horovod Elastic a peer's death raises inside the user's loop body; the guard keeps
+    it (Run raises it between steps, where the retry loop is) and the rest of the step does nothing."""
+    from horovod.common.exceptions import HorovodInternalError
+    from distrib.metrics import NestedPhaseTimer
+    from distrib.step_guard import StepGuard
+    timer = NestedPhaseTimer()
+    optimizer = FailingOptimizer(HorovodInternalError("gloo: Connection closed by peer"))
+    guard = StepGuard(optimizer, timer.phase, elastic=True)
+    optimizer.backward(1.0)
+    optimizer.step()       # the wait fails: kept, the step itself is skipped
+    optimizer.zero_grad()  # a no-op for the rest of the broken step
+    assert isinstance(guard.broken, HorovodInternalError) and optimizer.calls == ["backward", "synchronize"]
+    assert set(timer.take()) == {"optimizer", "allreduce"}
+    guard.remove()
+    assert "step" not in vars(optimizer)  # the optimizer's own methods again
+    plain = FailingOptimizer(HorovodInternalError("not elastic"))
+    StepGuard(plain, timer.phase, elastic=False)
+    with pytest.raises(HorovodInternalError):  # without Horovod Elastic nothing can recover: raise
+        plain.step()
+    other = FailingOptimizer(RuntimeError("a bug"))
+    StepGuard(other, timer.phase, elastic=True)
+    with pytest.raises(RuntimeError, match="a bug"):
+        other.synchronize()
