@@ -104,7 +104,7 @@ def test_usr2_to_the_launcher_then_sigkill_then_resume_ends_as_the_uninterrupted
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), f"{name} differs from the uninterrupted run"
     resumes = [r["step"] for r in records(run_dir) if r.get("event") == "resume"]
-    assert len(resumes) == 2 and resumes[0] == preempted[0] and resumes[1] > preempted[0]
+    assert len(resumes) == 2 and resumes[0] == preempted[0] and preempted[0] < resumes[1] < 64  # killed mid-run
     assert sorted(set(logged_steps(run_dir))) == list(range(1, 65))
     # every start: 2 workers of one machine under two host names, one thread each (was 2 each)
     assert [(r["world_size"], r["threads"]) for r in records(run_dir) if r.get("event") == "start"] == [(2, 1)] * 3
