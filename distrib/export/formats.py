@@ -95,11 +95,12 @@ def quantize_onnx(fp32_path: Path, path: Path, meta: Dict[str, Any]) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     with _quiet():
+        disabled = logging.root.manager.disable
         logging.disable(logging.WARNING)  # "consider pre-processing": a hint about static quantization
         try:
             quantize_dynamic(str(fp32_path), str(path), weight_type=QuantType.QInt8)
         finally:
-            logging.disable(logging.NOTSET)
+            logging.disable(disabled)
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
