@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from distrib.sharding import layout as lay
+from distrib.sharding.collectives import Pool, allgather_into
 
 SHARDED_FORMAT = "distrib-sharded-optimizer-v1"
 # The optimizers whose state is per parameter element (plus a scalar step count), so a slice of a
@@ -67,6 +68,7 @@ class ZeroShard:
             for b in self.buckets]
         self._key = {(pc.index, pc.start, pc.end): t for b in self.pieces for pc, t in b}
         self._inner_groups: List[int] = []  # user group of each inner group
+        self.pool = Pool()  # allgather buffers, reused every step (and stage 2's bucket buffers)
         self.inner = self._make_inner(group_of)
         if optimizer.state:  # state loaded before wrap: keep this rank's slice of it
             self.load_state_dict(optimizer.state_dict())
@@ -148,23 +150,28 @@ class ZeroShard:
     def allgather_params(self, window: int = 2) -> None:
         """Every rank's updated chunks into every rank's parameters, bucket by bucket (at most
         ``window`` in flight, so the receive buffers stay small). Must be called on all ranks."""
-        pending: List[Tuple[int, Any]] = []
+        pending: List[Tuple[int, Any, torch.Tensor, torch.Tensor]] = []
         for bi, (b, pieces) in enumerate(zip(self.buckets, self.pieces)):
-            send = torch.zeros(b.chunk, dtype=self.params[b.members[0]].dtype, device=self._device())
+            dtype = self.params[b.members[0]].dtype
+            # zeros: the padding of the last rank's chunk is sent too
+            send = self.pool.take(b.chunk, dtype, self._device(), zero=True)
+            full = self.pool.take(b.chunk * self.world, dtype, self._device())
             for pc, t in pieces:
                 send[pc.at:pc.at + pc.numel].copy_(t)
-            pending.append((bi, self._hvd.allgather_async(send, name=f"{self.name}.ag.{bi}")))
+            pending.append((bi, allgather_into(self._hvd, send, full, f"{self.name}.ag.{bi}"), send, full))
             while len(pending) > window:
                 self._unpack(*pending.pop(0))
         while pending:
             self._unpack(*pending.pop(0))
 
-    def _unpack(self, bi: int, handle) -> None:
-        full = self._hvd.synchronize(handle)
+    def _unpack(self, bi: int, handle, send: torch.Tensor, full: torch.Tensor) -> None:
+        self._hvd.synchronize(handle)
         b = self.buckets[bi]
         with torch.no_grad():
             for index, offset, numel in zip(b.members, b.offsets, b.numels):
                 self.params[index].view(-1).copy_(full[offset:offset + numel])
+        self.pool.give(send)
+        self.pool.give(full)
 
     # -- state ----------------------------------------------------------------------------------------
     def owned_ranges(self) -> List[Tuple[int, int, int]]:

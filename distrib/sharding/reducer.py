@@ -14,6 +14,7 @@ from typing import Dict, FrozenSet, List, Optional, Sequence
 
 import torch
 
+from distrib.sharding.collectives import Pool, reducescatter_into
 from distrib.sharding.layout import Bucket
 
 DEFAULT_WINDOW = 2  # buckets in flight during backward: overlap without holding every buffer
@@ -23,9 +24,11 @@ class _Slot:
     def __init__(self, index: int, layout: Bucket, params: List[torch.Tensor]):
         self.index, self.layout, self.params = index, layout, params
         self.pending = len(params)
-        self.buffer: Optional[torch.Tensor] = None  # full bucket, padded to world x chunk
+        self.buffer: Optional[torch.Tensor] = None  # full bucket, padded to world x chunk (pooled)
+        self.wire: Optional[torch.Tensor] = None    # what is sent: the buffer, or its fp16 copy
         self.handle = None
-        self.shard: Optional[torch.Tensor] = None   # this rank's chunk of the averaged bucket
+        self.out: Optional[torch.Tensor] = None     # this rank's chunk as received (kept between steps)
+        self.shard: Optional[torch.Tensor] = None   # ... in the parameters' dtype, once averaged
 
 
 class ReduceScatterReducer:
@@ -38,7 +41,7 @@ class ReduceScatterReducer:
     """
 
     def __init__(self, buckets: Sequence[Bucket], params_of_bucket: Sequence[List[torch.Tensor]], hvd, *,
-                 name: str, compression: str = "none", window: int = DEFAULT_WINDOW):
+                 name: str, compression: str = "none", window: int = DEFAULT_WINDOW, pool: Optional[Pool] = None):
         self._hvd, self._name = hvd, name
         self._compress = compression == "fp16"
         self._window = max(1, window)
@@ -54,6 +57,9 @@ class ReduceScatterReducer:
         self._flag = {p: i for i, p in enumerate(self._params)}
         self._used_handle = None
         self.unused: FrozenSet[torch.Tensor] = frozenset()
+        # at most window + 1 bucket buffers of each size exist; shared with the optimizer's
+        # allgather (a padded bucket is also the size of its allgather result)
+        self._pool = pool if pool is not None else Pool()
 
     def grad_ready(self, p: torch.Tensor, used: bool = True) -> None:
         """Move ``p.grad`` into its bucket (``p.grad`` becomes None; no gradient counts as zeros);
@@ -61,7 +67,7 @@ class ReduceScatterReducer:
         slot, offset, numel = self._where[p]
         if slot.buffer is None:
             # zeros: the padding at the end, and unused parameters, must average to zero
-            slot.buffer = torch.zeros(slot.layout.chunk * slot.layout.world, dtype=p.dtype, device=p.device)
+            slot.buffer = self._pool.take(slot.layout.chunk * slot.layout.world, p.dtype, p.device, zero=True)
         if p.grad is not None:
             slot.buffer[offset:offset + numel].copy_(p.grad.reshape(-1))
         p.grad = None  # the full-size gradient is not kept: only the bucket copy, until it is sent
@@ -74,18 +80,26 @@ class ReduceScatterReducer:
             self._used_handle = self._hvd.allreduce_async(self._used, name=f"{self._name}.used", op=self._hvd.Sum)
 
     def _launch(self, slot: _Slot) -> None:
-        wire = slot.buffer.to(torch.float16) if self._compress and slot.buffer.dtype != torch.float16 else slot.buffer
-        slot.buffer = wire  # (the float32 buffer is freed at once when compressed)
-        slot.handle = self._hvd.reducescatter_async(wire, name=f"{self._name}.rs.{slot.index}", op=self._hvd.Average)
+        wire = slot.buffer
+        if self._compress and wire.dtype != torch.float16:
+            wire = wire.to(torch.float16)
+            self._pool.give(slot.buffer)  # the fp16 copy is what travels
+            slot.buffer = None
+        if slot.out is None or slot.out.dtype != wire.dtype:
+            slot.out = torch.empty(slot.layout.chunk, dtype=wire.dtype, device=wire.device)
+        slot.wire = wire
+        slot.handle = reducescatter_into(self._hvd, wire, slot.out, f"{self._name}.rs.{slot.index}")
         self._inflight.append(slot)
         while len(self._inflight) > self._window:
             self._finish(self._inflight.pop(0))
 
     def _finish(self, slot: _Slot) -> None:
-        out = self._hvd.synchronize(slot.handle)
+        self._hvd.synchronize(slot.handle)
         dtype = slot.params[0].dtype
-        slot.shard = out if out.dtype == dtype else out.to(dtype)
-        slot.buffer = slot.handle = None
+        slot.shard = slot.out if slot.out.dtype == dtype else slot.out.to(dtype)
+        if slot.buffer is not None:
+            self._pool.give(slot.buffer)
+        slot.buffer = slot.wire = slot.handle = None
 
     def synchronize(self) -> FrozenSet[torch.Tensor]:
         """Wait for every bucket's reduce-scatter; return the parameters that no rank used (their
@@ -112,7 +126,8 @@ class ReduceScatterReducer:
         return self._slots[bucket].shard
 
     def release(self) -> None:
-        """Drop the gradient shards (after the optimizer step: ``zero_grad``)."""
+        """Forget the gradient shards (after the optimizer step). Their buffers are kept for the
+        next step: they are this rank's 1/N of the gradient, the memory stage 2 keeps."""
         for slot in self._slots:
             slot.shard = None
 

@@ -58,7 +58,7 @@ class ShardedOptimizer(DistributedOptimizer):
     def _stage2_reducer(self) -> ReduceScatterReducer:
         z = self._zero
         return ReduceScatterReducer(z.buckets, [[z.params[i] for i in b.members] for b in z.buckets], self._hvd,
-                                    name=z.name, compression=self._exchange._compression)
+                                    name=z.name, compression=self._exchange._compression, pool=z.pool)
 
     def step(self, closure=None):
         """Synchronize (unless done), then unscale (fp16), clip by the global norm, step this
@@ -97,6 +97,15 @@ class ShardedOptimizer(DistributedOptimizer):
         self._zero.load_state_dict({k: v for k, v in state.items() if k != "grad_scaler"})
         if state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
+
+    def gradient_nbytes(self) -> int:
+        """Bytes of averaged gradient this rank holds between synchronize() and step(): full
+        ``param.grad`` buffers (stage 1) or its chunks of the buckets (stage 2)."""
+        held = [p.grad for p in self._zero.params if p.grad is not None]
+        if self.shard == "gradients":
+            reducer = self._exchange.reducer
+            held += [s for s in (reducer.shard(i) for i in range(len(self._zero.buckets))) if s is not None]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def owned_ranges(self):
         """``(param index, start, end)`` of the elements this rank owns (for resharding)."""
