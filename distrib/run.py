@@ -269,6 +269,9 @@ class Run:
         self._state.step += 1
         self._trained = True
         step = self.step
+        # The ranks' agreement on a signal waits for the slowest rank, as the gradient wait does.
+        with self.metrics.phase("allreduce"):
+            stopping = self.preemption is not None and self.preemption.should_stop(self.ctx)
         logged, self._logged = self._logged, {}
         self.metrics.step(step, lr=lr, **logged)
         end_of_epoch = self.loader.batches_left == 0
@@ -276,7 +279,6 @@ class Run:
                 (self.eval_every == "epoch" and end_of_epoch)
                 or (self.eval_every not in (0, "epoch") and step % self.eval_every == 0)):
             self._evaluate("eval")
-        stopping = self.preemption is not None and self.preemption.should_stop(self.ctx)
         if stopping or (self.checkpoint_every and step % self.checkpoint_every == 0):
             self._save()
         if stopping:
