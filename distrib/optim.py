@@ -9,6 +9,7 @@ accumulating it in the last micro-batch, so communication overlaps the rest of b
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 from typing import Dict, Optional
@@ -56,11 +57,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if isinstance(optimizer, DistributedOptimizer):
             raise ValueError("this optimizer is already wrapped by distrib.wrap(); wrap the plain torch optimizer once")
         self._hvd = import_horovod()
-        # torch.optim.Optimizer's own bookkeeping (hook tables, profiled step), then one set of
-        # groups, state and defaults shared with the optimizer that steps.
-        super().__init__([{"params": group["params"]} for group in optimizer.param_groups], {})
-        self.param_groups, self.state, self.defaults = optimizer.param_groups, optimizer.state, optimizer.defaults
-        self.model, self.optimizer, self.ctx = model, optimizer, ctx
+        self.optimizer = optimizer  # first: param_groups, state and defaults are read through it
+        # torch.optim.Optimizer.__init__ without its parameter handling (the groups are the inner
+        # optimizer's): the hook tables and the profiled step, so optimizer hooks work as usual.
+        for table in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                      "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, table, collections.OrderedDict())
+        self._patch_step_function()
+        self.model, self.ctx = model, ctx
         self.max_grad_norm, self.precision = max_grad_norm, precision
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=(precision == "fp16"))
         self.last_grad_norm: Optional[float] = None
@@ -79,6 +84,33 @@ class DistributedOptimizer(torch.optim.Optimizer):
     @property
     def accumulate(self) -> int:
         return self._exchange.accumulate
+
+    # The inner optimizer's, always read through it: its load_state_dict() replaces these
+    # objects, so a copy taken at wrap time would go stale (an LR scheduler would then set
+    # the learning rate of a list the optimizer no longer steps with).
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value) -> None:
+        self.optimizer.defaults = value
 
     # -- the training-loop API -------------------------------------------------------------
     def autocast(self):
@@ -125,8 +157,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: Dict) -> None:
-        if "optimizer" not in self.__dict__:  # torch.optim.Optimizer.__init__ building its groups
-            return super().add_param_group(param_group)
         raise RuntimeError("add parameter groups to the optimizer before distrib.wrap(): their gradients "
                            "must be hooked and broadcast on every rank")
 

@@ -162,6 +162,8 @@ def train(case: Case, distributed: bool, seed: int = 1234):
     opt = (distrib.wrap(model, inner, ctx, accumulate=case.accumulate, max_grad_norm=case.max_grad_norm,
                         compression=case.compression) if distributed else inner)
     schedule = scheduler_for(case, opt)
+    if distributed and schedule is not None:
+        opt.load_state_dict(opt.state_dict())  # as a resume does: the schedule must still drive the steps
     for step in range(STEPS):
         if case.freeze_at == step:
             model.body[0].bias.requires_grad_(False)
