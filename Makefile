@@ -18,8 +18,10 @@ test: setup
 	@bash scripts/slurm_setup.sh
 	$(PY) -m pytest tests -q -p no:cacheprovider --timeout=600 $(ARGS)
 
+# A full run (no ARGS) also renders the README's Performance section from benchmarks/results.json.
 bench: setup
 	$(PY) -m benchmarks $(ARGS)
+	@if [ -z "$(ARGS)" ]; then $(PY) -m benchmarks.render_readme; fi
 
 # The API reference from the docstrings of what `distrib` exports: build/docs/index.html.
 docs: setup

@@ -1,6 +1,7 @@
-"""python -m benchmarks [--quick] [--only allreduce,step,coldstart,...] [--rounds N]
+"""python -m benchmarks [--quick] [--only allreduce,step,...] [--rounds N] [--out FILE.json]
 
-Writes benchmarks/results.md (tables) and benchmarks/results.json (every figure with its spread).
+Writes benchmarks/results.json (every figure with its spread) and results.md (tables);
+``python -m benchmarks.render_readme`` turns them into the README's Performance section.
 """
 from __future__ import annotations
 
@@ -25,15 +26,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a short smoke run (fewer sizes, steps, rounds)")
     p.add_argument("--only", default=None, help="comma-separated sections: "
                    + ", ".join(s.name for s in registry.available()))
-    p.add_argument("--rounds", type=int, default=None, help="A/B alternations per figure (default 5, quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="A/B alternations per figure (default 5, quick 1)")
     p.add_argument("--np", type=int, default=2, help="workers")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="where results.md/json go (default: benchmarks/ for a full run; benchmarks/_work/ for "
-                        "--quick, --only or --rounds, so that a partial run never replaces the committed results)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results file, .json (a .md beside it). Default: benchmarks/results.json for a full run, "
+                        "benchmarks/results-quick.json for --quick, benchmarks/_work/results.json with --only "
+                        "or --rounds: a partial run never replaces the committed results")
     args = p.parse_args(argv)
-    partial = args.quick or args.only or args.rounds
-    args.out_dir = args.out_dir or (HERE / "_work" if partial else HERE)
-    args.rounds = args.rounds or (2 if args.quick else 5)
+    if args.out is None:
+        partial = args.only or args.rounds
+        args.out = HERE / "_work" / "results.json" if partial else HERE / ("results-quick.json" if args.quick
+                                                                           else "results.json")
+    args.rounds = args.rounds or (1 if args.quick else 5)
     if args.rounds < 1 or args.np < 2:
         p.error("--rounds must be >= 1 and --np >= 2")
     return args
@@ -70,12 +74,13 @@ def main(argv=None) -> int:
         print(res["markdown"], flush=True)
     results["meta"]["load_after"] = os.getloadavg()
     results["meta"]["seconds"] = round(time.time() - started, 1)
-    write(results, opts.out_dir)
+    write(results, opts.out)
+    print(f"[benchmarks] {results['meta']['seconds'] / 60:.1f} min; wrote {opts.out} and its .md", flush=True)
     return 1 if failed else 0
 
 
-def write(results: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     meta = results["meta"]
     md = ["# distrib benchmarks", "",
           f"{meta['date']}, {meta['cpus']} CPUs, {meta['np']} workers x 1 thread, "
@@ -84,8 +89,8 @@ def write(results: dict, out_dir: Path) -> None:
           f"{meta['seconds'] / 60:.1f} min. Figures: median over rounds (min-max). Produced by `make bench`.", ""]
     for name, res in results["sections"].items():
         md += [f"## {res['title']}", "", res["markdown"], ""]
-    (out_dir / "results.md").write_text("\n".join(md))
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    out.with_suffix(".md").write_text("\n".join(md))
+    out.write_text(json.dumps(results, indent=1, default=str))
 
 
 def _version(package: str) -> str:

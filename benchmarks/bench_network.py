@@ -2,7 +2,8 @@
 
 The hosts are the project's multi-host test cluster (tests/nodes.py: network namespaces with
 their own address, hostname and sshd on this machine), their links limited with ``tc tbf``. Per
-round and link speed, in a rotated order: distrib (``python -m launch -H node1:1,node2:1``),
+round and link speed, in a rotated order: distrib (``python -m launch -H node1:1,node2:1``, with
+the MPI controller the launcher picks, and with ``--controller gloo``),
 plain Horovod with the launcher's Open MPI flags (tuned; across hosts distrib leaves Horovod's
 cycle time alone, so both use Horovod's), and DDP over Gloo (one torchrun per host), each with and
 without fp16 compression (alternated in the same processes). One worker alone (no link) is timed
@@ -24,25 +25,31 @@ RATES = {"1gbit": 1e9, "10gbit": 10e9}
 MODEL = "mlp"
 HOSTS = ("node1", "node2")
 # variant in the step worker -> the figure's name
-VARIANTS = {"distrib": {"buckets": "distrib", "fp16": "distrib-fp16"},
-            "horovod": {"default": "horovod-tuned", "fp16": "horovod-tuned-fp16"},
-            "ddp": {"default": "ddp", "fp16": "ddp-fp16"}}
+# job -> (step worker --impl, {its variant: the figure's name})
+JOBS = {"distrib": ("distrib", {"buckets": "distrib", "per-parameter": "distrib-per-parameter",
+                                "fp16": "distrib-fp16"}),
+        "distrib-gloo": ("distrib", {"buckets": "distrib-gloo"}),
+        "horovod": ("horovod", {"default": "horovod-tuned", "fp16": "horovod-tuned-fp16"}),
+        "ddp": ("ddp", {"default": "ddp", "fp16": "ddp-fp16"})}
+ALONE = ("alone", {"default": "alone"})
 MPI_ENV = ("PATH", "PYTHONPATH", "OMP_NUM_THREADS", "PYTHONUNBUFFERED")
 
 
-def _argv(impl: str, opts, out, r: int) -> List[str]:
-    return [STEP, "--impl", impl, "--model", MODEL, "--variants", ",".join(VARIANTS.get(impl, {"default": 0})),
-            "--rotate", str(r), "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--out", str(out)]
+def _argv(job: str, opts, out, r: int) -> List[str]:
+    impl, names = JOBS.get(job, ALONE)
+    return [STEP, "--impl", impl, "--model", MODEL, "--variants", ",".join(names), "--rotate", str(r),
+            "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--out", str(out)]
 
 
-def _commands(cluster, impl: str, argv: List[str]) -> List[List[str]]:
+def _commands(cluster, job: str, argv: List[str]) -> List[List[str]]:
     """The processes of one job, each as run on its host (the first one on node1)."""
     hosts = ",".join(f"{h}:1" for h in HOSTS)
-    if impl == "alone":
+    if job == "alone":
         return [cluster.command(HOSTS[0], [launchers.PY, *argv])]
-    if impl == "distrib":
-        return [cluster.command(HOSTS[0], launchers.launch(2, argv, hosts=hosts))]
-    if impl == "horovod":
+    if job.startswith("distrib"):
+        controller = "gloo" if job == "distrib-gloo" else "mpi"
+        return [cluster.command(HOSTS[0], launchers.launch(2, argv, controller=controller, hosts=hosts))]
+    if job == "horovod":
         mpirun = launchers.tuned_mpirun(2, argv, {})
         exports = [a for name in MPI_ENV for a in ("-x", name)]  # the remote worker's environment
         return [cluster.command(HOSTS[0], [mpirun[0], "-H", hosts, *exports, *mpirun[1:]])]
@@ -52,13 +59,13 @@ def _commands(cluster, impl: str, argv: List[str]) -> List[List[str]]:
             for i, h in enumerate(HOSTS)]
 
 
-def _run_job(cluster, impl: str, opts, r: int, timeout: float = 300):
+def _run_job(cluster, job: str, opts, r: int, timeout: float = 300):
     """({figure name: step ms}, gradient bytes) of one job on the cluster."""
-    out = opts.work / f"network-{impl}.json"
+    out = opts.work / f"network-{job}.json"
     out.unlink(missing_ok=True)
     env = cluster.env({"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"})
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd in _commands(cluster, impl, _argv(impl, opts, out, r))]
+             for cmd in _commands(cluster, job, _argv(job, opts, out, r))]
     outputs = []
     try:
         for p in procs:
@@ -69,9 +76,9 @@ def _run_job(cluster, impl: str, opts, r: int, timeout: float = 300):
                 p.kill()
                 p.wait()
     if any(p.returncode for p in procs):
-        raise launchers.BenchError(f"network {impl} job failed: " + "\n".join(o[-2000:] for o in outputs))
+        raise launchers.BenchError(f"network {job} job failed: " + "\n".join(o[-2000:] for o in outputs))
     res = json.loads(out.read_text())["by_model"][MODEL]
-    names = VARIANTS.get(impl, {"default": "alone"})
+    names = JOBS.get(job, ALONE)[1]
     return {names[v]: ms for v, ms in res["variants"].items()}, res["grad_bytes"]
 
 
@@ -79,13 +86,14 @@ def measure(cluster, opts) -> dict:
     """{"ms": {rate: {name: [median ms per round]}}, "alone": [...], "grad_bytes": n}."""
     ms = {rate: {} for rate in RATES}
     alone, nbytes = [], 0
-    for r in range(opts.rounds):
-        jobs = [(None, "alone")] + [(rate, impl) for rate in RATES for impl in VARIANTS]
-        for rate, impl in stats.rotate(jobs, r):
+    rates = list(RATES)[:1] if opts.quick else list(RATES)
+    for r in range(min(opts.rounds, 3)):  # 9 launches a round over ssh: 3 rounds keep make bench in budget
+        jobs = [(None, "alone")] + [(rate, job) for rate in rates for job in JOBS]
+        for rate, job in stats.rotate(jobs, r):
             for host in HOSTS:
                 if rate is not None:
                     cluster.limit_bandwidth(host, rate)
-            got, nbytes = _run_job(cluster, impl, opts, r)
+            got, nbytes = _run_job(cluster, job, opts, r)
             for name, steps in got.items():
                 (alone if rate is None else ms[rate].setdefault(name, [])).append(statistics.median(steps))
     return {"ms": ms, "alone": alone, "grad_bytes": nbytes}
@@ -102,7 +110,9 @@ def rate_row(rate: str, ms: Dict[str, List[float]], alone: List[float], nbytes: 
             "efficiency": {k: stats.ratios(alone, v) for k, v in every.items() if k != "alone"},
             "ratios": {"vs_horovod_tuned": ratio("distrib", "horovod-tuned", "distrib against plain Horovod, same flags"),
                        "vs_ddp": ratio("distrib", "ddp", "distrib against DDP over Gloo"),
-                       "fp16_on_distrib": ratio("distrib-fp16", "distrib", "fp16 compression, on distrib")},
+                       "fp16_on_distrib": ratio("distrib-fp16", "distrib", "fp16 compression, on distrib"),
+                       "lever_buckets": ratio("distrib", "distrib-per-parameter", "flat buckets, on distrib"),
+                       "mpi_vs_gloo": ratio("distrib", "distrib-gloo", "distrib's MPI controller vs its Gloo one")},
             # share of distrib's fp32 distance to the ideal that fp16 compression removes (goal >= 0.5)
             "fp16_gap_closed": stats.summary([(a - b) / (a - c) if a != c else float("nan")
                                               for a, b, c in zip(d, d16, i)])}
@@ -110,18 +120,20 @@ def rate_row(rate: str, ms: Dict[str, List[float]], alone: List[float], nbytes: 
 
 def run(opts) -> dict:
     from tests.nodes import start  # the project's multi-host test cluster
-    opts.warmup, opts.steps = (2, 6) if opts.quick else (3, 12)
+    opts.warmup, opts.steps = (2, 6) if opts.quick else (3, 10)
     cluster = start(len(HOSTS))
     try:
         found = measure(cluster, opts)
     finally:
         cluster.down()
-    rows = [rate_row(rate, found["ms"][rate], found["alone"], found["grad_bytes"]) for rate in RATES]
+    rows = [rate_row(rate, found["ms"][rate], found["alone"], found["grad_bytes"]) for rate in RATES if found["ms"][rate]]
     return {"title": f"Over a network: 2 hosts x 1 worker, {MODEL}, link limited with tc tbf", "model": MODEL,
             "grad_bytes": found["grad_bytes"], "rows": rows, "markdown": _table(rows, found["grad_bytes"])}
 
 
-SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "horovod-tuned", "horovod-tuned-fp16",
+SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-per-parameter", "distrib-fp16", "distrib-gloo",
+         "horovod-tuned",
+         "horovod-tuned-fp16",
          "ddp", "ddp-fp16")
 
 

@@ -186,8 +186,7 @@ def stop_job(procs: List[subprocess.Popen]) -> None:
 
 
 def run(opts) -> dict:
-    trials = 2 if opts.quick else 10
-    blocks = 2
+    trials, blocks = (1, 1) if opts.quick else (10, 2)
     per_block = [trials // blocks + (1 if b < trials % blocks else 0) for b in range(blocks)]
     results: Dict[str, List[Optional[dict]]] = {m: [] for m in MODES}
     for b in range(blocks):

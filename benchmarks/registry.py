@@ -29,9 +29,7 @@ CORE = [
     Section("checkpoint", "benchmarks.bench_checkpoint"),  # cost during training, blocked time, resume
     Section("recovery", "benchmarks.bench_recovery"),
 ]
-OPTIONAL = [
-    Section("memory", "benchmarks.bench_memory"),
-]
+OPTIONAL: List[Section] = []  # e.g. Section("memory", "benchmarks.bench_memory")
 
 
 def available() -> List[Section]:

@@ -25,8 +25,10 @@ def fmt(s: Dict[str, float], digits: int = 2) -> str:
     return f"{s['median']:.{digits}f}x ({s['min']:.{digits}f}-{s['max']:.{digits}f}, n={s['n']})"
 
 
-def fmt_value(s: Dict[str, float], unit: str, digits: int = 1) -> str:
-    return f"{s['median']:.{digits}f} {unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+def fmt_value(s: Dict[str, float], unit: str = "", digits: int = 1) -> str:
+    """'40.2 ms (38.1-45.0)', or without a unit '40.2 (38.1-45.0)'."""
+    unit = f" {unit}" if unit else ""
+    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
 def rotate(items: Sequence, k: int) -> list:

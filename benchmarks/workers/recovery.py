@@ -95,6 +95,19 @@ def run_restart(args):
     train_forever(model, opt, x, step, args.step_sleep, after_step)
 
 
+def elastic_steps(args, model, opt, x, state, world, entered: int) -> None:
+    """The loop inside an elastic retry wrapper; ``world()`` is the current (rank, size)."""
+    while True:
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        state.step += 1
+        time.sleep(args.step_sleep)
+        if state.step % args.every == 0:
+            state.commit()
+        log_step(args.out, state.step, *world(), entered)
+
+
 def run_elastic(args):
     import distrib
     import distrib.elastic
@@ -107,15 +120,7 @@ def run_elastic(args):
     @distrib.elastic.run
     def train(state):
         entered[0] += 1
-        while True:
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
-            state.step += 1
-            time.sleep(args.step_sleep)
-            if state.step % args.every == 0:
-                state.commit()
-            log_step(args.out, state.step, state.ctx.rank, state.ctx.size, entered[0])
+        elastic_steps(args, model, opt, x, state, lambda: (state.ctx.rank, state.ctx.size), entered[0])
 
     train(state)
 
@@ -133,15 +138,7 @@ def run_horovod(args):
     @hvd.elastic.run
     def train(state):
         entered[0] += 1
-        while True:
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
-            state.step += 1
-            time.sleep(args.step_sleep)
-            if state.step % args.every == 0:
-                state.commit()
-            log_step(args.out, state.step, hvd.rank(), hvd.size(), entered[0])
+        elastic_steps(args, model, opt, x, state, lambda: (hvd.rank(), hvd.size()), entered[0])
 
     train(state)
 
