@@ -16,6 +16,7 @@ train: setup
 
 test: setup
 	@bash scripts/slurm_setup.sh
+	@bash scripts/nodes_setup.sh
 	$(PY) -m pytest tests -q -p no:cacheprovider --timeout=600 $(ARGS)
 
 # A full run (no ARGS) also renders the README's Performance section from benchmarks/results.json.

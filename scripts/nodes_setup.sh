@@ -21,8 +21,9 @@ fi
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 say "installing Debian's openssh-server iproute2 util-linux"
 $SUDO apt-get update -q
-# policy-rc.d-free way of not starting the service: without systemd (containers, CI) invoke-rc.d
-# starts nothing; on a machine with systemd the package's own sshd is what the admin asked for.
+# The tests never use the package's own sshd or its /etc/ssh config: each node runs one with a
+# config of the test cluster's own. (Without systemd, as in containers and CI, the package starts
+# no service; verified here: no sshd running after the install.)
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends openssh-server iproute2 util-linux
 have_all || { echo "[nodes_setup] error: packages installed but a command is missing (sshd, ssh, ip, tc, unshare, nsenter)" >&2; exit 1; }
 say "ready"

@@ -94,6 +94,7 @@ class NodeCluster:
         self.names = [f"node{i}" for i in range(1, n + 1)]
         self.bridge_ns = f"dn{tag}-br"
         self.sshd_pids: Dict[str, int] = {}
+        self.owner: Optional[int] = os.getpid()  # None: kept by hand (python -m tests.nodes up)
 
     # ----------------------------------------------------------------- naming
     def ns(self, name: str) -> str:
@@ -104,7 +105,8 @@ class NodeCluster:
 
     def _save(self) -> None:
         (self.root / "cluster.json").write_text(json.dumps(
-            {"namespaces": [self.bridge_ns, *map(self.ns, self.names)], "sshd_pids": self.sshd_pids}))
+            {"namespaces": [self.bridge_ns, *map(self.ns, self.names)], "sshd_pids": self.sshd_pids,
+             "owner": self.owner}))
 
     # ----------------------------------------------------------------- set-up
     def up(self) -> "NodeCluster":
@@ -148,6 +150,7 @@ StrictModes no
 UseDNS no
 MaxStartups 64
 MaxSessions 64
+PidFile none
 LogLevel ERROR
 """)
         (r / "ssh_config").write_text(f"""\
@@ -166,8 +169,9 @@ Host *
         wrapper.chmod(0o755)
 
     def start_node(self, name: str, timeout: float = 20) -> None:
-        """Boot ``name``: a fresh UTS and mount namespace (hostname, tmpfs /tmp, cgroup mounts for
-        slurmd) inside its network namespace, running its sshd. Also brings a killed node back."""
+        """Boot ``name``: a fresh UTS and mount namespace (hostname, tmpfs /tmp and /run, cgroup
+        mounts for slurmd) inside its network namespace, running its sshd. Also brings a killed
+        node back. /run is the node's own, so sshd's /run/sshd is never made on this machine."""
         log = self.root / f"{name}.log"
         cgroups = "".join(f"mkdir -p /sys/fs/cgroup/{c} && mount -t cgroup -o {c} cgroup /sys/fs/cgroup/{c}\n"
                           for c in CGROUP_V1)
@@ -180,6 +184,7 @@ mount -t tmpfs tmpfs /sys/fs/cgroup
 {cgroups}mkdir -p /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
 mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
 mount -t cgroup2 none /sys/fs/cgroup/unified
+mount -t tmpfs tmpfs /run
 mkdir -p /run/sshd
 exec /usr/sbin/sshd -D -e -f {self.root}/sshd_config
 """
@@ -308,14 +313,18 @@ def down(root: os.PathLike | str) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def start(n: int = 3) -> NodeCluster:
-    """Install if needed and bring up ``n`` nodes; on any failure remove what was made, then raise."""
+def start(n: int = 3, keep: bool = False) -> NodeCluster:
+    """Install if needed and bring up ``n`` nodes; on any failure remove what was made, then raise.
+    ``keep``: the cluster outlives this process (until ``python -m tests.nodes down``)."""
     if os.geteuid() != 0:
         raise NodeStartError("the multi-host test cluster needs root (network and mount namespaces)")
     ensure_installed()
+    remove_orphans()
     root = Path(tempfile.mkdtemp(prefix=STATE_PREFIX, dir=STATE_PARENT))
     os.chmod(root, 0o755)
     cluster = NodeCluster(n, root, secrets.token_hex(2))
+    if keep:
+        cluster.owner = None
     try:
         return cluster.up()
     except BaseException:
@@ -325,6 +334,18 @@ def start(n: int = 3) -> NodeCluster:
 
 def all_roots() -> List[str]:
     return sorted(glob.glob(os.path.join(STATE_PARENT, STATE_PREFIX + "*")))
+
+
+def remove_orphans() -> None:
+    """Remove the clusters whose owner died without tearing them down (a test run that was
+    SIGKILLed); one a live run uses, or one made by ``python -m tests.nodes up``, is left alone."""
+    for root in all_roots():
+        try:
+            owner = json.loads(Path(root, "cluster.json").read_text()).get("owner")
+        except (OSError, ValueError):
+            continue  # being made right now, or not ours
+        if isinstance(owner, int) and not _alive(owner):
+            down(root)
 
 
 try:
@@ -348,7 +369,7 @@ if pytest is not None:
 
 def _main(argv: List[str]) -> int:
     if argv[:1] == ["up"]:
-        c = start(int(argv[1]) if len(argv) > 1 else 3)
+        c = start(int(argv[1]) if len(argv) > 1 else 3, keep=True)
         print(f"{c.n} nodes up ({', '.join(c.names)}); state in {c.root}")
         print(f"a shell on node1: nsenter -t {c.sshd_pids['node1']} -n -u -m --wd={REPO} -- env "
               f"PATH={c.root}/bin:{VENV_BIN}:$PATH bash")

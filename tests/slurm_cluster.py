@@ -132,14 +132,13 @@ class SlurmCluster:
         return cmd
 
     # ----------------------------------------------------------------- start / stop
-    def _write_config(self) -> None:
-        for sub in ("state", "spool", "log"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        ctld_port, slurmd_port = _free_port(), _free_port()
+    def config_text(self, *, ctld_host: str, ctld_port: int, slurmd_port: int, per_node: str, nodes: str,
+                    partition: str) -> str:
+        """slurm.conf; ``per_node`` ("" or "-%n") names the slurmd files of each node apart."""
         r = self.root
-        self.conf.write_text(f"""\
+        return f"""\
 ClusterName=distribtest
-SlurmctldHost={self.host}
+SlurmctldHost={ctld_host}
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
@@ -166,16 +165,24 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 GresTypes=gpu
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool{per_node}
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd{per_node}.pid
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
+SlurmdLogFile={r}/log/slurmd{per_node}.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName={self.host} CPUs={CPUS} RealMemory=8000 Gres=gpu:{GPUS} State=UNKNOWN
-PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
-""")
+{nodes}PartitionName=debug Nodes={partition} Default=YES MaxTime=INFINITE State=UP
+"""
+
+    def _write_config(self) -> None:
+        for sub in ("state", "spool", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        ctld_port, slurmd_port = _free_port(), _free_port()
+        self.conf.write_text(self.config_text(
+            ctld_host=self.host, ctld_port=ctld_port, slurmd_port=slurmd_port, per_node="",
+            nodes=f"NodeName={self.host} CPUs={CPUS} RealMemory=8000 Gres=gpu:{GPUS} State=UNKNOWN\n",
+            partition=self.host))
         # Fake GPUs: Slurm wants a character device per GPU (a gpu gres without File counts as
         # 0 and drains the node), and symlinks to /dev/null pass its check. Jobs can then ask for
         # --gpus-per-node and get SLURM_GPUS_ON_NODE, which is what the GPU sbatch scripts need.
@@ -392,46 +399,12 @@ class MultiNodeSlurm(SlurmCluster):
     def _write_config(self) -> None:
         for sub in ("state", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        r, first = self.root, self.names[0]
+        first = self.names[0]
         nodes = "".join(f"NodeName={n} NodeAddr={self.nodes.address(n)} CPUs=1 RealMemory=4000 Gres=gpu:1 "
                         f"State=UNKNOWN\n" for n in self.names)
-        self.conf.write_text(f"""\
-ClusterName=distribnodes
-SlurmctldHost={first}({self.nodes.address(first)})
-SlurmctldPort=6817
-SlurmdPort=6818
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={self.munge_socket},cred_expire=15
-SlurmUser=root
-SlurmdUser=root
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/builtin
-SchedulerParameters=sched_interval=2
-MpiDefault=none
-ReturnToService=2
-JobRequeue=0
-KillWait=5
-MinJobAge=600
-InactiveLimit=0
-SlurmdTimeout=300
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-GresTypes=gpu
-StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool-%n
-SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd-%n.pid
-SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd-%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-{nodes}PartitionName=debug Nodes={",".join(self.names)} Default=YES MaxTime=INFINITE State=UP
-""")
+        self.conf.write_text(self.config_text(
+            ctld_host=f"{first}({self.nodes.address(first)})", ctld_port=6817, slurmd_port=6818, per_node="-%n",
+            nodes=nodes, partition=",".join(self.names)))
         (self.root / "fakegpu0").symlink_to("/dev/null")  # see SlurmCluster._write_config
         (self.root / "gres.conf").write_text(f"Name=gpu File={self.root}/fakegpu0\n")
 

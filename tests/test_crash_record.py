@@ -4,13 +4,10 @@ import json
 import os
 import subprocess
 import sys
-import time
-
-import pytest
 
 from distrib import crash_record
-from launch.status_server import StatusServer
 from tests.helpers import REPO
+from tests.test_launch_status_channel import server, wait_for  # noqa: F401 - a fixture
 
 # The atexit handler waits (bounded) for the launcher to have the record: it can only be there
 # if the hook sent it before the atexit handlers ran.
@@ -26,13 +23,6 @@ atexit.register(check)
 crash_record.install(lambda: 3)
 raise {exc}
 """
-
-
-@pytest.fixture
-def server(tmp_path):
-    srv = StatusServer(str(tmp_path))
-    yield srv
-    srv.close()
 
 
 def run_raising(tmp_path, server, exc):
@@ -77,9 +67,7 @@ def test_installing_twice_keeps_one_hook(tmp_path, server, monkeypatch, capsys):
     except ValueError as exc:
         sys.excepthook(type(exc), exc, exc.__traceback__)
     assert capsys.readouterr().err.count("ValueError: once") == 1  # not chained to itself
-    deadline = time.monotonic() + 10
-    while not (tmp_path / "raised-0.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_for((tmp_path / "raised-0.json").exists)
     assert json.loads((tmp_path / "raised-0.json").read_text())["exception"] == "ValueError: once"
 
 

@@ -1,12 +1,10 @@
 """distrib/heartbeat.py: the library side of the launcher's hang detection (beats sent to a real StatusServer)."""
-import time
-
 import pytest
 
 import distrib.heartbeat as heartbeat
 from distrib.heartbeat import Heartbeat, beat, heartbeat_sender
 from launch.status_channel import ADDRESS_ENV, HEARTBEAT_ENV, SECRET_ENV
-from launch.status_server import StatusServer
+from tests.test_launch_status_channel import server, wait_for  # noqa: F401 - a fixture
 
 
 @pytest.fixture(autouse=True)
@@ -17,21 +15,6 @@ def fresh_process_state(monkeypatch):
     yield
     if heartbeat._heartbeat is not None:
         heartbeat._heartbeat.close()
-
-
-@pytest.fixture
-def server(tmp_path):
-    srv = StatusServer(str(tmp_path))
-    yield srv
-    srv.close()
-
-
-def wait_for(predicate, timeout=10.0):
-    """A bounded wait for something a thread does (not a speed assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return predicate()
 
 
 def test_a_sender_needs_the_switch_the_channel_and_a_rank(server):

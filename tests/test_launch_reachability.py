@@ -78,7 +78,9 @@ def test_ssh_check_uses_batch_mode_and_reports_sshs_reason(tmp_path):
     proc, started = launch(["-np", "2", "-H", "localhost:1,node7:1"], tmp_path, env=env)
     assert_names_host(proc, "node7", started)
     assert "(ssh: connect to host node7 port 22: Connection refused)" in proc.stderr.splitlines()[-1]
-    assert calls.read_text().splitlines() == ["-o BatchMode=yes -o ConnectTimeout=5 node7 true"]
+    # one ssh per host, which also checks the workers' Python and folder there
+    assert calls.read_text().splitlines() == [f"-o BatchMode=yes -o ConnectTimeout=5 node7 test -x {sys.executable} "
+                                              f"|| exit 3; test -d {REPO} || exit 4"]
 
 
 def test_this_machines_names_are_local():

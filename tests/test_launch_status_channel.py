@@ -18,12 +18,14 @@ from tests.helpers import REPO
 
 @pytest.fixture
 def server(tmp_path):
+    """A real status server writing into tmp_path (other test modules import this fixture)."""
     srv = StatusServer(str(tmp_path))
     yield srv
     srv.close()
 
 
 def wait_for(predicate, timeout=10.0):
+    """A bounded wait for something a thread does (not a speed assertion)."""
     deadline = time.monotonic() + timeout
     while not predicate() and time.monotonic() < deadline:
         time.sleep(0.01)

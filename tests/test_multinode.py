@@ -17,6 +17,7 @@ import torch
 
 from tests.helpers import REPO, SCRIPTS, TINY_LM_MODEL, hang_report
 from tests.nodes import nodes  # noqa: F401 - the session's cluster
+from tests.test_elastic import read_run
 
 pytestmark = pytest.mark.multiprocess
 TRAIN_LM = REPO / "examples" / "train_lm.py"
@@ -194,11 +195,12 @@ def test_an_unreachable_host_and_a_host_without_the_venv_are_one_line_errors(nod
     assert_no_worker_left(nodes)
 
 
-def read_elastic(out: Path):
-    indices = [int(i) for f in out.glob("indices.*.txt") for i in f.read_text().split()]
-    finals = [json.loads(f.read_text()) for f in out.glob("final.*.json")]
-    sizes = [tuple(map(int, line.split())) for f in out.glob("sizes.*.txt") for line in f.read_text().splitlines()]
-    return indices, finals, sizes
+def test_the_bandwidth_lever_puts_a_token_bucket_on_the_link_and_heal_lifts_it(nodes):
+    nodes.limit_bandwidth("node2", "100mbit")
+    shown = nodes.run("node2", ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+    assert "tbf" in shown and "rate 100Mbit" in shown, shown
+    nodes.heal()
+    assert "tbf" not in nodes.run("node2", ["tc", "qdisc", "show", "dev", "eth0"]).stdout
 
 
 @pytest.mark.timeout(600)
@@ -228,7 +230,7 @@ def test_elastic_loses_a_whole_host_goes_on_and_takes_it_back(nodes, shared):
             proc.wait()
     assert proc.returncode == 0, output[-4000:]
     assert "network interface: eth0 (this host's interface on the subnet of node2, node3)" in output
-    indices, finals, sizes = read_elastic(out)
+    indices, finals, sizes = read_run(out)
     assert sorted(indices) == list(range(samples))  # every sample exactly once
     after_loss = min(step for step, _, size in sizes if size == 2)
     assert any(size == 3 and step > after_loss for step, _, size in sizes), sizes  # node3 rejoined
@@ -237,7 +239,7 @@ def test_elastic_loses_a_whole_host_goes_on_and_takes_it_back(nodes, shared):
 
 
 def sizes_seen(out: Path, size: int) -> bool:
-    return any(s == size for _, _, s in read_elastic(out)[2])
+    return any(s == size for _, _, s in read_run(out)[2])
 
 
 def committed(out: Path) -> bool:
