@@ -225,5 +225,10 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx, **option
     ``compression`` ("none", "fp16"), ``op`` ("average", "adasum"), ``max_grad_norm``,
     ``precision`` ("fp32", "bf16", "fp16"), ``sync_buffers`` (broadcast rank 0's buffers before
     each training forward, as DDP does), ``name`` (of the collectives; default: the wrap's
-    ordinal)."""
+    ordinal), ``shard`` ("optimizer" or "gradients": ZeRO stages 1 and 2, see
+    :mod:`distrib.sharding`; default None, no sharding)."""
+    if options.get("shard") is not None:
+        from distrib.sharding.wrapper import ShardedOptimizer  # it subclasses DistributedOptimizer
+        return ShardedOptimizer(model, optimizer, ctx, **options)
+    options.pop("shard", None)
     return DistributedOptimizer(model, optimizer, ctx, **options)

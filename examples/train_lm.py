@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0, help="steps between validation passes (0: only at the end)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--compression", choices=["none", "fp16"], default="none", help="gradient compression on the wire")
+    p.add_argument("--shard", choices=["none", "optimizer", "gradients"], default="none",
+                   help="split the optimizer state (optimizer), and the averaged gradients too (gradients), "
+                        "across the workers: ZeRO stages 1 and 2")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--corpus", type=Path, default=CORPUS_PATH)
@@ -99,7 +102,8 @@ def main(argv=None) -> int:
     model = GPT(config).to(ctx.device)
     optimizer = distrib.wrap(model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1), ctx,
                              accumulate=args.accumulate, precision=args.precision,
-                             compression=args.compression, max_grad_norm=args.max_grad_norm)
+                             compression=args.compression, max_grad_norm=args.max_grad_norm,
+                             shard=None if args.shard == "none" else args.shard)
     schedule = distrib.LRSchedule(optimizer, base_lr=args.lr, world_size=ctx.size, total_steps=args.steps,
                                   warmup_steps=args.warmup, scaling=args.lr_scaling)
     loader = distrib.ShardedLoader(train_set, args.batch_size, ctx, seed=args.seed)

@@ -1,10 +1,11 @@
 """ZeRO stages 1 and 2 (distrib.wrap(..., shard=...)) with real Horovod workers: the same numbers
 as single-process torch, and checkpoints that reshard (2 -> 3 -> 1 workers, sharded -> unsharded).
 
-The math cases all run in one launch (tests/scripts/zero_train.py --mode math): AdamW with two
-param groups and weight decay, accumulation, clipping by the global norm, SGD with momentum; each
-with shard="optimizer", shard="gradients" and unsharded, float64, ~400-byte buckets so that
-parameters straddle ranks.
+Three launches in all (tests/scripts/zero_train.py). The first, on 2 workers, trains every math
+case (AdamW with two param groups and weight decay; accumulation with clipping by the global norm;
+SGD with momentum) with shard="optimizer", shard="gradients" and unsharded, float64, ~400-byte
+buckets so that parameters straddle ranks; then it starts the run that is resumed on 3 workers,
+then on 1 without sharding.
 """
 import sys
 
@@ -30,11 +31,7 @@ def assert_close(a, b, what):
         torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-12, msg=f"{what}: {key}")
 
 
-@pytest.mark.multiprocess
-@pytest.mark.timeout(300)
-def test_sharded_training_computes_what_single_process_torch_computes(tmp_path):
-    launch(2, "--mode", "math", "--out", tmp_path / "math.pt")
-    results = torch.load(tmp_path / "math.pt", weights_only=False)
+def check_math(results):
     assert results["size"] == 2 and len(results["cases"]) == len(zero_train.MATH_CASES)
     for case in results["cases"]:
         name = "{} accumulate={} max_grad_norm={}".format(*case["case"])
@@ -55,23 +52,26 @@ def test_sharded_training_computes_what_single_process_torch_computes(tmp_path):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(400)
-def test_resume_on_3_then_1_workers_reshards_the_optimizer_state(tmp_path):
+@pytest.mark.timeout(500)
+def test_sharded_math_equals_torch_and_resume_on_3_then_1_workers_reshards(tmp_path):
     run = tmp_path / "run"
-    common = ["--mode", "train", "--run-dir", run, "--every", 2, "--total", 12]
-    launch(2, *common, "--shard", "gradients", "--stop-at", 4, "--out", tmp_path / "a.pt", "--sync")
+    common = ["--run-dir", run, "--every", 2, "--total", 12]
+    launch(2, *common, "--math-out", tmp_path / "math.pt", "--shard", "gradients", "--stop-at", 4,
+           "--out", tmp_path / "a.pt", "--sync")
+    check_math(torch.load(tmp_path / "math.pt", weights_only=False))
+
     launch(3, *common, "--shard", "optimizer", "--stop-at", 8, "--out", tmp_path / "b.pt")
     root = run / "checkpoints"
     assert sorted(p.name for p in (root / store.step_dirname(8)).iterdir()) == sorted(
         [store.MARKER, store.STATE_FILE, store.RNG_FILE] + [shard_file(r) for r in range(3)])
-    # the 3 shards of step 8, consolidated, are torch's optimizer state after 8 steps
+    # the 3 shards of step 8 (re-cut from 2 at step 4), consolidated, are torch's state after 8 steps
     _, plain_opt = zero_train.plain("adamw", 8, 0.05, total=12)
     saved = consolidate(root / store.step_dirname(8))["state"]["optimizer"]
     assert saved["state"].keys() == plain_opt["state"].keys()
     for index, moments in plain_opt["state"].items():
         assert_close(saved["state"][index], moments, f"step 8, parameter {index}")
-    # and an unsharded single worker continues from them
-    launch(1, *common, "--shard", "none", "--out", tmp_path / "c.pt")
+
+    launch(1, *common, "--shard", "none", "--out", tmp_path / "c.pt")  # unsharded, from the shards
     final = torch.load(tmp_path / "c.pt", weights_only=False)
     assert final["step"] == 12 and final["size"] == 1
     assert_close(final["ranks"][0], final["plain"], "after 2 -> 3 -> 1 workers")

@@ -1,5 +1,7 @@
 """The ZeRO partition as pure functions: every element owned exactly once, balanced chunks,
-buckets per dtype and param group, pieces at the right offsets."""
+buckets per dtype and param group, pieces at the right offsets; and what wrap(shard=...) refuses."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -56,3 +58,21 @@ def test_optimizers_with_per_tensor_state_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"^shard= needs an optimizer whose state is per parameter element .*"
                                          r"Adafactor is not one of them: use shard=None$"):
         check_supported(torch.optim.Adafactor(p))  # factored (row and column) moments
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"shard": "everything"}, r"^shard='everything' is not one of optimizer, gradients \(or None: no sharding\)$"),
+    ({"shard": "gradients", "op": "adasum"}, r"^shard= needs op='average', got op='adasum': .*"),
+    ({"shard": "optimizer", "elastic": True}, r"^shard= cannot run under Horovod Elastic: a worker that dies takes "
+                                              r"its optimizer shard with it .*"),
+])
+def test_wrap_refuses_what_cannot_be_sharded_in_one_line(options, message):
+    from distrib import wrap
+    from tests.checkpoint_fixtures import cpu_ctx
+    ctx = cpu_ctx()
+    if options.pop("elastic", False):
+        ctx = dataclasses.replace(ctx, elastic=True)
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=message) as raised:
+        wrap(model, torch.optim.AdamW(model.parameters()), ctx, **options)
+    assert "\n" not in str(raised.value)

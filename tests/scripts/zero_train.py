@@ -1,12 +1,13 @@
 """Sharded (ZeRO) training runs for tests/test_zero*.py: float64 MLP, global batch fixed by step.
 
-``--mode math``: in ONE launch, trains every case of MATH_CASES with shard="optimizer",
-shard="gradients" and without sharding from the same initial weights, and (rank 0) the plain single-process torch
-computation of the same global batches; writes every rank's final parameters and the plain ones.
+``--math-out FILE``: first trains every case of MATH_CASES with shard="optimizer",
+shard="gradients" and without sharding from the same initial weights, and (rank 0) the plain
+single-process torch computation of the same global batches; writes every rank's final parameters
+and the plain ones to FILE (one launch serves all the math cases and the run below).
 
-``--mode train``: one run with checkpoints (resume auto): --shard optimizer|gradients|none,
---every K saves, --stop-at S exits after saving step S. Rank 0 prints ``step N`` per step and at the
-end writes every rank's parameters and the consolidated-on-the-fly optimizer state to --out.
+Then one run with checkpoints (resume auto): --shard optimizer|gradients|none, --every K saves,
+--stop-at S exits after saving step S. Rank 0 prints ``step N`` per step and at the end writes every
+rank's parameters to --out (and, when the run is complete, plain torch's, computed in the process).
 """
 import argparse
 import os
@@ -20,7 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import distrib  # noqa: E402
 from distrib.checkpoint import CheckpointManager  # noqa: E402
-from distrib.sharding.wrapper import ShardedOptimizer  # noqa: E402
 
 GLOBAL_BATCH, SAMPLES, BASE_LR = 12, 96, 0.02
 # (optimizer, accumulate, max_grad_norm): Adam-type moments and momentum, accumulation, clipping
@@ -95,23 +95,18 @@ def train_steps(ctx, model, opt, sched, first, last, accumulate, on_step=None):
             on_step(step + 1)
 
 
-def wrap(model, opt, ctx, shard=None, **options):
-    # TODO: distrib.wrap(shard=...) once it is hooked in
-    return ShardedOptimizer(model, opt, ctx, shard=shard, **options) if shard else distrib.wrap(model, opt, ctx, **options)
-
-
 def all_ranks_params(model):
     return hvd.allgather_object({k: v.clone() for k, v in model.state_dict().items()}, name="zero.final")
 
 
-def math_mode(args, ctx):
+def math_mode(args, ctx, out):
     results = {"size": ctx.size, "cases": []}
     for kind, accumulate, max_norm in MATH_CASES:
         case = {"case": (kind, accumulate, max_norm), "sharded": {}}
         for shard in ("optimizer", "gradients", None):
             model = make_model(seed=0 if ctx.rank == 0 else 5)  # rank 1's init must be overwritten
-            opt = wrap(model, make_optimizer(kind, model), ctx, shard=shard, accumulate=accumulate,
-                       max_grad_norm=max_norm)
+            opt = distrib.wrap(model, make_optimizer(kind, model), ctx, shard=shard, accumulate=accumulate,
+                               max_grad_norm=max_norm)
             train_steps(ctx, model, opt, schedule(opt, args.steps), 0, args.steps, accumulate)
             nbytes = opt._zero.nbytes() if shard else sum(
                 v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
@@ -123,13 +118,13 @@ def math_mode(args, ctx):
             case["initial"] = make_model().state_dict()
         results["cases"].append(case)
     if ctx.rank == 0:
-        torch.save(results, args.out)
+        torch.save(results, out)
 
 
 def build(args, ctx, total):
     model = make_model(seed=0 if ctx.rank == 0 else 5)
-    kwargs = {} if args.shard == "none" else {"shard": args.shard}
-    opt = wrap(model, make_optimizer("adamw", model), ctx, max_grad_norm=0.05, **kwargs)
+    opt = distrib.wrap(model, make_optimizer("adamw", model), ctx, max_grad_norm=0.05,
+                       shard=None if args.shard == "none" else args.shard)
     return model, opt, schedule(opt, total)
 
 
@@ -163,11 +158,11 @@ def train_mode(args, ctx):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", choices=["math", "train"], required=True)
+    p.add_argument("--math-out")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="steps of each math case")
     p.add_argument("--shard", choices=["optimizer", "gradients", "none"], default="gradients")
-    p.add_argument("--run-dir")
+    p.add_argument("--run-dir", required=True)
     p.add_argument("--total", type=int, default=12, help="the run's last step (schedule length)")
     p.add_argument("--stop-at", type=int, default=0)
     p.add_argument("--every", type=int, default=3)
@@ -177,7 +172,9 @@ def main():
     os.environ["DISTRIB_BUCKET_MB"] = str(400 / 2**20)  # ~400-byte buckets: several, each cut across ranks
     ctx = distrib.init(seed=0)
     torch.set_num_threads(1)
-    math_mode(args, ctx) if args.mode == "math" else train_mode(args, ctx)
+    if args.math_out:
+        math_mode(args, ctx, args.math_out)
+    train_mode(args, ctx)
 
 
 if __name__ == "__main__":
