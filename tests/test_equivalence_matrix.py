@@ -51,6 +51,14 @@ def test_two_workers_compute_what_single_process_torch_computes(case, controller
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(480)
+def test_synchronize_then_step_sends_each_gradient_once(tmp_path_factory):
+    once = matrix("mpi", tmp_path_factory)["checks"]["one_exchange_per_step"]
+    # the gradients, plus one used-flag per parameter riding in its bucket
+    assert once["elements_sent"] == once["gradient_elements"] + once["parameters"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(480)
 def test_each_rank_draws_its_own_random_stream_and_rank_0_draws_the_plain_scripts(tmp_path_factory):
     rng = matrix("mpi", tmp_path_factory)["checks"]["rng"]
     assert rng["rank0_is_plain_torch"] is True

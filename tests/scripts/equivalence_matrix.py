@@ -292,6 +292,25 @@ def _():
     return weighted_mean(sums, count)
 
 
+@check("one_exchange_per_step")
+def _():
+    """Elements Horovod is asked to allreduce in one step of synchronize() + step()."""
+    model = Net("mlp")
+    opt = distrib.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), ctx)
+    sent = []
+    real = hvd.allreduce_async_
+    hvd.allreduce_async_ = lambda tensor, *a, **k: (sent.append(tensor.numel()), real(tensor, *a, **k))[1]
+    try:
+        opt.backward(model(torch.randn(B, 8)).pow(2).mean())
+        opt.synchronize()
+        opt.step()
+    finally:
+        hvd.allreduce_async_ = real
+    opt.close()
+    params = list(model.parameters())
+    return {"elements_sent": sum(sent), "gradient_elements": sum(q.numel() for q in params), "parameters": len(params)}
+
+
 @check("two_backward_passes_refused")
 def _():
     model = torch.nn.Linear(8, 1)
