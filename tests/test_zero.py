@@ -7,7 +7,7 @@ SGD with momentum) with shard="optimizer", shard="gradients" and unsharded, floa
 buckets so that parameters straddle ranks; then it starts the run that is resumed on 3 workers,
 then on 1 without sharding.
 """
-import sys
+import importlib.util
 
 import pytest
 import torch
@@ -17,8 +17,9 @@ from distrib.checkpoint.sharded import consolidate, shard_file
 from tests.helpers import SCRIPTS, run_launch
 
 SCRIPT = SCRIPTS / "zero_train.py"
-sys.path.insert(0, str(SCRIPTS))
-import zero_train  # noqa: E402  (the plain torch reference, computed here too)
+_spec = importlib.util.spec_from_file_location("zero_train", SCRIPT)
+zero_train = importlib.util.module_from_spec(_spec)  # the plain torch reference, computed here too
+_spec.loader.exec_module(zero_train)
 
 
 def launch(np_, *args):
