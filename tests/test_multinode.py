@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from distrib.data import epoch_order
+
 from tests.helpers import REPO, SCRIPTS, TINY_LM_MODEL, hang_report
 from tests.nodes import nodes  # noqa: F401 - the session's cluster
 from tests.test_elastic import read_run
@@ -207,7 +209,8 @@ def test_the_bandwidth_lever_puts_a_token_bucket_on_the_link_and_heal_lifts_it(n
 def test_elastic_loses_a_whole_host_goes_on_and_takes_it_back(nodes, shared):
     """--elastic over node1..node3 from node1: node3 is lost (every process killed, link down)
     mid-epoch; the world re-forms at 2 and goes on; node3 boots again and rejoins at 3. Every
-    sample of the epoch is trained exactly once; the launcher chose and printed eth0."""
+    sample of the epoch is trained exactly once (up to the documented drop_last tail); the
+    launcher chose and printed eth0."""
     out = shared / "out"
     out.mkdir()
     samples = 720
@@ -215,6 +218,8 @@ def test_elastic_loses_a_whole_host_goes_on_and_takes_it_back(nodes, shared):
                                  "-H", "node1:1,node2:1,node3:1", "--blacklist-cooldown", "3,6",
                                  SCRIPTS / "elastic_train.py", "--out", out, "--samples", samples,
                                  "--step-sleep", "0.1", "--wait-for-size", "3"],
+                       # Gloo's peers of the lost host wait this long before they give up (default 30 s)
+                       env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "15"},
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until(lambda: sizes_seen(out, 3) and committed(out), proc, 240, "a first commit at size 3")
@@ -231,7 +236,14 @@ def test_elastic_loses_a_whole_host_goes_on_and_takes_it_back(nodes, shared):
     assert proc.returncode == 0, output[-4000:]
     assert "network interface: eth0 (this host's interface on the subnet of node2, node3)" in output
     indices, finals, sizes = read_run(out)
-    assert sorted(indices) == list(range(samples))  # every sample exactly once
+    # Every sample of the epoch once, but for ShardedLoader's drop_last (its default): the tail of
+    # the epoch's order that cannot fill a global batch of the final world (3 x 4) is not trained.
+    # How long that tail is depends on how many steps ran at size 2 (here 720 - 12a - 8b samples).
+    missing = sorted(set(range(samples)) - set(indices))
+    twice = sorted(i for i in set(indices) if indices.count(i) > 1)
+    tail = epoch_order(samples, seed=5, epoch=0)[samples - len(missing):]  # elastic_train.py's loader seed
+    assert not twice and len(missing) < 3 * 4 and sorted(tail) == missing, (
+        f"missing {missing}, twice {twice}; (step, rank, size) at each (re)start: {sorted(sizes)}\n{output[-3000:]}")
     after_loss = min(step for step, _, size in sizes if size == 2)
     assert any(size == 3 and step > after_loss for step, _, size in sizes), sizes  # node3 rejoined
     assert sorted(f["size"] for f in finals) == [3, 3, 3]
