@@ -2,12 +2,14 @@
 
 The hosts are the project's multi-host test cluster (tests/nodes.py: network namespaces with
 their own address, hostname and sshd on this machine), their links limited with ``tc tbf``. Per
-round and link speed, in a rotated order: distrib (``python -m launch -H node1:1,node2:1``, with
-the MPI controller the launcher picks, and with ``--controller gloo``),
+round, in a rotated order, one launch of each: distrib (``python -m launch -H node1:1,node2:1``,
+with the MPI controller the launcher picks, and with ``--controller gloo``),
 plain Horovod with the launcher's Open MPI flags (tuned; across hosts distrib leaves Horovod's
 cycle time alone, so both use Horovod's), and DDP over Gloo (one torchrun per host), each with and
-without fp16 compression (alternated in the same processes). One worker alone (no link) is timed
-once per round. The ideal: alone + the link's time for 2(n-1)/n of the gradient bytes.
+without fp16 compression. Inside a launch the link speeds and the variants alternate: before each
+speed's steps every worker limits its own host's link (step worker ``--link-rates``). One worker
+alone (no link) is timed once per round. The ideal: alone + the link's time for 2(n-1)/n of the
+gradient bytes.
 
 The two hosts still share this machine's two cores, so compute runs as in the one-host figures.
 """
@@ -35,10 +37,11 @@ ALONE = ("alone", {"default": "alone"})
 MPI_ENV = ("PATH", "PYTHONPATH", "OMP_NUM_THREADS", "PYTHONUNBUFFERED")
 
 
-def _argv(job: str, opts, out, r: int) -> List[str]:
+def _argv(job: str, opts, out, r: int, rates: List[str]) -> List[str]:
     impl, names = JOBS.get(job, ALONE)
     return [STEP, "--impl", impl, "--model", MODEL, "--variants", ",".join(names), "--rotate", str(r),
-            "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--out", str(out)]
+            "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--out", str(out),
+            *(["--link-rates", ",".join(rates)] if job != "alone" else [])]
 
 
 def _commands(cluster, job: str, argv: List[str]) -> List[List[str]]:
@@ -59,13 +62,14 @@ def _commands(cluster, job: str, argv: List[str]) -> List[List[str]]:
             for i, h in enumerate(HOSTS)]
 
 
-def _run_job(cluster, job: str, opts, r: int, timeout: float = 300):
-    """({figure name: step ms}, gradient bytes) of one job on the cluster."""
+def _run_job(cluster, job: str, opts, r: int, rates: List[str], timeout: float = 300):
+    """({(rate, figure name): step ms}, gradient bytes) of one job on the cluster; its workers set
+    each rate on their own host's link in turn (alone: rate None, no link involved)."""
     out = opts.work / f"network-{job}.json"
     out.unlink(missing_ok=True)
     env = cluster.env({"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"})
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd in _commands(cluster, job, _argv(job, opts, out, r))]
+             for cmd in _commands(cluster, job, _argv(job, opts, out, r, rates))]
     outputs = []
     try:
         for p in procs:
@@ -79,22 +83,25 @@ def _run_job(cluster, job: str, opts, r: int, timeout: float = 300):
         raise launchers.BenchError(f"network {job} job failed: " + "\n".join(o[-2000:] for o in outputs))
     res = json.loads(out.read_text())["by_model"][MODEL]
     names = JOBS.get(job, ALONE)[1]
-    return {names[v]: ms for v, ms in res["variants"].items()}, res["grad_bytes"]
+    found = {}
+    for key, ms in res["variants"].items():
+        variant, _, rate = key.partition("@")
+        found[(rate or None, names[variant])] = ms
+    return found, res["grad_bytes"]
 
 
 def measure(cluster, opts) -> dict:
-    """{"ms": {rate: {name: [median ms per round]}}, "alone": [...], "grad_bytes": n}."""
-    ms = {rate: {} for rate in RATES}
-    alone, nbytes = [], 0
+    """{"ms": {rate: {name: [median ms per round]}}, "alone": [...], "grad_bytes": n}.
+
+    One launch per job and round (a launch across hosts costs ~20 s here); inside it the rates
+    and the variants alternate (the workers limit their own links)."""
     rates = list(RATES)[:1] if opts.quick else list(RATES)
-    for r in range(min(opts.rounds, 3)):  # 9 launches a round over ssh: 3 rounds keep make bench in budget
-        jobs = [(None, "alone")] + [(rate, job) for rate in rates for job in JOBS]
-        for rate, job in stats.rotate(jobs, r):
-            for host in HOSTS:
-                if rate is not None:
-                    cluster.limit_bandwidth(host, rate)
-            got, nbytes = _run_job(cluster, job, opts, r)
-            for name, steps in got.items():
+    ms = {rate: {} for rate in rates}
+    alone, nbytes = [], 0
+    for r in range(min(opts.rounds, 2)):  # 5 launches a round across hosts: 2 rounds keep make bench in budget
+        for job in stats.rotate(["alone", *JOBS], r):
+            got, nbytes = _run_job(cluster, job, opts, r, rates)
+            for (rate, name), steps in got.items():
                 (alone if rate is None else ms[rate].setdefault(name, [])).append(statistics.median(steps))
     return {"ms": ms, "alone": alone, "grad_bytes": nbytes}
 
@@ -120,13 +127,13 @@ def rate_row(rate: str, ms: Dict[str, List[float]], alone: List[float], nbytes: 
 
 def run(opts) -> dict:
     from tests.nodes import start  # the project's multi-host test cluster
-    opts.warmup, opts.steps = (2, 6) if opts.quick else (3, 10)
+    opts.warmup, opts.steps = (2, 5) if opts.quick else (2, 8)
     cluster = start(len(HOSTS))
     try:
         found = measure(cluster, opts)
     finally:
         cluster.down()
-    rows = [rate_row(rate, found["ms"][rate], found["alone"], found["grad_bytes"]) for rate in RATES if found["ms"][rate]]
+    rows = [rate_row(rate, ms, found["alone"], found["grad_bytes"]) for rate, ms in found["ms"].items()]
     return {"title": f"Over a network: 2 hosts x 1 worker, {MODEL}, link limited with tc tbf", "model": MODEL,
             "grad_bytes": found["grad_bytes"], "rows": rows, "markdown": _table(rows, found["grad_bytes"])}
 

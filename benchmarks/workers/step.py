@@ -4,7 +4,9 @@
 one launch serves them all (a launch costs more than the steps it times). ``--variants`` times
 several ways of wrapping the same model in the same processes, alternated (A B, then B A, ...);
 every variant builds its model anew from the same seed. The file holds
-``{"by_model": {model: {"variants": {variant: [step ms, ...]}, ...}}}``.
+``{"by_model": {model: {"variants": {variant: [step ms, ...]}, ...}}}``. With ``--link-rates``
+(the network benchmark, one worker per host) each rate's variants run with this host's link
+limited to it, and a variant's key is ``variant@rate``.
 
     alone     plain torch, no communication; under mpirun -np 2 two such processes share the
               cores at once (the compute floor of a 2-worker step on this machine)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,8 +48,11 @@ def parse_args(argv=None):
     p.add_argument("--rotate", type=int, default=0, help="start the variant order at this index (the round)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--link-rates", default="", help="network benchmark: comma-separated tc rates (1gbit,...); "
+                   "before each rate's variants every worker limits its host's eth0 to it (root, one worker per host)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    args.rates = args.link_rates.split(",") if args.link_rates else [""]
     args.models = args.model.split(",")
     args.variant_list = args.variants.split(",")
     if not set(args.models) <= set(MODELS):
@@ -88,6 +94,12 @@ def join(impl):
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), dist.barrier
+
+
+def limit_link(rate: str, device: str = "eth0") -> None:
+    """A token bucket on this host's link, as tests/nodes.py's limit_bandwidth sets it from outside."""
+    subprocess.run(["tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate, "burst", "1mb",
+                    "latency", "50ms"], check=True, capture_output=True)
 
 
 def wrap(impl, variant, model):
@@ -138,13 +150,16 @@ def main(argv=None):
     rank, size, barrier = join(args.impl)
     by_model = {}
     for name in args.models:
-        found = {"variants": {v: [] for v in args.variant_list}, "process_start_unix": t_start, "size": size}
+        found = {"variants": {}, "process_start_unix": t_start, "size": size}
         for seg in range(args.segments):
-            for variant in rotate(args.variant_list, args.rotate + seg):
-                barrier()  # every rank starts the variant together
-                ms, first_done, model = time_variant(args, name, variant)
-                found["variants"][variant] += ms
-                found.setdefault("first_step_unix", first_done)
+            for rate in rotate(args.rates, args.rotate + seg):
+                if rate:
+                    limit_link(rate)
+                for variant in rotate(args.variant_list, args.rotate + seg):
+                    barrier()  # every rank starts the variant together (and has limited its link)
+                    ms, first_done, model = time_variant(args, name, variant)
+                    found["variants"].setdefault(f"{variant}@{rate}" if rate else variant, []).extend(ms)
+                    found.setdefault("first_step_unix", first_done)
         found.update(params=sum(p.numel() for p in model.parameters()), grad_bytes=grad_bytes(model),
                      tensors=len(list(model.parameters())), batch=DEFAULT_BATCH[name])
         by_model[name] = found
