@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a short smoke run (fewer sizes, steps, rounds)")
     p.add_argument("--only", default=None, help="comma-separated sections: "
                    + ", ".join(s.name for s in registry.available()))
-    p.add_argument("--rounds", type=int, default=None, help="A/B alternations per figure (default 5, quick 1)")
+    p.add_argument("--rounds", type=int, default=None, help="A/B alternations per figure (default 3, quick 1)")
     p.add_argument("--np", type=int, default=2, help="workers")
     p.add_argument("--out", type=Path, default=None,
                    help="results file, .json (a .md beside it). Default: benchmarks/results.json for a full run, "
@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         partial = args.only or args.rounds
         args.out = HERE / "_work" / "results.json" if partial else HERE / ("results-quick.json" if args.quick
                                                                            else "results.json")
-    args.rounds = args.rounds or (1 if args.quick else 5)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     if args.rounds < 1 or args.np < 2:
         p.error("--rounds must be >= 1 and --np >= 2")
     return args

@@ -142,7 +142,7 @@ def model_row(model: str, m: dict) -> dict:
 
 
 def run(opts) -> dict:
-    opts.warmup, opts.steps = (2, 8) if opts.quick else (4, 16)
+    opts.warmup, opts.steps = (2, 8) if opts.quick else (3, 12)
     models = ("mlp", "lm", "conv")
     found = measure(opts, models)
     rows = [model_row(model, found[model]) for model in models]
