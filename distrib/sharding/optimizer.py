@@ -117,11 +117,12 @@ class ZeroShard:
                 # ranks skip (or take) the step together. (GradScaler keeps it per optimizer.)
                 found = scaler._per_optimizer_states[id(self.inner)]["found_inf_per_device"]
                 found.clear()
-                found[self._device()] = torch.full((), float(any_inf), dtype=torch.float32)
+                found[scaler._scale.device] = torch.full((), float(any_inf), dtype=torch.float32,
+                                                         device=scaler._scale.device)
         stepped = True
         if max_grad_norm is not None and grads:
             # torch.nn.utils.clip_grad_norm_'s arithmetic, on the global norm
-            coef = torch.clamp(max_grad_norm / (norm.to(grads[0].dtype) + 1e-6), max=1.0)
+            coef = torch.clamp(max_grad_norm / (norm.to(grads[0].device, grads[0].dtype) + 1e-6), max=1.0)
             for g in grads:
                 g.mul_(coef)
         if fp16:
@@ -141,9 +142,9 @@ class ZeroShard:
         return self.params[0].device
 
     def _global_norm(self, grads: List[torch.Tensor], local_inf: float):
-        partial = sum((torch.linalg.vector_norm(g, 2, dtype=torch.float64) ** 2 for g in grads),
+        partial = sum((torch.linalg.vector_norm(g, 2, dtype=torch.float64).cpu() ** 2 for g in grads),
                       torch.zeros((), dtype=torch.float64))
-        both = torch.stack([partial, torch.tensor(local_inf, dtype=torch.float64)])
+        both = torch.stack([partial, torch.tensor(local_inf, dtype=torch.float64)])  # on the host: 2 numbers
         both = self._hvd.allreduce(both, name=f"{self.name}.norm", op=self._hvd.Sum)
         return torch.sqrt(both[0]), bool(both[1] > 0 or not torch.isfinite(both[0]))
 
