@@ -18,7 +18,7 @@ import os
 
 from distrib.optim import DistributedOptimizer
 from distrib.reducers import DEFAULT_BUCKET_MB
-from distrib.sharding.optimizer import SHARDED_FORMAT, STAGES, ZeroShard, check_supported
+from distrib.sharding.optimizer import STAGES, ZeroShard, check_supported
 from distrib.sharding.reducer import ReduceScatterReducer
 
 ELASTIC_REFUSAL = ("shard= cannot run under Horovod Elastic: a worker that dies takes its optimizer shard with it "
@@ -29,7 +29,7 @@ ELASTIC_REFUSAL = ("shard= cannot run under Horovod Elastic: a worker that dies 
 class ShardedOptimizer(DistributedOptimizer):
     """A :class:`DistributedOptimizer` whose optimizer state (and, for ``"gradients"``, averaged
     gradient) is split across the ranks. Build it through ``distrib.wrap(..., shard=...)``, on
-    all ranks. ``state_dict()`` is this rank's shard (:data:`SHARDED_FORMAT`);
+    all ranks. ``state_dict()`` is this rank's shard (``SHARDED_FORMAT``);
     :class:`distrib.checkpoint.CheckpointManager` saves one file per rank and re-cuts them for
     another world size. ``load_state_dict`` also takes a plain torch optimizer state."""
 
@@ -52,6 +52,8 @@ class ShardedOptimizer(DistributedOptimizer):
             if exchanged != {p for p in self._zero.params if p.requires_grad}:
                 raise ValueError("shard='gradients' needs the optimizer to hold exactly the model's trainable "
                                  "parameters; use shard='optimizer' for other set-ups")
+            # The exchange (pass counting, used flags, misuse errors) stays; only its reducer
+            # changes, now and after every reset(). The allreduce buckets it built are dropped.
             self._exchange._make_reducer = self._stage2_reducer
             self._exchange.reset()
 
