@@ -29,7 +29,7 @@ CORE = [
     Section("checkpoint", "benchmarks.bench_checkpoint"),  # cost during training, blocked time, resume
     Section("recovery", "benchmarks.bench_recovery"),
 ]
-OPTIONAL: List[Section] = []  # e.g. Section("memory", "benchmarks.bench_memory")
+OPTIONAL: List[Section] = [Section("memory", "benchmarks.bench_memory")]  # ZeRO memory and step time
 
 
 def available() -> List[Section]:
