@@ -19,7 +19,8 @@ boots again: new ``/tmp``, new sshd).
 
 As a pytest fixture: ``from tests.nodes import nodes`` and use ``nodes`` (session-scoped, three
 nodes). For debugging: ``python -m tests.nodes up [N]`` (prints how to reach the nodes) and
-``python -m tests.nodes down`` (removes every cluster this module made, also after a crash).
+``python -m tests.nodes down`` (removes the clusters made by ``up`` and those of test runs that died;
+a test run also removes the latter when it starts).
 Needs root and ``scripts/nodes_setup.sh`` (openssh-server); a cluster that cannot start fails
 the test with the step and its output.
 """
@@ -336,15 +337,24 @@ def all_roots() -> List[str]:
     return sorted(glob.glob(os.path.join(STATE_PARENT, STATE_PREFIX + "*")))
 
 
+def _owner(root: str):
+    """The pid of the process a cluster belongs to, None when made by ``up``, "?" when unknown."""
+    try:
+        return json.loads(Path(root, "cluster.json").read_text()).get("owner")
+    except (OSError, ValueError):
+        return "?"  # being made right now, or not ours
+
+
+def in_use(root: str) -> bool:
+    owner = _owner(root)
+    return owner == "?" or (isinstance(owner, int) and _alive(owner))
+
+
 def remove_orphans() -> None:
     """Remove the clusters whose owner died without tearing them down (a test run that was
     SIGKILLed); one a live run uses, or one made by ``python -m tests.nodes up``, is left alone."""
     for root in all_roots():
-        try:
-            owner = json.loads(Path(root, "cluster.json").read_text()).get("owner")
-        except (OSError, ValueError):
-            continue  # being made right now, or not ours
-        if isinstance(owner, int) and not _alive(owner):
+        if isinstance(_owner(root), int) and not in_use(root):
             down(root)
 
 
@@ -376,10 +386,12 @@ def _main(argv: List[str]) -> int:
         print("remove: python -m tests.nodes down")
         return 0
     if argv[:1] == ["down"]:
-        roots = argv[1:] or all_roots()
+        # Without arguments: those made by `up` and those whose test run died, never one in use.
+        roots = argv[1:] or [r for r in all_roots() if not in_use(r)]
         for root in roots:
             down(root)
-        print(f"removed {len(roots)} cluster(s)")
+        busy = len(all_roots()) if not argv[1:] else 0
+        print(f"removed {len(roots)} cluster(s)" + (f"; {busy} in use by a running test left alone" if busy else ""))
         return 0
     sys.stderr.write("usage: python -m tests.nodes up [N] | down [STATE_DIR ...]\n")
     return 2
