@@ -122,7 +122,7 @@ LEVERS = (("lever_buckets", "flat gradient buckets (`distrib/reducers.py`) vs on
           ("lever_yield", "Open MPI `mpi_yield_when_idle` (`launch/plan.py`) vs busy polling"))
 
 
-def step_section(sec: dict) -> List[str]:
+def step_section(sec: dict, res: dict) -> List[str]:
     rows = sec["rows"]
     out = ["### Step time at 2 workers", "",
            "Milliseconds per training step, median (min-max) over the rounds. One worker per core, one thread each.", ""]
@@ -149,10 +149,57 @@ def step_section(sec: dict) -> List[str]:
     out += table(["lever"] + [r["model"] for r in rows],
                  [[what] + [f"{ratio(r['ratios'][key])}: {verdict(r['ratios'][key])}" for r in rows]
                   for key, what in LEVERS])
+    return out + [""] + lever_summary(rows, res)
+
+
+# Facts about each lever that hold whatever a run measures; said when its own ratio does not justify it.
+LEVER_NOTES = {
+    "lever_buckets": "With `zero_grad(set_to_none=True)`, torch's default, every step's gradients are new tensors "
+                     "that the bucketed reducer copies into its flat buffers before the allreduce, a copy the "
+                     "per-parameter path does not make. `DISTRIB_REDUCER=per-parameter` selects one Horovod allreduce "
+                     "per tensor.",
+    "lever_cycle": "Across hosts distrib leaves the cycle time at Horovod's default.",
+    "lever_yield": "Without it Open MPI busy-polls in every wait, Horovod's background thread included.",
+}
+
+
+def lever_summary(rows: list, res: dict) -> List[str]:
+    """Per lever: kept because its own ratio says so, or plainly not justified by it (and the facts)."""
+    out = ["A lever counts as justified when it is faster in every round on at least one model and slower in "
+           "every round on none:", ""]
+    for key, what in LEVERS:
+        faster = [r["model"] for r in rows if r["ratios"][key]["max"] < 1.0]
+        slower = [r["model"] for r in rows if r["ratios"][key]["min"] > 1.0]
+        name = what.split(" (")[0].split(" vs ")[0]
+        if faster and not slower:
+            text = f"- **{name}**: justified by its own ratio, faster in every round on {', '.join(faster)}"
+            text += f" and slower on none." if len(faster) == len(rows) else \
+                f", no effect beyond the noise on the others, slower on none."
+        else:
+            text = (f"- **{name}**: **not justified by its own ratio in this run** (faster in every round on "
+                    f"{', '.join(faster) or 'no model'}, slower in every round on {', '.join(slower) or 'no model'}). "
+                    + LEVER_NOTES[key])
+        out.append(text + _lever_elsewhere(key, res))
     return out
 
 
-def network_section(sec: dict) -> List[str]:
+def _lever_elsewhere(key: str, res: dict) -> str:
+    """The same lever's ratio in the other sections (allreduce, network), where they measured it."""
+    if key != "lever_buckets":
+        return ""
+    bits = [f"{_size(r['bytes'])} {ratio(r['ratios']['vs_per_parameter'])}"
+            for r in res["sections"].get("allreduce", {}).get("rows", []) if r["bytes"] >= 2**20]
+    net = [f"{r['rate']} {ratio(r['ratios']['lever_buckets'])}"
+           for r in res["sections"].get("network", {}).get("rows", []) if "lever_buckets" in r.get("ratios", {})]
+    text = (f" One-tensor allreduce, bandwidth of distrib / per-parameter (above 1: buckets faster): "
+            f"{', '.join(bits)}.") if bits else ""
+    if net:
+        text += (f" Step time over the network, distrib / distrib-per-parameter (below 1: buckets faster): "
+                 f"{', '.join(net)}.")
+    return text
+
+
+def network_section(sec: dict, res: dict) -> List[str]:
     rows = sec["rows"]
     cols = ("alone", "ideal", "distrib", "distrib-per-parameter", "distrib-fp16", "distrib-gloo", "horovod-tuned",
             "horovod-tuned-fp16", "ddp", "ddp-fp16")
@@ -175,7 +222,7 @@ def network_section(sec: dict) -> List[str]:
     return out
 
 
-def checkpoint_section(sec: dict) -> List[str]:
+def checkpoint_section(sec: dict, res: dict) -> List[str]:
     d = sec["during_training"]
     one = sec["rows"][0]
     out = ["### Checkpoints", "",
@@ -202,7 +249,7 @@ def _ms(s: dict) -> dict:
     return {k: (v * 1e3 if k != "n" else v) for k, v in s.items()}
 
 
-def recovery_section(sec: dict) -> List[str]:
+def recovery_section(sec: dict, res: dict) -> List[str]:
     out = ["### Recovery from a SIGKILLed worker", ""]
     out += table(["mode", "recovered", "kill -> next step, s", "max s", "kill -> past the step reached, s"],
                  [[r["mode"], f"{r['successes']}/{r['trials']}", val(r["first_step_s"], 2),
@@ -218,7 +265,7 @@ def recovery_section(sec: dict) -> List[str]:
     return out
 
 
-def allreduce_section(sec: dict) -> List[str]:
+def allreduce_section(sec: dict, res: dict) -> List[str]:
     out = ["### Allreduce", "", "Bus bandwidth in GB/s, median (min-max), 2 workers, float32:", ""]
     cols = ("distrib", "per-parameter", "gloo", "mpi4py")
     out += table(["size"] + list(cols) + ["distrib / per-parameter", "distrib / gloo", "distrib / mpi4py"],
@@ -236,7 +283,7 @@ def _size(b: int) -> str:
     return f"{b // 2**20} MiB" if b >= 2**20 else f"{b // 2**10} KiB"
 
 
-def coldstart_section(sec: dict) -> List[str]:
+def coldstart_section(sec: dict, res: dict) -> List[str]:
     row = sec["rows"][0]
     return ["### Cold start", "", f"Launch to the first completed step (MLP, 2 workers): distrib (`python -m launch`) "
             f"{val(row['seconds']['distrib'], 2)} s, torchrun + DDP {val(row['seconds']['torchrun'], 2)} s; "
@@ -267,7 +314,7 @@ def render(res: dict, quick: Optional[dict] = None) -> str:
         if "error" in sec:
             out += [f"### {sec['title']}", "", f"Not measured in this run: `{sec['error'][:300]}`"]
             continue
-        out += render_section(sec)
+        out += render_section(sec, res)
     out += ["", END]
     return "\n".join(out)
 
