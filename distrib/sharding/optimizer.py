@@ -154,11 +154,11 @@ class ZeroShard:
         pending: List[Tuple[int, Any, torch.Tensor, torch.Tensor]] = []
         for bi, (b, pieces) in enumerate(zip(self.buckets, self.pieces)):
             dtype = self.params[b.members[0]].dtype
-            # zeros: the padding of the last rank's chunk is sent too
-            send = self.pool.take(b.chunk, dtype, self._device(), zero=True)
+            send = self.pool.take(b.chunk, dtype, self._device())
             full = self.pool.take(b.chunk * self.world, dtype, self._device())
             for pc, t in pieces:
                 send[pc.at:pc.at + pc.numel].copy_(t)
+            send[sum(pc.numel for pc, _ in pieces):].zero_()  # the padding of the last chunk
             pending.append((bi, allgather_into(self._hvd, send, full, f"{self.name}.ag.{bi}"), send, full))
             while len(pending) > window:
                 self._unpack(*pending.pop(0))

@@ -66,10 +66,12 @@ class ReduceScatterReducer:
         launch the buckets that are complete."""
         slot, offset, numel = self._where[p]
         if slot.buffer is None:
-            # zeros: the padding at the end, and unused parameters, must average to zero
-            slot.buffer = self._pool.take(slot.layout.chunk * slot.layout.world, p.dtype, p.device, zero=True)
+            slot.buffer = self._pool.take(slot.layout.chunk * slot.layout.world, p.dtype, p.device)
+            slot.buffer[slot.layout.total:].zero_()  # the padding must average to zero
         if p.grad is not None:
             slot.buffer[offset:offset + numel].copy_(p.grad.reshape(-1))
+        else:  # no gradient on this rank: zeros in the average
+            slot.buffer[offset:offset + numel].zero_()
         p.grad = None  # the full-size gradient is not kept: only the bucket copy, until it is sent
         self._used[self._flag[p]] = 1.0 if used else 0.0
         slot.pending -= 1
