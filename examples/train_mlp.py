@@ -8,9 +8,11 @@ import distrib
 
 ctx = distrib.init(seed=0)                                     # 1. start Horovod, learn rank/size/device
 
-# Synthetic regression: y = x @ w_true + noise, identical on every rank (same seed).
-x = torch.randn(4096, 32)
-y = x @ torch.randn(32, 1) + 0.01 * torch.randn(4096, 1)
+# Synthetic regression: y = x @ w_true + noise, identical on every rank: drawn from a generator of
+# its own, because init(seed=0) gives each rank its own random stream (for dropout, augmentation).
+data_rng = torch.Generator().manual_seed(0)
+x = torch.randn(4096, 32, generator=data_rng)
+y = x @ torch.randn(32, 1, generator=data_rng) + 0.01 * torch.randn(4096, 1, generator=data_rng)
 dataset = torch.utils.data.TensorDataset(x, y)
 
 model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)).to(ctx.device)

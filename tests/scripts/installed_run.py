@@ -15,8 +15,9 @@ STEPS, BATCH = 40, 16
 
 run_dir = sys.argv[1]
 ctx = distrib.init(seed=0)
-x = torch.randn(1024, 8)
-y = x @ torch.randn(8, 1)
+data_rng = torch.Generator().manual_seed(0)  # the same data on every rank (each rank has its own stream)
+x = torch.randn(1024, 8, generator=data_rng)
+y = x @ torch.randn(8, 1, generator=data_rng)
 model = torch.nn.Linear(8, 1)
 optimizer = distrib.wrap(model, torch.optim.SGD(model.parameters(), lr=0.05), ctx)
 batches = distrib.ShardedLoader(torch.utils.data.TensorDataset(x, y), BATCH, ctx, seed=0).forever()
