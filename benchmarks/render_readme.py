@@ -122,7 +122,7 @@ LEVERS = (("lever_buckets", "flat gradient buckets (`distrib/reducers.py`) vs on
           ("lever_yield", "Open MPI `mpi_yield_when_idle` (`launch/plan.py`) vs busy polling"))
 
 
-def step_section(sec: dict, res: dict) -> List[str]:
+def step_section(sec: dict, res: dict, quick: Optional[dict] = None) -> List[str]:
     rows = sec["rows"]
     out = ["### Step time at 2 workers", "",
            "Milliseconds per training step, median (min-max) over the rounds. One worker per core, one thread each.", ""]
@@ -149,7 +149,7 @@ def step_section(sec: dict, res: dict) -> List[str]:
     out += table(["lever"] + [r["model"] for r in rows],
                  [[what] + [f"{ratio(r['ratios'][key])}: {verdict(r['ratios'][key])}" for r in rows]
                   for key, what in LEVERS])
-    return out + [""] + lever_summary(rows, res)
+    return out + [""] + lever_summary(rows, res, quick)
 
 
 # Facts about each lever that hold whatever a run measures; said when its own ratio does not justify it.
@@ -163,8 +163,9 @@ LEVER_NOTES = {
 }
 
 
-def lever_summary(rows: list, res: dict) -> List[str]:
-    """Per lever: kept because its own ratio says so, or plainly not justified by it (and the facts)."""
+def lever_summary(rows: list, res: dict, quick: Optional[dict]) -> List[str]:
+    """Per lever: kept because its own ratio says so, or plainly not justified by it (and the facts,
+    and what the last quick run measured for it)."""
     out = ["A lever counts as justified when it is faster in every round on at least one model and slower in "
            "every round on none:", ""]
     for key, what in LEVERS:
@@ -179,8 +180,24 @@ def lever_summary(rows: list, res: dict) -> List[str]:
             text = (f"- **{name}**: **not justified by its own ratio in this run** (faster in every round on "
                     f"{', '.join(faster) or 'no model'}, slower in every round on {', '.join(slower) or 'no model'}). "
                     + LEVER_NOTES[key])
-        out.append(text + _lever_elsewhere(key, res))
+        out.append(text + _lever_elsewhere(key, res) + _quick_lever(key, quick))
+    if any("not justified" in line for line in out):
+        out += ["", "The levers above that this run does not justify are still distrib's defaults in this "
+                "commit: it was measured on a machine shared with other jobs (load average "
+                f"{res['meta']['load_before'][0]:.1f} before, {res['meta']['load_after'][0]:.1f} after, on "
+                f"{res['meta']['cpus']} cores), and one run on a shared machine does not decide them (compare the quick "
+                "run's figures beside them); a run on an unloaded machine should."]
     return out
+
+
+def _quick_lever(key: str, quick: Optional[dict]) -> str:
+    rows = (quick or {}).get("sections", {}).get("step", {}).get("rows", [])
+    if not rows or key not in rows[0].get("ratios", {}):
+        return ""
+    n = quick["meta"]["rounds"]
+    return (f" The quick run ({quick['meta']['date'][:16].replace('T', ' ')} UTC, {n} round{'s' if n != 1 else ''}, "
+            f"load average {quick['meta']['load_before'][0]:.1f}): "
+            + ", ".join(f"{r['model']} {ratio(r['ratios'][key])}" for r in rows) + ".")
 
 
 def _lever_elsewhere(key: str, res: dict) -> str:
@@ -304,7 +321,10 @@ def render(res: dict, quick: Optional[dict] = None) -> str:
            "drifts by more than the differences measured; a ratio is taken per round. Measured "
            f"{meta['date'][:16].replace('T', ' ')} UTC on {meta['cpus']} cores without a GPU, torch {meta['torch']}, "
            f"Horovod {meta['horovod']}, load average {meta['load_before'][0]:.1f} before and "
-           f"{meta['load_after'][0]:.1f} after.", "", "### Goals", ""]
+           f"{meta['load_after'][0]:.1f} after" + (
+               f": the cores were shared with other jobs, so the ranges are wide and a ratio whose range crosses 1 "
+               "says nothing." if max(meta["load_before"][0], meta["load_after"][0]) > meta["cpus"] else ".")
+           , "", "### Goals", ""]
     out += table(["goal", "measured", ""], goals(res, quick))
     for name, render_section in SECTIONS:
         sec = res["sections"].get(name)
@@ -314,7 +334,7 @@ def render(res: dict, quick: Optional[dict] = None) -> str:
         if "error" in sec:
             out += [f"### {sec['title']}", "", f"Not measured in this run: `{sec['error'][:300]}`"]
             continue
-        out += render_section(sec, res)
+        out += render_section(sec, res, quick) if name == "step" else render_section(sec, res)
     out += ["", END]
     return "\n".join(out)
 
