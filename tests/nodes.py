@@ -174,13 +174,21 @@ Host *
         mounts for slurmd) inside its network namespace, running its sshd. Also brings a killed
         node back. /run is the node's own, so sshd's /run/sshd is never made on this machine."""
         log = self.root / f"{name}.log"
+        # A checkout under /tmp (CI may clone there) must stay visible through the node's own /tmp:
+        # bind it aside, mount the tmpfs, move it back to the same path.
+        keep_checkout = ""
+        if REPO.is_relative_to("/tmp"):
+            aside = self.root / f"checkout-{name}"
+            aside.mkdir(exist_ok=True)
+            keep_checkout = f"mount --bind {REPO} {aside}\n"
         cgroups = "".join(f"mkdir -p /sys/fs/cgroup/{c} && mount -t cgroup -o {c} cgroup /sys/fs/cgroup/{c}\n"
                           for c in CGROUP_V1)
         # `ip netns exec` remounted /sys for the namespace (no cgroups there): slurmd needs the
         # host's v1 hierarchies, and a bare cgroup2 mount does not satisfy it on this kernel.
         boot = f"""set -e
 hostname {name}
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+{keep_checkout}mount -t tmpfs -o mode=1777 tmpfs /tmp
+{f"mkdir -p {REPO} && mount --move {aside} {REPO}" if keep_checkout else ""}
 mount -t tmpfs tmpfs /sys/fs/cgroup
 {cgroups}mkdir -p /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
 mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
