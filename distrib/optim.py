@@ -26,6 +26,12 @@ COMPRESSIONS = ("none", "fp16")
 OPS = ("average", "adasum")
 
 
+def _through_wrapped_optimizer(name: str) -> property:
+    """An attribute of :class:`DistributedOptimizer` that is the wrapped optimizer's own."""
+    return property(lambda self: getattr(self.optimizer, name),
+                    lambda self, value: setattr(self.optimizer, name, value))
+
+
 class DistributedOptimizer(torch.optim.Optimizer):
     """Averages gradients over all workers, then steps the wrapped optimizer.
 
@@ -88,29 +94,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # The inner optimizer's, always read through it: its load_state_dict() replaces these
     # objects, so a copy taken at wrap time would go stale (an LR scheduler would then set
     # the learning rate of a list the optimizer no longer steps with).
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value) -> None:
-        self.optimizer.defaults = value
+    param_groups = _through_wrapped_optimizer("param_groups")
+    state = _through_wrapped_optimizer("state")
+    defaults = _through_wrapped_optimizer("defaults")
 
     # -- the training-loop API -------------------------------------------------------------
     def autocast(self):
