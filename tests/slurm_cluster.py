@@ -29,7 +29,7 @@ SETUP_SCRIPT = REPO / "scripts" / "slurm_setup.sh"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "sinfo", "scontrol", "scancel")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                    "PREEMPTED", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT"}
-CPUS = 2      # the test node; matches this 2-core machine (FACTS.md)
+CPUS = 2      # the one-node test cluster: a 2-core machine (the CI machine has 2 cores)
 GPUS = 2      # fake GPUs (gres without device files) so the GPU sbatch scripts are accepted
 
 
