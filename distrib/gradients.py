@@ -48,9 +48,11 @@ class GradientExchange:
                  compression: str, op: str, prefix: str):
         self.named_params = named_params
         self.accumulate = accumulate
-        self._hvd, self._compression, self._op, self._prefix = hvd, compression, op, prefix
+        self.compression = compression
+        self._hvd, self._op, self._prefix = hvd, op, prefix
         self._names = {p: n for n, p in named_params}
-        self._reducer = self._make_reducer()
+        self._reducer_factory = self._allreduce_reducer
+        self._reducer = self._reducer_factory()
         self.phase = Phase.ACCUMULATING
         self.passes_done = 0        # backward passes finished in this step
         self._pass_open = False     # a backward pass is running and its end callback is queued
@@ -96,15 +98,18 @@ class GradientExchange:
         finally:
             self._paused -= 1
 
+    def use_reducer(self, factory) -> None:
+        """Carry the gradients with ``factory()``'s reducer from now on, also after every
+        :meth:`reset` (ZeRO stage 2 reduce-scatters instead of allreducing). Drops the current one."""
+        self._reducer_factory = factory
+        self.reset()
+
     def reset(self) -> None:
         """Drop in-flight communication and partial accumulation: after a peer died the ring was
         re-formed and the old handles are void (elastic mode)."""
-        self._reducer = self._make_reducer()
+        self._reducer = self._reducer_factory()
         self.phase, self.passes_done, self._pass_open = Phase.ACCUMULATING, 0, False
         self._sent.clear()
-
-    def in_flight(self) -> bool:
-        return self._reducer.in_flight()
 
     def close(self) -> None:
         for handle in self._hooks:
@@ -152,6 +157,6 @@ class GradientExchange:
         self._sent.add(p)
         self._reducer.grad_ready(p, used)
 
-    def _make_reducer(self):
-        return make_reducer(self.named_params, self._hvd, compression=self._compression, op=self._op,
+    def _allreduce_reducer(self):
+        return make_reducer(self.named_params, self._hvd, compression=self.compression, op=self._op,
                             prefix=self._prefix)

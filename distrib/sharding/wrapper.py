@@ -54,13 +54,12 @@ class ShardedOptimizer(DistributedOptimizer):
                                  "parameters; use shard='optimizer' for other set-ups")
             # The exchange (pass counting, used flags, misuse errors) stays; only its reducer
             # changes, now and after every reset(). The allreduce buckets it built are dropped.
-            self._exchange._make_reducer = self._stage2_reducer
-            self._exchange.reset()
+            self._exchange.use_reducer(self._stage2_reducer)
 
     def _stage2_reducer(self) -> ReduceScatterReducer:
         z = self._zero
         return ReduceScatterReducer(z.buckets, [[z.params[i] for i in b.members] for b in z.buckets], self._hvd,
-                                    name=z.name, compression=self._exchange._compression, pool=z.pool)
+                                    name=z.name, compression=self._exchange.compression, pool=z.pool)
 
     def step(self, closure=None):
         """Synchronize (unless done), then unscale (fp16), clip by the global norm, step this
