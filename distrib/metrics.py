@@ -23,6 +23,7 @@ from typing import Dict, Iterator, List, Optional, TextIO
 
 from distrib.progress import Progress
 from distrib.timing import PHASES
+from launch.status_channel import RESTART_COUNT_ENV  # set by the launcher on each attempt
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -86,7 +87,7 @@ class MetricsLogger:
         self.enabled = ctx.rank == 0
         self.timer = NestedPhaseTimer(clock=clock)
         self._clock, self._wall = clock, wall_clock
-        self._restarts = int(os.environ.get("DISTRIB_RESTART_COUNT", "0") or 0)
+        self._restarts = int(os.environ.get(RESTART_COUNT_ENV, "0") or 0)
         self._window = _Window()
         self._run = _Window()  # the whole run, for the summary table
         self._last_step_end = clock()
