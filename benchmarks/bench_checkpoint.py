@@ -164,7 +164,7 @@ OVERHEAD_GOAL = 0.035  # CheckFreq's anchor: checkpointing costs at most 3.5 % o
 def during_training(opts, model: str = "lm") -> dict:
     """The step-time cost of a checkpoint every K steps, 2 workers under the launcher: per round,
     (time of K steps + one checkpoint) / (time of K steps without) - 1, per variant."""
-    every, rounds = (20, 1) if opts.quick else (100, 3)
+    every, rounds = (10, 1) if opts.quick else (100, 3)
     out = opts.work / "checkpoint-train.json"
     out.unlink(missing_ok=True)
     env = launchers.worker_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(launchers.free_port())})
@@ -199,8 +199,8 @@ def during_markdown(d: dict) -> str:
 
 def run(opts) -> dict:
     """The ``checkpoint`` section of ``python -m benchmarks``."""
-    result = measure(opts.work, mb=16 if opts.quick else 64, rounds=max(5, opts.rounds),
-                     resume_runs=1 if opts.quick else 3)
+    result = measure(opts.work, mb=8 if opts.quick else 64, rounds=max(5, opts.rounds),
+                     resume_runs=1 if opts.quick else 2)
     during = during_training(opts)
     return {"title": "Checkpoint: cost during training, time a step is blocked, and resume time",
             "rows": [result], "during_training": during,

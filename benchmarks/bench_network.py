@@ -3,10 +3,10 @@
 The hosts are the project's multi-host test cluster (tests/nodes.py: network namespaces with
 their own address, hostname and sshd on this machine), their links limited with ``tc tbf``. Per
 round, in a rotated order, one launch of each: distrib (``python -m launch -H node1:1,node2:1``,
-with the MPI controller the launcher picks, and with ``--controller gloo``),
-plain Horovod with the launcher's Open MPI flags (tuned; across hosts distrib leaves Horovod's
-cycle time alone, so both use Horovod's), and DDP over Gloo (one torchrun per host), each with and
-without fp16 compression. Inside a launch the link speeds and the variants alternate: before each
+with the MPI controller the launcher picks; plain ``hvd.DistributedOptimizer`` runs in the same
+processes, alternated with distrib: tuned Horovod, with the same Open MPI flags and cycle time),
+distrib with ``--controller gloo``, and DDP over Gloo (one torchrun per host); distrib, Horovod and
+DDP each with and without fp16 compression. Inside a launch the link speeds and the variants alternate: before each
 speed's steps every worker limits its own host's link (step worker ``--link-rates``). One worker
 alone (no link) is timed once per round. The ideal: alone + the link's time for 2(n-1)/n of the
 gradient bytes.
@@ -28,13 +28,13 @@ MODEL = "mlp"
 HOSTS = ("node1", "node2")
 # variant in the step worker -> the figure's name
 # job -> (step worker --impl, {its variant: the figure's name})
-JOBS = {"distrib": ("distrib", {"buckets": "distrib", "per-parameter": "distrib-per-parameter",
-                                "fp16": "distrib-fp16"}),
+# Plain Horovod runs in distrib's own processes, alternated with it: the same launcher and Open MPI flags
+# (tuned Horovod), and one cross-host launch fewer per round.
+JOBS = {"distrib": ("distrib", {"buckets": "distrib", "fp16": "distrib-fp16", "horovod": "horovod-tuned",
+                                "horovod-fp16": "horovod-tuned-fp16"}),
         "distrib-gloo": ("distrib", {"buckets": "distrib-gloo"}),
-        "horovod": ("horovod", {"default": "horovod-tuned", "fp16": "horovod-tuned-fp16"}),
         "ddp": ("ddp", {"default": "ddp", "fp16": "ddp-fp16"})}
 ALONE = ("alone", {"default": "alone"})
-MPI_ENV = ("PATH", "PYTHONPATH", "OMP_NUM_THREADS", "PYTHONUNBUFFERED")
 
 
 def _argv(job: str, opts, out, r: int, rates: List[str]) -> List[str]:
@@ -52,10 +52,6 @@ def _commands(cluster, job: str, argv: List[str]) -> List[List[str]]:
     if job.startswith("distrib"):
         controller = "gloo" if job == "distrib-gloo" else "mpi"
         return [cluster.command(HOSTS[0], launchers.launch(2, argv, controller=controller, hosts=hosts))]
-    if job == "horovod":
-        mpirun = launchers.tuned_mpirun(2, argv, {})
-        exports = [a for name in MPI_ENV for a in ("-x", name)]  # the remote worker's environment
-        return [cluster.command(HOSTS[0], [mpirun[0], "-H", hosts, *exports, *mpirun[1:]])]
     port = launchers.free_port()
     return [cluster.command(h, [launchers.TORCHRUN, "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1",
                                 "--master_addr", HOSTS[0], "--master_port", str(port), *argv])
@@ -99,11 +95,18 @@ def measure(cluster, opts) -> dict:
     ms = {rate: {} for rate in rates}
     alone, nbytes = [], 0
     for r in range(min(opts.rounds, 2)):  # 5 launches a round across hosts: 2 rounds keep make bench in budget
-        for job in stats.rotate(["alone", *JOBS], r):
+        for job in stats.rotate(["alone", *(j for j in JOBS if not (opts.quick and j == "distrib-gloo"))], r):
             got, nbytes = _run_job(cluster, job, opts, r, rates)
             for (rate, name), steps in got.items():
                 (alone if rate is None else ms[rate].setdefault(name, [])).append(statistics.median(steps))
     return {"ms": ms, "alone": alone, "grad_bytes": nbytes}
+
+
+# (key, numerator, denominator, what the ratio measures)
+RATIOS = (("vs_horovod_tuned", "distrib", "horovod-tuned", "distrib against plain Horovod, same flags"),
+          ("vs_ddp", "distrib", "ddp", "distrib against DDP over Gloo"),
+          ("fp16_on_distrib", "distrib-fp16", "distrib", "fp16 compression, on distrib"),
+          ("mpi_vs_gloo", "distrib", "distrib-gloo", "distrib's MPI controller vs its Gloo one"))
 
 
 def rate_row(rate: str, ms: Dict[str, List[float]], alone: List[float], nbytes: int, n: int = 2) -> dict:
@@ -111,15 +114,11 @@ def rate_row(rate: str, ms: Dict[str, List[float]], alone: List[float], nbytes: 
     ideal = {"ideal": [a + 1e3 * wire_s for a in alone], "ideal-fp16": [a + 1e3 * wire_s / 2 for a in alone]}
     every = {**ms, **ideal, "alone": alone}
     d, d16, i = ms["distrib"], ms["distrib-fp16"], ideal["ideal"]
-    ratio = lambda a, b, what: {"a": a, "b": b, "what": what, **stats.ratios(every[a], every[b])}  # noqa: E731
     return {"rate": rate, "link_ms_fp32": 1e3 * wire_s,
             "step_ms": {k: stats.summary(v) for k, v in every.items()},
             "efficiency": {k: stats.ratios(alone, v) for k, v in every.items() if k != "alone"},
-            "ratios": {"vs_horovod_tuned": ratio("distrib", "horovod-tuned", "distrib against plain Horovod, same flags"),
-                       "vs_ddp": ratio("distrib", "ddp", "distrib against DDP over Gloo"),
-                       "fp16_on_distrib": ratio("distrib-fp16", "distrib", "fp16 compression, on distrib"),
-                       "lever_buckets": ratio("distrib", "distrib-per-parameter", "flat buckets, on distrib"),
-                       "mpi_vs_gloo": ratio("distrib", "distrib-gloo", "distrib's MPI controller vs its Gloo one")},
+            "ratios": {key: {"a": a, "b": b, "what": what, **stats.ratios(every[a], every[b])}
+                       for key, a, b, what in RATIOS if a in every and b in every},  # --quick: no distrib-gloo
             # share of distrib's fp32 distance to the ideal that fp16 compression removes (goal >= 0.5)
             "fp16_gap_closed": stats.summary([(a - b) / (a - c) if a != c else float("nan")
                                               for a, b, c in zip(d, d16, i)])}
@@ -138,17 +137,16 @@ def run(opts) -> dict:
             "grad_bytes": found["grad_bytes"], "rows": rows, "markdown": _table(rows, found["grad_bytes"])}
 
 
-SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-per-parameter", "distrib-fp16", "distrib-gloo",
-         "horovod-tuned",
-         "horovod-tuned-fp16",
-         "ddp", "ddp-fp16")
+SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-gloo", "horovod-tuned",
+         "horovod-tuned-fp16", "ddp", "ddp-fp16")
 
 
 def _table(rows, nbytes: int) -> str:
-    out = ["| link | " + " | ".join(f"{k} ms" for k in SHOWN) + " |", "|---" * (len(SHOWN) + 1) + "|"]
+    shown = [k for k in SHOWN if k in rows[0]["step_ms"]]
+    out = ["| link | " + " | ".join(f"{k} ms" for k in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for r in rows:
-        out.append(f"| {r['rate']} | " + " | ".join(stats.fmt_value(r["step_ms"][k], "", 1) for k in SHOWN) + " |")
-    eff = [k for k in SHOWN if k != "alone"]
+        out.append(f"| {r['rate']} | " + " | ".join(stats.fmt_value(r["step_ms"][k], "", 1) for k in shown) + " |")
+    eff = [k for k in shown if k != "alone"]
     out += ["", "| weak-scaling efficiency (alone / step) | " + " | ".join(eff) + " |", "|---" * (len(eff) + 1) + "|"]
     for r in rows:
         out.append(f"| {r['rate']} | " + " | ".join(stats.fmt(r["efficiency"][k]) for k in eff) + " |")

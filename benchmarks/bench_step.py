@@ -6,8 +6,8 @@ per round, then summarised over rounds (median and min-max).
 
 References: one process alone; two independent processes at once (``pair``: the compute floor
 when two workers share the two cores); plain Horovod (``hvd.DistributedOptimizer``) under
-``horovodrun`` defaults, and *tuned*, i.e. with the launcher's Open MPI flags and distrib's cycle
-time; DDP over Gloo with defaults and tuned (``gradient_as_bucket_view``, the best bucket size of
+``horovodrun`` defaults, and *tuned*: in distrib's own processes, alternated with distrib, so with
+the launcher's Open MPI flags, distrib's cycle time and one thread per worker; DDP over Gloo with defaults and tuned (``gradient_as_bucket_view``, the best bucket size of
 a sweep); and one distrib variant per lever (reducer, cycle time, yield), so that each lever's own
 effect is a ratio. The ideal is alone + a raw mpi4py allreduce of the gradient bytes, timed in a
 plain mpirun job without Horovod (inside a Horovod job MPI's lock, shared with Horovod's thread,
@@ -25,6 +25,7 @@ from benchmarks.bench_allreduce import raw_mpi_ms
 
 STEP = "benchmarks/workers/step.py"
 DDP_SWEEP_MB = (1, 5, 25)
+QUICK_DDP_SWEEP_MB = (5,)  # --quick: a smoke run of every job, not a sweep
 
 
 @dataclass(frozen=True)
@@ -37,19 +38,20 @@ class Job:
     env: Dict[str, str] = field(default_factory=dict)
 
 
-def jobs() -> Dict[str, Job]:
-    ddp_names = {"default": "ddp-default", **{f"tuned-{mb}": f"ddp-tuned-{mb}" for mb in DDP_SWEEP_MB}}
+def jobs(ddp_sweep_mb=DDP_SWEEP_MB) -> Dict[str, Job]:
+    ddp_names = {"default": "ddp-default", **{f"tuned-{mb}": f"ddp-tuned-{mb}" for mb in ddp_sweep_mb}}
     alone = lambda n, argv, env: [launchers.PY, *argv]  # noqa: E731
     launch = lambda n, argv, env: launchers.launch(n, argv)  # noqa: E731
     no_yield = lambda n, argv, env: launchers.tuned_mpirun(n, argv, env, yield_when_idle=False)  # noqa: E731
     return {
         "alone": Job("alone", alone, {"default": "alone"}),
         "pair": Job("alone", launchers.tuned_mpirun, {"default": "pair"}),
-        "distrib": Job("distrib", launch, {"buckets": "distrib", "per-parameter": "distrib-per-parameter"}),
+        # tuned Horovod runs in distrib's own processes, alternated with it: the same launcher, Open MPI
+        # flags, cycle time and threads, so the two differ by the library alone
+        "distrib": Job("distrib", launch, {"buckets": "distrib", "per-parameter": "distrib-per-parameter",
+                                           "horovod": "horovod-tuned"}),
         "distrib-cycle-1ms": Job("distrib", launch, {"buckets": "distrib-cycle-1ms"}, {"HOROVOD_CYCLE_TIME": "1"}),
         "distrib-no-yield": Job("distrib", no_yield, {"buckets": "distrib-no-yield"}),
-        "horovod-tuned": Job("horovod", launchers.tuned_mpirun, {"default": "horovod-tuned"},
-                             {"HOROVOD_CYCLE_TIME": launchers.SINGLE_HOST_MPI_CYCLE_MS}),
         "horovod-default": Job("horovod", lambda n, argv, env: launchers.horovodrun(n, argv),
                                {"default": "horovod-default"}),
         "ddp": Job("ddp", lambda n, argv, env: launchers.torchrun(n, argv), ddp_names),
@@ -72,13 +74,14 @@ def _launch(job: Job, opts, models, r: int) -> dict:
     argv = [STEP, "--impl", job.impl, "--model", ",".join(stats.rotate(models, r)),
             "--variants", ",".join(job.names), "--rotate", str(r),
             "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--out", str(out)]
-    launchers.run(job.command(opts.np, argv, env), env)
+    seconds = launchers.run(job.command(opts.np, argv, env), env)
+    print(f"  step {job.names[next(iter(job.names))]} round {r}: {seconds:.1f} s", flush=True)
     return json.loads(out.read_text())["by_model"]
 
 
 def measure(opts, models) -> dict:
     """{model: {"ms": {name: [median step ms per round]}, "ideal_comm_ms": [...], ...}}."""
-    all_jobs = jobs()
+    all_jobs = jobs(QUICK_DDP_SWEEP_MB if opts.quick else DDP_SWEEP_MB)
     found = {m: {"ms": {}, "ideal_comm_ms": []} for m in models}
     nbytes = {m: grad_bytes(m) for m in models}
     for r in range(opts.rounds):
@@ -142,8 +145,8 @@ def model_row(model: str, m: dict) -> dict:
 
 
 def run(opts) -> dict:
-    opts.warmup, opts.steps = (2, 8) if opts.quick else (3, 12)
-    models = ("mlp", "lm", "conv")
+    opts.warmup, opts.steps = (2, 5) if opts.quick else (2, 10)  # a launch costs more than its steps
+    models = ("mlp",) if opts.quick else ("mlp", "lm", "conv")
     found = measure(opts, models)
     rows = [model_row(model, found[model]) for model in models]
     return {"title": f"Training step time, {opts.np} workers x 1 thread", "rows": rows,
@@ -173,8 +176,9 @@ def _table(rows) -> str:
     out += ["", "ddp-tuned: gradient_as_bucket_view=True, broadcast_buffers=False and the bucket size (MB) "
             f"of {', '.join(map(str, DDP_SWEEP_MB))} with the lowest median: "
             + ", ".join(f"{r['model']} {r['ddp_tuned_bucket_mb']:g}" for r in rows)
-            + ". horovod-tuned: plain hvd.DistributedOptimizer under mpirun with the launcher's Open MPI flags "
-            "(`launch/plan.py`) and HOROVOD_CYCLE_TIME=0.1 (distrib's); horovod-default: `horovodrun --mpi`. "
+            + ". horovod-tuned: plain hvd.DistributedOptimizer in distrib's processes, alternated with it (the "
+            "launcher's Open MPI flags, `launch/plan.py`, and HOROVOD_CYCLE_TIME=0.1, distrib's); horovod-default: "
+            "`horovodrun --mpi`. "
             "pair: two independent processes (no communication) sharing the cores. ideal: alone + a raw "
             "mpi4py allreduce of the gradient bytes (raw allreduce: "
             + ", ".join(f"{r['model']} {stats.fmt_value(r['ideal_comm_ms'], 'ms', 2)}" for r in rows) + ")."]

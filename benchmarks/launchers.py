@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from distrib.context import SINGLE_HOST_MPI_CYCLE_MS  # distrib's cycle time: tuned Horovod gets it too
 from launch.plan import NO_BINDING, OMPI_MCA
 
 REPO = Path(__file__).resolve().parents[1]

@@ -143,9 +143,10 @@ def step_section(sec: dict, res: dict, quick: Optional[dict] = None) -> List[str
                     + [f"{ratio(r['efficiency']['distrib'])} / {ratio(r['efficiency']['ideal'])}" for r in rows]])
     out += ["", "alone: one process. 2 alone at once: two independent processes with no communication, the compute "
             "floor of a 2-worker step on 2 cores. ideal: alone + a raw mpi4py allreduce of the gradient bytes, timed "
-            "in a plain mpirun job of its own. Horovod tuned: `hvd.DistributedOptimizer` under mpirun with the "
-            "launcher's Open MPI flags and distrib's cycle time (`HOROVOD_CYCLE_TIME=0.1`), settings any Horovod user "
-            "can give; Horovod default: `horovodrun --mpi`. DDP over Gloo under torchrun; tuned: "
+            "in a plain mpirun job of its own. Horovod tuned: plain `hvd.DistributedOptimizer` in distrib's own "
+            "processes, alternated with it: the launcher's Open MPI flags, distrib's cycle "
+            "time (`HOROVOD_CYCLE_TIME=0.1`) and one thread per worker, settings any Horovod user can give, so the "
+            "two differ by the library alone; Horovod default: `horovodrun --mpi`. DDP over Gloo under torchrun; tuned: "
             "`gradient_as_bucket_view=True`, `broadcast_buffers=False` and the best bucket size of a sweep ("
             + ", ".join(f"{r['model']} {r['ddp_tuned_bucket_mb']:g} MB" for r in rows) + ").", ""]
     out += ["#### Each lever on its own", "",
@@ -210,20 +211,14 @@ def _lever_elsewhere(key: str, res: dict) -> str:
         return ""
     bits = [f"{_size(r['bytes'])} {ratio(r['ratios']['vs_per_parameter'])}"
             for r in res["sections"].get("allreduce", {}).get("rows", []) if r["bytes"] >= 2**20]
-    net = [f"{r['rate']} {ratio(r['ratios']['lever_buckets'])}"
-           for r in res["sections"].get("network", {}).get("rows", []) if "lever_buckets" in r.get("ratios", {})]
-    text = (f" One-tensor allreduce, bandwidth of distrib / per-parameter (above 1: buckets faster): "
+    return (f" One-tensor allreduce, bandwidth of distrib / per-parameter (above 1: buckets faster): "
             f"{', '.join(bits)}.") if bits else ""
-    if net:
-        text += (f" Step time over the network, distrib / distrib-per-parameter (below 1: buckets faster): "
-                 f"{', '.join(net)}.")
-    return text
 
 
 def network_section(sec: dict, res: dict) -> List[str]:
     rows = sec["rows"]
-    cols = ("alone", "ideal", "distrib", "distrib-per-parameter", "distrib-fp16", "distrib-gloo", "horovod-tuned",
-            "horovod-tuned-fp16", "ddp", "ddp-fp16")
+    cols = ("alone", "ideal", "distrib", "distrib-fp16", "distrib-gloo", "horovod-tuned", "horovod-tuned-fp16", "ddp",
+            "ddp-fp16")
     out = ["### Over a network: 2 hosts x 1 worker", "",
            f"The {sec['model']} ({sec['grad_bytes'] / 2**20:.1f} MiB of gradients) on two hosts of the project's "
            "multi-host test cluster (network namespaces with their own address, hostname and sshd), each link "
@@ -238,8 +233,10 @@ def network_section(sec: dict, res: dict) -> List[str]:
     out += ["", "ideal: alone + the link's time for 2(n-1)/n of the gradient bytes ("
             + ", ".join(f"{r['rate']}: {r['link_ms_fp32']:.1f} ms" for r in rows) + "; half with fp16). Both "
             "hosts share this machine's 2 cores, and TCP through the namespaces' veth pair is itself CPU-bound well "
-            "below 10 Gbit/s, so the 10 Gbit/s ideal is out of reach of any implementation here. Across hosts distrib "
-            "leaves Horovod's cycle time at its default, so tuned Horovod here has only the launcher's Open MPI flags."]
+            "below 10 Gbit/s, so the 10 Gbit/s ideal is out of reach of any implementation here. horovod-tuned: plain "
+            "`hvd.DistributedOptimizer` in distrib's own processes, alternated with it (the same launcher and Open MPI "
+            "flags; across hosts distrib leaves Horovod's cycle time at its default). distrib-gloo: "
+            "`python -m launch --controller gloo`."]
     return out
 
 

@@ -11,7 +11,8 @@ limited to it, and a variant's key is ``variant@rate``.
     alone     plain torch, no communication; under mpirun -np 2 two such processes share the
               cores at once (the compute floor of a 2-worker step on this machine)
     distrib   distrib.wrap; variants: buckets (the default reducer), per-parameter, fp16 (buckets
-              with compression="fp16")
+              with compression="fp16"), and horovod, horovod-fp16: plain hvd.DistributedOptimizer in
+              the same processes, i.e. under the same launcher, Open MPI flags, cycle time and threads
     horovod   hvd.DistributedOptimizer (the launch decides the Open MPI flags and cycle time);
               variants: default, fp16 (hvd.Compression.fp16)
     ddp       torch DDP over Gloo (torchrun); variants: default (25 MB buckets), fp16 (default
@@ -35,8 +36,8 @@ import torch  # noqa: E402
 from benchmarks.stats import rotate  # noqa: E402
 from benchmarks.workers.models import DEFAULT_BATCH, MODELS, build, grad_bytes  # noqa: E402
 
-VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"), "distrib": ("buckets", "per-parameter", "fp16"),
-            "ddp": ("default", "fp16")}
+VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"),
+            "distrib": ("buckets", "per-parameter", "fp16", "horovod", "horovod-fp16"), "ddp": ("default", "fp16")}
 
 
 def parse_args(argv=None):
@@ -106,14 +107,14 @@ def wrap(impl, variant, model):
     """(module to run forward, optimizer with zero_grad/step, close())"""
     if impl == "alone":
         return model, _sgd(model), lambda: None
-    if impl == "distrib":
+    if impl == "distrib" and not variant.startswith("horovod"):
         import distrib
         os.environ["DISTRIB_REDUCER"] = "per-parameter" if variant == "per-parameter" else "auto"
         opt = distrib.wrap(model, _sgd(model), distrib.init(), compression="fp16" if variant == "fp16" else "none")
         return model, opt, opt.close  # close: its gradient hooks and buckets
-    if impl == "horovod":
+    if impl == "horovod" or variant.startswith("horovod"):
         import horovod.torch as hvd
-        compression = hvd.Compression.fp16 if variant == "fp16" else hvd.Compression.none
+        compression = hvd.Compression.fp16 if variant.endswith("fp16") else hvd.Compression.none
         opt = hvd.DistributedOptimizer(_sgd(model), named_parameters=model.named_parameters(),
                                        compression=compression)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
