@@ -3,6 +3,8 @@ before any worker starts (never a hang); this machine's own names never go throu
 
 Real `python -m launch` runs with real unresolvable (`.invalid`, RFC 6761) and unroutable
 (10.255.255.1) hosts; each run has a timeout, so a hang fails the test instead of blocking it.
+Those runs happen in a network namespace of their own with only loopback up: ssh's attempt fails
+at once ("Network is unreachable", no name server) and no packet leaves this machine.
 """
 import os
 import socket
@@ -17,7 +19,9 @@ from launch.hosts import local_names, remote_hosts
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "scripts" / "launch_allreduce.py")
 UNRESOLVABLE = "nosuchhost.invalid"
-UNROUTABLE = "10.255.255.1"  # private range, no route: ssh waits for ConnectTimeout=5
+UNROUTABLE = "10.255.255.1"  # private range; no route inside the isolated namespace
+# Runs the command in a new network namespace whose only link is loopback (needs root).
+ISOLATED = ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
 
 FAKE_SSH = """#!/bin/sh
 echo "$@" >> "$(dirname "$0")/calls"
@@ -26,11 +30,13 @@ exit 255
 """
 
 
-def launch(args, tmp_path, env=None, timeout=120):
+def launch(args, tmp_path, env=None, timeout=120, isolated=False):
+    """``isolated``: in a network namespace of its own (unreachable hosts are tried there)."""
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir(exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "launch", *args, WORKER, "--pid-dir", str(pid_dir)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run([*(ISOLATED if isolated else ()), sys.executable, "-m", "launch", *args, WORKER,
+                           "--pid-dir", str(pid_dir)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
     return proc, sorted(p.name for p in pid_dir.iterdir())
 
 
@@ -55,11 +61,12 @@ def assert_names_host(proc, host, started):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("host, reason", [
     (UNRESOLVABLE, "Could not resolve hostname"),
-    (UNROUTABLE, f"{UNROUTABLE} port 22"),  # "Connection timed out" or "Network is unreachable"
+    (UNROUTABLE, f"{UNROUTABLE} port 22"),  # "Network is unreachable"
 ])
 @pytest.mark.parametrize("controller", ["mpi", "gloo"])
 def test_unreachable_host_in_h_is_named(tmp_path, host, reason, controller):
-    proc, started = launch(["-np", "2", "--controller", controller, "-H", f"{host}:1,localhost:1"], tmp_path)
+    proc, started = launch(["-np", "2", "--controller", controller, "-H", f"{host}:1,localhost:1"], tmp_path,
+                           isolated=True)
     assert_names_host(proc, host, started)
     assert reason in proc.stderr.splitlines()[-1]
 
@@ -68,7 +75,7 @@ def test_unreachable_host_in_h_is_named(tmp_path, host, reason, controller):
 def test_unreachable_host_in_hostfile_is_named(tmp_path):
     hostfile = tmp_path / "hosts.txt"
     hostfile.write_text(f"localhost slots=1\n{UNROUTABLE} slots=1\n{UNRESOLVABLE}:1\n")
-    proc, started = launch(["-np", "3", "--hostfile", str(hostfile)], tmp_path)
+    proc, started = launch(["-np", "3", "--hostfile", str(hostfile)], tmp_path, isolated=True)
     assert_names_host(proc, UNROUTABLE, started)  # the first unreachable host, in file order
 
 
