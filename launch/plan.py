@@ -42,6 +42,13 @@ NOT_EXPORTED = frozenset({"HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", 
 # again after SIGTERM before it kills the others, which are stuck in a collective and cannot do
 # anything useful; that was 1 s of every 4.4 s restart here. A graceful stop (Ctrl-C, scancel)
 # does not depend on it: the supervisor signals the workers itself before mpirun.
+# Across hosts on a slow link Open MPI's TCP allreduce stays far from the wire time (2 hosts,
+# 16 MiB float32, 1 Gbit/s token bucket, median ms: raw mpi4py 180-256, Gloo 139, wire 134) and no
+# flag is added for it: `btl_tcp_links 2` (or `btl_tcp_sndbuf 131072`) brings raw MPI_Allreduce
+# to 140, but not once Horovod runs in the process (its background thread's per-cycle
+# coordination shares the connections): hvd.allreduce and the training step stayed at medians 175-240
+# with or without it, and a run with `btl_tcp_links 4` hung. Tuned allreduce algorithms 1-6,
+# socket buffers of 0 or 4 MiB and larger fragments: medians 176-275.
 OMPI_MCA = ("-mca", "pml", "ob1", "-mca", "btl", "^openib", "-mca", "mpi_yield_when_idle", "1",
             "-mca", "odls_base_sigkill_timeout", "0")
 NO_BINDING = ("--bind-to", "none", "--map-by", "slot")
