@@ -1,17 +1,20 @@
 """Helpers for the checkpoint tests: a one-process context, a tiny training state, and
-starting / killing real Horovod jobs."""
+starting / watching / killing real Horovod jobs (the kill-and-resume tests share the last)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
 import psutil
 import torch
 
+from distrib.checkpoint import SLOW_WRITE_ENV, store
 from distrib.context import Context
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,3 +83,43 @@ def kill_tree(pid: int) -> list:
             pass
     psutil.wait_procs(procs, timeout=10)
     return [p.pid for p in procs]
+
+
+# -- kill-and-resume tests: a job in the background, watched through its log and its checkpoint folder
+def start_job(script: Path, args: Sequence, log: Path, slow_write_s: float) -> subprocess.Popen:
+    """``script`` on 2 workers in the background, output to ``log``; every checkpoint write is
+    slowed by ``slow_write_s`` per file (DISTRIB_TEST_SLOW_WRITE_S: a wider window for a kill)."""
+    env = {**os.environ, SLOW_WRITE_ENV: str(slow_write_s)}
+    return subprocess.Popen(hvd_command(2, script, args), cwd=REPO, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``predicate`` every 5 ms: True once it holds, False if ``proc`` ended first; raises after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise AssertionError(f"nothing happened in {timeout} s")
+
+
+def temp_folders(root: Path) -> set:
+    """Names of the checkpoint writes in progress (or left by a kill) under ``root``."""
+    return {p.name for p in root.iterdir() if p.name.startswith(store.TMP_PREFIX + "step-")} if root.is_dir() else set()
+
+
+def steps_logged(log: Path) -> int:
+    """Step lines rank 0 printed, whatever prefix the launcher puts before them."""
+    return len(re.findall(r"step \d+$", log.read_text(), flags=re.M))
+
+
+def validate_committed(root: Path) -> list:
+    """Validate every committed checkpoint under ``root`` (a kill never leaves a committed but
+    broken one); returns their folders."""
+    committed = [p for p in (root.iterdir() if root.is_dir() else ()) if store.step_of(p) is not None]
+    for step_dir in committed:
+        store.validate(step_dir)
+    return committed
