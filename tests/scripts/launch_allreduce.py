@@ -53,4 +53,9 @@ while time.time() < deadline:
 if args.fail_rank >= 0 and not args.marker_dir:
     # The peers of a failing rank block in a collective that can never complete.
     hvd.allreduce(torch.tensor([1.0]), name="never")
+if os.environ.get("HOROVOD_TIMELINE"):
+    # Horovod's shutdown drops the timeline records its writer thread has not written yet (and, on
+    # a loaded machine, that can be all of them: an empty file); stopping the timeline first waits
+    # until every queued record is in the file and closes it. Only rank 0 writes a timeline.
+    hvd.stop_timeline()
 hvd.shutdown()
