@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from tests.services import alive as _alive
+from tests.services import run_setup_script, serve, session_fixture, spawn_detached
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 SETUP_SCRIPT = REPO / "scripts" / "nodes_setup.sh"
@@ -61,16 +64,6 @@ def _sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
     return proc
 
 
-def _alive(pid: Optional[int]) -> bool:
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -82,9 +75,7 @@ def ensure_installed() -> None:
     """Run scripts/nodes_setup.sh when sshd (openssh-server) is missing."""
     if Path("/usr/sbin/sshd").exists() and all(shutil.which(c) for c in ("ssh", "ssh-keygen", "ip", "tc", "nsenter")):
         return
-    proc = subprocess.run(["bash", str(SETUP_SCRIPT)], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise NodeStartError(f"{SETUP_SCRIPT} failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
+    run_setup_script(SETUP_SCRIPT, NodeStartError)
 
 
 class NodeCluster:
@@ -199,11 +190,7 @@ exec /usr/sbin/sshd -D -e -f {self.root}/sshd_config
 """
         cmd = ["ip", "netns", "exec", self.ns(name), "unshare", "--uts", "--mount", "--propagation", "private",
                "--", "sh", "-c", boot]
-        # Detached (setsid, parent gone at once): it outlives each test, and the conftest check
-        # for leftover child processes must not see it.
-        proc = _sh("setsid", "sh", "-c", 'log=$1; shift; exec "$@" >"$log" 2>&1 </dev/null & echo $!', "sh",
-                   str(log), *cmd)
-        pid = int(proc.stdout.strip())
+        pid = spawn_detached(cmd, log)  # it outlives each test
         self.sshd_pids[name] = pid
         self._save()
         deadline = time.monotonic() + timeout
@@ -366,23 +353,10 @@ def remove_orphans() -> None:
             down(root)
 
 
-try:
-    import pytest
-except ImportError:  # pragma: no cover - the module also runs as a script
-    pytest = None
-
-if pytest is not None:
-    @pytest.fixture(scope="session")
-    def nodes():
-        """Three running nodes (node1..node3); torn down after the session, also when tests fail."""
-        try:
-            cluster = start(3)
-        except Exception as exc:  # noqa: BLE001 - any reason must become a visible failure
-            pytest.fail(f"could not start the multi-host test cluster: {exc}", pytrace=False)
-        try:
-            yield cluster
-        finally:
-            cluster.down()
+@session_fixture
+def nodes():
+    """Three running nodes (node1..node3); torn down after the session, also when tests fail."""
+    yield from serve(lambda: start(3), NodeCluster.down, "the multi-host test cluster")
 
 
 def _main(argv: List[str]) -> int:

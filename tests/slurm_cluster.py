@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from tests.services import alive as _alive
+from tests.services import run_setup_script, serve, session_fixture, spawn_detached
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 SETUP_SCRIPT = REPO / "scripts" / "slurm_setup.sh"
@@ -53,17 +56,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _alive(pid: Optional[int]) -> bool:
-    """True while ``pid`` runs (a zombie waiting for init to reap it counts as gone)."""
-    if pid is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
@@ -75,10 +67,7 @@ def ensure_installed() -> None:
     """Install slurm-wlm and munge with scripts/slurm_setup.sh when a command is missing."""
     if all(shutil.which(c) or Path("/usr/sbin", c).exists() for c in DAEMONS):
         return
-    proc = subprocess.run(["bash", str(SETUP_SCRIPT)], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise SlurmStartError(f"{SETUP_SCRIPT} failed (exit {proc.returncode}): "
-                              f"{(proc.stdout + proc.stderr)[-2000:]}")
+    run_setup_script(SETUP_SCRIPT, SlurmStartError)
 
 
 class SlurmCluster:
@@ -143,7 +132,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket},cred_expire=15
+AuthInfo=socket={self.munge_socket},cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 ProctrackType=proctrack/linuxproc
@@ -206,18 +195,9 @@ SlurmdDebug=info
                        self.munge_dir / "munged.log")
 
     def _spawn(self, name: str, cmd: List[str]) -> None:
-        """Start a daemon detached from this process (its parent exits at once).
-
-        Detached so that the daemons outlive each test: tests/conftest.py fails a test that
-        leaves *child* processes behind, and these are meant to run for the whole session.
-        It runs in a process group of its own, which stop() kills.
-        """
-        log = self.logs / f"{name}.out"
-        launcher = subprocess.run(
-            ["setsid", "sh", "-c", 'exec "$@" >"$DAEMON_LOG" 2>&1 </dev/null & echo $!', "sh", *self.daemon(name, cmd)],
-            env={**self.env(), "DAEMON_LOG": str(log)}, cwd=self.root, capture_output=True, text=True,
-            timeout=30, check=True)
-        pid = int(launcher.stdout.strip())
+        """Start a daemon detached from this process, for the whole session, in a process group
+        of its own, which stop() kills."""
+        pid = spawn_detached(self.daemon(name, cmd), self.logs / f"{name}.out", env=self.env(), cwd=self.root)
         self._daemons[name] = pid
         self._groups[name] = os.getpgid(pid)  # the setsid'd shell's group: the daemon and its helpers
 
@@ -343,7 +323,8 @@ SlurmdDebug=info
         Slurm holds a requeued job for cred_expire + 1 s (Reason=BeginTime): slurmd refuses to
         start a job whose previous credential it still holds as revoked ("Job credential
         revoked", the job then FAILS). Forcing StartTime=now hits exactly that race, so the
-        test cluster shortens cred_expire to 15 s instead (AuthInfo in _write_config).
+        test cluster shortens cred_expire to 10 s instead (AuthInfo in _write_config; Slurm accepts
+        5 or more, and a step's credential must still outlast its launch on a loaded machine).
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -423,38 +404,23 @@ def start_multi_node(nodes, names: Sequence[str] = ("node1", "node2")) -> MultiN
         raise
 
 
-try:
-    import pytest
-except ImportError:  # pragma: no cover - the module also runs as a script
-    pytest = None
-
-if pytest is not None:
-    @pytest.fixture(scope="session")
-    def slurm_cluster():
-        """A running one-node Slurm cluster (2 CPUs, 2 fake GPUs); fails the test if it cannot start."""
-        try:
-            cluster = start_cluster()
-        except Exception as exc:  # noqa: BLE001 - any reason must become a visible failure
-            pytest.fail(f"could not start the test Slurm cluster: {exc}", pytrace=False)
-        try:
-            yield cluster
-        finally:
-            cluster.stop()
-            if not os.environ.get("DISTRIB_KEEP_SLURM"):  # set it to keep the daemons' logs
-                shutil.rmtree(cluster.root, ignore_errors=True)
+def _stop_and_remove(cluster: SlurmCluster) -> None:
+    cluster.stop()
+    if not os.environ.get("DISTRIB_KEEP_SLURM"):  # set it to keep the daemons' logs
+        shutil.rmtree(cluster.root, ignore_errors=True)
 
 
-    @pytest.fixture(scope="session")
-    def slurm_nodes(nodes):
-        """Slurm on node1 and node2 of the namespace cluster; fails the test if it cannot start."""
-        try:
-            cluster = start_multi_node(nodes)
-        except Exception as exc:  # noqa: BLE001 - any reason must become a visible failure
-            pytest.fail(f"could not start Slurm on the namespace hosts: {exc}", pytrace=False)
-        try:
-            yield cluster
-        finally:
-            cluster.stop()  # its folder goes with the nodes' state folder
+@session_fixture
+def slurm_cluster():
+    """A running one-node Slurm cluster (2 CPUs, 2 fake GPUs); fails the test if it cannot start."""
+    yield from serve(start_cluster, _stop_and_remove, "the test Slurm cluster")
+
+
+@session_fixture
+def slurm_nodes(nodes):
+    """Slurm on node1 and node2 of the namespace cluster; fails the test if it cannot start."""
+    # its folder goes with the nodes' state folder
+    yield from serve(lambda: start_multi_node(nodes), SlurmCluster.stop, "Slurm on the namespace hosts")
 
 
 if __name__ == "__main__":
