@@ -20,6 +20,9 @@ TRAIN_LM = str(REPO / "examples" / "train_lm.py")
 # Synchronous checkpoints: the one at step 5 is complete when the fault hits at step 6.
 TINY_LM = [*TINY_LM_MODEL, "--warmup", "2", "--log-every", "1", "--checkpoint-every", "5",
            "--sync-checkpoint", "--steps", "12", "--seed", "7"]
+# Seconds without progress before a rank is declared hung: a healthy rank of this tiny run beats
+# many times a second, and no rank is judged before its first beat (after its imports).
+HANG_TIMEOUT = 10
 pytestmark = pytest.mark.multiprocess
 
 
@@ -101,7 +104,7 @@ def assert_rank_1_blamed_for_the_hang(stderr):
     """Rank 1 stopped while logging step 6; rank 0 beat once more, before the next collective, in
     which it blocked. (Rank 1's file may hold an earlier count: it is written once a second.)"""
     rank, count, furthest, timeout = hang_report(stderr) or (None,) * 4
-    assert (rank, timeout) == (1, 20) and count < furthest, stderr[-3000:]
+    assert (rank, timeout) == (1, HANG_TIMEOUT) and count < furthest, stderr[-3000:]
 
 
 @pytest.mark.timeout(600)
@@ -109,7 +112,7 @@ def test_hung_worker_is_detected_and_the_job_restarts(uninterrupted, tmp_path):
     """SIGSTOP one worker of the real example: with --hang-timeout the launcher declares it hung,
     stops the job and restarts it; the run still ends identical to the uninterrupted one."""
     run_dir = tmp_path / "run"
-    proc = launch(["--max-restarts", "1", "--hang-timeout", "20"], FAULTY, run_dir,
+    proc = launch(["--max-restarts", "1", "--hang-timeout", str(HANG_TIMEOUT)], FAULTY, run_dir,
                   {"FAULT": "stop", "FAULT_RANK": "1", "FAULT_STEP": "6"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_rank_1_blamed_for_the_hang(proc.stderr)
@@ -123,7 +126,8 @@ def test_hung_worker_without_restarts_fails_naming_the_rank(tmp_path):
     """Without --max-restarts the same hang ends the job: exit 1, the hung rank named, and the
     SIGSTOPped worker does not outlive the launcher."""
     run_dir = tmp_path / "run"
-    proc = launch(["--hang-timeout", "20"], FAULTY, run_dir, {"FAULT": "stop", "FAULT_RANK": "1", "FAULT_STEP": "6"})
+    proc = launch(["--hang-timeout", str(HANG_TIMEOUT)], FAULTY, run_dir,
+                  {"FAULT": "stop", "FAULT_RANK": "1", "FAULT_STEP": "6"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert_rank_1_blamed_for_the_hang(proc.stderr)
     assert "distrib-launch: restart 1" not in proc.stderr and "giving up" not in proc.stderr
