@@ -4,7 +4,7 @@ The hosts are the project's multi-host test cluster (tests/nodes.py: network nam
 their own address, hostname and sshd on this machine), their links limited with ``tc tbf``. Per
 round, in a rotated order, one launch of each: distrib (``python -m launch -H node1:1,node2:1``,
 with the MPI controller the launcher picks; plain ``hvd.DistributedOptimizer`` runs in the same
-processes, alternated with distrib: tuned Horovod, with the same Open MPI flags and cycle time),
+processes, alternated with distrib: tuned Horovod, with the same Open MPI flags),
 distrib with ``--controller gloo``, and DDP over Gloo (one torchrun per host); distrib, Horovod and
 DDP each with and without fp16 compression. Inside a launch the link speeds and the variants alternate: before each
 speed's steps every worker limits its own host's link (step worker ``--link-rates``). One worker

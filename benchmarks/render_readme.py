@@ -127,7 +127,7 @@ STEP_COLUMNS = (("alone", "alone"), ("pair", "2 alone at once"), ("ideal", "idea
 STEP_RATIOS = ("vs_horovod_tuned", "vs_horovod_default", "settings_on_horovod", "vs_ddp_tuned", "vs_ddp_default",
                "ddp_tuning")
 LEVERS = (("lever_buckets", "flat gradient buckets (`distrib/reducers.py`) vs one allreduce per tensor"),
-          ("lever_cycle", "Horovod cycle time 0.1 ms on one host (`distrib/context.py`) vs Horovod's 1 ms"),
+          ("lever_cycle", "Horovod cycle time 0.1 ms vs its default 1 ms (a candidate: not set by distrib)"),
           ("lever_yield", "Open MPI `mpi_yield_when_idle` (`launch/plan.py`) vs busy polling"))
 
 
@@ -149,9 +149,8 @@ def step_section(sec: dict, res: dict, quick: Optional[dict] = None) -> List[str
     out += ["", "alone: one process. 2 alone at once: two independent processes with no communication, the compute "
             "floor of a 2-worker step on 2 cores. ideal: alone + a raw mpi4py allreduce of the gradient bytes, timed "
             "in a plain mpirun job of its own. Horovod tuned: plain `hvd.DistributedOptimizer` in distrib's own "
-            "processes, alternated with it: the launcher's Open MPI flags, distrib's cycle "
-            "time (`HOROVOD_CYCLE_TIME=0.1`) and one thread per worker, settings any Horovod user can give, so the "
-            "two differ by the library alone; Horovod default: `horovodrun --mpi`. DDP over Gloo under torchrun; tuned: "
+            "processes, alternated with it: the launcher's Open MPI flags and one thread per worker, settings any "
+            "Horovod user can give, so the two differ by the library alone; Horovod default: `horovodrun --mpi`. DDP over Gloo under torchrun; tuned: "
             "`gradient_as_bucket_view=True`, `broadcast_buffers=False` and the best bucket size of a sweep ("
             + ", ".join(f"{r['model']} {r['ddp_tuned_bucket_mb']:g} MB" for r in rows) + ").", ""]
     out += ["#### Each lever on its own", "",
@@ -162,6 +161,7 @@ def step_section(sec: dict, res: dict, quick: Optional[dict] = None) -> List[str
     return out + [""] + lever_summary(rows, res, quick)
 
 
+CANDIDATES = ("lever_cycle",)  # measured, but not distrib's default: their ratio is the case for adopting them
 # Facts about each lever that hold whatever a run measures; said when its own ratio does not justify it.
 LEVER_NOTES = {
     "lever_buckets": "With `zero_grad(set_to_none=True)`, torch's default, every step's gradients are new tensors "
@@ -172,7 +172,9 @@ LEVER_NOTES = {
                      "single process does, costs no collective, while the per-parameter path pays one small extra "
                      "allreduce per step for it; the sharded layouts (ZeRO) are cut from the same bucket assignment. "
                      "`DISTRIB_REDUCER=per-parameter` selects one Horovod allreduce per tensor.",
-    "lever_cycle": "Across hosts distrib leaves the cycle time at Horovod's default.",
+    "lever_cycle": "distrib leaves Horovod's cycle time at its default (it set 0.1 ms on one host until a run on "
+                   "the unloaded machine measured it slower in every round on the conv net and no faster elsewhere); "
+                   "`HOROVOD_CYCLE_TIME=0.1` opts in.",
     "lever_yield": "Without it Open MPI busy-polls in every wait, Horovod's background thread included.",
 }
 
@@ -186,6 +188,12 @@ def lever_summary(rows: list, res: dict, quick: Optional[dict]) -> List[str]:
         faster = [r["model"] for r in rows if r["ratios"][key]["max"] < 1.0]
         slower = [r["model"] for r in rows if r["ratios"][key]["min"] > 1.0]
         name = what.split(" (")[0].split(" vs ")[0]
+        if key in CANDIDATES:
+            verdict_text = "would be justified" if faster and not slower else "is not justified"
+            out.append(f"- **{name}**: a candidate, not a default: by its own ratio it {verdict_text} in this run "
+                       f"(faster in every round on {', '.join(faster) or 'no model'}, slower in every round on "
+                       f"{', '.join(slower) or 'no model'}). " + LEVER_NOTES[key] + _quick_lever(key, quick))
+            continue
         if faster and not slower:
             text = f"- **{name}**: justified by its own ratio, faster in every round on {', '.join(faster)}"
             text += f" and slower on none." if len(faster) == len(rows) else \
@@ -245,7 +253,7 @@ def network_section(sec: dict, res: dict) -> List[str]:
             "hosts share this machine's 2 cores, and TCP through the namespaces' veth pair is itself CPU-bound well "
             "below 10 Gbit/s, so the 10 Gbit/s ideal is out of reach of any implementation here. horovod-tuned: plain "
             "`hvd.DistributedOptimizer` in distrib's own processes, alternated with it (the same launcher and Open MPI "
-            "flags; across hosts distrib leaves Horovod's cycle time at its default). distrib-gloo: "
+            "flags). distrib-gloo: "
             "`python -m launch --controller gloo`."]
     return out
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -132,26 +132,6 @@ def import_horovod():
     return hvd
 
 
-# Horovod's background thread negotiates and launches collectives once per cycle (default 1 ms).
-# Between processes of one host (MPI over shared memory) a cycle costs a few microseconds, and a
-# 0.1 ms cycle cuts the latency of a 1 KiB-1 MiB allreduce 3-6x with no loss in step time
-# (benchmarks/results.md). Across hosts, or over Gloo's TCP, a cycle costs far more: keep 1 ms.
-SINGLE_HOST_MPI_CYCLE_MS = "0.1"
-
-
-def horovod_env_defaults(env: Mapping[str, str]) -> Dict[str, str]:
-    """Horovod settings distrib sets before ``hvd.init()`` unless the user set them.
-
-    Only for the MPI controller (no Gloo rendezvous address) with every worker on one host,
-    as told by Open MPI (world size == local size) or Slurm (one node).
-    """
-    if "HOROVOD_CYCLE_TIME" in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env:
-        return {}
-    world, local = env.get("OMPI_COMM_WORLD_SIZE"), env.get("OMPI_COMM_WORLD_LOCAL_SIZE")
-    one_host = (world is not None and world == local) or env.get("SLURM_NNODES") == "1"
-    return {"HOROVOD_CYCLE_TIME": SINGLE_HOST_MPI_CYCLE_MS} if one_host else {}
-
-
 # Set for a worker started by mpirun (Open MPI), horovodrun --gloo, or Horovod Elastic: they
 # give it its rank, and the SLURM_STEP_* variables it inherits describe their helpers, not it.
 LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "HOROVOD_RANK", "HOROVOD_GLOO_RENDEZVOUS_ADDR")
@@ -204,8 +184,6 @@ def init(seed: Optional[int] = None) -> Context:
         if "OMPI_COMM_WORLD_SIZE" in os.environ and not hvd.mpi_built():
             raise DistribSetupError("this worker was started by mpirun, but Horovod was built without MPI; "
                                     "rebuild it with MPI (make setup) or launch with --controller gloo")
-        for name, value in horovod_env_defaults(os.environ).items():
-            os.environ.setdefault(name, value)
         env_before_init = dict(os.environ)  # MPI's init adds OMPI_* variables of its own
         problem = srun_problem_before_init(env_before_init)
         if problem:

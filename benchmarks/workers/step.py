@@ -12,7 +12,7 @@ limited to it, and a variant's key is ``variant@rate``.
               cores at once (the compute floor of a 2-worker step on this machine)
     distrib   distrib.wrap; variants: buckets (the default reducer), per-parameter, fp16 (buckets
               with compression="fp16"), and horovod, horovod-fp16: plain hvd.DistributedOptimizer in
-              the same processes, i.e. under the same launcher, Open MPI flags, cycle time and threads
+              the same processes, i.e. under the same launcher, Open MPI flags and threads
     horovod   hvd.DistributedOptimizer (the launch decides the Open MPI flags and cycle time);
               variants: default, fp16 (hvd.Compression.fp16)
     ddp       torch DDP over Gloo (torchrun); variants: default (25 MB buckets), fp16 (default
