@@ -2,9 +2,13 @@
 
 Fault injection for tests: --fail-at-step K makes the worker holding rank --fail-rank die at
 step K (--fail-mode kill: SIGKILL to itself; exception: a Python error), once per run
-(a marker file in --out stops the restarted world from failing again). Every commit appends
-this rank's samples since the previous commit to OUT/indices.<pid>.txt; rolled-back steps are
-never written, so the files hold each sample the final model trained on.
+(a marker file in --out stops the restarted world from failing again). Every commit, rank 0
+appends the samples of every rank since the previous commit to OUT/indices.<pid>.txt; rolled-back
+steps are never written, so the files hold each sample the final model trained on.
+
+Rank 0 records the whole world's samples (gathered each step) rather than each rank its own: a
+worker killed after its gradients went into a step's allreduce but before it wrote its samples
+would leave samples the model did train on unrecorded, since the survivors' commit keeps that step.
 """
 import argparse
 import json
@@ -31,6 +35,7 @@ p.add_argument("--wait-for-size", type=int, default=0, help="keep training slowl
 args = p.parse_args()
 
 ctx = distrib.init(seed=0)
+hvd = distrib.context.import_horovod()
 torch.manual_seed(0)
 data = torch.utils.data.TensorDataset(torch.arange(args.samples).float().unsqueeze(1) / args.samples, torch.arange(args.samples))
 model = torch.nn.Linear(1, 1)
@@ -44,8 +49,9 @@ sizes_seen = args.out / f"sizes.{os.getpid()}.txt"
 
 
 def commit(state):
-    with open(args.out / f"indices.{os.getpid()}.txt", "a") as f:
-        f.write("".join(f"{i}\n" for i in pending))
+    if state.ctx.rank == 0:
+        with open(args.out / f"indices.{os.getpid()}.txt", "a") as f:
+            f.write("".join(f"{i}\n" for i in pending))
     pending.clear()
     state.commit()
 
@@ -66,7 +72,7 @@ def train(state):
         loss.backward()
         optimizer.step()
         schedule.step()
-        pending.extend(index.tolist())
+        pending.extend(hvd.allgather(index, name="elastic_train.samples").tolist())  # the world's samples
         state.step += 1
         if args.step_sleep:
             time.sleep(args.step_sleep)
