@@ -137,6 +137,12 @@ def through_horovod(res: dict, nbytes: int) -> str:
             f"{ms['distrib']:.2f} ms through it against {ms['mpi4py']:.2f} ms raw (medians, allreduce section)")
 
 
+def shared_machine(meta: dict) -> bool:
+    """Whether other jobs loaded the cores when the run began (the load after it counts the
+    benchmark's own processes, so it says nothing about other jobs)."""
+    return meta["load_before"][0] > meta["cpus"]
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
@@ -187,8 +193,9 @@ CANDIDATES = ("lever_cycle",)  # measured, but not distrib's default: their rati
 LEVER_NOTES = {
     "lever_buckets": "With `zero_grad(set_to_none=True)`, torch's default, every step's gradients are new tensors "
                      "that the bucketed reducer copies into its flat buffers before the allreduce, a copy the "
-                     "per-parameter path does not make in Horovod's fusion buffer either (Horovod copies every tensor "
-                     "it fuses). Kept as the default for what it carries, not for speed: the flags that tell which "
+                     "per-parameter path makes too, in Horovod's fusion buffer, whenever Horovod fuses several "
+                     "tensors (a tensor alone goes uncopied, hence per-parameter's edge in a one-tensor allreduce"
+                     "). Kept as the default for what it carries, not for speed: the flags that tell which "
                      "parameters no rank used ride at the end of each bucket, so leaving those unstepped, as a "
                      "single process does, costs no collective, while the per-parameter path pays one small extra "
                      "allreduce per step for it; the sharded layouts (ZeRO) are cut from the same bucket assignment. "
@@ -224,7 +231,7 @@ def lever_summary(rows: list, res: dict, quick: Optional[dict]) -> List[str]:
                     f"{', '.join(faster) or 'no model'}, slower in every round on {', '.join(slower) or 'no model'}). "
                     + LEVER_NOTES[key])
         out.append(text + _lever_elsewhere(key, res) + _quick_lever(key, quick))
-    loaded = max(res["meta"]["load_before"][0], res["meta"]["load_after"][0]) > res["meta"]["cpus"]
+    loaded = shared_machine(res["meta"])
     if loaded and any("not justified" in line for line in out):
         out += ["", "The levers above that this run does not justify are still distrib's defaults in this "
                 "commit: it was measured on a machine shared with other jobs (load average "
@@ -383,9 +390,9 @@ def render(res: dict, quick: Optional[dict] = None) -> str:
            "drifts by more than the differences measured; a ratio is taken per round. Measured "
            f"{meta['date'][:16].replace('T', ' ')} UTC on {meta['cpus']} cores without a GPU, torch {meta['torch']}, "
            f"Horovod {meta['horovod']}, load average {meta['load_before'][0]:.1f} before and "
-           f"{meta['load_after'][0]:.1f} after" + (
+           f"{meta['load_after'][0]:.1f} after (the benchmark's own processes included)" + (
                f": the cores were shared with other jobs, so the ranges are wide and a ratio whose range crosses 1 "
-               "says nothing." if max(meta["load_before"][0], meta["load_after"][0]) > meta["cpus"] else ".")
+               "says nothing." if shared_machine(meta) else ".")
            , "", "### Goals", ""]
     out += table(["goal", "measured", ""], goals(res, quick))
     for name, render_section in SECTIONS:
