@@ -196,21 +196,19 @@ def during_training(opts, model: str = "lm") -> dict:
             "max_step_ms": {v: max(ms) for v, ms in got["steps"].items()}}
 
 
-def _pct(o: dict) -> str:
-    return f"{100 * o['median']:+.1f} % ({100 * o['min']:+.1f} to {100 * o['max']:+.1f})"
-
-
 def during_markdown(d: dict) -> str:
     out = [f"{d['model']}, 2 workers, AdamW state {d['state_bytes'] / 2**20:.1f} MiB; {d['rounds']} rounds of "
            f"{d['every']}-step segments, one checkpoint each, the four variants alternated in the same processes.", "",
            f"| variant | cost of one checkpoint, ms | overhead at one per {d['goal_every']} steps | overhead measured "
-           f"at one per {d['every']} | ms per step incl. the checkpoint | slowest step ms |", "|---|---|---|---|---|---|"]
+           f"at one per {d['every']} | ms per step incl. the checkpoint | slowest step ms |",
+           "|---|---|---|---|---|---|"]
     for v, s in d["segment_step_ms"].items():
         if v == "none":
             out.append(f"| none | reference | | | {stats.fmt_value(s, '', 1)} | {d['max_step_ms'][v]:.0f} |")
             continue
-        out.append(f"| {v} | {stats.fmt_value(d['cost_ms'][v], '', 1)} | {_pct(d['overhead'][v])} | "
-                   f"{_pct(d['overhead_measured'][v])} | {stats.fmt_value(s, '', 1)} | {d['max_step_ms'][v]:.0f} |")
+        out.append(f"| {v} | {stats.fmt_value(d['cost_ms'][v], '', 1)} | {stats.fmt_pct(d['overhead'][v])} | "
+                   f"{stats.fmt_pct(d['overhead_measured'][v])} | {stats.fmt_value(s, '', 1)} | "
+                   f"{d['max_step_ms'][v]:.0f} |")
     out += ["", "cost: segment time with the checkpoint - the adjacent segment's without, per round; overhead at one "
             f"per {d['goal_every']} steps: that cost / ({d['goal_every']} x the step time without). none: no "
             "checkpoint; async: distrib's CheckpointManager (a thread writes while the steps run; the segment ends "

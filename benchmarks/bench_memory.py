@@ -5,7 +5,7 @@ workers, unsharded, ``shard="optimizer"`` and ``shard="gradients"``: per worker,
 resident memory (``ru_maxrss``, and the same above the worker's resident memory before the
 model was built: torch, Horovod and the interpreter), the optimizer-state bytes it holds, the
 gradient bytes it holds when the step starts, and the step time. Every round runs the three
-modes at each world size in a rotated order; step-time ratios are taken per round.
+modes at each world size once (peak memory does not vary from run to run).
 
     python benchmarks/bench_memory.py --worker --shard gradients --out FILE   (under the launcher)
 """
@@ -28,21 +28,18 @@ WIDTH, DEPTH, BATCH = 2048, 12, 16
 
 
 def run(opts) -> dict:
-    # Peak memory does not vary from run to run: one round (a launch of ~20 s per world size and mode)
+    # Peak memory does not vary from run to run: one run per world size and mode (a launch of ~20 s)
     # keeps make bench within its budget; the step-time ratios here are then single runs.
-    rounds = 1
     steps = 3 if opts.quick else 6
     sizes = (2,) if opts.quick else (2, 3)
     depth = 4 if opts.quick else DEPTH  # quick: a third of the model, enough to run every path
     raw = {(n, m): [] for n in sizes for m in MODES}
-    for r in range(rounds):
-        for n in sizes:
-            for mode in stats.rotate(MODES, r):
-                out = opts.work / f"memory-{n}-{mode}.json"
-                cmd = launchers.launch(n, ["benchmarks/bench_memory.py", "--worker", "--shard", mode,
-                                           "--depth", str(depth), "--steps", str(steps), "--out", str(out)])
-                launchers.run(cmd, launchers.worker_env(), timeout=900)
-                raw[(n, mode)].append(json.loads(out.read_text()))
+    for n, mode in raw:
+        out = opts.work / f"memory-{n}-{mode}.json"
+        cmd = launchers.launch(n, ["benchmarks/bench_memory.py", "--worker", "--shard", mode,
+                                   "--depth", str(depth), "--steps", str(steps), "--out", str(out)])
+        launchers.run(cmd, launchers.worker_env(), timeout=900)
+        raw[(n, mode)].append(json.loads(out.read_text()))
     rows = []
     for (n, mode), reports in raw.items():
         worst = [max(rep["ranks"], key=lambda w: w["peak_rss"]) for rep in reports]  # the worker that peaked highest
@@ -62,13 +59,13 @@ def run(opts) -> dict:
             "step_ratio": stats.ratios([rep["step_s"] for rep in reports], [rep["step_s"] for rep in base]),
         })
     return {"title": "Memory: sharded optimizer state and gradients (ZeRO stages 1 and 2)", "rows": rows,
-            "markdown": markdown(rows, rounds, steps)}
+            "markdown": markdown(rows, steps)}
 
 
-def markdown(rows, rounds: int, steps: int) -> str:
-    lines = [f"{rows[0]['params'] / 1e6:.1f} M parameters (float32), AdamW, {steps} steps per run, "
-             f"{rounds} round(s); per worker (the highest of the workers). Ratios: against unsharded at the same "
-             "world size, per round.", "",
+def markdown(rows, steps: int) -> str:
+    lines = [f"{rows[0]['params'] / 1e6:.1f} M parameters (float32), AdamW, {steps} steps per run, one run per "
+             "world size and mode; per worker (the highest of the workers). Ratios: against unsharded at the same "
+             "world size.", "",
              "| workers | shard | peak RSS | peak above start | x unsharded | optimizer state | gradients held "
              "| step | x unsharded |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

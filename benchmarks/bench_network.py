@@ -6,8 +6,9 @@ round, in a rotated order, one launch of each: distrib (``python -m launch -H no
 with the MPI controller the launcher picks; plain ``hvd.DistributedOptimizer`` runs in the same
 processes, alternated with distrib: tuned Horovod, with the same Open MPI flags),
 distrib with ``--controller gloo``, and DDP over Gloo (one torchrun per host); distrib, Horovod and
-DDP each with and without fp16 compression. Inside a launch the link speeds and the variants alternate: before each
-speed's steps every worker limits its own host's link (step worker ``--link-rates``). One worker
+DDP each with and without fp16 compression. Inside a launch the link speeds and the variants
+alternate: before each speed's steps every worker limits its own host's link (step worker
+``--link-rates``). One worker
 alone (no link) is timed once per round. The ideal: alone + the link's time for 2(n-1)/n of the
 gradient bytes.
 

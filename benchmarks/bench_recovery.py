@@ -18,8 +18,8 @@ the same way (``MODES``), but are left out of ``make bench`` to keep it within i
 
 One job per mode and block kills a worker several times; with several blocks the modes alternate
 so that they share the machine's noise (``make bench`` runs one block: the modes differ by more
-than the noise, and every job start costs seconds). A trial succeeds when a step completes after the kill within
-TRIAL_TIMEOUT_S; after a failed trial the block goes on in a fresh job.
+than the noise, and every job start costs seconds). A trial succeeds when a step completes after
+the kill within TRIAL_TIMEOUT_S; after a failed trial the block goes on in a fresh job.
 """
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ per round, then summarised over rounds (median and min-max).
 References: one process alone; two independent processes at once (``pair``: the compute floor
 when two workers share the two cores); plain Horovod (``hvd.DistributedOptimizer``) under
 ``horovodrun`` defaults, and *tuned*: in distrib's own processes, alternated with distrib, so with
-the launcher's Open MPI flags and one thread per worker; DDP over Gloo with defaults and tuned (``gradient_as_bucket_view``, the best bucket size of
-a sweep); and one distrib variant per lever (reducer, cycle time, yield), so that each lever's own
-effect is a ratio. The ideal is alone + a raw mpi4py allreduce of the gradient bytes, timed in a
+the launcher's Open MPI flags and one thread per worker; DDP over Gloo with defaults and tuned
+(``gradient_as_bucket_view``, the best bucket size of a sweep); and one distrib variant per lever
+(reducer, cycle time, yield), so that each lever's own effect is a ratio. The ideal is alone + a raw mpi4py allreduce of the gradient bytes, timed in a
 plain mpirun job without Horovod (inside a Horovod job MPI's lock, shared with Horovod's thread,
 would slow it).
 """
@@ -111,7 +111,8 @@ RATIOS: Tuple[Tuple[str, str, str, str], ...] = (
     ("vs_horovod_default", "distrib", "horovod-default", "distrib against plain Horovod under horovodrun defaults"),
     ("settings_on_horovod", "horovod-tuned", "horovod-default", "the launcher's settings, on plain Horovod"),
     ("lever_buckets", "distrib", "distrib-per-parameter", "lever: flat buckets (vs one allreduce per tensor)"),
-    ("lever_cycle", "distrib-cycle-0.1ms", "distrib", "candidate lever, not adopted: cycle time 0.1 ms (vs Horovod's 1 ms)"),
+    ("lever_cycle", "distrib-cycle-0.1ms", "distrib",
+     "candidate lever, not adopted: cycle time 0.1 ms (vs Horovod's 1 ms)"),
     ("lever_yield", "distrib", "distrib-no-yield", "lever: mpi_yield_when_idle (vs Open MPI's busy polling)"),
     ("ddp_tuning", "ddp-tuned", "ddp-default", "DDP's own tuning"),
 )
@@ -131,6 +132,7 @@ def model_row(model: str, m: dict) -> dict:
     ms["ddp-tuned"] = ms[tuned]
     row = {"model": model, "params": m["params"], "grad_bytes": m["grad_bytes"], "tensors": m["tensors"],
            "batch": m["batch"], "ddp_tuned_bucket_mb": float(tuned.rsplit("-", 1)[1]),
+           "ddp_swept_mb": [mb for mb in DDP_SWEEP_MB if f"ddp-tuned-{mb}" in ms],
            "step_ms": {k: stats.summary(v) for k, v in ms.items()},
            "ratios": {key: {"a": a, "b": b, "what": what, **stats.ratios(ms[a], ms[b])}
                       for key, a, b, what in RATIOS}}
@@ -176,7 +178,7 @@ def _table(rows) -> str:
     for k in EFFICIENCY_OF + ("ideal",):
         out.append(f"| {k} | " + " | ".join(stats.fmt(r["efficiency"][k]) for r in rows) + " |")
     out += ["", "ddp-tuned: gradient_as_bucket_view=True, broadcast_buffers=False and the bucket size (MB) "
-            f"of {', '.join(map(str, DDP_SWEEP_MB))} with the lowest median: "
+            f"of {', '.join(map(str, rows[0]['ddp_swept_mb']))} with the lowest median: "
             + ", ".join(f"{r['model']} {r['ddp_tuned_bucket_mb']:g}" for r in rows)
             + ". horovod-tuned: plain hvd.DistributedOptimizer in distrib's processes, alternated with it (the "
             "launcher's Open MPI flags, `launch/plan.py`); horovod-default: `horovodrun --mpi`. "

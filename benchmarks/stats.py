@@ -31,6 +31,11 @@ def fmt_value(s: Dict[str, float], unit: str = "", digits: int = 1) -> str:
     return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
+def fmt_pct(s: Dict[str, float]) -> str:
+    """A summary of fractions as percentages: '+0.9 % (-0.4 to +2.3)'."""
+    return f"{100 * s['median']:+.1f} % ({100 * s['min']:+.1f} to {100 * s['max']:+.1f})"
+
+
 def rotate(items: Sequence, k: int) -> list:
     """``items`` started at position k: each round runs the candidates in a different order."""
     k %= len(items)
