@@ -33,6 +33,9 @@ class DistribSetupError(RuntimeError):
     says how to fix it."""
 
 
+DistribSetupError.__module__ = "distrib"  # tracebacks name it as users import it: distrib.DistribSetupError
+
+
 class Handle:
     """An asynchronous collective in flight. :meth:`wait` blocks until it is done and returns
     its result (the tensor it wrote); call it once, on every rank that started it."""
