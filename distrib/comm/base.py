@@ -61,6 +61,7 @@ class Comm:
     engine = "none"
     controller = "none"  # how the workers found each other (Horovod: mpi or gloo; torch: its backend)
     supports_adasum = False
+    uses_nccl = False  # collectives run on NCCL (GPU ranks must then not share a GPU)
 
     def __init__(self):
         self.broken: Optional[BaseException] = None

@@ -109,8 +109,9 @@ def math_mode(args, ctx, out):
             train_steps(ctx, model, opt, schedule(opt, args.steps), 0, args.steps, accumulate)
             nbytes = opt._zero.nbytes() if shard else sum(
                 v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+            norm = opt.last_grad_norm  # a tensor (reading it in the step would wait for a GPU)
             case["sharded"][shard or "none"] = {
-                "ranks": all_ranks_params(ctx, model), "norm": opt.last_grad_norm,
+                "ranks": all_ranks_params(ctx, model), "norm": None if norm is None else float(norm),
                 "state_bytes": ctx.comm.allgather_object(nbytes, name="zero.bytes")}
         if ctx.rank == 0:
             case["plain"], _ = plain(kind, args.steps, max_norm)
