@@ -3,7 +3,8 @@
 CI has no GPU, so this counts what would: a host read of a tensor's value (``.item()``,
 ``float()``, ``bool()``, ``.tolist()``) or a host value written into a tensor by a blocking copy,
 during ``backward()`` + ``step()`` of the wrapped optimizer (tests/scripts/sync_counter.py).
-Two real workers, every precision and shard mode, clipping on, against the same loop in plain
+Two real workers of each engine (Horovod, torch.distributed), every precision and shard mode,
+clipping on, against the same loop in plain
 torch. scripts/gpu_check.py runs the same script on a GPU under
 ``torch.cuda.set_sync_debug_mode("error")``.
 """
@@ -12,18 +13,22 @@ import json
 import pytest
 import torch
 
-from tests.helpers import SCRIPTS, run_launch
+from tests.helpers import SCRIPTS, run_launch, run_torchrun
 from tests.scripts.sync_counter import SyncCounter
 
 _runs = {}
 
 
-def counts(tmp_path_factory):
-    if "out" not in _runs:
-        out = tmp_path_factory.mktemp("syncs") / "syncs.json"
-        run_launch(["-np", "2"], SCRIPTS / "step_syncs.py", ["--out", out], timeout=240)
-        _runs["out"] = json.loads(out.read_text())
-    return _runs["out"]
+def counts(engine, tmp_path_factory):
+    """Every rank's counts: 2 workers of the Horovod engine (our launcher) or the torch engine (torchrun)."""
+    if engine not in _runs:
+        out = tmp_path_factory.mktemp(f"syncs-{engine}") / "syncs.json"
+        if engine == "horovod":
+            run_launch(["-np", "2"], SCRIPTS / "step_syncs.py", ["--out", out], timeout=240)
+        else:
+            run_torchrun(2, SCRIPTS / "step_syncs.py", ["--out", out], timeout=240)
+        _runs[engine] = json.loads(out.read_text())
+    return _runs[engine]
 
 
 def test_the_counter_sees_what_would_wait_for_a_gpu_and_nothing_else():
@@ -47,9 +52,10 @@ def test_the_counter_sees_what_would_wait_for_a_gpu_and_nothing_else():
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("shard", ["none", "optimizer", "gradients"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_backward_and_step_never_wait_for_the_device(precision, shard, tmp_path_factory):
-    ranks = counts(tmp_path_factory)
-    assert [r["size"] for r in ranks] == [2, 2]
+@pytest.mark.parametrize("engine", ["horovod", "torch"])
+def test_backward_and_step_never_wait_for_the_device(engine, precision, shard, tmp_path_factory):
+    ranks = counts(engine, tmp_path_factory)
+    assert [(r["size"], r["engine"]) for r in ranks] == [(2, engine), (2, engine)]
     for rank, result in enumerate(ranks):
         plain = result["cases"][f"plain-{precision}"]
         got = result["cases"][f"distrib-{precision}-{shard}"]
@@ -57,15 +63,16 @@ def test_backward_and_step_never_wait_for_the_device(precision, shard, tmp_path_
         # fp16: GradScaler.step reads its inf flag once per step, in plain torch as in ours
         assert plain["per_step"] == ([1] * 3 if precision == "fp16" else [0] * 3), plain
         assert got["per_step"] == plain["per_step"], (
-            f"rank {rank}, precision={precision}, shard={shard}: {got['per_step']} host waits per step, plain "
+            f"{engine} rank {rank}, precision={precision}, shard={shard}: {got['per_step']} host waits per step, plain "
             f"torch {plain['per_step']}; extra: {sorted(set(got['calls']) - set(plain['calls']))}")
         assert got["norm_is_tensor"], "last_grad_norm was read on the host"
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
-def test_a_parameter_unused_on_one_rank_costs_that_rank_one_read(tmp_path_factory):
-    ranks = counts(tmp_path_factory)
+@pytest.mark.parametrize("engine", ["horovod", "torch"])
+def test_a_parameter_unused_on_one_rank_costs_that_rank_one_read(engine, tmp_path_factory):
+    ranks = counts(engine, tmp_path_factory)
     assert ranks[0]["cases"]["distrib-fp32-none-unused-on-rank-1"]["per_step"] == [0, 0, 0]
     # rank 1 must learn whether rank 0 used the head (it did): one small read of the averaged flags
     assert ranks[1]["cases"]["distrib-fp32-none-unused-on-rank-1"]["per_step"] == [1, 1, 1]

@@ -18,7 +18,6 @@ import warnings
 import torch
 
 import distrib
-from distrib.context import import_horovod
 from sync_counter import SyncCounter
 
 p = argparse.ArgumentParser()
@@ -31,7 +30,6 @@ p.add_argument("--steps", type=int, default=3)
 args = p.parse_args()
 
 ctx = distrib.init(seed=0)
-hvd = import_horovod()
 device = ctx.device if args.device == "cuda" else torch.device("cpu")
 if args.device == "cuda" and device.type != "cuda":
     raise SystemExit("--device cuda: this worker got no GPU")
@@ -158,7 +156,7 @@ def plain_counts(precision: str):
             "cuda_syncs": cuda_syncs, "cuda_error": cuda_error}
 
 
-results = {"size": ctx.size, "device": str(device), "optimizer": args.optimizer, "cases": {}}
+results = {"size": ctx.size, "engine": ctx.comm.engine, "device": str(device), "optimizer": args.optimizer, "cases": {}}
 for precision in PRECISIONS:
     results["cases"][f"plain-{precision}"] = plain_counts(precision)
     for shard in SHARDS:
@@ -166,7 +164,7 @@ for precision in PRECISIONS:
 if ctx.size > 1:
     # a parameter only rank 0 uses: the other ranks must learn whether anyone used it
     results["cases"]["distrib-fp32-none-unused-on-rank-1"] = distrib_counts("fp32", None, unused_head=True)
-everyone = hvd.allgather_object(results, name="syncs.results")
+everyone = ctx.comm.allgather_object(results, name="syncs.results")
 if ctx.rank == 0:
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(everyone, f, indent=1)
