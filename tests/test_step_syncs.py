@@ -4,8 +4,8 @@ CI has no GPU, so this counts what would: a host read of a tensor's value (``.it
 ``float()``, ``bool()``, ``.tolist()``) or a host value written into a tensor by a blocking copy,
 during ``backward()`` + ``step()`` of the wrapped optimizer (tests/scripts/sync_counter.py).
 Two real workers of each engine (Horovod, torch.distributed), every precision and shard mode,
-clipping on, against the same loop in plain
-torch. scripts/gpu_check.py runs the same script on a GPU under
+clipping on, against the same loop in plain torch. scripts/gpu_check.py runs the same script on
+a GPU under
 ``torch.cuda.set_sync_debug_mode("error")``.
 """
 import json
