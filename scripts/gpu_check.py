@@ -173,7 +173,7 @@ def check_export(c: Checks) -> str:
                          timeout=180)
         diff = re.search(r"max \|logit difference\| (\S+)", proc.stdout)
         done.append(f"{fmt} (max |logit difference| {diff.group(1) if diff else '?'})")
-    return "of the GPU-trained bf16 run: " + ", ".join(done)
+    return "of the bf16 run trained above: " + ", ".join(done)
 
 
 README_RUNNER = """
