@@ -131,14 +131,6 @@ def gpu_sharing_problem(gpus: Sequence[Optional[GpuIdentity]], *, nccl: bool,
     return None
 
 
-def _nccl_in_use(comm: Comm) -> bool:
-    """Whether GPU tensors travel over NCCL in this world: torch's NCCL backend, or a Horovod
-    built with NCCL (the same on every rank of one installation)."""
-    if comm.engine == "torch":
-        return comm.controller == "nccl"
-    return comm.engine == "horovod" and bool(import_horovod().nccl_built())
-
-
 def threads_per_worker(cpu_count: int, local_size: int, env: Optional[Mapping[str, str]] = None) -> int:
     """Intra-op threads for one worker: the node's cores shared among its workers.
 
@@ -268,9 +260,9 @@ def init(seed: Optional[int] = None, engine: Optional[str] = None) -> Context:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # Before the first NCCL collective (wrap's broadcast): one allgather of every rank's GPU UUID,
-    # only where NCCL carries the tensors (the same answer on every rank, so all of them take part).
+    # only where the engine runs on NCCL (the same answer on every rank, so all of them take part).
     # Horovod Elastic allows no collective outside its retry loop: not checked there.
-    if comm.size > 1 and not elastic and _nccl_in_use(comm):
+    if comm.uses_nccl and comm.size > 1 and not elastic:
         gpus = comm.allgather_object(gpu_identity(device), name="distrib.context.gpus")
         problem = gpu_sharing_problem(gpus, nccl=True)
         if problem:

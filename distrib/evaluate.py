@@ -50,10 +50,10 @@ def to_device(batch: Any, device: torch.device) -> Any:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable, metric_fn: Callable, ctx=None) -> Dict[str, float]:
     """Run ``metric_fn(model, batch) -> (dict of per-batch metric *means*, batch size)`` over
-    this rank's ``batches`` and average across ranks (over ``ctx.comm`` when given). Each batch
-    is moved to the device of the model's parameters first (:func:`to_device`). Metric values may
-    be tensors: they are summed on the device and read once at the end, not once per batch. Must
-    be called on all ranks."""
+    this rank's ``batches`` and average across ranks (over ``ctx.comm`` when given). Each batch is
+    moved to the device of the model's parameters first (:func:`to_device`). Metric values may be
+    tensors: they are summed on the device and read once at the end, not once per batch. Must be
+    called on all ranks."""
     was_training = model.training
     first = next(model.parameters(), None)
     device = first.device if first is not None else None  # a model without parameters: batches as they are

@@ -3,9 +3,8 @@
 CI has no GPU, so this counts what would: a host read of a tensor's value (``.item()``,
 ``float()``, ``bool()``, ``.tolist()``) or a host value written into a tensor by a blocking copy,
 during ``backward()`` + ``step()`` of the wrapped optimizer (tests/scripts/sync_counter.py).
-Two real workers of each engine (Horovod, torch.distributed), every precision and shard mode,
-clipping on, against the same loop in plain torch. scripts/gpu_check.py runs the same script on
-a GPU under
+Two real workers, every precision and shard mode, clipping on, against the same loop in plain
+torch. scripts/gpu_check.py runs the same script on a GPU under
 ``torch.cuda.set_sync_debug_mode("error")``.
 """
 import json
@@ -19,15 +18,15 @@ from tests.scripts.sync_counter import SyncCounter
 _runs = {}
 
 
-def counts(engine, tmp_path_factory):
-    """Every rank's counts: 2 workers of the Horovod engine (our launcher) or the torch engine (torchrun)."""
+def counts(tmp_path_factory, engine="horovod"):
     if engine not in _runs:
-        out = tmp_path_factory.mktemp(f"syncs-{engine}") / "syncs.json"
-        if engine == "horovod":
-            run_launch(["-np", "2"], SCRIPTS / "step_syncs.py", ["--out", out], timeout=240)
-        else:
+        out = tmp_path_factory.mktemp("syncs") / "syncs.json"
+        if engine == "torch":
             run_torchrun(2, SCRIPTS / "step_syncs.py", ["--out", out], timeout=240)
+        else:
+            run_launch(["-np", "2"], SCRIPTS / "step_syncs.py", ["--out", out], timeout=240)
         _runs[engine] = json.loads(out.read_text())
+        assert {r["engine"] for r in _runs[engine]} == {engine}
     return _runs[engine]
 
 
@@ -54,8 +53,8 @@ def test_the_counter_sees_what_would_wait_for_a_gpu_and_nothing_else():
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("engine", ["horovod", "torch"])
 def test_backward_and_step_never_wait_for_the_device(engine, precision, shard, tmp_path_factory):
-    ranks = counts(engine, tmp_path_factory)
-    assert [(r["size"], r["engine"]) for r in ranks] == [(2, engine), (2, engine)]
+    ranks = counts(tmp_path_factory, engine)
+    assert [r["size"] for r in ranks] == [2, 2]
     for rank, result in enumerate(ranks):
         plain = result["cases"][f"plain-{precision}"]
         got = result["cases"][f"distrib-{precision}-{shard}"]
@@ -63,16 +62,15 @@ def test_backward_and_step_never_wait_for_the_device(engine, precision, shard, t
         # fp16: GradScaler.step reads its inf flag once per step, in plain torch as in ours
         assert plain["per_step"] == ([1] * 3 if precision == "fp16" else [0] * 3), plain
         assert got["per_step"] == plain["per_step"], (
-            f"{engine} rank {rank}, precision={precision}, shard={shard}: {got['per_step']} host waits per step, plain "
+            f"rank {rank}, precision={precision}, shard={shard}: {got['per_step']} host waits per step, plain "
             f"torch {plain['per_step']}; extra: {sorted(set(got['calls']) - set(plain['calls']))}")
         assert got["norm_is_tensor"], "last_grad_norm was read on the host"
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("engine", ["horovod", "torch"])
-def test_a_parameter_unused_on_one_rank_costs_that_rank_one_read(engine, tmp_path_factory):
-    ranks = counts(engine, tmp_path_factory)
+def test_a_parameter_unused_on_one_rank_costs_that_rank_one_read(tmp_path_factory):
+    ranks = counts(tmp_path_factory)
     assert ranks[0]["cases"]["distrib-fp32-none-unused-on-rank-1"]["per_step"] == [0, 0, 0]
     # rank 1 must learn whether rank 0 used the head (it did): one small read of the averaged flags
     assert ranks[1]["cases"]["distrib-fp32-none-unused-on-rank-1"]["per_step"] == [1, 1, 1]
