@@ -445,9 +445,16 @@ class Run:
     def _adopt_rank_states(self) -> None:
         """Elastic, after a re-formation and its sync: this rank's part of the last commit's
         rank states (its own at the same world size, re-sharded or reset at another)."""
-        if self._has_rank_state and self._state.resets != self._rank_states.adopted_after:
+        if not self._has_rank_state:
+            return
+        if self._state.resets != self._rank_states.adopted_after:
             self._rank_states.adopted_after = self._state.resets
             self.rank_state.load_all(self._rank_states.states, self.ctx.rank, self.ctx.size)
+        if self._rank_states.states is None:
+            # The start (or a restart before the first commit): every rank's state as the first
+            # commit's, so that a resize before the first commit re-shards it too.
+            self._gather_rank_states()
+            self._state.save()
 
 
 def prepare_run_dir(run_dir: Union[str, Path]) -> Path:
