@@ -57,7 +57,7 @@ def evaluate(data):
     return total / chunks(data, args.bptt)
 
 
-step, best, losses, lrs = 0, float("inf"), [], []
+step, best, losses, lrs, vals = 0, float("inf"), [], [], []
 while step < args.steps:
     hidden = model.init_hidden(args.batch_size)
     for i in range(chunks(train_data, args.bptt)):
@@ -74,6 +74,7 @@ while step < args.steps:
         step += 1
         if i == chunks(train_data, args.bptt) - 1:  # the end of an epoch
             val = evaluate(val_data)
+            vals.append(val)
             print(f"step {step} validation loss {val:.3f} ppl {math.exp(val):.1f}")
             if val < best:
                 best = val
@@ -82,4 +83,4 @@ while step < args.steps:
         if step == args.steps:
             break
 torch.save({"model": model.state_dict(), "hidden": hidden, "best": best, "losses": losses, "lrs": lrs,
-            "val": evaluate(val_data)}, args.out)
+            "vals": vals}, args.out)
