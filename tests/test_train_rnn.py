@@ -177,3 +177,21 @@ def test_elastic_shrink_keeps_the_global_batch_steps_and_learning_rate(tmp_path,
     assert all(r["tokens_per_s"] == pytest.approx(16 * r["samples_per_s"]) for r in steps.values())
     # the hidden states went on with the survivor: the training is the single-process one's
     assert [evals[s] for s in sorted(evals)] == pytest.approx(single["vals"], rel=1e-4)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_resume_on_one_worker_reshards_the_hidden_states_and_keeps_the_global_batch(tmp_path, single):
+    """2 workers to step 30 (mid-epoch 1), then a plain resume on 1 worker: its checkpoint's two
+    hidden states are concatenated for the one worker's 8 columns, and the run goes on as the
+    single-process one did."""
+    run_dir = tmp_path / "run"
+    run_launch(["-np", "2"], EXAMPLE, [*ARGS[:-1], 30, "--run-dir", run_dir, "--log-every", 1])
+    run_launch(["-np", "1"], EXAMPLE, [*ARGS, "--run-dir", run_dir, "--log-every", 1])
+    assert [r["step"] for r in records(run_dir) if r.get("event") == "resume"] == [30]
+    steps = per_step(run_dir)
+    assert steps[31]["world_size"] == 1
+    assert [steps[s]["lr"] for s in range(1, STEPS + 1)] == single["lrs"]
+    assert [steps[s]["loss"] for s in range(31, STEPS + 1)] == pytest.approx(single["losses"][30:], rel=1e-4)
+    _, ranks = final_checkpoint(run_dir)
+    assert len(ranks) == 1 and torch.allclose(ranks[0]["hidden"][0], single["hidden"][0], atol=1e-5)
