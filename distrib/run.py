@@ -51,7 +51,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -60,7 +60,8 @@ from distrib.context import share_cores
 from distrib.metrics import MetricsLogger, mean_over_ranks
 from distrib.preemption import PreemptionHandler
 from distrib.step_guard import StepGuard
-from distrib.user_state import RankState, Reshard, UserState
+from distrib.schedule import check_lr_scheduler, is_plateau
+from distrib.user_state import GatheredRankStates, RankState, Reshard, UserState
 
 Evaluate = Callable[[Any], Dict[str, float]]
 
@@ -208,7 +209,8 @@ class Run:
         """Metrics of this step (``loss=...``; tensors are read with ``.item()``); averaged over
         the ``log_every`` window in ``metrics.jsonl``. Local: no collective. The file holds rank
         0's values, or with ``Run(average_logged=True)`` the mean over the workers (Run gathers
-        them once per logged window, at the step boundary, so every rank must log the same names)."""
+        them once per logged window, at the step boundary; a name only some ranks log is averaged
+        over those)."""
         for name, value in metrics.items():
             self._logged[name] = float(value.item() if isinstance(value, torch.Tensor) else value)
 
@@ -469,38 +471,6 @@ def prepare_run_dir(run_dir: Union[str, Path]) -> Path:
         raise ValueError(f"--run-dir {run_dir} is not a writable directory ({exc.strerror or exc}); "
                          "choose another --run-dir") from None
     return run_dir
-
-
-def is_plateau(scheduler) -> bool:
-    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-
-
-def check_lr_scheduler(lr_scheduler, every: str, schedule) -> None:
-    if lr_scheduler is None:
-        return
-    if schedule is not None:
-        raise ValueError("give Run either schedule= (a distrib.LRSchedule) or lr_scheduler= (a torch scheduler), "
-                         "not both: each sets the learning rate")
-    if not (callable(getattr(lr_scheduler, "step", None)) and callable(getattr(lr_scheduler, "state_dict", None))):
-        raise ValueError(f"lr_scheduler must be a torch LR scheduler (step/state_dict), got {type(lr_scheduler).__name__}")
-    if every not in ("step", "epoch"):
-        raise ValueError(f"lr_scheduler_every must be 'step' or 'epoch', got {every!r}")
-
-
-class GatheredRankStates:
-    """Elastic: every rank's :class:`RankState` at the last commit (the same list on every rank),
-    committed, rolled back and synced like the other state objects."""
-
-    def __init__(self):
-        self.states: Optional[List[Dict[str, Any]]] = None
-        self.size = 0
-        self.adopted_after = 0  # the elastic reset count this rank last adopted them after
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"states": self.states, "size": self.size}
-
-    def load_state_dict(self, saved: Dict[str, Any]) -> None:
-        self.states, self.size = saved["states"], saved["size"]
 
 
 def _check_interval(name: str, value, zero: str) -> None:

@@ -133,3 +133,19 @@ def split_concat(dim: int = 0) -> Reshard:
         return whole.chunk(size, dim=dim)[rank].clone()
 
     return reshard
+
+
+class GatheredRankStates:
+    """Elastic: every rank's :class:`RankState` at the last commit (the same list on every rank),
+    committed, rolled back and synced like the other state objects."""
+
+    def __init__(self):
+        self.states: Optional[List[Dict[str, Any]]] = None
+        self.size = 0
+        self.adopted_after = 0  # the elastic reset count this rank last adopted them after
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"states": self.states, "size": self.size}
+
+    def load_state_dict(self, saved: Dict[str, Any]) -> None:
+        self.states, self.size = saved["states"], saved["size"]
