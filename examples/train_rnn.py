@@ -102,9 +102,9 @@ def main(argv=None) -> int:
         def loss_of(model, batch):
             nonlocal hidden
             logits, hidden = model(batch[0], hidden)
-            return {"loss": criterion(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1)).item()}, batch[1].numel()
+            return {"loss": criterion(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))}, batch[1].numel()
         return distrib.evaluate(model, [chunk(mine, i, args.bptt) for i in range(chunks(mine, args.bptt))] if len(mine)
-                                else [], loss_of)
+                                else [], loss_of, ctx)
 
     def end_of_epoch(run):  # after this epoch's validation and annealing: keep the best, restart the streams
         if run.last_eval["loss"] < run.state["best"]:
