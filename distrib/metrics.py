@@ -19,7 +19,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, TextIO
+from typing import Callable, Dict, Iterator, List, Optional, TextIO, Union
+
+import torch
 
 from distrib.progress import Progress
 from distrib.timing import PHASES
@@ -138,24 +140,29 @@ class MetricsLogger:
         outer one is charged only for the time outside the inner one."""
         return self.timer.phase(name)
 
-    def step(self, step: int, *, loss: Optional[float] = None, lr: Optional[float] = None, **metrics) -> None:
+    def step(self, step: int, *, loss=None, lr: Optional[float] = None, **metrics) -> None:
         """End of optimizer step ``step`` (1-based count of steps done). ``loss`` and the other
-        numeric ``metrics`` are averaged over the steps of the logged window."""
+        ``metrics`` (numbers or one-element tensors) are averaged over the steps of the logged
+        window. A tensor is summed on its device and read once, when the window is written:
+        logging it every step does not make the host wait for a GPU every step (do not change
+        it in place before then; :meth:`distrib.Run.log` hands over a copy)."""
         now = self._clock()
         phases = self.timer.take()
         elapsed = now - self._last_step_end
         self._last_step_end = now
-        values = dict(metrics)
+        values = {name: metric_value(name, value) for name, value in metrics.items()}
         if loss is not None:
-            values["loss"] = float(loss)
-        for window in (self._window, self._run):
-            window.add(elapsed, values, phases)
+            values["loss"] = metric_value("loss", loss)
+        self._window.add(elapsed, values, phases)
+        self._run.add(elapsed, {}, phases)  # the summary table needs only the times
         if step % self.log_every == 0 or step == self.total_steps:
             self._flush_window(step, lr)
 
     def _flush_window(self, step: int, lr: Optional[float]) -> None:
         w, self._window = self._window, _Window()
-        means = w.means()
+        if not self.enabled and self._average is None:
+            return  # nothing to write and no collective: leave the values unread
+        means = w.means()  # the one read of the window's tensors
         if self._average is not None:
             means = self._average(means)  # on every rank: a collective
         if not self.enabled or not w.steps:
@@ -214,7 +221,7 @@ class _Window:
 
     def __init__(self):
         self.steps, self.seconds = 0, 0.0
-        self.sums: Dict[str, float] = {}    # metric -> sum over the steps that logged it
+        self.sums: Dict[str, Union[float, torch.Tensor]] = {}  # metric -> sum over the steps that logged it
         self.counts: Dict[str, int] = {}
         self.phases: Dict[str, float] = {}
 
@@ -222,13 +229,16 @@ class _Window:
         self.steps += 1
         self.seconds += seconds
         for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+            self.sums[name] = value if name not in self.sums else self.sums[name] + value
             self.counts[name] = self.counts.get(name, 0) + 1
         for name, value in phases.items():
             self.phases[name] = self.phases.get(name, 0.0) + value
 
     def means(self) -> Dict[str, float]:
-        return {name: total / self.counts[name] for name, total in self.sums.items()}
+        """The mean per metric as Python floats; the tensor sums are read together (one wait)."""
+        on_device = [name for name, total in self.sums.items() if isinstance(total, torch.Tensor)]
+        read = dict(zip(on_device, _read_together([self.sums[name] for name in on_device])))
+        return {name: read.get(name, total) / self.counts[name] for name, total in self.sums.items()}
 
     def per_step_ms(self) -> Dict[str, float]:
         if not self.steps:
@@ -237,6 +247,25 @@ class _Window:
         out = {f"t_{n}": 1000 * self.phases.get(n, 0.0) / self.steps for n in names}
         out["t_other"] = max(0.0, 1000 * self.seconds / self.steps - sum(out.values()))
         return out
+
+
+def metric_value(name: str, value, *, copy: bool = False) -> Union[float, torch.Tensor]:
+    """A logged value as a window sums it: a number as a float; a one-element tensor as a
+    float64 scalar tensor on its device, detached and not read (``copy``: never the caller's
+    own tensor, so a later in-place change does not reach the log)."""
+    if not isinstance(value, torch.Tensor):
+        return float(value)
+    if value.numel() != 1:
+        raise ValueError(f"logged metric {name!r} is a tensor of shape {tuple(value.shape)}; log a number or "
+                         f"a one-element tensor (for example {name}=value.mean())")
+    return value.detach().to(torch.float64, copy=copy).reshape(())
+
+
+def _read_together(tensors: List[torch.Tensor]) -> List[float]:
+    """Scalar tensors -> floats in one host read (stacked on the first one's device)."""
+    if not tensors:
+        return []
+    return torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()
 
 
 def breakdown_table(per_step_ms: Dict[str, float], steps: int) -> str:

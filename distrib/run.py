@@ -7,7 +7,7 @@
         optimizer.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
-        run.log(loss=loss.item())
+        run.log(loss=loss)
 
 What it does around each step, on every rank:
 
@@ -57,7 +57,7 @@ import torch
 
 from distrib.checkpoint import CheckpointManager
 from distrib.context import share_cores
-from distrib.metrics import MetricsLogger, mean_over_ranks
+from distrib.metrics import MetricsLogger, mean_over_ranks, metric_value
 from distrib.preemption import PreemptionHandler
 from distrib.step_guard import StepGuard
 from distrib.schedule import check_lr_scheduler, is_plateau
@@ -133,7 +133,7 @@ class Run:
         self._evaluate_fn = evaluate
         self.last_eval: Dict[str, float] = {}  # the last evaluation's metrics, on every rank
         self._last_eval_step: Optional[int] = None
-        self._logged: Dict[str, float] = {}
+        self._logged: Dict[str, Union[float, torch.Tensor]] = {}
         self._total: Optional[int] = None
         self._epochs: Optional[int] = None
         self._trained = False
@@ -205,14 +205,15 @@ class Run:
         finally:
             notification_manager.remove_listener(self._state)
 
-    def log(self, **metrics: float) -> None:
-        """Metrics of this step (``loss=...``; tensors are read with ``.item()``); averaged over
-        the ``log_every`` window in ``metrics.jsonl``. Local: no collective. The file holds rank
-        0's values, or with ``Run(average_logged=True)`` the mean over the workers (Run gathers
-        them once per logged window, at the step boundary; a name only some ranks log is averaged
-        over those)."""
+    def log(self, **metrics) -> None:
+        """Metrics of this step (``loss=loss``: numbers or one-element tensors); averaged over
+        the ``log_every`` window in ``metrics.jsonl``. Local: no collective, and no wait for a
+        GPU: a tensor is copied and summed on its device, and the window's sums are read once,
+        when its line is written. The file holds rank 0's values, or with
+        ``Run(average_logged=True)`` the mean over the workers (Run gathers them once per logged
+        window, at the step boundary; a name only some ranks log is averaged over those)."""
         for name, value in metrics.items():
-            self._logged[name] = float(value.item() if isinstance(value, torch.Tensor) else value)
+            self._logged[name] = metric_value(name, value, copy=True)
 
     def phase(self, name: str):
         """``with run.phase("data"): ...``: charge part of the step to a phase of the breakdown

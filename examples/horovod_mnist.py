@@ -127,7 +127,7 @@ def train(args):
             loss = F.nll_loss(output, target)
         optimizer.backward(loss)
         optimizer.step()
-        run.log(loss=loss.item())
+        run.log(loss=loss)
 
 
 if __name__ == '__main__':

@@ -142,7 +142,7 @@ def main(argv=None) -> int:
             optimizer.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
-        run.log(loss=loss.item())
+        run.log(loss=loss)
 
     if run.ctx.is_main:
         save_model_artifact(run.run_dir / "model.pt", model.state_dict(), config.to_dict(), run.step, origin=origin)

@@ -201,3 +201,52 @@ def test_any_logged_metric_is_averaged_over_the_window_and_the_total_can_change(
     assert [(r["step"], r["accuracy"]) for r in records] == [(2, 0.75), (4, 0.25)]
     assert "loss" not in records[0] and "lr" not in records[0]
     assert "step 2/4 | 8 samples/s | eta 2s" in stream.getvalue()  # no loss logged: none shown
+
+
+def tensor_logger(tmp_path, rank=0, **kw):
+    return MetricsLogger(tmp_path, ctx(rank), total_steps=6, log_every=3, global_batch=8, stream=io.StringIO(),
+                         tty=False, clock=FakeClock(), wall_clock=lambda: 1000.0, **kw)
+
+
+def test_tensors_are_summed_on_the_device_and_read_once_per_window(tmp_path):
+    """A loop that logs tensors every step makes the host wait for the device once per logged
+    window (when its line is written), not once per step; the file is the same as with floats.
+    Counted as tests/test_step_syncs.py counts the step's waits."""
+    from tests.scripts.sync_counter import SyncCounter
+    torch.manual_seed(0)
+    weight = torch.rand(6, dtype=torch.float32, requires_grad=True)
+    losses, accuracies = weight * 3, torch.rand(6, dtype=torch.float64)
+    with_floats = tensor_logger(tmp_path / "floats")
+    for step in range(1, 7):
+        with_floats.step(step, loss=losses[step - 1].item(), acc=accuracies[step - 1].item())
+    with_floats.close()
+    with_tensors = tensor_logger(tmp_path / "tensors")
+    with SyncCounter().counting() as counter:
+        for step in range(1, 7):
+            with_tensors.step(step, loss=losses[step - 1], acc=accuracies[step - 1:step])
+    with_tensors.close()
+    assert len(counter.calls) == 2 and all("distrib/metrics.py" in c for c in counter.calls), counter.calls
+    assert read_metrics(tmp_path / "tensors" / "metrics.jsonl") == read_metrics(tmp_path / "floats" / "metrics.jsonl")
+    assert [r["step"] for r in read_metrics(tmp_path / "tensors" / "metrics.jsonl")] == [3, 6]
+
+
+def test_tensors_of_other_ranks_are_read_only_to_be_averaged(tmp_path):
+    """Rank 1 writes nothing: it reads no value, unless the window's means are averaged over the
+    ranks (one read, then the one collective, which gets floats)."""
+    from tests.scripts.sync_counter import SyncCounter
+    seen = []
+    quiet, averaging = tensor_logger(tmp_path, rank=1), tensor_logger(tmp_path, rank=1, average=lambda means: seen.append(means) or means)
+    with SyncCounter().counting() as counter:
+        for step in range(1, 4):
+            quiet.step(step, loss=torch.tensor(float(step)))
+    assert counter.calls == []
+    with SyncCounter().counting() as counter:
+        for step in range(1, 4):
+            averaging.step(step, loss=torch.tensor(float(step)))
+    assert len(counter.calls) == 1 and seen == [{"loss": 2.0}] and type(seen[0]["loss"]) is float
+
+
+def test_a_tensor_of_more_than_one_value_is_refused(tmp_path):
+    log = tensor_logger(tmp_path)
+    with pytest.raises(ValueError, match=r"logged metric 'loss' is a tensor of shape \(2,\); .*loss=value.mean\(\)"):
+        log.step(1, loss=torch.ones(2))

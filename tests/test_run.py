@@ -139,6 +139,28 @@ def test_evaluation_metrics_and_breakdown(tmp_path):
     assert "time per step over 10 steps" in run.metrics._stream.getvalue()
 
 
+def test_logging_a_tensor_every_step_reads_it_once_per_logged_window(tmp_path):
+    """run.log(loss=loss) every step: the host waits for the device (on a GPU) once per
+    log_every steps, when the line is written, not every step; the line holds the window's mean
+    as with loss.item(). Counted as tests/test_step_syncs.py counts the step's waits (the CPU
+    loader's own reads of its index lists are not the log's)."""
+    from tests.scripts.sync_counter import SyncCounter
+    run, losses = make_run(tmp_path / "run", log_every=5, checkpoint_every=0), []
+    with SyncCounter().counting() as counter:
+        for step, (x, y) in run.steps(10):
+            loss = torch.nn.functional.mse_loss(run.model(x), y)
+            run.optimizer.zero_grad()
+            loss.backward()
+            run.optimizer.step()
+            run.log(loss=loss)
+            losses.append(loss.detach().clone())
+    logging = [c for c in counter.calls if "distrib/run.py" in c or "distrib/metrics.py" in c]
+    assert len(logging) == 2 and all("distrib/metrics.py" in c for c in logging), counter.calls
+    logged = [r for r in records(tmp_path / "run") if "event" not in r]
+    values = [float(v) for v in losses]
+    assert [(r["step"], r["loss"]) for r in logged] == [(5, sum(values[:5]) / 5), (10, sum(values[5:]) / 5)]
+
+
 def test_micro_batches_are_yielded_together(tmp_path):
     run = make_run(tmp_path / "run", micro_batches=3)
     sizes = []
