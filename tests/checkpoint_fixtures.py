@@ -14,11 +14,27 @@ from typing import Sequence
 import psutil
 import torch
 
-from distrib.checkpoint import SLOW_WRITE_ENV, store
+from distrib.checkpoint import store
 from distrib.context import Context
+from tests.scripts.slow_writes import slowed
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "scripts"
+SLOW_WRITES = SCRIPTS / "slow_writes.py"
+
+
+def slow_writes(monkeypatch, seconds: float) -> None:
+    """Every checkpoint file written in this process sleeps ``seconds`` after its write (the
+    write is still running when the test acts; multi-process jobs: :func:`job_command`)."""
+    monkeypatch.setattr(store, "_save_file", slowed(store._save_file, seconds))
+
+
+def job_command(np_: int, script: Path, args: Sequence, slow_write_s: float = 0.0) -> list:
+    """:func:`hvd_command`, with every checkpoint file write of the workers slowed by
+    ``slow_write_s`` (tests/scripts/slow_writes.py) when it is > 0."""
+    if slow_write_s > 0:
+        return hvd_command(np_, SLOW_WRITES, [slow_write_s, script, *args])
+    return hvd_command(np_, script, args)
 
 
 def cpu_ctx(rank: int = 0, size: int = 1) -> Context:
@@ -88,9 +104,8 @@ def kill_tree(pid: int) -> list:
 # -- kill-and-resume tests: a job in the background, watched through its log and its checkpoint folder
 def start_job(script: Path, args: Sequence, log: Path, slow_write_s: float) -> subprocess.Popen:
     """``script`` on 2 workers in the background, output to ``log``; every checkpoint write is
-    slowed by ``slow_write_s`` per file (DISTRIB_TEST_SLOW_WRITE_S: a wider window for a kill)."""
-    env = {**os.environ, SLOW_WRITE_ENV: str(slow_write_s)}
-    return subprocess.Popen(hvd_command(2, script, args), cwd=REPO, env=env, stdout=open(log, "w"),
+    slowed by ``slow_write_s`` per file (a wider window for a kill; :func:`job_command`)."""
+    return subprocess.Popen(job_command(2, script, args, slow_write_s), cwd=REPO, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
 
 

@@ -11,7 +11,7 @@ import torch
 from distrib.checkpoint import CheckpointError, CheckpointManager, store
 from distrib.checkpoint import state as st
 from distrib.rng import rng_state, set_rng_state
-from tests.checkpoint_fixtures import cpu_ctx, params, same, tiny_state, train_step
+from tests.checkpoint_fixtures import cpu_ctx, params, same, slow_writes, tiny_state, train_step
 from tests.helpers import tree_digest
 
 CFG = {"n_layer": 2, "n_embd": 8, "vocab": "abc"}
@@ -191,7 +191,7 @@ def test_retention_deletes_only_after_new_checkpoint_is_complete(tmp_path, monke
 
 # -- asynchronous saves ----------------------------------------------------------------------------
 def test_async_save_is_a_snapshot(tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTRIB_TEST_SLOW_WRITE_S", "0.2")  # the write is still running when we mutate
+    slow_writes(monkeypatch, 0.2)  # the write is still running when we mutate
     state = tiny_state()
     before = params(state["model"])
     opt_before = {i: s["exp_avg"].clone() for i, s in state["optimizer"].state_dict()["state"].items()}
@@ -213,7 +213,7 @@ def test_async_save_is_a_snapshot(tmp_path, monkeypatch):
 
 
 def test_at_most_one_write_in_flight(tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTRIB_TEST_SLOW_WRITE_S", "0.1")
+    slow_writes(monkeypatch, 0.1)
     state = tiny_state()
     with manager(tmp_path) as ckpt:
         ckpt.save(1, state)
@@ -362,7 +362,7 @@ def test_restore_on_more_ranks_uses_derived_rng(tmp_path):
 
 
 def test_snapshot_buffers_reused_across_saves_stay_snapshots(tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTRIB_TEST_SLOW_WRITE_S", "0.05")
+    slow_writes(monkeypatch, 0.05)
     state = tiny_state()
     ckpt = manager(tmp_path)
     ckpt.save(1, state)

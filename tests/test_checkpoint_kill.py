@@ -3,7 +3,7 @@
 A tiny char-GPT run (2 Horovod workers, async checkpoint every 4 steps, dropout, shuffled
 sharded data, AdamW, LR schedule) is killed 4 times, each kind of moment twice: at a random
 moment of training (a random number of steps, then a random delay) and while a checkpoint is
-being written (DISTRIB_TEST_SLOW_WRITE_S widens the write; the kill follows the appearance of its
+being written (tests/scripts/slow_writes.py widens the write; the kill follows the appearance of its
 temporary folder by a random delay), once in the first write after a resume and once in the
 second, when training went on beside the first. At least two kills must land mid-write. Each
 time it resumes with --resume auto. At the end every rank's parameters, the replicated "extra"

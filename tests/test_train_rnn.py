@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from distrib.checkpoint import store
-from tests.checkpoint_fixtures import hvd_command, kill_tree, temp_folders, validate_committed, wait_for
+from tests.checkpoint_fixtures import kill_tree, start_job, temp_folders, validate_committed, wait_for
 from tests.helpers import REPO, SCRIPTS, run_launch
 
 EXAMPLE = REPO / "examples" / "train_rnn.py"
@@ -79,10 +79,9 @@ def assert_equal(a, b, where=""):
 
 
 def start(run_dir, log, slow):
-    env = {**os.environ, "DISTRIB_TEST_SLOW_WRITE_S": str(slow)}
-    cmd = hvd_command(2, EXAMPLE, [*ARGS, "--run-dir", run_dir, "--checkpoint-every", 4, "--keep", 2,
-                                   "--log-every", 1])
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    """train_rnn on 2 workers in the background; ``slow`` s after each checkpoint file written."""
+    return start_job(EXAMPLE, [*ARGS, "--run-dir", run_dir, "--checkpoint-every", 4, "--keep", 2, "--log-every", 1],
+                     log, slow)
 
 
 @pytest.mark.multiprocess

@@ -10,7 +10,7 @@
 scheduler, scaler, loader) or to dicts of plain values (``"extra"``). The on-disk format is
 in :mod:`distrib.checkpoint.store`, the state handling in :mod:`distrib.checkpoint.state`.
 """
-from distrib.checkpoint.manager import SLOW_WRITE_ENV, CheckpointManager
+from distrib.checkpoint.manager import CheckpointManager
 from distrib.checkpoint.store import CheckpointError, DamagedCheckpoint, checkpoints_dir, newest_valid, validate
 
-__all__ = ["CheckpointManager", "CheckpointError", "DamagedCheckpoint", "SLOW_WRITE_ENV", "checkpoints_dir", "newest_valid", "validate"]
+__all__ = ["CheckpointManager", "CheckpointError", "DamagedCheckpoint", "checkpoints_dir", "newest_valid", "validate"]

@@ -22,7 +22,6 @@ from distrib.rng import rng_state, set_rng_state
 
 log = logging.getLogger("distrib.checkpoint")
 
-SLOW_WRITE_ENV = "DISTRIB_TEST_SLOW_WRITE_S"
 RANK_STATE_FILE = "rank_state.pt"  # every rank's own values (distrib.user_state.RankState), in rank order
 
 
@@ -159,9 +158,8 @@ class CheckpointManager:
         return None
 
     def _write(self, step: int, files: Dict[str, Any], meta: Dict[str, Any], adopt=None) -> None:
-        slow = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
         try:
-            self.last_saved = store.write_checkpoint(self.root, step, files, meta, slow_s=slow, adopt=adopt)
+            self.last_saved = store.write_checkpoint(self.root, step, files, meta, adopt=adopt)
             store.apply_retention(self.root, self.keep)
         except CheckpointError as exc:
             self._failure = str(exc)

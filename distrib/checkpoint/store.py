@@ -145,14 +145,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _slow(seconds: float) -> None:
-    # Test hook (DISTRIB_TEST_SLOW_WRITE_S): widens the window in which a kill lands mid-write.
-    if seconds > 0:
-        time.sleep(seconds)
-
-
 def write_checkpoint(root: Path, step: int, files: Dict[str, Any], meta: Dict[str, Any],
-                     slow_s: float = 0.0, adopt: Optional[Callable[[Path], Dict[str, Any]]] = None) -> Path:
+                     adopt: Optional[Callable[[Path], Dict[str, Any]]] = None) -> Path:
     """Write ``files`` (name -> object for ``torch.save``) as ``root/step-<step>`` atomically.
     ``adopt(tmp)`` moves files written elsewhere (other ranks' shards) into the temporary folder
     and returns their ``{"sha256", "bytes"}`` for the marker.
@@ -170,7 +164,6 @@ def write_checkpoint(root: Path, step: int, files: Dict[str, Any], meta: Dict[st
         sums = adopt(tmp) if adopt is not None else {}
         for name, obj in files.items():
             sums[name] = _save_file(tmp / name, obj)
-            _slow(slow_s)
         now = time.time()
         marker = {"format": FORMAT, "step": step, **meta, "files": sums, "unix_time": now,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now))}
