@@ -1,13 +1,15 @@
-"""``python -m launch`` / ``distrib-launch``: start N Horovod workers and supervise them.
+"""``python -m launch`` / ``distrib-launch``: start N workers and supervise them.
 
-arguments -> :class:`launch.cli.LaunchConfig` -> :func:`launch.plan.build_plan` (exact command)
--> :func:`launch.supervise.supervise`. See ``python -m launch --help``.
+arguments -> :class:`launch.cli.LaunchConfig` -> :func:`launch.plan.build_plan` (Horovod) or
+:func:`launch.torch_plan.build_torch_plan` (``--engine torch``): the exact command ->
+:func:`launch.supervise.supervise`. See ``python -m launch --help``.
 """
 from __future__ import annotations
 
 import functools
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from typing import List, Optional
@@ -18,6 +20,7 @@ from launch.plan import (build_plan, describe, discovery_script_text, find_tools
                          local_interfaces, resolve_addresses, resolve_controller, shared_interface)
 from launch.slurm_env import in_slurm_job
 from launch.supervise import supervise
+from launch.torch_plan import build_torch_plan
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -31,6 +34,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _main(argv: Optional[List[str]]) -> int:
     config = config_from_args(sys.argv[1:] if argv is None else argv)
     local = local_names()
+    if config.engine == "torch":  # no Horovod involved: not even its import
+        plan = build_torch_plan(config, tools=find_tools(), local=local, this_host=socket.gethostname())
+        return _run(config, plan, local)
     try:
         controller, reason = resolve_controller(config.controller, horovod_built_with_mpi, shutil.which("mpirun"),
                                                 elastic=config.elastic)
@@ -41,17 +47,22 @@ def _main(argv: Optional[List[str]]) -> int:
         detected = _detect_interface(config, local)
         plan = build_plan(config, controller, reason, env_names=os.environ, is_root=os.geteuid() == 0,
                           tools=find_tools(), local=local, discovery_script=discovery, detected_interface=detected)
-        sys.stderr.write(describe(config, plan, local, detected))
-        sys.stderr.flush()
-        if config.dry_run:
-            print(plan.command)
-            return 0
-        tools = find_tools()
-        check = functools.partial(check_ssh, python=tools.python, cwd=os.getcwd())
-        error = unreachable_host_error(hosts_needing_ssh(config.hosts, local, controller, in_slurm_job()), check)
-        if error:
-            fail(error)
-        return supervise(plan, config)
+        return _run(config, plan, local, detected)
+
+
+def _run(config, plan, local, detected=None) -> int:
+    """Print the resolved plan; unless --dry-run, check the hosts over ssh and supervise it."""
+    sys.stderr.write(describe(config, plan, local, detected))
+    sys.stderr.flush()
+    if config.dry_run:
+        print(plan.command)
+        return 0
+    tools = find_tools()
+    check = functools.partial(check_ssh, python=tools.python, cwd=os.getcwd())
+    error = unreachable_host_error(hosts_needing_ssh(config.hosts, local, plan.controller, in_slurm_job()), check)
+    if error:
+        fail(error)
+    return supervise(plan, config)
 
 
 def _detect_interface(config, local):
