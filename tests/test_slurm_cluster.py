@@ -10,6 +10,7 @@ import pytest
 
 from launch.slurm import main as generate_sbatch
 from tests.helpers import TINY_LM_MODEL
+from tests.test_launch_run import ranks_reporting, torch_workers
 from tests.slurm_cluster import REPO, slurm_cluster  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slurm]
@@ -56,6 +57,22 @@ def test_srun_per_task_starts_horovod_over_pmix(slurm_cluster, tmp_path):
         assert f"rank {rank} size 2 local_rank {rank} controller mpi procid {rank}" in text, text
     assert steps(run_dir) == [1, 2, 3, 4, 5]
     assert {r["sum"] for r in records(run_dir) if "sum" in r} == {3.0}  # 1 + 2: both ranks in the allreduce
+
+
+def test_srun_per_task_starts_torch_engine_workers(slurm_cluster, tmp_path):
+    """The generator's --engine torch script: srun starts 2 tasks through launch.srun_task, each a
+    torch.distributed worker (ranks, local ranks, the port the batch script picked), allreduce right."""
+    script = generated_script(tmp_path, "--engine", "torch", "--tasks-per-node", "2", "--cpus-per-task", "1",
+                              "--time", "00:05:00", "--", "tests/scripts/launch_allreduce.py")
+    log = tmp_path / "job.out"
+    job_id = slurm_cluster.sbatch(script, sbatch_args=[f"--output={log}"])
+    job = slurm_cluster.wait(job_id, timeout=120, output=log)
+    text = log.read_text()
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), text
+    workers = torch_workers(text)
+    assert {rank: w[:2] for rank, w in workers.items()} == {0: (0, 2), 1: (1, 2)}, text
+    assert len({w[3] for w in workers.values()}) == 1, text  # one MASTER_ADDR:MASTER_PORT for both
+    assert ranks_reporting(text) == {0: (2, 3.0, "None"), 1: (2, 3.0, "None")}, text
 
 
 def test_standin_preempted_requeued_resumed(slurm_cluster, tmp_path):

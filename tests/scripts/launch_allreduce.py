@@ -32,7 +32,7 @@ p.add_argument("--fail-mode", default="exit3")
 p.add_argument("--pid-dir")
 p.add_argument("--beat-seconds", type=float, default=0.0)
 p.add_argument("--marker-dir")
-args = p.parse_args()
+args, _ = p.parse_known_args()  # under slurm/*.sbatch it also gets --run-dir ... (unused)
 
 
 
