@@ -18,7 +18,7 @@ from launch.cli import config_from_args, fail
 from launch.hosts import check_ssh, hosts_needing_ssh, local_names, remote_hosts, unreachable_host_error
 from launch.plan import (build_plan, describe, discovery_script_text, find_tools, horovod_built_with_mpi,
                          local_interfaces, resolve_addresses, resolve_controller, shared_interface)
-from launch.slurm_env import in_slurm_job
+from launch.slurm_env import allocation_nodes, in_slurm_job
 from launch.supervise import supervise
 from launch.torch_plan import build_torch_plan
 
@@ -35,8 +35,13 @@ def _main(argv: Optional[List[str]]) -> int:
     config = config_from_args(sys.argv[1:] if argv is None else argv)
     local = local_names()
     if config.engine == "torch":  # no Horovod involved: not even its import
-        plan = build_torch_plan(config, tools=find_tools(), local=local, this_host=socket.gethostname())
-        return _run(config, plan, local)
+        try:
+            slurm_nodes = frozenset(allocation_nodes())
+        except ValueError as exc:
+            fail(str(exc))
+        plan = build_torch_plan(config, tools=find_tools(), local=local, this_host=socket.gethostname(),
+                                slurm_nodes=slurm_nodes)
+        return _run(config, plan, local, slurm_nodes=slurm_nodes)
     try:
         controller, reason = resolve_controller(config.controller, horovod_built_with_mpi, shutil.which("mpirun"),
                                                 elastic=config.elastic)
@@ -50,7 +55,7 @@ def _main(argv: Optional[List[str]]) -> int:
         return _run(config, plan, local, detected)
 
 
-def _run(config, plan, local, detected=None) -> int:
+def _run(config, plan, local, detected=None, slurm_nodes=frozenset()) -> int:
     """Print the resolved plan; unless --dry-run, check the hosts over ssh and supervise it."""
     sys.stderr.write(describe(config, plan, local, detected))
     sys.stderr.flush()
@@ -59,7 +64,8 @@ def _run(config, plan, local, detected=None) -> int:
         return 0
     tools = find_tools()
     check = functools.partial(check_ssh, python=tools.python, cwd=os.getcwd())
-    error = unreachable_host_error(hosts_needing_ssh(config.hosts, local, plan.controller, in_slurm_job()), check)
+    error = unreachable_host_error(hosts_needing_ssh(config.hosts, local, plan.controller, in_slurm_job(),
+                                                     slurm_nodes), check)
     if error:
         fail(error)
     return supervise(plan, config)

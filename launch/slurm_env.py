@@ -201,6 +201,13 @@ class SlurmJobEnvironment:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def allocation_nodes(env: Optional[Mapping[str, str]] = None) -> Tuple[str, ...]:
+    """The nodes of the Slurm allocation we run in; () outside one."""
+    env = os.environ if env is None else env
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    return tuple(expand_nodelist(nodelist)) if in_slurm_job(env) and nodelist else ()
+
+
 def hosts_from_slurm(env: Optional[Mapping[str, str]] = None) -> List[Tuple[str, int]]:
     """``[(host, slots), ...]`` for the launcher inside an allocation (no -np/-H given).
 

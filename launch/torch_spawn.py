@@ -1,6 +1,6 @@
 """``python -m launch.torch_spawn``: one attempt's torch-engine workers, started and waited for.
 
-    python -m launch.torch_spawn -np 4 -H node1:2,node2:2 --remote node2 --master-addr node1 -- \\
+    python -m launch.torch_spawn -np 4 -H node1:2,node2:2 --ssh node2 --master-addr node1 -- \\
         /venv/bin/python -m launch.worker train.py -- --steps 5
 
 The supervisor (launch/supervise.py) runs this command for ``--engine torch`` where it runs
@@ -9,12 +9,14 @@ reports as usual. This process does what mpirun does for its workers:
 
 - picks ``MASTER_PORT``: a port free on rank 0's host now (over ssh when that host is another);
 - starts the workers of this host as its children, each with its torchrun variables
-  (launch/torch_plan.py), and those of other hosts through ``ssh host 'cd CWD && exec ...'``,
-  their environment written to ssh's stdin (``--env-from-stdin``, below), never on a command line;
+  (launch/torch_plan.py), those of other hosts through ``ssh host 'cd CWD && exec ...'``,
+  their environment written to ssh's stdin (``--env-from-stdin``, below), never on a command line,
+  and those of other nodes of our Slurm allocation as srun steps (srun passes the environment);
 - when a worker fails, stops the others (SIGTERM, SIGKILL after ``DISTRIB_STOP_GRACE`` seconds)
   and exits with the failed worker's code; on SIGTERM or SIGINT, stops them all the same.
   Workers on other hosts are stopped by their shims when the supervisor ends the attempt (the
-  status channel closes); ending their ssh client here does not reach them.
+  status channel closes); ending their ssh client here does not reach them (srun does pass on
+  the SIGTERM).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from launch.hosts import parse_host_list
 from launch.status_channel import RESTART_COUNT_ENV, STOP_GRACE_ENV
-from launch.torch_plan import (TorchWorker, forwarded_env, free_port_argv, layout, remote_argv,
+from launch.torch_plan import (TorchWorker, forwarded_env, free_port_argv, layout, ssh_argv, srun_argv,
                                worker_env)
 
 POLL_S = 0.1
@@ -50,7 +52,8 @@ def parse_options(options: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.torch_spawn")
     p.add_argument("-np", type=int, required=True)
     p.add_argument("-H", dest="hosts", required=True)
-    p.add_argument("--remote", default="", help="the hosts of -H reached over ssh, comma-separated")
+    p.add_argument("--ssh", default="", help="the hosts of -H reached over ssh, comma-separated")
+    p.add_argument("--srun", default="", help="the hosts of -H started as srun steps, comma-separated")
     p.add_argument("--master-addr", required=True)
     return p.parse_args(list(options))
 
@@ -62,20 +65,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def choose_port(rank0: TorchWorker, python: str, run: Callable[..., subprocess.CompletedProcess] = subprocess.run
-                ) -> int:
+def choose_port(rank0: TorchWorker, python: str, cwd: str,
+                run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> int:
     """A port free on rank 0's host; raises ValueError with the reason when that host does not answer."""
     if not rank0.remote:
         return free_port()
+    what = f"cannot ask {rank0.host} for a free port over {rank0.via}"
     try:
-        proc = run(list(free_port_argv(rank0.host, python)), stdin=subprocess.DEVNULL, capture_output=True,
+        proc = run(list(free_port_argv(rank0, python, cwd)), stdin=subprocess.DEVNULL, capture_output=True,
                    text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ValueError(f"cannot ask {rank0.host} for a free port over ssh: {exc}") from None
+        raise ValueError(f"{what}: {exc}") from None
     answer = proc.stdout.strip()
     if proc.returncode != 0 or not answer.isdigit():
         reason = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        raise ValueError(f"cannot ask {rank0.host} for a free port over ssh: {reason[0]}")
+        raise ValueError(f"{what}: {reason[0]}")
     return int(answer)
 
 
@@ -93,8 +97,11 @@ class Workers:
         remote_env = forwarded_env(env)
         for w in workers:
             variables = worker_env(w, world, master_addr, master_port)
-            if w.remote:
-                proc = subprocess.Popen(list(remote_argv(w.host, worker_argv[0], os.getcwd(), worker_argv)),
+            if w.via == "srun":
+                proc = subprocess.Popen(list(srun_argv(w.host, os.getcwd(), worker_argv)), env={**env, **variables},
+                                        stdin=subprocess.DEVNULL)
+            elif w.via == "ssh":
+                proc = subprocess.Popen(list(ssh_argv(w.host, worker_argv[0], os.getcwd(), worker_argv)),
                                         stdin=subprocess.PIPE)
                 try:
                     proc.stdin.write(json.dumps({**remote_env, **variables}).encode() + b"\n")
@@ -140,8 +147,8 @@ def say(message: str) -> None:
 
 
 def run(options: argparse.Namespace, worker_argv: Sequence[str], env: Mapping[str, str]) -> int:
-    remote = [h for h in options.remote.split(",") if h]
-    workers = layout(parse_host_list(options.hosts), options.np, remote)
+    via = {**{h: "ssh" for h in options.ssh.split(",") if h}, **{h: "srun" for h in options.srun.split(",") if h}}
+    workers = layout(parse_host_list(options.hosts), options.np, via)
     try:
         grace = float(env.get(STOP_GRACE_ENV) or DEFAULT_STOP_GRACE_S)
     except ValueError:
@@ -152,7 +159,7 @@ def run(options: argparse.Namespace, worker_argv: Sequence[str], env: Mapping[st
     previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, lambda *_: None)
     try:
         try:
-            port = choose_port(workers[0], worker_argv[0])
+            port = choose_port(workers[0], worker_argv[0], os.getcwd())
         except ValueError as exc:
             say(str(exc))
             return 1
