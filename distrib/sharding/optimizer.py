@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from distrib.sharding import layout as lay
-from distrib.sharding.collectives import Pool, allgather_into
+from distrib.sharding.collectives import Pool
 
 SHARDED_FORMAT = "distrib-sharded-optimizer-v1"
 # The optimizers whose state is per parameter element (plus a scalar step count), so a slice of a
@@ -45,11 +45,11 @@ class ZeroShard:
     ``name`` prefixes the collective names (unique per wrapped optimizer).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, hvd, rank: int, world: int, *, name: str,
+    def __init__(self, optimizer: torch.optim.Optimizer, comm, rank: int, world: int, *, name: str,
                  bucket_bytes: int):
         check_supported(optimizer)
         self.user = optimizer
-        self._hvd, self.rank, self.world, self.name = hvd, rank, world, name
+        self._comm, self.rank, self.world, self.name = comm, rank, world, name
         self.params: List[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
         for i, p in enumerate(self.params):
             if not p.is_contiguous():
@@ -145,7 +145,7 @@ class ZeroShard:
         partial = sum((torch.linalg.vector_norm(g, 2, dtype=torch.float64).cpu() ** 2 for g in grads),
                       torch.zeros((), dtype=torch.float64))
         both = torch.stack([partial, torch.tensor(local_inf, dtype=torch.float64)])  # on the host: 2 numbers
-        both = self._hvd.allreduce(both, name=f"{self.name}.norm", op=self._hvd.Sum)
+        both = self._comm.allreduce(both, name=f"{self.name}.norm", op="sum")
         return torch.sqrt(both[0]), bool(both[1] > 0 or not torch.isfinite(both[0]))
 
     def allgather_params(self, window: int = 2) -> None:
@@ -159,14 +159,14 @@ class ZeroShard:
             for pc, t in pieces:
                 send[pc.at:pc.at + pc.numel].copy_(t)
             send[sum(pc.numel for pc, _ in pieces):].zero_()  # the padding of the last chunk
-            pending.append((bi, allgather_into(self._hvd, send, full, f"{self.name}.ag.{bi}"), send, full))
+            pending.append((bi, self._comm.allgather_into_async(send, full, name=f"{self.name}.ag.{bi}"), send, full))
             while len(pending) > window:
                 self._unpack(*pending.pop(0))
         while pending:
             self._unpack(*pending.pop(0))
 
     def _unpack(self, bi: int, handle, send: torch.Tensor, full: torch.Tensor) -> None:
-        self._hvd.synchronize(handle)
+        handle.wait()
         b = self.buckets[bi]
         with torch.no_grad():
             for index, offset, numel in zip(b.members, b.offsets, b.numels):
