@@ -96,11 +96,12 @@ def assert_no_worker_left(nodes) -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("controller, on, hosts_arg", [
-    ("mpi", "node1", "-H"),
-    ("gloo", "node3", "--hostfile"),  # the launcher's host runs no worker
-])
-def test_train_lm_on_two_hosts_equals_one_process_of_the_global_batch(nodes, shared, reference, controller, on,
+@pytest.mark.parametrize("engine_args, on, hosts_arg", [
+    (["--controller", "mpi"], "node1", "-H"),
+    (["--controller", "gloo"], "node3", "--hostfile"),  # the launcher's host runs no worker
+    (["--engine", "torch"], "node1", "-H"),
+], ids=["mpi", "gloo", "torch"])
+def test_train_lm_on_two_hosts_equals_one_process_of_the_global_batch(nodes, shared, reference, engine_args, on,
                                                                        hosts_arg):
     if hosts_arg == "-H":
         hosts = "node1:1,node2:1"
@@ -108,7 +109,7 @@ def test_train_lm_on_two_hosts_equals_one_process_of_the_global_batch(nodes, sha
         hosts = shared / "hosts.txt"
         hosts.write_text("# two nodes\nnode1 slots=1\nnode2:1\n")
     run_dir = shared / "run"
-    proc = launch(nodes, on, ["--verbose", "--controller", controller, hosts_arg, hosts], script_args=[
+    proc = launch(nodes, on, ["--verbose", *engine_args, hosts_arg, hosts], script_args=[
         *TRAIN, "--checkpoint-every", "0", "--run-dir", run_dir])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distrib-launch: rank 0 on node1 ended: exit code 0" in proc.stderr
@@ -195,13 +196,14 @@ def test_a_stopped_rank_on_another_host_is_named_and_stopped(nodes):
 
 
 @pytest.mark.timeout(600)
-def test_a_killed_rank_on_another_host_restarts_the_job_which_resumes(nodes, shared, reference):
+@pytest.mark.parametrize("engine_args", [["--controller", "mpi"], ["--engine", "torch"]], ids=["mpi", "torch"])
+def test_a_killed_rank_on_another_host_restarts_the_job_which_resumes(nodes, shared, reference, engine_args):
     """SIGKILL of rank 1 on node2 at step 4 (after the step-3 checkpoint), --max-restarts 1: the
     report names it, the whole job starts again, resumes from step 3 and ends as if never stopped."""
     hostfile = shared / "hosts.txt"
     hostfile.write_text("node1:1\nnode2:1\n")
     run_dir = shared / "run"
-    proc = launch(nodes, "node1", ["--controller", "mpi", "--hostfile", hostfile, "--max-restarts", "1"],
+    proc = launch(nodes, "node1", [*engine_args, "--hostfile", hostfile, "--max-restarts", "1"],
                   script=FAULTY, script_args=["kill:1:4", *TRAIN, "--checkpoint-every", "3", "--sync-checkpoint",
                                               "--run-dir", run_dir])
     assert proc.returncode == 0, proc.stderr[-3000:]
