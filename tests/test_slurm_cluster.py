@@ -85,6 +85,19 @@ def test_standin_preempted_requeued_resumed(slurm_cluster, tmp_path):
     _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--batch", total=16, preemptions=2)
 
 
+def test_torch_engine_lm_preempted_requeued_resumed(slurm_cluster, tmp_path):
+    """ENGINE=torch slurm/requeue.sbatch: examples/train_lm.py on 2 torch.distributed tasks;
+    SIGUSR2 to the batch shell -> every task stops at the same step, checkpoints, rank 0 requeues,
+    and the requeued job (a new MASTER_PORT) resumes: every step once, world size 2 throughout."""
+    log, run_dir, total = tmp_path / "job.out", tmp_path / "run", 150
+    job_id = slurm_cluster.sbatch(REPO / "slurm" / "requeue.sbatch", "--steps", str(total), *TINY_LM,
+                                  sbatch_args=[*SMALL_NODE, f"--output={log}"],
+                                  env={"ENGINE": "torch", "SCRIPT": "examples/train_lm.py", "RUN_DIR": str(run_dir),
+                                       "CHECKPOINT_EVERY": "1000"})
+    _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--batch", total=total)
+    assert {r["world_size"] for r in records(run_dir) if "world_size" in r} == {2}
+
+
 def _preempt_and_finish(cluster, job_id, run_dir, log, scancel_mode, total, preemptions=1):
     for restart in range(preemptions):
         # a few more steps in each run of the job before it is preempted again: progress
