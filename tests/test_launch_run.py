@@ -2,16 +2,19 @@
 ``--engine torch`` (torch.distributed over Gloo, workers started by the launcher itself):
 allreduce result, first-failure report, Ctrl-C, hang detection, restart. Slow: a worker imports
 torch and Horovod; every run has a timeout and the suite asserts no wall-clock speed."""
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
-from tests.helpers import REPO, SCRIPTS, assert_workers_gone, hang_report, run_launch
+from tests.helpers import REPO, SCRIPTS, TINY_LM_MODEL, assert_workers_gone, hang_report, run_launch
 
 SCRIPT = SCRIPTS / "launch_allreduce.py"
 pytestmark = pytest.mark.multiprocess
@@ -145,3 +148,28 @@ def test_sigterm_gives_workers_the_stop_grace_to_save(launch_args, tmp_path):
     assert "distrib-launch: interrupted by SIGTERM: stopped every worker" in err
     assert sorted(p.name for p in tmp_path.glob("saved-*")) == ["saved-0", "saved-1"], err
     assert_workers_gone(tmp_path)
+
+
+@pytest.mark.timeout(400)
+def test_torchrun_standalone_is_one_two_worker_job_equal_to_one_process_of_the_global_batch(tmp_path):
+    """`torchrun --standalone --nproc_per_node 2 examples/train_lm.py` (no distrib-launch) is one
+    2-worker torch-engine job: its parameters equal one plain process trained on the global batch
+    (2 x 4). Before the torch engine it ran two independent 1-process jobs of batch 4."""
+    train = [*TINY_LM_MODEL, "--steps", "4", "--warmup", "2", "--lr-scaling", "none", "--seed", "7",
+             "--checkpoint-every", "0"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DISTRIB_", "HOROVOD_", "OMPI_", "PMIX_"))}
+    runs = {}
+    for name, cmd in (("reference", [sys.executable, "examples/train_lm.py", *train, "--batch-size", "8"]),
+                      ("torchrun", [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+                                    "--nproc_per_node", "2", "examples/train_lm.py", *train])):
+        run_dir = tmp_path / name
+        proc = subprocess.run([*cmd, "--run-dir", str(run_dir)], cwd=REPO, env=clean, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = torch.load(run_dir / "model.pt", weights_only=True)["model_state"]
+    worlds = {json.loads(line).get("world_size") for line in (tmp_path / "torchrun" / "metrics.jsonl").read_text()
+              .splitlines()} - {None}
+    assert worlds == {2}
+    assert runs["torchrun"].keys() == runs["reference"].keys()
+    for name, want in runs["reference"].items():
+        torch.testing.assert_close(runs["torchrun"][name], want, rtol=1e-4, atol=1e-5, msg=name)
