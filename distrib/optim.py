@@ -76,7 +76,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.model, self.ctx = model, ctx
         self.max_grad_norm, self.precision = max_grad_norm, precision
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=(precision == "fp16"))
-        self.last_grad_norm: Optional[float] = None
+        # A tensor on the device: reading it (float(), .item()) waits for the step to finish.
+        self.last_grad_norm: Optional[torch.Tensor] = None
         self.name = name if name is not None else f"opt{next(_WRAP_COUNTER)}"
         self._extra_params = optimizer_only_parameters(model, optimizer)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + self._extra_params
@@ -131,14 +132,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None) -> Optional[torch.Tensor]:
         """Synchronize (unless already done), unscale (fp16), clip (after averaging, so every rank
-        clips the same global gradient), then step. Must be called on all ranks."""
+        clips the same global gradient), then step. Must be called on all ranks. Nothing in it
+        waits for the device (fp16: only GradScaler's own read of its inf flag, as in plain torch);
+        the norm is kept as a tensor in ``last_grad_norm``."""
         if closure is not None:
             raise ValueError("closures are not supported: a closure would re-run backward after the allreduce")
         self._exchange.synchronize()
         self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm is not None:
             grads = [p for _, p in self._exchange.named_params if p.grad is not None]
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm))
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._exchange.end_step()

@@ -10,6 +10,11 @@ it takes part in the average with zeros). The flags travel with the gradients (o
 per parameter at the end of each bucket, averaged with it), so ``synchronize`` can tell which
 parameters no rank used, without a collective of its own: those are not stepped, as in a
 single-process run where their ``.grad`` stays ``None``.
+
+On a GPU nothing here may make the host wait for the device (tests/test_step_syncs.py): the
+flags are kept on the host and written into the buffer once per bucket without a blocking
+copy, and the averaged flags are read back only on a step where this rank left some parameter
+without a gradient (a parameter used here was used somewhere, so then nothing needs reading).
 """
 from __future__ import annotations
 
@@ -59,7 +64,10 @@ class PerParameterReducer:
             if wire is not p.grad:
                 p.grad.copy_(wire)
         self._inflight.clear()
+        unused_here = [p for p in self._params if not self._used.get(p, False)]
         self._used.clear()
+        if not unused_here:  # each parameter was used here, so somewhere: nothing to read
+            return frozenset()
         return frozenset(p for p, n in zip(self._params, used_anywhere.tolist()) if n == 0)
 
     def in_flight(self) -> bool:
@@ -112,6 +120,7 @@ class _Bucket:
         self.buffer = torch.zeros(total + len(params), dtype=params[0].dtype, device=params[0].device)
         self.views = [self.buffer[o:o + n].view_as(p) for p, o, n in zip(params, bucket_offsets(numels), numels)]
         self.used_flags = self.buffer[total:]
+        self.used = [False] * len(params)  # the flags on the host, written into used_flags at launch
         self.pending = len(params)
         self.wire: Optional[torch.Tensor] = None
         self.handle = None
@@ -154,13 +163,19 @@ class BucketedReducer:
             if p.grad.data_ptr() != view.data_ptr():
                 view.copy_(p.grad)
             p.grad = view
-        bucket.used_flags[k] = 1.0 if used else 0.0
+        bucket.used[k] = used
         bucket.pending -= 1
         while self._next < len(self._buckets) and self._buckets[self._next].pending == 0:
             self._launch(self._buckets[self._next])
             self._next += 1
 
     def _launch(self, bucket: _Bucket) -> None:
+        # One write of the host's flags per bucket that does not wait for the device (DDP's
+        # reducer does the same): a kernel argument when all agree, else a staged copy.
+        if all(bucket.used) or not any(bucket.used):
+            bucket.used_flags.fill_(float(bucket.used[0]))
+        else:
+            bucket.used_flags.copy_(torch.tensor(bucket.used, dtype=bucket.buffer.dtype), non_blocking=True)
         wire = bucket.buffer
         if self._compress and wire.is_floating_point() and wire.dtype != torch.float16:
             wire = wire.to(torch.float16)
@@ -181,7 +196,10 @@ class BucketedReducer:
         self._next = 0
         if not self._buckets:
             return frozenset()
-        # One host transfer for all flags (on a GPU, a single small device-to-host copy per step).
+        if all(all(b.used) for b in self._buckets):  # each parameter was used here, so somewhere
+            return frozenset()
+        # This rank left some parameter without a gradient: whether another rank used it is in the
+        # averaged flags. One small device-to-host copy, on such steps only.
         flags = torch.cat([b.used_flags for b in self._buckets]).tolist()
         members = [p for b in self._buckets for p in b.params]
         return frozenset(p for p, used in zip(members, flags) if used == 0)

@@ -53,7 +53,7 @@ class ReduceScatterReducer:
         self._next = 0          # first bucket not launched yet
         self._inflight: List[_Slot] = []
         self._params = [p for s in self._slots for p in s.params]
-        self._used = torch.zeros(len(self._params), dtype=torch.float64)
+        self._used = [False] * len(self._params)  # on the host: sent as one tensor with the last bucket
         self._flag = {p: i for i, p in enumerate(self._params)}
         self._used_handle = None
         self.unused: FrozenSet[torch.Tensor] = frozenset()
@@ -73,13 +73,14 @@ class ReduceScatterReducer:
         else:  # no gradient on this rank: zeros in the average
             slot.buffer[offset:offset + numel].zero_()
         p.grad = None  # the full-size gradient is not kept: only the bucket copy, until it is sent
-        self._used[self._flag[p]] = 1.0 if used else 0.0
+        self._used[self._flag[p]] = used
         slot.pending -= 1
         while self._next < len(self._slots) and self._slots[self._next].pending == 0:
             self._launch(self._slots[self._next])
             self._next += 1
         if self._next == len(self._slots) and self._used_handle is None:
-            self._used_handle = self._comm.allreduce_async_(self._used, name=f"{self._name}.used", op="sum")
+            flags = torch.tensor(self._used, dtype=torch.float64)
+            self._used_handle = self._comm.allreduce_async_(flags, name=f"{self._name}.used", op="sum")
 
     def _launch(self, slot: _Slot) -> None:
         wire = slot.buffer
@@ -115,9 +116,12 @@ class ReduceScatterReducer:
         for slot in self._slots:
             slot.pending = len(slot.params)
         self._next = 0
-        used = self._used_handle.wait().tolist() if self._used_handle is not None else []
+        used = self._used_handle.wait() if self._used_handle is not None else None
         self._used_handle = None
-        self.unused = frozenset(p for p, n in zip(self._params, used) if n == 0)
+        if all(self._used) or used is None:  # each parameter was used here, so somewhere: nothing to read
+            self.unused = frozenset()
+        else:
+            self.unused = frozenset(p for p, n in zip(self._params, used.tolist()) if n == 0)
         return self.unused
 
     def in_flight(self) -> bool:
