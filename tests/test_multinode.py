@@ -115,6 +115,18 @@ def test_train_lm_on_two_hosts_equals_one_process_of_the_global_batch(nodes, sha
     assert [r["step"] for r in records][-1] == STEPS and {r["world_size"] for r in records} == {2}
     assert_same_parameters(run_dir, reference)
     assert_no_worker_left(nodes)
+    # train_lm (AdamW, clipping) is scale-invariant: gradients summed instead of averaged across the
+    # hosts would pass above. SGD in float64 on the same two hosts, against plain torch, is not.
+    out = shared / "matrix.json"
+    proc = launch(nodes, on, ["--controller", controller, hosts_arg, hosts], script=SCRIPTS / "equivalence_matrix.py",
+                  script_args=["--out", out, "--cases", "sgd-acc1-nosync,sgd-acc3-sync", "--no-checks"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["size"] == 2 and sorted(results["cases"]) == ["sgd-acc1-nosync", "sgd-acc3-sync"]
+    for name, got in results["cases"].items():
+        assert got["error"] is None, got["error"]
+        assert got["vs_torch"] <= 1e-10, f"{name} on two hosts: max |distrib - torch| = {got['vs_torch']:.3g}"
+        assert got["across_ranks"] == 0.0 and got["reference_moved"] > 1e-3
 
 
 @pytest.mark.timeout(300)
