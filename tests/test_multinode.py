@@ -19,7 +19,7 @@ from distrib.data import epoch_order
 
 from tests.helpers import REPO, SCRIPTS, TINY_LM_MODEL, hang_report
 from tests.nodes import nodes  # noqa: F401 - the session's cluster
-from tests.test_elastic import read_run
+from tests.test_elastic import assert_params_match_the_replay, read_run
 
 pytestmark = pytest.mark.multiprocess
 TRAIN_LM = REPO / "examples" / "train_lm.py"
@@ -260,6 +260,8 @@ def test_elastic_loses_a_whole_host_goes_on_and_takes_it_back(nodes, shared):
     assert any(size == 3 and step > after_loss for step, _, size in sizes), sizes  # node3 rejoined
     assert sorted(f["size"] for f in finals) == [3, 3, 3]
     assert finals[0]["params"] == finals[1]["params"] == finals[2]["params"]
+    # and the parameters are those of the committed steps replayed in one plain torch process
+    assert_params_match_the_replay(out, finals, samples)
 
 
 def sizes_seen(out: Path, size: int) -> bool:
