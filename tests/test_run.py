@@ -169,19 +169,12 @@ def test_steps_needs_exactly_one_length(tmp_path):
 
 
 class FakeHorovod:
-    """What share_cores() asks of Horovod, for a job of two workers under two host names."""
+    """What share_cores() asks of the engine's comm, for a job of two workers under two host names."""
 
     def __init__(self, machine_ids, rank=0):
-        self.machine_ids, self._rank = machine_ids, rank
-
-    def local_size(self):
-        return 1  # Horovod counts the workers under this host name only
-
-    def cross_size(self):
-        return len(self.machine_ids)
-
-    def rank(self):
-        return self._rank
+        self.machine_ids, self.rank = machine_ids, rank
+        self.local_size = 1  # Horovod counts the workers under this host name only
+        self.cross_size = len(machine_ids)
 
     def allgather_object(self, obj, name):
         return self.machine_ids
@@ -240,14 +233,16 @@ def test_readme_snippets_of_the_public_api_run(tmp_path):
     section = text[text.index("## A long job in a handful of lines"):text.index("\n## Launching")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     runnable = [b for b in blocks if "launch --elastic" not in b.splitlines()[0]]
-    assert len(blocks) == 11 and len(runnable) == 10
+    assert len(blocks) == 12 and len(runnable) == 11
     (tmp_path / "snippets.json").write_text(json.dumps(runnable))
     (tmp_path / "runner.py").write_text(README_RUNNER)
     proc = subprocess.run([sys.executable, "runner.py", "snippets.json"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=240)
-    assert proc.returncode == 0 and "ran 10" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and "ran 11" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "step 200, validation {'loss':" in proc.stdout
     assert (tmp_path / "runs" / "readme" / "checkpoints" / "step-00000200").is_dir()
+    assert re.search(r"^best \d+\.\d+ at lr 0\.\d+$", proc.stdout, re.M), proc.stdout  # the stateful-model snippet
+    assert (tmp_path / "runs" / "readme-rnn" / "checkpoints" / "step-00000120" / "rank_state.pt").is_file()
 
 
 class FailingOptimizer:
@@ -278,7 +273,7 @@ def test_step_guard_keeps_horovods_error_for_the_step_boundary_and_times_the_opt
     from distrib.step_guard import StepGuard
     timer = NestedPhaseTimer()
     optimizer = FailingOptimizer(HorovodInternalError("gloo: Connection closed by peer"))
-    guard = StepGuard(optimizer, timer.phase, elastic=True)
+    guard = StepGuard(optimizer, timer.phase, failures=(HorovodInternalError,))
     optimizer.backward(1.0)
     optimizer.step()       # the wait fails: kept, the step itself is skipped
     optimizer.zero_grad()  # a no-op for the rest of the broken step
@@ -287,10 +282,10 @@ def test_step_guard_keeps_horovods_error_for_the_step_boundary_and_times_the_opt
     guard.remove()
     assert "step" not in vars(optimizer)  # the optimizer's own methods again
     plain = FailingOptimizer(HorovodInternalError("not elastic"))
-    StepGuard(plain, timer.phase, elastic=False)
+    StepGuard(plain, timer.phase)
     with pytest.raises(HorovodInternalError):  # without Horovod Elastic nothing can recover: raise
         plain.step()
     other = FailingOptimizer(RuntimeError("a bug"))
-    StepGuard(other, timer.phase, elastic=True)
+    StepGuard(other, timer.phase, failures=(HorovodInternalError,))
     with pytest.raises(RuntimeError, match="a bug"):
         other.synchronize()

@@ -12,45 +12,18 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 from distrib.checkpoint import sharded
 from distrib.checkpoint import state as st
 from distrib.checkpoint import store
 from distrib.checkpoint.store import CheckpointError
-from distrib.heartbeat import beat
 from distrib.rng import rng_state, set_rng_state
 
 log = logging.getLogger("distrib.checkpoint")
 
 SLOW_WRITE_ENV = "DISTRIB_TEST_SLOW_WRITE_S"
-
-
-class LocalComm:
-    """The collectives of a one-process world."""
-
-    def allgather_object(self, obj: Any, name: str) -> List[Any]:
-        return [obj]
-
-    def broadcast_object(self, obj: Any, name: str) -> Any:
-        return obj
-
-
-class HorovodComm:
-    """Object collectives over Horovod. Names are explicit: Horovod's default name is the
-    object's type, which differs between the root (a dict) and the others (None)."""
-
-    def __init__(self):
-        import horovod.torch as hvd
-        self._hvd = hvd
-
-    def allgather_object(self, obj: Any, name: str) -> List[Any]:
-        beat()  # before every collective distrib runs: see distrib/heartbeat.py
-        return self._hvd.allgather_object(obj, name=f"distrib.checkpoint.{name}")
-
-    def broadcast_object(self, obj: Any, name: str) -> Any:
-        beat()
-        return self._hvd.broadcast_object(obj, root_rank=0, name=f"distrib.checkpoint.{name}")
+RANK_STATE_FILE = "rank_state.pt"  # every rank's own values (distrib.user_state.RankState), in rank order
 
 
 class CheckpointManager:
@@ -61,7 +34,7 @@ class CheckpointManager:
     writes it, one write at a time (rank 0 keeps one CPU copy of the state between saves and
     reuses it as the next snapshot's memory). ``seed`` derives the RNG state of ranks that did not
     exist in the saved run (resume on more workers). ``comm`` replaces the collectives
-    (tests); by default Horovod's when ``ctx.size > 1``.
+    (tests); by default ``ctx.comm``, the engine's.
 
     ``save``, ``restore``, ``wait`` and ``close`` must be called on all ranks.
     """
@@ -75,7 +48,8 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.root = store.checkpoints_dir(run_dir)
         self.ctx, self.keep, self.async_save, self.seed = ctx, keep, async_save, seed
-        self._comm = comm if comm is not None else (HorovodComm() if ctx.size > 1 else LocalComm())
+        self._own_comm = comm  # given by the caller: kept across set_context()
+        self._comm = comm if comm is not None else ctx.comm
         self._thread: Optional[threading.Thread] = None
         self._failure: Optional[str] = None  # set by the writer thread, read after join()
         self._closed = False
@@ -91,14 +65,19 @@ class CheckpointManager:
             self._thread.join()
             self._thread = None
         self.ctx = ctx
+        self._comm = self._own_comm if self._own_comm is not None else ctx.comm
 
     @property
     def _main(self) -> bool:
         return self.ctx.rank == 0
 
     # -- saving ---------------------------------------------------------------------------------
-    def save(self, step: int, state: Mapping[str, Any], model_config: Optional[Dict] = None) -> None:
+    def save(self, step: int, state: Mapping[str, Any], model_config: Optional[Dict] = None, *,
+             rank_state=None) -> None:
         """Checkpoint ``state`` as of ``step``. Must be called on all ranks, at a step boundary.
+
+        ``rank_state`` (a :class:`distrib.user_state.RankState`, optional): this rank's own
+        values; every rank's are gathered with the RNG states and written to ``rank_state.pt``.
 
         Blocks until the previous asynchronous write is done, gathers every rank's RNG state
         to rank 0, then (async) copies the state to CPU memory and returns while a thread
@@ -122,7 +101,10 @@ class CheckpointManager:
         problem = problem or self._shards.join()  # every rank: its previous shard write
         # Collective: every rank's RNG states to rank 0, and every rank's verdict on the previous
         # write to every rank, so that all ranks raise together or none does.
-        gathered = self._comm.allgather_object({"rng": rng_state(), "problem": problem}, "save")
+        note = {"rng": rng_state(), "problem": problem}
+        if rank_state is not None:
+            note["rank_state"] = st.cpu_snapshot(rank_state.state_dict())
+        gathered = self._comm.allgather_object(note, name="distrib.checkpoint.save")
         failed = next((g["problem"] for g in gathered if g["problem"]), None)
         if failed:
             raise CheckpointError(failed)
@@ -137,6 +119,8 @@ class CheckpointManager:
                 collected = self._staging = st.cpu_snapshot(collected, reuse=self._staging)
             files = {store.STATE_FILE: {"step": step, "state": collected},
                      store.RNG_FILE: [g["rng"] for g in gathered]}
+            if rank_state is not None:
+                files[RANK_STATE_FILE] = [g["rank_state"] for g in gathered]
         if self.async_save:
             if self._main:
                 self._thread = threading.Thread(target=self._write, args=(step, files, meta, adopt),
@@ -149,7 +133,7 @@ class CheckpointManager:
             self._failure = None
         self._shards.join()  # (a failed shard is in rank 0's verdict: it read every rank's note)
         # Collective: the sync write's outcome, so that every rank returns or raises together.
-        problem = self._comm.broadcast_object(problem, "saved")
+        problem = self._comm.broadcast_object(problem, name="distrib.checkpoint.saved")
         if problem:
             raise CheckpointError(problem)
 
@@ -198,7 +182,7 @@ class CheckpointManager:
         problem = self._join_writer() if self._main else None
         self._shards.join()  # (a failed shard is in rank 0's verdict)
         # Collective: share rank 0's outcome so no rank exits believing the save succeeded.
-        problem = self._comm.broadcast_object(problem, "wait")
+        problem = self._comm.broadcast_object(problem, name="distrib.checkpoint.wait")
         if problem:
             raise CheckpointError(problem)
 
@@ -221,7 +205,8 @@ class CheckpointManager:
 
     # -- restoring ------------------------------------------------------------------------------
     def restore(self, state: Mapping[str, Any], resume: Union[str, Path] = "auto",
-                model_config: Optional[Dict] = None, *, collective: bool = True) -> Optional[int]:
+                model_config: Optional[Dict] = None, *, collective: bool = True,
+                rank_state=None) -> Optional[int]:
         """Load the checkpoint chosen by ``resume`` into ``state``; return its step, or None.
 
         ``resume``: ``"auto"`` (newest valid checkpoint of this run, None if there is none),
@@ -237,6 +222,10 @@ class CheckpointManager:
         ``collective=False`` (Horovod Elastic, where no collective may run outside the elastic
         loop): every rank chooses and loads on its own, and nothing on disk is moved; the
         elastic state's first sync then makes every rank equal to rank 0.
+
+        ``rank_state`` (a :class:`distrib.user_state.RankState`): gets this rank's saved values
+        back at the same world size, re-sharded or reset at another (its ``load_all``); a
+        checkpoint saved without rank state resets it.
         """
         st.check_state_types(state)
         config = _json_config(model_config)
@@ -251,7 +240,7 @@ class CheckpointManager:
                     choice["problem"] = str(exc)
         if collective:
             # Collective: rank 0's choice, so that every rank loads the same checkpoint.
-            choice = self._comm.broadcast_object(choice, "restore")
+            choice = self._comm.broadcast_object(choice, name="distrib.checkpoint.restore")
         if choice["problem"]:
             raise CheckpointError(choice["problem"])
         if choice["path"] is None:
@@ -260,6 +249,8 @@ class CheckpointManager:
         try:
             payload = store.load_file(path, store.STATE_FILE)
             rngs = store.load_file(path, store.RNG_FILE)
+            ranks = (store.load_file(path, RANK_STATE_FILE) if rank_state is not None
+                     and (path / RANK_STATE_FILE).exists() else None)
             # sharded optimizer state: re-cut for this rank's elements (or consolidated when unsharded)
             payload["state"] = sharded.resolve(state, payload["state"], path)
         except Exception as exc:
@@ -269,6 +260,12 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {why}; "
                                   "use --resume none or a matching config")
         st.apply(state, payload["state"])
+        if rank_state is not None:
+            reset = rank_state.load_all(ranks, self.ctx.rank, self.ctx.size)
+            if reset and self._main:
+                saved_by = f"{len(ranks)} workers" if ranks else "a run without rank state"
+                log.info("resuming from %s (saved by %s, now %d workers): rank state %s reset to its "
+                         "initial value", path, saved_by, self.ctx.size, reset)
         if self._main and collective:
             # Only now that the checkpoint is known to fit: a mismatch must leave the run dir as it was.
             self._supersede_newer(path, step, resume)
