@@ -20,7 +20,7 @@ from distrib.data import epoch_order
 
 from tests.helpers import REPO, SCRIPTS, TINY_LM_MODEL, hang_report
 from tests.nodes import nodes  # noqa: F401 - the session's cluster
-from tests.test_elastic import read_run
+from tests.test_elastic import assert_params_match_the_replay, read_run
 from tests.test_launch_run import ranks_reporting, torch_workers
 
 pytestmark = pytest.mark.multiprocess
@@ -118,6 +118,18 @@ def test_train_lm_on_two_hosts_equals_one_process_of_the_global_batch(nodes, sha
     assert [r["step"] for r in records][-1] == STEPS and {r["world_size"] for r in records} == {2}
     assert_same_parameters(run_dir, reference)
     assert_no_worker_left(nodes)
+    # train_lm (AdamW, clipping) is scale-invariant: gradients summed instead of averaged across the
+    # hosts would pass above. SGD in float64 on the same two hosts, against plain torch, is not.
+    out = shared / "matrix.json"
+    proc = launch(nodes, on, ["--controller", controller, hosts_arg, hosts], script=SCRIPTS / "equivalence_matrix.py",
+                  script_args=["--out", out, "--cases", "sgd-acc1-nosync,sgd-acc3-sync", "--no-checks"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["size"] == 2 and sorted(results["cases"]) == ["sgd-acc1-nosync", "sgd-acc3-sync"]
+    for name, got in results["cases"].items():
+        assert got["error"] is None, got["error"]
+        assert got["vs_torch"] <= 1e-10, f"{name} on two hosts: max |distrib - torch| = {got['vs_torch']:.3g}"
+        assert got["across_ranks"] == 0.0 and got["reference_moved"] > 1e-3
 
 
 @pytest.mark.timeout(300)
@@ -292,6 +304,8 @@ def test_elastic_loses_a_whole_host_goes_on_and_takes_it_back(nodes, shared):
     assert any(size == 3 and step > after_loss for step, _, size in sizes), sizes  # node3 rejoined
     assert sorted(f["size"] for f in finals) == [3, 3, 3]
     assert finals[0]["params"] == finals[1]["params"] == finals[2]["params"]
+    # and the parameters are those of the committed steps replayed in one plain torch process
+    assert_params_match_the_replay(out, finals, samples)
 
 
 def sizes_seen(out: Path, size: int) -> bool:

@@ -4,9 +4,12 @@ Every job is submitted with sbatch and runs its tasks with `srun --mpi=pmix`: Ho
 controller starts from PMIx. The node has 2 CPUs and 2 fake GPUs, so each job runs 2 tasks.
 """
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.slurm import main as generate_sbatch
 from tests.helpers import TINY_LM_MODEL
@@ -165,14 +168,33 @@ def test_srun_without_pmix_fails_in_one_line_instead_of_training_twice(slurm_clu
 
 def test_requeue_sbatch_lm_preempted_requeued_resumed(slurm_cluster, tmp_path):
     """(b) slurm/requeue.sbatch with train_lm: `scancel --full --signal=USR2` (every process of the
-    job, as Slurm's own --signal does for the tasks) mid-run; it resumes and finishes."""
+    job, as Slurm's own --signal does for the tasks) mid-run; it resumes and finishes with the
+    parameters of train_lm never interrupted, in one process on the global batch (2 tasks x 4)."""
     log, run_dir = tmp_path / "job.out", tmp_path / "run"
     total = 150
-    job_id = slurm_cluster.sbatch(REPO / "slurm" / "requeue.sbatch", "--steps", str(total), *TINY_LM,
-                                  sbatch_args=[*SMALL_NODE, f"--output={log}"],
-                                  env={"RUN_DIR": str(run_dir), "CHECKPOINT_EVERY": "50"})
-    _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--full", total=total)
-    assert (run_dir / "model.pt").exists()
+    args = ["--steps", str(total), *TINY_LM, "--lr-scaling", "none"]
+    # The uninterrupted run, alongside the job (its numbers do not depend on timing).
+    reference_dir, reference_log = tmp_path / "reference", tmp_path / "reference.log"
+    with open(reference_log, "w") as out:
+        reference = subprocess.Popen([sys.executable, str(REPO / "examples" / "train_lm.py"), *args, "--batch-size",
+                                      "8", "--checkpoint-every", "0", "--run-dir", str(reference_dir)], cwd=REPO,
+                                     stdout=out, stderr=subprocess.STDOUT)
+    try:
+        job_id = slurm_cluster.sbatch(REPO / "slurm" / "requeue.sbatch", *args,
+                                      sbatch_args=[*SMALL_NODE, f"--output={log}"],
+                                      env={"RUN_DIR": str(run_dir), "CHECKPOINT_EVERY": "50"})
+        _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--full", total=total)
+        assert reference.wait(timeout=240) == 0, reference_log.read_text()[-3000:]
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
+    got, want = (torch.load(d / "model.pt", weights_only=True)["model_state"] for d in (run_dir, reference_dir))
+    assert got.keys() == want.keys()
+    for name in want:  # float32, 150 AdamW steps: the reduction order's noise is ~1e-5
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: the preempted run differs from the "
+                                                            f"uninterrupted one\n{m}")
 
 
 ENV_PROBE = """\
