@@ -12,6 +12,7 @@ first use because it needs Horovod's elastic module); the submodules are impleme
 from distrib._version import __version__
 from distrib.context import Context, DistribSetupError, init
 from distrib.checkpoint import CheckpointError, CheckpointManager
+from distrib.compression import PowerSGD
 from distrib.checkpoint.manager import HorovodComm
 from distrib.data import ShardedLoader, eval_loader, eval_shard
 from distrib.evaluate import evaluate, weighted_mean
@@ -24,7 +25,7 @@ from distrib.schedule import LRSchedule, scaled_lr
 from distrib.sync_batchnorm import SyncBatchNorm
 
 __all__ = ["Context", "DistribSetupError", "init", "ShardedLoader", "DistributedOptimizer", "wrap", "SyncBatchNorm",
-           "LRSchedule", "scaled_lr", "rank0_print", "get_logger",
+           "LRSchedule", "scaled_lr", "PowerSGD", "rank0_print", "get_logger",
            "Run", "CheckpointManager", "CheckpointError", "HorovodComm", "MetricsLogger", "read_metrics",
            "PreemptionHandler", "evaluate", "weighted_mean", "eval_loader", "eval_shard"]
 

@@ -1,0 +1,107 @@
+"""The reducer behind ``distrib.wrap(..., compression="powersgd")``.
+
+Same contract as the reducers of :mod:`distrib.reducers` (``grad_ready(p, used)``, then
+``synchronize()`` leaves every ``p.grad`` averaged and returns the parameters no rank used).
+For the first ``start_step`` steps it is the default bucketed allreduce; from then on, three
+collectives per step, whatever the number of tensors:
+
+1. the tensors PowerSGD does not compress (vectors, small matrices) and the used-flags, in
+   one flat buffer, averaged (started as soon as the last gradient of the step is ready);
+2. every compressed matrix's P, in one flat buffer, summed (started at the same time);
+3. every compressed matrix's Q, in one flat buffer, summed (needs 2's result).
+
+The math is :class:`distrib.compression.powersgd.PowerSGDState`; this module only moves it.
+"""
+from __future__ import annotations
+
+from typing import FrozenSet, List, Tuple
+
+import torch
+
+from distrib.compression.powersgd import PowerSGDState
+from distrib.reducers import BucketedReducer
+
+
+class PowerSGDReducer:
+    """PowerSGD-averaged gradients over Horovod. ``state`` outlives the reducer (a reset after a
+    peer died builds a new reducer on the same state). Every rank must hand it the same
+    parameters each step (:class:`distrib.gradients.GradientExchange` does)."""
+
+    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], hvd, *, state: PowerSGDState,
+                 prefix: str):
+        self._hvd, self._state, self._prefix = hvd, state, prefix
+        self._params = [p for _, p in named_params]
+        self._index = {p: i for i, p in enumerate(self._params)}
+        self._plain = BucketedReducer(named_params, hvd, prefix=f"{prefix}.warmup")
+        self._used: List[bool] = [False] * len(self._params)
+        self._pending = len(self._params)
+        self._handles = None  # (dense buffer, its handle, P handle) once launched
+
+    @property
+    def compressing(self) -> bool:
+        """Whether this step goes low-rank (after the plain-allreduce warm-up)."""
+        return self._state.step >= self._state.config.start_step
+
+    def grad_ready(self, p: torch.Tensor, used: bool = True) -> None:
+        if not self.compressing:
+            self._plain.grad_ready(p, used)
+            return
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        self._used[self._index[p]] = used
+        self._pending -= 1
+        if self._pending == 0:
+            self._launch()
+
+    def _launch(self) -> None:
+        state, grads = self._state, [p.grad for p in self._params]
+        # Host-side flags become one tensor with one copy (as DDP keeps its bookkeeping).
+        flags = torch.tensor(self._used, dtype=state.dtype).to(state.device, non_blocking=True)
+        dense = torch.cat([grads[i].detach().reshape(-1).to(state.dtype) for i in state.uncompressed] + [flags])
+        dense_handle = self._hvd.allreduce_async_(dense, name=f"{self._prefix}.powersgd.dense", op=self._hvd.Average)
+        p_handle = self._hvd.allreduce_async_(state.start(grads), name=f"{self._prefix}.powersgd.p",
+                                              op=self._hvd.Sum)
+        self._handles = (dense, dense_handle, p_handle)
+
+    def synchronize(self) -> FrozenSet[torch.Tensor]:
+        """Wait for the averages; return the parameters that no rank used."""
+        state = self._state
+        if not self.compressing:
+            unused = self._plain.synchronize()
+            state.step += 1
+            return unused
+        if self._handles is None:
+            raise RuntimeError(f"synchronize() before every gradient was ready ({self._pending} missing)")
+        dense, dense_handle, p_handle = self._handles
+        p_sum = self._hvd.synchronize(p_handle)
+        q_handle = self._hvd.allreduce_async_(state.after_p_sum(p_sum), name=f"{self._prefix}.powersgd.q",
+                                              op=self._hvd.Sum)
+        self._hvd.synchronize(dense_handle)
+        grads = [p.grad for p in self._params]
+        at = 0
+        for i in state.uncompressed:
+            n = grads[i].numel()
+            grads[i].copy_(dense[at:at + n].view_as(grads[i]))
+            at += n
+        flags = dense[at:]
+        applied = {i: (flags[i] > 0).to(state.dtype) for i in state.compressed}
+        state.finish(self._hvd.synchronize(q_handle), self._hvd.size(), grads, applied)
+        state.step += 1
+        self._handles, self._pending = None, len(self._params)
+        # One host transfer for all flags, as the bucketed reducer does.
+        return frozenset(p for p, used in zip(self._params, flags.tolist()) if used == 0)
+
+    def in_flight(self) -> bool:
+        return self._handles is not None or self._plain.in_flight()
+
+
+def powersgd_factory(named_params: List[Tuple[str, torch.Tensor]], hvd, config, *, prefix: str):
+    """(the PowerSGD state, a factory of reducers sharing it) for these parameters. ``config``:
+    a :class:`~distrib.compression.powersgd.PowerSGD` or None (its defaults)."""
+    from distrib.compression.powersgd import PowerSGD
+    params = [p for _, p in named_params]
+    if not params:
+        raise ValueError("compression='powersgd' needs parameters that require grad; the optimizer has none")
+    dtype = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
+    state = PowerSGDState([p.shape for p in params], config or PowerSGD(), dtype=dtype, device=params[0].device)
+    return state, lambda: PowerSGDReducer(named_params, hvd, state=state, prefix=prefix)
