@@ -224,3 +224,30 @@ def test_bad_wrap_options_are_one_line_with_the_fix(options, message):
     with pytest.raises(ValueError, match=message) as info:
         distrib.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), ctx, **options)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.timeout(400)
+def test_kill_and_resume_is_bit_exact_and_another_world_size_restarts_the_error_feedback(tmp_path):
+    """Killed right after the checkpoint of step 5 (error feedback, Q and step count in it),
+    resumed: steps 5-7 equal an uninterrupted run's bit for bit. Resumed on 1 worker instead,
+    the error feedback restarts at zero with a log line that says why."""
+    common = ["--rank", "1", "--start-step", "2", "--steps", "8", "--save-every", "5"]
+    whole = tmp_path / "whole.pt"
+    run_launch(["-np", "2"], SCRIPTS / "powersgd_train.py", [*common, "--ckpt-dir", tmp_path / "a", "--out", whole])
+    killed = run_launch(["-np", "2"], SCRIPTS / "powersgd_train.py",
+                        [*common, "--ckpt-dir", tmp_path / "b", "--die-at", "5", "--out", tmp_path / "never.pt"],
+                        check=False)
+    assert killed.returncode != 0 and not (tmp_path / "never.pt").exists()
+    resumed = tmp_path / "resumed.pt"
+    run_launch(["-np", "2"], SCRIPTS / "powersgd_train.py", [*common, "--ckpt-dir", tmp_path / "b", "--out", resumed])
+    want, got = torch.load(whole)["ranks"], torch.load(resumed)["ranks"]
+    assert [r["step"] for r in got[0]] == [5, 6, 7]
+    for rank in range(2):
+        for rec in got[rank]:
+            for n, value in rec["params"].items():
+                assert torch.equal(value, want[rank][rec["step"]]["params"][n]), f"rank {rank} step {rec['step']} {n}"
+    # at another world size the saved error feedback belongs to ranks that are not there
+    other = run_launch(["-np", "1"], SCRIPTS / "powersgd_train.py",
+                       [*common, "--ckpt-dir", tmp_path / "b", "--out", tmp_path / "one.pt"])
+    assert ("PowerSGD error feedback restarts at zero: the checkpoint was written by 2 ranks, this run has 1"
+            in other.stderr)

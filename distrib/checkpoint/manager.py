@@ -122,7 +122,10 @@ class CheckpointManager:
         problem = problem or self._shards.join()  # every rank: its previous shard write
         # Collective: every rank's RNG states to rank 0, and every rank's verdict on the previous
         # write to every rank, so that all ranks raise together or none does.
-        gathered = self._comm.allgather_object({"rng": rng_state(), "problem": problem}, "save")
+        # (Per-rank state, PowerSGD's error feedback, rides along: as large as the compressed
+        # gradients, gathered on every rank.)
+        gathered = self._comm.allgather_object({"rng": rng_state(), "problem": problem,
+                                                "local": st.local_states(state)}, "save")
         failed = next((g["problem"] for g in gathered if g["problem"]), None)
         if failed:
             raise CheckpointError(failed)
@@ -137,6 +140,8 @@ class CheckpointManager:
                 collected = self._staging = st.cpu_snapshot(collected, reuse=self._staging)
             files = {store.STATE_FILE: {"step": step, "state": collected},
                      store.RNG_FILE: [g["rng"] for g in gathered]}
+            if any(g["local"] for g in gathered):
+                files[store.LOCAL_FILE] = [g["local"] for g in gathered]
         if self.async_save:
             if self._main:
                 self._thread = threading.Thread(target=self._write, args=(step, files, meta, adopt),
@@ -260,6 +265,7 @@ class CheckpointManager:
         try:
             payload = store.load_file(path, store.STATE_FILE)
             rngs = store.load_file(path, store.RNG_FILE)
+            local = store.load_file(path, store.LOCAL_FILE) if (path / store.LOCAL_FILE).exists() else None
             # sharded optimizer state: re-cut for this rank's elements (or consolidated when unsharded)
             payload["state"] = sharded.resolve(state, payload["state"], path)
         except Exception as exc:
@@ -269,6 +275,7 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {why}; "
                                   "use --resume none or a matching config")
         st.apply(state, payload["state"])
+        st.apply_local(state, local, self.ctx.rank, self.ctx.size)
         if self._main and collective:
             # Only now that the checkpoint is known to fit: a mismatch must leave the run dir as it was.
             self._supersede_newer(path, step, resume)

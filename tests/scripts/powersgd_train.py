@@ -50,7 +50,7 @@ state = {"model": model, "optimizer": opt}
 start = 0
 manager = None
 if args.ckpt_dir:
-    manager = distrib.CheckpointManager(ctx, args.ckpt_dir, async_save=False)
+    manager = distrib.CheckpointManager(args.ckpt_dir, ctx, async_save=False)
     resumed = manager.restore(state, "auto")
     start = 0 if resumed is None else resumed
 records = []
