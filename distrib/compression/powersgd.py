@@ -173,7 +173,9 @@ class PowerSGDState:
         for group in self.p_groups:
             orthogonalize_(group)
         for i in self.compressed:
-            torch.matmul(self._inputs[i].t(), self.p[i], out=self.q[i])
+            # (P^T M)^T, not M^T P: torch's matmul of a transposed large matrix into out= took
+            # 10-100x longer here (a slow path); this product is r x m, copied transposed.
+            self.q[i].copy_(torch.mm(self.p[i].t(), self._inputs[i]).t())
         return self.q_flat
 
     def finish(self, q_sum: torch.Tensor, world_size: int, grads: Sequence[torch.Tensor],
@@ -187,11 +189,16 @@ class PowerSGDState:
         self.q_flat.div_(world_size)
         for i in self.compressed:
             n, m, _ = self.dims[i]
-            approx = torch.matmul(self.p[i], self.q[i].t())
-            grads[i].copy_(approx.view_as(grads[i]))
+            grad = grads[i]
+            direct = grad.is_contiguous() and grad.dtype == self.dtype
+            approx = grad.view(n, m) if direct else torch.empty(n, m, dtype=self.dtype, device=self.device)
+            torch.mm(self.p[i], self.q[i].t(), out=approx)
+            if not direct:
+                grad.copy_(approx.view_as(grad))
             if applied is not None and i in applied:
-                approx.mul_(applied[i])
-            self._inputs[i].sub_(approx)  # the error buffer: M + E - M'
+                self._inputs[i].addcmul_(approx, applied[i], value=-1)  # the error buffer: M + E - M'
+            else:
+                self._inputs[i].sub_(approx)
         self._inputs.clear()
         self._restart_if_not_finite()
 
@@ -203,8 +210,7 @@ class PowerSGDState:
         finite = torch.isfinite(self.q_flat).all() & torch.isfinite(self.p_flat).all()
         torch.where(finite, self.q_flat, self.q_start, out=self.q_flat)
         for e in self.errors.values():
-            e.mul_(finite)  # NaN * 0 is NaN: clear those first
-            e.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            e.masked_fill_(~finite, 0.0)
 
     # -- what a checkpoint keeps --------------------------------------------------------------
     def shared_state_dict(self) -> Dict[str, object]:
