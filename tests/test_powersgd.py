@@ -52,14 +52,15 @@ class ReferencePowerSGD:
 
 def simulate(states, grads_per_rank):
     """The library's PowerSGDState on W 'ranks' in one process, the collectives done by hand."""
-    p_sum = sum(s.start(g).clone() for s, g in zip(states, grads_per_rank))
-    q_sum = sum(s.after_p_sum(p_sum.clone()).clone() for s in states)
+    world = len(states)
+    p_mean = sum(s.start(g).clone() for s, g in zip(states, grads_per_rank)) / world
+    q_mean = sum(s.after_p_mean(p_mean.clone()).clone() for s in states) / world
     outs = [[g.clone() for g in grads] for grads in grads_per_rank]
     for i in states[0].uncompressed:  # the reducer's plain allreduce
         for out in outs:
             out[i] = sum(g[i] for g in grads_per_rank) / len(states)
     for s, out in zip(states, outs):
-        s.finish(q_sum.clone(), len(states), out)
+        s.finish(q_mean.clone(), out)
     for a, b in zip(outs[0], outs[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg="every rank must get the same average")
     return outs[0]

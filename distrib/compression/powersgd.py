@@ -6,10 +6,13 @@ tensor of ``n`` rows viewed as ``n x m``) that is worth compressing, one step is
 
     M_in = M + E                      # error feedback: what earlier steps did not transmit
     P    = M_in @ Q                   # Q: m x r, orthonormal columns, kept from the last step
-    P    = orthogonalize(sum_ranks P) # 1st collective: all P's in one flat buffer
+    P    = orthogonalize(mean_ranks P)# 1st collective: all P's in one flat buffer
     Q    = M_in^T @ P                 # 2nd collective: all Q's in one flat buffer,
-    Q    = sum_ranks Q / world        #   averaged
+    Q    = mean_ranks Q               #   averaged
     M'   = P @ Q^T                    # = P P^T mean(M_in): the same on every rank
+
+(torch's hook sums P; orthogonalisation does not see the factor, so P is averaged here and
+rides in one collective with the uncompressed tensors, which are averaged too.)
     E    = M_in - M'                  # this rank's share that did not make it
 
 This is torch's ``powerSGD_hook`` per matrix (``torch/distributed/algorithms/ddp_comm_hooks/
@@ -107,8 +110,8 @@ class PowerSGDState:
     ``shapes``: every gradient's shape, in the order the caller passes gradients. Those worth
     compressing (:func:`should_compress`) get a P and a Q slice of two flat buffers (grouped by
     shape, so that Gram-Schmidt runs batched) and an error buffer. Per step, on every rank:
-    :meth:`start` (``P`` to sum over ranks), :meth:`after_p_sum` (``Q`` to sum over ranks),
-    :meth:`finish` (the low-rank average written into the gradients).
+    :meth:`start` (``P`` to average over ranks), :meth:`after_p_mean` (``Q`` to average over
+    ranks), :meth:`finish` (the low-rank average written into the gradients).
     """
 
     def __init__(self, shapes: Sequence[torch.Size], config: PowerSGD, *, dtype: torch.dtype,
@@ -154,8 +157,8 @@ class PowerSGDState:
 
     # -- one step -----------------------------------------------------------------------------
     def start(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """This rank's P of every compressed gradient, in one flat buffer to be summed over
-        ranks. ``grads``: every gradient, in the order of ``shapes``. Adds the error feedback."""
+        """This rank's P of every compressed gradient, in one flat buffer to be averaged (or
+        summed) over ranks. ``grads``: every gradient, in the order of ``shapes``. Adds the error feedback."""
         for group in self.q_groups:
             orthogonalize_(group)  # warm start: last step's Q, orthonormal again
         for i in self.compressed:
@@ -166,10 +169,11 @@ class PowerSGDState:
             torch.matmul(m_in, self.q[i], out=self.p[i])
         return self.p_flat
 
-    def after_p_sum(self, p_sum: torch.Tensor) -> torch.Tensor:
-        """Given the sum of every rank's P: this rank's Q, in one flat buffer to be summed."""
-        if p_sum.data_ptr() != self.p_flat.data_ptr():
-            self.p_flat.copy_(p_sum)
+    def after_p_mean(self, p_mean: torch.Tensor) -> torch.Tensor:
+        """Given the mean (or sum) of every rank's P: this rank's Q, in one flat buffer to be
+        averaged over ranks."""
+        if p_mean.data_ptr() != self.p_flat.data_ptr():
+            self.p_flat.copy_(p_mean)
         for group in self.p_groups:
             orthogonalize_(group)
         for i in self.compressed:
@@ -178,15 +182,14 @@ class PowerSGDState:
             self.q[i].copy_(torch.mm(self.p[i].t(), self._inputs[i]).t())
         return self.q_flat
 
-    def finish(self, q_sum: torch.Tensor, world_size: int, grads: Sequence[torch.Tensor],
+    def finish(self, q_mean: torch.Tensor, grads: Sequence[torch.Tensor],
                applied: Dict[int, torch.Tensor] = None) -> None:
-        """Given the sum of every rank's Q: write ``P Q^T / world_size`` (the low-rank average,
-        identical on every rank) into the compressed ``grads`` and keep the rest as error.
+        """Given the mean of every rank's Q: write ``P Q^T`` (the low-rank average, identical on
+        every rank) into the compressed ``grads`` and keep the rest as error.
         ``applied``: per compressed index, an optional 0/1 tensor; 0 (no rank used the
         parameter, so the optimizer will not step it) keeps the whole input as error."""
-        if q_sum.data_ptr() != self.q_flat.data_ptr():
-            self.q_flat.copy_(q_sum)
-        self.q_flat.div_(world_size)
+        if q_mean.data_ptr() != self.q_flat.data_ptr():
+            self.q_flat.copy_(q_mean)
         for i in self.compressed:
             n, m, _ = self.dims[i]
             grad = grads[i]

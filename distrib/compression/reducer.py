@@ -2,13 +2,14 @@
 
 Same contract as the reducers of :mod:`distrib.reducers` (``grad_ready(p, used)``, then
 ``synchronize()`` leaves every ``p.grad`` averaged and returns the parameters no rank used).
-For the first ``start_step`` steps it is the default bucketed allreduce; from then on, three
-collectives per step, whatever the number of tensors:
+For the first ``start_step`` steps it is the default bucketed allreduce; from then on, two
+collectives per step, whatever the number of tensors (each one a round trip, which on a slow
+link costs more than the few bytes):
 
-1. the tensors PowerSGD does not compress (vectors, small matrices) and the used-flags, in
-   one flat buffer, averaged (started as soon as the last gradient of the step is ready);
-2. every compressed matrix's P, in one flat buffer, summed (started at the same time);
-3. every compressed matrix's Q, in one flat buffer, summed (needs 2's result).
+1. one flat buffer, averaged, started as soon as the last gradient of the step is ready: the
+   tensors PowerSGD does not compress (vectors, small matrices), the used-flags, and every
+   compressed matrix's P;
+2. every compressed matrix's Q, in one flat buffer, averaged (it needs 1's result).
 
 The math is :class:`distrib.compression.powersgd.PowerSGDState`; this module only moves it.
 """
@@ -57,11 +58,10 @@ class PowerSGDReducer:
         state, grads = self._state, [p.grad for p in self._params]
         # Host-side flags become one tensor with one copy (as DDP keeps its bookkeeping).
         flags = torch.tensor(self._used, dtype=state.dtype).to(state.device, non_blocking=True)
-        dense = torch.cat([grads[i].detach().reshape(-1).to(state.dtype) for i in state.uncompressed] + [flags])
-        dense_handle = self._hvd.allreduce_async_(dense, name=f"{self._prefix}.powersgd.dense", op=self._hvd.Average)
-        p_handle = self._hvd.allreduce_async_(state.start(grads), name=f"{self._prefix}.powersgd.p",
-                                              op=self._hvd.Sum)
-        self._handles = (dense, dense_handle, p_handle)
+        wire = torch.cat([grads[i].detach().reshape(-1).to(state.dtype) for i in state.uncompressed]
+                         + [flags, state.start(grads)])
+        self._handles = (wire, self._hvd.allreduce_async_(wire, name=f"{self._prefix}.powersgd.first",
+                                                          op=self._hvd.Average))
 
     def synchronize(self) -> FrozenSet[torch.Tensor]:
         """Wait for the averages; return the parameters that no rank used."""
@@ -72,20 +72,19 @@ class PowerSGDReducer:
             return unused
         if self._handles is None:
             raise RuntimeError(f"synchronize() before every gradient was ready ({self._pending} missing)")
-        dense, dense_handle, p_handle = self._handles
-        p_sum = self._hvd.synchronize(p_handle)
-        q_handle = self._hvd.allreduce_async_(state.after_p_sum(p_sum), name=f"{self._prefix}.powersgd.q",
-                                              op=self._hvd.Sum)
-        self._hvd.synchronize(dense_handle)
+        wire, handle = self._handles
+        self._hvd.synchronize(handle)
         grads = [p.grad for p in self._params]
         at = 0
         for i in state.uncompressed:
             n = grads[i].numel()
-            grads[i].copy_(dense[at:at + n].view_as(grads[i]))
+            grads[i].copy_(wire[at:at + n].view_as(grads[i]))
             at += n
-        flags = dense[at:]
+        flags = wire[at:at + len(self._params)]
+        q = state.after_p_mean(wire[at + len(self._params):])
+        q_handle = self._hvd.allreduce_async_(q, name=f"{self._prefix}.powersgd.q", op=self._hvd.Average)
         applied = {i: (flags[i] > 0).to(state.dtype) for i in state.compressed}
-        state.finish(self._hvd.synchronize(q_handle), self._hvd.size(), grads, applied)
+        state.finish(self._hvd.synchronize(q_handle), grads, applied)
         state.step += 1
         self._handles, self._pending = None, len(self._params)
         # One host transfer for all flags, as the bucketed reducer does.
