@@ -106,11 +106,13 @@ def main(argv=None) -> int:
                              shard=None if args.shard == "none" else args.shard)
     schedule = distrib.LRSchedule(optimizer, base_lr=args.lr, world_size=ctx.size, total_steps=args.steps,
                                   warmup_steps=args.warmup, scaling=args.lr_scaling)
-    loader = distrib.ShardedLoader(train_set, args.batch_size, ctx, seed=args.seed)
+    on_gpu = ctx.device.type == "cuda"  # pinned host batches: their copies to the GPU do not block
+    loader = distrib.ShardedLoader(train_set, args.batch_size, ctx, seed=args.seed, pin_memory=on_gpu)
 
     def validation(ctx):  # on every rank, with the current world (it changes under --elastic)
-        batches = distrib.eval_loader(val_set, args.batch_size, ctx)
-        return distrib.evaluate(model, batches, lambda m, b: ({"loss": m(b[0], b[1]).item()}, len(b[0])))
+        batches = distrib.eval_loader(val_set, args.batch_size, ctx, pin_memory=on_gpu)
+        # evaluate() moves each batch to the model's device; the loss stays a tensor until the end
+        return distrib.evaluate(model, batches, lambda m, b: ({"loss": m(b[0], b[1])}, len(b[0])))
 
     run = distrib.Run(ctx, args.run_dir, model=model, optimizer=optimizer, loader=loader, schedule=schedule,
                       resume=args.resume, checkpoint_every=args.checkpoint_every, keep=args.keep,
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     for _, micro_batches in run.steps(args.steps):
         for x, y in micro_batches:
             with optimizer.autocast():
-                loss = model(x.to(run.ctx.device), y.to(run.ctx.device))
+                loss = model(x.to(run.ctx.device, non_blocking=True), y.to(run.ctx.device, non_blocking=True))
             optimizer.backward(loss)
         optimizer.step()
         optimizer.zero_grad()

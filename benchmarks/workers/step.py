@@ -22,7 +22,9 @@ bytes this host's link sent per timed step (eth0's tx_bytes counter: everything 
               with DDP's fp16_compress_hook), powersgd1, powersgd4 (default with DDP's powerSGD_hook
               at rank 1 and 4, low-rank from the first timed step), and tuned-<MB>: gradient_as_bucket_view=True,
               bucket_cap_mb=MB, broadcast_buffers=False (BatchNorm statistics stay per worker,
-              as under distrib and Horovod)
+              as under distrib and Horovod), and distrib-torch: distrib.wrap on the torch engine
+              (distrib.init(engine="torch") joins the same Gloo process group), alternated with DDP
+              in the same processes
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from benchmarks.workers.models import DEFAULT_BATCH, MODELS, build, grad_bytes  
 
 VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"),
             "distrib": ("buckets", "per-parameter", "fp16", "powersgd1", "powersgd4", "horovod", "horovod-fp16"),
-            "ddp": ("default", "fp16", "powersgd1", "powersgd4")}
+            "ddp": ("default", "fp16", "powersgd1", "powersgd4", "distrib-torch")}
 
 
 def parse_args(argv=None):
@@ -131,6 +133,11 @@ def wrap(impl, variant, model, warmup: int = 5):
         else:
             opt = distrib.wrap(model, _sgd(model), distrib.init(), compression="fp16" if variant == "fp16" else "none")
         return model, opt, opt.close  # close: its gradient hooks and buckets
+    if variant == "distrib-torch":  # in DDP's processes: the same process group, launcher and threads
+        import distrib
+        os.environ["DISTRIB_REDUCER"] = "auto"
+        opt = distrib.wrap(model, _sgd(model), distrib.init(engine="torch"))
+        return model, opt, opt.close
     if impl == "horovod" or variant.startswith("horovod"):
         import horovod.torch as hvd
         compression = hvd.Compression.fp16 if variant.endswith("fp16") else hvd.Compression.none
