@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distrib.compression.powersgd import PowerSGD, PowerSGDState, initial_q, should_compress
-from tests.helpers import SCRIPTS, run_launch
+from tests.helpers import SCRIPTS, run_launch, run_torchrun
 
 
 class ReferencePowerSGD:
@@ -192,13 +192,17 @@ def reference_run(steps, *, rank, start_step, accumulate=1, clip=None, world=2):
 
 
 @pytest.mark.timeout(300)
-def test_two_ranks_equal_the_reference_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("engine", ["horovod", "torch"])
+def test_two_ranks_equal_the_reference_on_the_global_batch(tmp_path, engine):
     """Rank 2, 2 plain steps then 4 low-rank ones, 2 micro-batches per step, clipping after the
-    decompression, and a layer no rank uses (never stepped, though SGD has weight decay)."""
+    decompression, and a layer no rank uses (never stepped, though SGD has weight decay); on
+    both engines (our launcher with Horovod, torchrun with torch.distributed)."""
     out = tmp_path / "run.pt"
-    run_launch(["-np", "2"], SCRIPTS / "powersgd_train.py",
-               ["--rank", "2", "--start-step", "2", "--steps", "6", "--accumulate", "2", "--clip", "0.5",
-                "--out", out], timeout=240)
+    args = ["--rank", "2", "--start-step", "2", "--steps", "6", "--accumulate", "2", "--clip", "0.5", "--out", out]
+    if engine == "horovod":
+        run_launch(["-np", "2"], SCRIPTS / "powersgd_train.py", args, timeout=240)
+    else:
+        run_torchrun(2, SCRIPTS / "powersgd_train.py", args, timeout=240)
     got = torch.load(out)["ranks"]
     want = reference_run(6, rank=2, start_step=2, accumulate=2, clip=0.5)
     for step in range(6):

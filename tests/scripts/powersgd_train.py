@@ -69,6 +69,6 @@ for step in range(start, args.steps):
         manager.save(step + 1, state)
         if step + 1 == args.die_at:
             os._exit(3)
-gathered = opt._hvd.allgather_object(records, name="records")
+gathered = ctx.comm.allgather_object(records, name="records")
 if ctx.rank == 0:
     torch.save({"ranks": gathered, "world": ctx.size}, args.out)
