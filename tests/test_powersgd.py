@@ -256,3 +256,35 @@ def test_kill_and_resume_is_bit_exact_and_another_world_size_restarts_the_error_
                        [*common, "--ckpt-dir", tmp_path / "b", "--out", tmp_path / "one.pt"])
     assert ("PowerSGD error feedback restarts at zero: the checkpoint was written by 2 ranks, this run has 1"
             in other.stderr)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_and_an_fp16_overflow_on_one_process(precision):
+    """compression="powersgd" under bf16/fp16 autocast (one process, LocalComm): the steps run,
+    clipping sees finite gradients; with fp16, a step whose loss overflows is skipped by the
+    grad scaler and PowerSGD restarts its error feedback instead of carrying inf/NaN."""
+    import distrib
+    from distrib.context import Context
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+    ctx = Context(0, 1, 0, 1, 0, 1, torch.device("cpu"), "gloo")
+    opt = distrib.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01), ctx, precision=precision,
+                       max_grad_norm=1.0, compression="powersgd", powersgd=PowerSGD(rank=2, start_step=1))
+    state = opt._powersgd
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x, y = torch.randn(16, 32, generator=gen), torch.randn(16, 8, generator=gen)
+        with opt.autocast():
+            loss = torch.nn.functional.mse_loss(model(x).float(), y)
+        if step == 2 and precision == "fp16":
+            loss = loss * float("inf")  # overflows: the scaler skips this step
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        moved = any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        assert moved == (not (step == 2 and precision == "fp16")), f"step {step}"
+        assert all(torch.isfinite(e).all() for e in state.errors.values())
+        assert torch.isfinite(state.q_flat).all()
+    assert state.step == 4 and state.compressed  # three low-rank steps, through the overflow
+    assert all(torch.isfinite(p).all() for p in model.parameters())
