@@ -49,9 +49,13 @@ JOBS = {"distrib": ("distrib", {"buckets": "distrib", "fp16": "distrib-fp16", "p
 ALONE = ("alone", {"default": "alone"})
 
 
+def _models(opts) -> tuple:
+    return MODELS[:1] if opts.quick else MODELS  # --quick: the MLP only (its budget is 3 min in all)
+
+
 def _argv(job: str, opts, out, r: int, rates: List[str]) -> List[str]:
     impl, names = JOBS.get(job, ALONE)
-    return [STEP, "--impl", impl, "--model", ",".join(MODELS), "--variants", ",".join(names), "--rotate", str(r),
+    return [STEP, "--impl", impl, "--model", ",".join(_models(opts)), "--variants", ",".join(names), "--rotate", str(r),
             "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--out", str(out),
             *(["--link-rates", ",".join(rates)] if job != "alone" else [])]
 
@@ -111,7 +115,7 @@ def measure(cluster, opts) -> dict:
     rates and variants alternate (the workers limit their own links)."""
     rates = list(RATES)[:1] if opts.quick else list(RATES)
     found = {m: {"ms": {rate: {} for rate in rates}, "wire": {rate: {} for rate in rates}, "alone": [],
-                 "grad_bytes": 0} for m in MODELS}
+                 "grad_bytes": 0} for m in _models(opts)}
     for r in range(min(opts.rounds, 2)):  # 5 launches a round across hosts: 2 rounds keep make bench in budget
         for job in stats.rotate(["alone", *(j for j in JOBS if not (opts.quick and j == "distrib-gloo"))], r):
             for model, (got, wire, nbytes) in _run_job(cluster, job, opts, r, rates).items():
@@ -178,7 +182,7 @@ def run(opts) -> dict:
 def convergence(opts) -> dict:
     """The LM's validation loss after the same steps: each distrib variant on 2 workers (one launch,
     the variants one after the other) and plain torch in one process on the same global batches."""
-    steps, start = (30, 5) if opts.quick else (100, 10)
+    steps, start = (20, 5) if opts.quick else (100, 10)
     argv = [CONVERGE, "--steps", str(steps), "--start-step", str(start)]
     env = launchers.worker_env()
     ref_out, dist_out = opts.work / "converge-single.json", opts.work / "converge-2.json"
