@@ -34,6 +34,7 @@ FORMAT = "distrib-checkpoint-v1"
 MARKER = "COMPLETE.json"
 STATE_FILE = "state.pt"
 RNG_FILE = "rng.pt"
+LOCAL_FILE = "local.pt"  # per-rank state beside the RNG (PowerSGD error feedback), when some entry has any
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _CHUNK = 8 << 20
