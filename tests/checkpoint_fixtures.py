@@ -24,8 +24,8 @@ SLOW_WRITES = SCRIPTS / "slow_writes.py"
 
 
 def slow_writes(monkeypatch, seconds: float) -> None:
-    """Every checkpoint file written in this process sleeps ``seconds`` after its write (the
-    write is still running when the test acts; multi-process jobs: :func:`job_command`)."""
+    """Every checkpoint file written in this process waits ``seconds`` before and after its
+    write (the write is still running when the test acts; multi-process jobs: :func:`job_command`)."""
     monkeypatch.setattr(store, "_save_file", slowed(store._save_file, seconds))
 
 

@@ -163,7 +163,6 @@ def write_checkpoint(root: Path, step: int, files: Dict[str, Any], meta: Dict[st
         root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         sums = adopt(tmp) if adopt is not None else {}
-        _slow(slow_s)  # before the first file too: training goes on while the snapshot waits to be written
         for name, obj in files.items():
             sums[name] = _save_file(tmp / name, obj)
         now = time.time()

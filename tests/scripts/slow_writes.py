@@ -5,7 +5,10 @@
 The kill-and-resume tests must land kills while a checkpoint is being written, which on their
 tiny models takes milliseconds. Each worker runs this file: it wraps the checkpoint store's
 per-file write (``distrib.checkpoint.store._save_file``, which every checkpoint file goes
-through) so that it sleeps SECONDS after each file, then runs SCRIPT as ``__main__`` with ARGS.
+through) so that it sleeps SECONDS before and after each file, then runs SCRIPT as ``__main__``
+with ARGS. The sleep before the first file lets training go on while an asynchronous snapshot
+waits to be written (a snapshot that aliased the live tensors would then be caught); the one
+after each file keeps the temporary folder in place long enough for a kill to land in it.
 The library itself has no slow-down hook; the one-process tests wrap the same function with
 ``slowed`` through pytest's monkeypatch.
 """
@@ -20,13 +23,14 @@ from typing import Any, Callable
 
 
 def slowed(save_file: Callable[..., Any], seconds: float) -> Callable[..., Any]:
-    """``save_file`` followed by a sleep of ``seconds``: a wider window for a kill mid-write."""
+    """``save_file`` between two sleeps of ``seconds``: a checkpoint written late and slowly."""
     @functools.wraps(save_file)
-    def save_then_wait(*args, **kwargs):
+    def wait_save_wait(*args, **kwargs):
+        time.sleep(seconds)
         result = save_file(*args, **kwargs)
         time.sleep(seconds)
         return result
-    return save_then_wait
+    return wait_save_wait
 
 
 def main() -> None:
