@@ -6,7 +6,7 @@ one: ``beat("allreduce.grads.0", shape, dtype)``); a script that runs collective
 call it too, before each of them. The launcher sets ``DISTRIB_HEARTBEAT=1`` and each rank sends,
 once a second, over the status channel (launch/status_channel.py: a TCP port of the launcher's,
 so it works from any host): its beat count, its step, the collectives entered since the last
-send (call number, name, shape, dtype) and the phase times of each finished window of
+send (call number, name, shape, dtype, and the how-many-th call of that name it is) and the phase times of each finished window of
 ``WINDOW_STEPS`` steps (:func:`step_done`, called by distrib.metrics). Without the variable, or
 without the channel, all of this does nothing.
 
@@ -34,6 +34,7 @@ report that cannot be delivered is dropped.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import sys
@@ -65,11 +66,11 @@ def heartbeat_sender(env: Optional[Mapping[str, str]] = None) -> Optional[Tuple[
 def thread_stacks(skip: Sequence[int] = (), calls: Sequence[tuple] = ()) -> List[dict]:
     """Every Python thread's innermost frames, the main thread first: ``{"name", "main", "frames":
     [[file, line, function, source], ...], "last_call": n}`` where ``last_call`` is the number of
-    the last collective that thread entered (from ``calls``: (n, name, shape, dtype, thread id))."""
+    the last collective that thread entered (from ``calls``: (n, name, shape, dtype, k, thread id))."""
     names = {t.ident: t.name for t in threading.enumerate()}
     main = threading.main_thread().ident
     last_call = {}
-    for seq, _name, _shape, _dtype, ident in calls:
+    for seq, *_, ident in calls:
         last_call[ident] = seq
     out = []
     for ident, frame in sys._current_frames().items():
@@ -96,7 +97,8 @@ class Heartbeat:
         self.step: Optional[int] = None
         self.sending = False
         self.notices: Deque[dict] = collections.deque(maxlen=100)  # from the launcher, for rank 0's metrics
-        self._calls: Deque[tuple] = collections.deque(maxlen=CALLS_KEPT)  # (n, name, shape, dtype, thread)
+        self._calls: Deque[tuple] = collections.deque(maxlen=CALLS_KEPT)  # (n, name, shape, dtype, k, thread)
+        self._entered: Dict[str, int] = {}  # name -> calls of it so far (the k-th call of a name pairs across ranks)
         self._sent_call = 0
         self._window: Dict[str, float] = {}
         self._window_steps, self._window_s = 0, 0.0
@@ -107,7 +109,8 @@ class Heartbeat:
              dtype: Optional[str] = None) -> None:
         self.count += 1
         if name is not None:
-            self._calls.append((self.count, name, shape, dtype, threading.get_ident()))
+            k = self._entered[name] = self._entered.get(name, 0) + 1
+            self._calls.append((self.count, name, shape, dtype, k, threading.get_ident()))
         if not self.sending:
             # The first beat is sent at once, before the thread exists: a rank that stops right
             # after it (before the thread ever ran) is still judged. It connects to the launcher:
@@ -115,6 +118,8 @@ class Heartbeat:
             self.sending = True
             self.flush()
             threading.Thread(target=self._serve, name="distrib-heartbeat", daemon=True).start()
+            # Registered after hvd.init(): runs before Horovod's own shutdown handler (last in, first out).
+            atexit.register(self._exiting)
 
     def step_done(self, step: int, phases: Mapping[str, float], seconds: float) -> None:
         """Step ``step`` took ``seconds``, ``phases`` of them in named phases (seconds). Each
@@ -133,6 +138,14 @@ class Heartbeat:
             self._windows.append([step, ms])
             self._window, self._window_steps, self._window_s = {}, 0, 0.0
 
+    def _exiting(self) -> None:
+        """The script is done and the process is exiting: that is progress too. Exiting (Horovod's
+        shutdown, the interpreter's last garbage collection) can take seconds on a loaded host,
+        and this thread stops when the interpreter finalises: without this beat that time would
+        count against --hang-timeout from the rank's last collective on."""
+        self.count += 1
+        self.flush()
+
     def flush(self) -> None:
         """Send what there is now (the first beat; the exception hook, before the rank dies)."""
         calls = [c for c in list(self._calls) if c[0] > self._sent_call]
@@ -140,7 +153,7 @@ class Heartbeat:
         while self._windows:
             windows.append(self._windows.popleft())
         message = {"kind": "beat", "rank": self.rank, "count": self.count, "step": self.step, "pid": os.getpid(),
-                   "calls": [list(c[:4]) for c in calls], "windows": windows}
+                   "calls": [list(c[:5]) for c in calls], "windows": windows}
         if self._send(message) and calls:
             self._sent_call = calls[-1][0]
 

@@ -1,11 +1,16 @@
 """Do the ranks enter the same collectives? (pure; the records come from distrib/heartbeat.py)
 
 Every rank numbers the collectives it enters (its beat count) and reports, for each, the name
-distrib gave it, its shape and dtype. The k-th collective must be the same on every rank: when it
-is not, the job would hang until a timeout (a rank skipped one, or called two in another order:
-Horovod waits for a tensor that never comes) or fail with an error that names no rank (another
-shape). :func:`first_mismatch` finds the first call number where the ranks' records differ and
-says who entered what.
+distrib gave it, how many times it entered that name so far, its shape and dtype. Two checks:
+
+* **Shape and dtype**: the k-th call of a name must have the same shape and dtype on every rank,
+  whatever the order the ranks started their calls in (asynchronous calls, such as gradient
+  buckets, may start in another order on each rank, and the engine pairs them by name). Another
+  shape ends in the engine's error that names no rank; this names them at once.
+* **Which collective**: a rank that skipped a collective, or called two in another order, leaves
+  every rank blocked in a different one. Only once the whole job stands still (``stalled``) are
+  the collectives the ranks are in compared, at the lowest count: before that, a different call
+  at the same number may be a legitimate reordering of asynchronous calls.
 """
 from __future__ import annotations
 
@@ -43,20 +48,37 @@ class Mismatch:
         return f"collective mismatch at collective #{self.number}: {parts}{hints}"
 
 
-def first_mismatch(calls: Mapping[int, Mapping[int, Call]]) -> Optional[Mismatch]:
-    """The first call number that two ranks both recorded with different collectives, or None.
+def _mismatch_at(calls: Mapping[int, Mapping[int, Call]], n: int, picked: Mapping[int, Call]) -> Optional[Mismatch]:
+    groups: Dict[Call, List[int]] = {}
+    for rank in sorted(picked):
+        groups.setdefault(picked[rank], []).append(rank)
+    if len(groups) < 2:
+        return None
+    entered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[1][0]))
+    return Mismatch(n, tuple((call, tuple(ranks)) for call, ranks in entered), _hints(calls, n, entered))
 
-    ``calls``: rank -> call number -> (name, shape, dtype). Call numbers only one rank has
-    recorded (the others have not got there yet, or forgot them) are not judged."""
-    numbers = sorted({n for per_rank in calls.values() for n in per_rank})
-    for n in numbers:
-        groups: Dict[Call, List[int]] = {}
-        for rank in sorted(calls):
-            if n in calls[rank]:
-                groups.setdefault(calls[rank][n], []).append(rank)
-        if len(groups) > 1:
-            entered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[1][0]))
-            return Mismatch(n, tuple((call, tuple(ranks)) for call, ranks in entered), _hints(calls, n, entered))
+
+def first_mismatch(calls: Mapping[int, Mapping[int, Call]], occurrences: Mapping[int, Mapping[int, int]],
+                   stalled_at: Optional[int] = None) -> Optional[Mismatch]:
+    """A mismatch the ranks' records show, or None.
+
+    ``calls``: rank -> call number -> (name, shape, dtype); ``occurrences``: rank -> call number
+    -> how many times that rank had entered that name by then. ``stalled_at``: the lowest count
+    of a job that stands still (None while it moves). Calls that only one rank has recorded (the
+    others have not got there yet, or forgot them) are not judged."""
+    by_key: Dict[Tuple[str, int], Dict[int, Tuple[int, Call]]] = {}
+    for rank in sorted(calls):
+        for n, call in calls[rank].items():
+            occurrence = occurrences.get(rank, {}).get(n)
+            if occurrence is not None:
+                by_key.setdefault((call[0], occurrence), {})[rank] = (n, call)
+    for key in sorted(by_key, key=lambda k: min(n for n, _ in by_key[k].values())):
+        found = by_key[key]
+        if len({call for _, call in found.values()}) > 1:
+            n = min(number for number, _ in found.values())
+            return _mismatch_at(calls, n, {rank: call for rank, (_, call) in found.items()})
+    if stalled_at is not None:
+        return _mismatch_at(calls, stalled_at, {r: c[stalled_at] for r, c in calls.items() if stalled_at in c})
     return None
 
 

@@ -75,6 +75,7 @@ class Reports:
     raised: Dict[Key, dict]
     beats: Dict[int, Beat]
     calls: Dict[int, Dict[int, tuple]]  # rank -> call number -> (name, shape, dtype) of the collective
+    occurrences: Dict[int, Dict[int, int]]  # rank -> call number -> the how-many-th call of its name it was
 
 
 class ReportTable:
@@ -84,7 +85,7 @@ class ReportTable:
     def __init__(self, clock=time.monotonic, wall_clock=time.time):
         self._clock, self._wall = clock, wall_clock
         self._lock = threading.Lock()
-        self._reports = Reports({}, {}, {}, {}, {})
+        self._reports = Reports({}, {}, {}, {}, {}, {})
         self._windows: List[Tuple[int, int, Dict[str, float]]] = []  # (rank, step, ms per phase), untaken
         self._answers: Dict[Tuple[str, int], dict] = {}
 
@@ -107,10 +108,13 @@ class ReportTable:
         self._reports.beats[rank] = Beat(int(message["count"]), self._clock(),
                                          int(step) if step is not None else None, message.get("pid"))
         calls = self._reports.calls.setdefault(rank, {})
-        for seq, name, shape, dtype in message.get("calls") or ():
+        occurrences = self._reports.occurrences.setdefault(rank, {})
+        for seq, name, shape, dtype, occurrence in message.get("calls") or ():
             calls[int(seq)] = (str(name), tuple(shape) if shape is not None else None, dtype)
+            occurrences[int(seq)] = int(occurrence)
         for seq in sorted(calls)[:-CALLS_KEPT]:
             del calls[seq]
+            occurrences.pop(seq, None)
         for step, phases in message.get("windows") or ():
             self._windows.append((rank, int(step), {str(k): float(v) for k, v in phases.items()}))
 
@@ -118,7 +122,8 @@ class ReportTable:
         with self._lock:
             r = self._reports
             return Reports(dict(r.started), dict(r.ended), dict(r.raised), dict(r.beats),
-                           {rank: dict(calls) for rank, calls in r.calls.items()})
+                           {rank: dict(calls) for rank, calls in r.calls.items()},
+                           {rank: dict(o) for rank, o in r.occurrences.items()})
 
     def take_windows(self) -> List[Tuple[int, int, Dict[str, float]]]:
         """The per-rank step windows of phase times that arrived since the last call."""

@@ -45,6 +45,7 @@ from launch.stragglers import StragglerWatch
 
 POLL_S = 0.2
 BEAT_SLACK_S = 2.0   # how much later than a peer's a rank's standstill may be seen (a beat a second, see hung_rank)
+MISMATCH_STALL_S = 1.5  # the whole job stood still this long: compare the collectives the ranks are in
 STACKS_WAIT_S = 2.0  # for a hung rank's heartbeat thread to answer with its stacks
 STATE_WAIT_S = 1.5   # then for its shim to say what the kernel says of the process
 LAUNCHER_EXIT_S = 1.0  # for mpirun/horovodrun to end on its own after its local workers did
@@ -144,13 +145,13 @@ class Attempt:
             if failed_at is None and not self.config.elastic and any(s.exit_code != 0 for s in statuses):
                 failed_at = time.monotonic()
             self._watch_stragglers()
-            mismatch = self._mismatch(reports)
+            now = time.monotonic()
+            beats = {rank: (b.count, b.heard) for rank, b in reports.beats.items()}
+            self.progress = updated_progress(self.progress, beats, now)
+            mismatch = self._mismatch(reports, self._stalled_at([s.rank for s in statuses], now))
             if mismatch is not None:
                 return mismatch
             if self.config.hang_timeout and failed_at is None:
-                now = time.monotonic()
-                beats = {rank: (b.count, b.heard) for rank, b in reports.beats.items()}
-                self.progress = updated_progress(self.progress, beats, now)
                 hang = hung_rank(self.progress, [s.rank for s in statuses], self.config.hang_timeout, now,
                                  slack=BEAT_SLACK_S)
                 if hang:
@@ -167,7 +168,7 @@ class Attempt:
         statuses = self._statuses(reports)
         self._say_ended(statuses)
         self._watch_stragglers()  # the windows of the last steps
-        mismatch = self._mismatch(reports)  # Horovod's own error about it ended the job first
+        mismatch = self._mismatch(reports)  # the engine's own error about another shape ended the job first
         if mismatch is not None:
             return mismatch
         code = self.proc.returncode
@@ -182,12 +183,21 @@ class Attempt:
                            f"reported a failure (see its messages above)")
         return Outcome(State.SUCCEEDED, 0)
 
-    def _mismatch(self, reports: Reports) -> Optional[Outcome]:
+    def _stalled_at(self, finished: List[int], now: float) -> Optional[int]:
+        """The lowest beat count when every unfinished rank (two or more) has stood still for
+        MISMATCH_STALL_S: then the collectives they are in are compared."""
+        done = set(finished)
+        running = [p for rank, p in self.progress.items() if rank not in done]
+        if len(running) < 2 or any(now - p.since < MISMATCH_STALL_S for p in running):
+            return None
+        return min(p.count for p in running)
+
+    def _mismatch(self, reports: Reports, stalled_at: Optional[int] = None) -> Optional[Outcome]:
         """The ranks entered different collectives: the job cannot go on, say who entered what.
         Not under Horovod Elastic, whose new workers count their collectives from zero."""
         if self.config.elastic:
             return None
-        found = first_mismatch(reports.calls)
+        found = first_mismatch(reports.calls, reports.occurrences, stalled_at)
         if found is None:
             return None
         return Outcome(State.FAILED, 1, found.describe(self.rank_hosts), rank=found.ranks[-1])

@@ -13,32 +13,60 @@ A = ("allreduce.grads.a", (4,), "float64")
 B = ("allreduce.grads.b", (3,), "float64")
 
 
-@pytest.mark.parametrize("calls, expected", [
-    ({0: {1: A, 2: B}, 1: {1: A, 2: B}}, None),
-    ({0: {1: A, 2: B, 3: A}, 1: {1: A}}, None),          # rank 1 has not got there yet: not judged
-    ({0: {1: A}, 1: {1: B}},                             # a skip (rank 0 blocked in A, rank 1 in B)
+def occurrences(calls):
+    """What each rank's heartbeat counts: the how-many-th call of its name each call is."""
+    out = {}
+    for rank, per_rank in calls.items():
+        seen = {}
+        for n in sorted(per_rank):
+            seen[per_rank[n][0]] = seen.get(per_rank[n][0], 0) + 1
+            out.setdefault(rank, {})[n] = seen[per_rank[n][0]]
+    return out
+
+
+def mismatch(calls, stalled_at=None):
+    found = first_mismatch(calls, occurrences(calls), stalled_at)
+    return found.describe() if found else None
+
+
+@pytest.mark.parametrize("calls, stalled_at, expected", [
+    ({0: {1: A, 2: B}, 1: {1: A, 2: B}}, 2, None),
+    ({0: {1: A, 2: B, 3: A}, 1: {1: A}}, None, None),    # rank 1 has not got there yet: not judged
+    ({0: {1: A}, 1: {1: B}}, 1,                          # a skip (rank 0 blocked in A, rank 1 in B)
      "collective mismatch at collective #1: rank 0 entered 'allreduce.grads.a' float64[4]; "
      "rank 1 entered 'allreduce.grads.b' float64[3]"),
-    ({0: {5: A, 6: B}, 1: {5: B, 6: A}},                 # another order
+    ({0: {5: A, 6: B}, 1: {5: B, 6: A}}, 5,              # another order
      "collective mismatch at collective #5: rank 0 entered 'allreduce.grads.a' float64[4]; "
      "rank 1 entered 'allreduce.grads.b' float64[3] (rank 1 called them in another order)"),
-    ({0: {1: A, 2: B}, 1: {1: B}, 2: {1: A, 2: B}},      # the majority shows what rank 1 skipped
+    ({0: {1: A, 2: B}, 1: {1: B}, 2: {1: A, 2: B}}, 1,   # the majority shows what rank 1 skipped
      "collective mismatch at collective #1: ranks 0, 2 entered 'allreduce.grads.a' float64[4]; "
      "rank 1 entered 'allreduce.grads.b' float64[3] (rank 1 skipped 'allreduce.grads.a' float64[4])"),
-    ({0: {3: A}, 1: {3: ("allreduce.grads.a", (5,), "float64")}},
+    ({0: {3: A}, 1: {3: ("allreduce.grads.a", (5,), "float64")}}, None,   # no need to wait for a stall
      "collective mismatch at collective #3: rank 0 entered 'allreduce.grads.a' float64[4]; "
      "rank 1 entered 'allreduce.grads.a' float64[5]"),
-    ({0: {3: A}, 1: {3: ("allreduce.grads.a", (4,), "float32")}},
+    ({0: {3: A}, 1: {3: ("allreduce.grads.a", (4,), "float32")}}, None,
      "collective mismatch at collective #3: rank 0 entered 'allreduce.grads.a' float64[4]; "
      "rank 1 entered 'allreduce.grads.a' float32[4]"),
 ])
-def test_first_mismatch_names_the_ranks_the_collective_and_the_shapes(calls, expected):
-    found = first_mismatch(calls)
-    assert (found.describe() if found else None) == expected
+def test_first_mismatch_names_the_ranks_the_collective_and_the_shapes(calls, stalled_at, expected):
+    assert mismatch(calls, stalled_at) == expected
+
+
+def test_asynchronous_calls_started_in_another_order_are_no_mismatch():
+    """Gradient buckets may start in another order on each rank (the engine pairs them by name):
+    while the job moves, only the k-th call of each name is compared; a stall compares the
+    lowest count, where both ranks are in the same collective again."""
+    calls = {0: {1: A, 2: B, 3: A}, 1: {1: B, 2: A, 3: A}}
+    assert mismatch(calls) is None
+    assert mismatch(calls, stalled_at=3) is None
+    other_shape = {0: {1: A, 2: B}, 1: {1: ("allreduce.grads.b", (2,), "float64"), 2: A}}
+    assert mismatch(other_shape) == ("collective mismatch at collective #1: rank 0 entered 'allreduce.grads.b' "
+                                     "float64[3]; rank 1 entered 'allreduce.grads.b' float64[2]")
 
 
 def test_a_mismatch_names_the_hosts_when_known():
-    found = first_mismatch({0: {1: A}, 1: {1: B}})
+    calls = {0: {1: A}, 1: {1: B}}
+    found = first_mismatch(calls, occurrences(calls), 1)
     assert found.ranks == (0, 1)
     assert found.describe({0: "node1", 1: "node2"}).startswith(
         "collective mismatch at collective #1: rank 0 on node1 entered 'allreduce.grads.a'")
@@ -103,7 +131,7 @@ def test_the_peer_whose_standstill_was_seen_first_is_not_blamed():
 def reports():
     return Reports(started={}, ended={}, raised={},
                    beats={0: Beat(9, heard=99.5, step=4, pid=100), 1: Beat(8, heard=90.0, step=4, pid=101)},
-                   calls={0: {8: B, 9: A}, 1: {7: A, 8: B}})
+                   calls={0: {8: B, 9: A}, 1: {7: A, 8: B}}, occurrences={0: {8: 4, 9: 5}, 1: {7: 4, 8: 4}})
 
 
 def test_a_hang_report_says_where_every_rank_is_and_which_collective_is_waited_for():

@@ -80,10 +80,13 @@ def test_collectives_are_sent_once_with_their_numbers_shapes_and_dtypes():
     hb.beat("broadcast.b", [3], "int64")
     hb.flush()
     hb.flush()
+    hb.beat("allreduce.a", [4, 2], "float32")
+    hb.flush()
     hb.close()
     channel.closed.set()
-    assert channel.sent[0]["calls"] == [[1, "allreduce.a", [4, 2], "float32"]]
-    assert channel.sent[1]["calls"] == [[3, "broadcast.b", [3], "int64"]] and channel.sent[1]["count"] == 3
+    assert channel.sent[0]["calls"] == [[1, "allreduce.a", [4, 2], "float32", 1]]
+    assert channel.sent[1]["calls"] == [[3, "broadcast.b", [3], "int64", 1]] and channel.sent[1]["count"] == 3
+    assert channel.sent[3]["calls"] == [[4, "allreduce.a", [4, 2], "float32", 2]]  # its second call
     assert channel.sent[2]["calls"] == []       # nothing new: nothing repeated
 
 

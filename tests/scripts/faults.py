@@ -118,6 +118,8 @@ def inject():
 
 for step in range(1, args.steps + 1):
     faulty = faulty_rank and step == args.at
+    if faulty:
+        print(f"rank {ctx.rank}: injecting {args.fault} at step {step}", flush=True)
     with metrics.phase("compute"):
         start = time.perf_counter()
         x = weights
