@@ -1,4 +1,4 @@
-"""distrib: data-parallel PyTorch training on Horovod.
+"""distrib: data-parallel PyTorch training on Horovod or torch.distributed (``distrib.init(engine=...)``).
 
     ctx = distrib.init()
     opt = distrib.wrap(model, torch.optim.AdamW(model.parameters()), ctx)
@@ -12,7 +12,8 @@ first use because it needs Horovod's elastic module); the submodules are impleme
 from distrib._version import __version__
 from distrib.context import Context, DistribSetupError, init
 from distrib.checkpoint import CheckpointError, CheckpointManager
-from distrib.checkpoint.manager import HorovodComm
+from distrib.comm import Comm, LocalComm
+from distrib.comm.horovod import HorovodComm
 from distrib.data import ShardedLoader, eval_loader, eval_shard
 from distrib.evaluate import evaluate, weighted_mean
 from distrib.metrics import MetricsLogger, read_metrics
@@ -25,7 +26,7 @@ from distrib.sync_batchnorm import SyncBatchNorm
 
 __all__ = ["Context", "DistribSetupError", "init", "ShardedLoader", "DistributedOptimizer", "wrap", "SyncBatchNorm",
            "LRSchedule", "scaled_lr", "rank0_print", "get_logger",
-           "Run", "CheckpointManager", "CheckpointError", "HorovodComm", "MetricsLogger", "read_metrics",
+           "Run", "CheckpointManager", "CheckpointError", "Comm", "LocalComm", "HorovodComm", "MetricsLogger", "read_metrics",
            "PreemptionHandler", "evaluate", "weighted_mean", "eval_loader", "eval_shard"]
 
 

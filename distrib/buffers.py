@@ -17,8 +17,8 @@ class BufferSync:
     The hook runs collectives: every rank must run the same training forward passes.
     """
 
-    def __init__(self, model: torch.nn.Module, hvd, *, prefix: str):
-        self._hvd = hvd
+    def __init__(self, model: torch.nn.Module, comm, *, prefix: str):
+        self._comm = comm
         self._buffers = [(name, buf) for name, buf in model.named_buffers() if buf is not None]
         self._prefix = prefix
         self._handle = model.register_forward_pre_hook(self._before_forward) if self._buffers else None
@@ -26,10 +26,7 @@ class BufferSync:
     def _before_forward(self, module: torch.nn.Module, inputs) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
-        handles = [self._hvd.broadcast_async_(buf, root_rank=0, name=f"{self._prefix}.buffer.{name}")
-                   for name, buf in self._buffers]
-        for handle in handles:
-            self._hvd.synchronize(handle)
+        self._comm.broadcast_tensors(self._buffers, root=0, prefix=f"{self._prefix}.buffer")
 
     def close(self) -> None:
         if self._handle is not None:

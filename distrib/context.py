@@ -1,4 +1,4 @@
-"""``init()``: start Horovod once and describe this worker's place in the job.
+"""``init()``: start the collective engine once and describe this worker's place in the job.
 
 The returned :class:`Context` is frozen and passed explicitly to everything that needs to know
 the rank, sizes or device; nothing in distrib keeps a module-level copy of it.
@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 import torch
 
 from distrib import crash_record
-from distrib.heartbeat import beat
+from distrib.comm import Comm, DistribSetupError, LocalComm, choose_engine, start
 
-
-class DistribSetupError(RuntimeError):
-    """Horovod is missing or unusable; the message says how to fix the installation."""
+__all__ = ["Context", "DistribSetupError", "init", "select_device", "threads_per_worker", "share_cores",
+           "machine_id", "import_horovod"]
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,11 @@ class Context:
     cross_rank: int
     cross_size: int
     device: torch.device
-    controller: str  # "mpi" or "gloo": how Horovod's workers found each other
+    controller: str  # how the workers found each other: Horovod's "mpi"/"gloo", torch's backend
     elastic: bool = False
+    # The collectives of this world (distrib.comm): everything that communicates is handed it.
+    # A Context built by hand (tests, one process) gets the one-process engine.
+    comm: Comm = field(default_factory=LocalComm, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -42,6 +44,11 @@ class Context:
     def is_main(self) -> bool:
         """True on the one rank (0) that prints, logs and writes replicated files."""
         return self.rank == 0
+
+    @property
+    def engine(self) -> str:
+        """``"horovod"``, ``"torch"`` or ``"local"`` (one process, no engine)."""
+        return self.comm.engine
 
 
 def select_device(local_rank: int, cuda_device_count: int,
@@ -101,35 +108,29 @@ def machine_id() -> str:
         return socket.gethostname()
 
 
-def share_cores(hvd, *, collective: bool) -> int:
+def share_cores(comm: Comm, *, collective: bool) -> int:
     """Set this worker's torch threads to its share of its machine's cores; return the count.
 
     The workers of this machine are those with the same :func:`machine_id`, found with an
     allgather when the job spans several host names and ``collective`` is True (then it must be
-    called on all ranks); otherwise Horovod's local size. Horovod Elastic allows collectives only
+    called on all ranks); otherwise the engine's local size. Horovod Elastic allows collectives only
     inside its retry loop, so ``init()`` passes ``collective=False`` there and
     :class:`distrib.Run` calls this after each state sync.
     """
-    workers = hvd.local_size()
-    if collective and hvd.cross_size() > 1:
-        beat()  # before every collective distrib runs: see distrib/heartbeat.py
-        ids = hvd.allgather_object(machine_id(), name="distrib.context.machine_id")
-        workers = ids.count(ids[hvd.rank()])
+    workers = comm.local_size
+    if collective and comm.cross_size > 1:
+        ids = comm.allgather_object(machine_id(), name="distrib.context.machine_id")
+        workers = ids.count(ids[comm.rank])
     threads = threads_per_worker(os.cpu_count() or 1, workers)
     torch.set_num_threads(threads)
     return threads
 
 
 def import_horovod():
-    """``horovod.torch``, or :class:`DistribSetupError` saying how to install it. The one place
-    distrib imports Horovod's torch API, so that a missing build fails the same way everywhere."""
-    try:
-        import horovod.torch as hvd
-    except ImportError as exc:
-        raise DistribSetupError(
-            f"Horovod with PyTorch support is not importable ({exc}); install it into this environment "
-            "(README: Installing into your own environment), or run `make setup` in a checkout to build it") from exc
-    return hvd
+    """``horovod.torch``, or :class:`DistribSetupError` saying how to install it (kept for scripts
+    that call Horovod themselves; distrib's own collectives go through ``ctx.comm``)."""
+    from distrib.comm.horovod import import_horovod as _import
+    return _import()
 
 
 # Set for a worker started by mpirun (Open MPI), horovodrun --gloo, or Horovod Elastic: they
@@ -168,10 +169,12 @@ def srun_problem_after_init(env: Mapping[str, str], horovod_size: int) -> Option
     return None
 
 
-def init(seed: Optional[int] = None) -> Context:
-    """Initialise Horovod (idempotent) and return this worker's :class:`Context`.
+def init(seed: Optional[int] = None, engine: Optional[str] = None) -> Context:
+    """Start the collective engine (idempotent) and return this worker's :class:`Context`.
 
-    Must be called on all processes, before any collective. On GPU nodes it pins
+    ``engine``: ``"horovod"`` (the default) or ``"torch"`` (``torch.distributed``: Gloo on CPU,
+    NCCL on GPU); without it ``DISTRIB_ENGINE`` decides, else torch when the script runs under
+    torchrun. Must be called on all processes, before any collective. On GPU nodes it pins
     ``cuda:<local_rank>``; on CPU it sets the number of torch threads so that the workers of
     one node share its cores. ``seed``, when given, seeds python, numpy and torch on each rank
     with its own stream (:func:`rank_seed`): dropout masks and data augmentation differ across
@@ -179,41 +182,52 @@ def init(seed: Optional[int] = None) -> Context:
     seed and world size draws the same. Rank 0 uses ``seed`` itself, so it builds the model
     the single-process script builds; ``wrap()`` then broadcasts rank 0's parameters.
     """
-    hvd = import_horovod()
-    if not hvd.is_initialized():
-        if "OMPI_COMM_WORLD_SIZE" in os.environ and not hvd.mpi_built():
-            raise DistribSetupError("this worker was started by mpirun, but Horovod was built without MPI; "
-                                    "rebuild it with MPI (make setup) or launch with --controller gloo")
-        env_before_init = dict(os.environ)  # MPI's init adds OMPI_* variables of its own
+    engine = choose_engine(engine)
+    elastic = os.environ.get("HOROVOD_ELASTIC") == "1"
+    if elastic and engine != "horovod":
+        raise DistribSetupError("elastic mode runs on Horovod Elastic only; with the torch engine restart "
+                                "failed jobs with python -m launch --max-restarts N instead of --elastic")
+    env_before_init = dict(os.environ)  # MPI's init adds OMPI_* variables of its own
+    if engine == "horovod":
         problem = srun_problem_before_init(env_before_init)
         if problem:
             raise DistribSetupError(problem)
-        hvd.init()
-        problem = srun_problem_after_init(env_before_init, hvd.size())
+    comm, started = start(engine)
+    if started:
+        problem = (srun_problem_after_init(env_before_init, comm.size) if engine == "horovod"
+                   else None) or torchrun_problem(env_before_init, comm)
         if problem:
             raise DistribSetupError(problem)
-        initial_rank = hvd.rank()
+        initial_rank = comm.rank
 
-        def current_rank() -> int:  # Horovod Elastic renumbers ranks; a shut-down Horovod may not answer
+        def current_rank() -> int:  # Horovod Elastic renumbers ranks; a shut-down engine may not answer
             try:
-                return hvd.rank()
+                return comm.rank
             except Exception:  # noqa: BLE001
                 return initial_rank
         crash_record.install(current_rank)
-    device = select_device(hvd.local_rank(), torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                           local_size=hvd.local_size())
+    device = select_device(comm.local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                           local_size=comm.local_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        share_cores(hvd, collective=os.environ.get("HOROVOD_ELASTIC") != "1")
+        share_cores(comm, collective=not elastic)
     if seed is not None:
         from distrib.rng import rank_seed, seed_everything
-        seed_everything(rank_seed(seed, hvd.rank()))
+        seed_everything(rank_seed(seed, comm.rank))
     return Context(
-        rank=hvd.rank(), size=hvd.size(),
-        local_rank=hvd.local_rank(), local_size=hvd.local_size(),
-        cross_rank=hvd.cross_rank(), cross_size=hvd.cross_size(),
-        device=device,
-        controller="mpi" if hvd.mpi_enabled() else "gloo",
-        elastic=os.environ.get("HOROVOD_ELASTIC") == "1",
+        rank=comm.rank, size=comm.size,
+        local_rank=comm.local_rank, local_size=comm.local_size,
+        cross_rank=comm.cross_rank, cross_size=comm.cross_size,
+        device=device, controller=comm.controller, elastic=elastic, comm=comm,
     )
+
+
+def torchrun_problem(env: Mapping[str, str], comm: Comm) -> Optional[str]:
+    """torchrun (or another torch launcher) started WORLD_SIZE workers but the engine sees another
+    world: each worker would train alone (Horovod forced under torchrun, say)."""
+    raw = env.get("WORLD_SIZE", "")
+    if raw.isdigit() and int(raw) > 1 and int(raw) != comm.size and not any(n in env for n in LAUNCHER_VARIABLES):
+        return (f"the launcher started {raw} workers (WORLD_SIZE={raw}) but the {comm.engine} engine sees a world "
+                f"of {comm.size}; use the torch engine under torchrun (unset DISTRIB_ENGINE or set it to torch)")
+    return None

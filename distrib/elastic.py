@@ -25,17 +25,14 @@ import copy
 from typing import Any, Callable, Dict, List, Optional
 
 from distrib.broadcast import broadcast_training_state
-from distrib.context import Context, DistribSetupError, import_horovod, init
+from distrib.comm.horovod import elastic_run, elastic_state_base
+from distrib.context import Context, init
+
+ELASTIC_ENGINE_REFUSAL = ("elastic mode runs on Horovod Elastic only; this run uses the {engine} engine: restart "
+                          "failed jobs with python -m launch --max-restarts N (they resume from their checkpoints)")
 
 
-try:
-    from horovod.common.elastic import State as _HorovodState
-except ImportError as exc:  # the same one-line fix as distrib.init() gives
-    raise DistribSetupError(f"Horovod is not importable ({exc}); run `make setup` (or scripts/bootstrap.sh) "
-                            "to build it") from exc
-
-
-class ElasticState(_HorovodState):
+class ElasticState(elastic_state_base()):
     """Model, optimizer, loader, scheduler, step and user values, committed together.
 
     Objects with ``state_dict()/load_state_dict()`` are snapshotted with a deep copy on
@@ -46,7 +43,8 @@ class ElasticState(_HorovodState):
 
     def __init__(self, ctx: Context, *, model, optimizer, loader=None, scheduler=None, step: int = 0,
                  **user_values: Any):
-        self._hvd = import_horovod()
+        if ctx.engine not in ("horovod", "local"):
+            raise ValueError(ELASTIC_ENGINE_REFUSAL.format(engine=ctx.engine))
         self.ctx = ctx
         self.step = step
         self.resets = 0
@@ -58,7 +56,9 @@ class ElasticState(_HorovodState):
             setattr(self, name, value)
         self._saved: Dict[str, Any] = {}
         self._after_reset: List[Callable[["ElasticState"], None]] = []
-        super().__init__(bcast_object=self._hvd.broadcast_object, get_rank=self._hvd.rank)
+        # Horovod's State broadcasts its host-update check with these (at commit()).
+        super().__init__(bcast_object=lambda obj: self.ctx.comm.broadcast_object(obj, name="distrib.elastic.hosts"),
+                         get_rank=lambda: self.ctx.comm.rank)
         self.save()
 
     # Horovod's State protocol ---------------------------------------------------------
@@ -78,16 +78,16 @@ class ElasticState(_HorovodState):
 
     def sync(self) -> None:
         """Rank 0's state on every worker. Must be called on all ranks (Horovod does it)."""
-        hvd = self._hvd
+        comm = self.ctx.comm
         model, optimizer = self._stateful["model"], self._stateful["optimizer"]
-        broadcast_training_state(model, getattr(optimizer, "optimizer", optimizer), hvd, root_rank=0,
+        broadcast_training_state(model, getattr(optimizer, "optimizer", optimizer), comm, root_rank=0,
                                  extra_params=getattr(optimizer, "_extra_params", ()))
         small = {"step": self.step, "user": {n: getattr(self, n) for n in self._user_names},
                  "stateful": {n: o.state_dict() for n, o in self._stateful.items()
                               if n not in ("model", "optimizer")}}
         if hasattr(optimizer, "scaler"):
             small["scaler"] = optimizer.scaler.state_dict()
-        small = hvd.broadcast_object(small, root_rank=0, name="distrib.elastic.sync")
+        small = comm.broadcast_object(small, root=0, name="distrib.elastic.sync")
         self.step = small["step"]
         for name, value in small["user"].items():
             setattr(self, name, value)
@@ -123,8 +123,7 @@ def run(func: Callable) -> Callable:
     """Horovod's elastic retry loop around ``func(state, ...)``: on a peer's failure the state
     is restored to the last commit, on a host change it is kept; then the ring re-forms, the
     state is synced from rank 0, and ``func`` is called again."""
-    hvd = import_horovod()
-    return hvd.elastic.run(func)
+    return elastic_run(func)
 
 
 def is_elastic_run(env: Optional[Dict[str, str]] = None) -> bool:

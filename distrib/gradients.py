@@ -27,7 +27,6 @@ from typing import Iterator, List, Set, Tuple
 
 import torch
 
-from distrib.heartbeat import beat
 from distrib.reducers import make_reducer
 
 
@@ -44,12 +43,12 @@ class GradientExchange:
     that communicates must be called on all ranks, in the same order.
     """
 
-    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], hvd, *, accumulate: int,
+    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], comm, *, accumulate: int,
                  compression: str, op: str, prefix: str):
         self.named_params = named_params
         self.accumulate = accumulate
         self.compression = compression
-        self._hvd, self._op, self._prefix = hvd, op, prefix
+        self._comm, self._op, self._prefix = comm, op, prefix
         self._names = {p: n for n, p in named_params}
         self._reducer_factory = self._allreduce_reducer
         self._reducer = self._reducer_factory()
@@ -72,7 +71,6 @@ class GradientExchange:
             raise RuntimeError(
                 f"step() was called after {self.passes_done} of the {self.accumulate} backward passes of "
                 f"this step (accumulate={self.accumulate}); call backward once per micro-batch")
-        beat()  # before every collective distrib waits for: see distrib/heartbeat.py
         for p in self._reducer.synchronize():
             p.grad = None
         self.phase = Phase.SYNCHRONIZED
@@ -158,5 +156,5 @@ class GradientExchange:
         self._reducer.grad_ready(p, used)
 
     def _allreduce_reducer(self):
-        return make_reducer(self.named_params, self._hvd, compression=self.compression, op=self._op,
+        return make_reducer(self.named_params, self._comm, compression=self.compression, op=self._op,
                             prefix=self._prefix)

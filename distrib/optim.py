@@ -1,9 +1,9 @@
-"""Data-parallel optimizer: gradients averaged across workers with Horovod's allreduce.
+"""Data-parallel optimizer: gradients averaged across workers by the engine's allreduce (``ctx.comm``).
 
 ``wrap(model, optimizer, ctx)`` returns a :class:`DistributedOptimizer`: a
 ``torch.optim.Optimizer`` that holds the user's optimizer and shares its parameter groups and
 state (no dynamic subclassing, so user optimizer subclasses keep working). Each parameter's
-gradient is handed to Horovod's asynchronous allreduce as soon as backward has finished
+gradient is handed to an asynchronous allreduce as soon as backward has finished
 accumulating it in the last micro-batch, so communication overlaps the rest of backward;
 ``step()`` waits for the results, then unscales (fp16), clips and steps.
 """
@@ -18,7 +18,6 @@ import torch
 
 from distrib.broadcast import broadcast_training_state
 from distrib.buffers import BufferSync
-from distrib.context import import_horovod
 from distrib.gradients import GradientExchange
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -62,7 +61,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
                              "enter Adasum's dot products; use precision='bf16' or op='average'")
         if isinstance(optimizer, DistributedOptimizer):
             raise ValueError("this optimizer is already wrapped by distrib.wrap(); wrap the plain torch optimizer once")
-        self._hvd = import_horovod()
+        self._comm = ctx.comm
+        if op == "adasum" and not self._comm.supports_adasum:
+            raise ValueError(f"op='adasum' needs the Horovod engine (this run uses {self._comm.engine}); "
+                             "use op='average' or start the job with the Horovod engine")
         self.optimizer = optimizer  # first: param_groups, state and defaults are read through it
         # torch.optim.Optimizer.__init__ without its parameter handling (the groups are the inner
         # optimizer's): the hook tables and the profiled step, so optimizer hooks work as usual.
@@ -74,13 +76,18 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.model, self.ctx = model, ctx
         self.max_grad_norm, self.precision = max_grad_norm, precision
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=(precision == "fp16"))
-        self.last_grad_norm: Optional[float] = None
+        # A tensor on the device: reading it (float(), .item()) waits for the step to finish.
+        self.last_grad_norm: Optional[torch.Tensor] = None
         self.name = name if name is not None else f"opt{next(_WRAP_COUNTER)}"
         self._extra_params = optimizer_only_parameters(model, optimizer)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + self._extra_params
-        self._exchange = GradientExchange(named, self._hvd, accumulate=accumulate, compression=compression,
+        self._exchange = GradientExchange(named, self._comm, accumulate=accumulate, compression=compression,
                                           op=op, prefix=f"distrib.{self.name}")
-        self._buffer_sync = BufferSync(model, self._hvd, prefix=f"distrib.{self.name}") if sync_buffers else None
+        from distrib.sync_batchnorm import SyncBatchNorm
+        for module in model.modules():
+            if isinstance(module, SyncBatchNorm):
+                module.comm = self._comm  # its statistics travel over this world
+        self._buffer_sync = BufferSync(model, self._comm, prefix=f"distrib.{self.name}") if sync_buffers else None
         # Under Horovod Elastic no collective may run outside the elastic retry loop (a worker
         # joining later would pair this broadcast with its peers' state sync and hang);
         # ElasticState.sync() broadcasts the same state inside the loop instead.
@@ -125,14 +132,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None) -> Optional[torch.Tensor]:
         """Synchronize (unless already done), unscale (fp16), clip (after averaging, so every rank
-        clips the same global gradient), then step. Must be called on all ranks."""
+        clips the same global gradient), then step. Must be called on all ranks. Nothing in it
+        waits for the device (fp16: only GradScaler's own read of its inf flag, as in plain torch);
+        the norm is kept as a tensor in ``last_grad_norm``."""
         if closure is not None:
             raise ValueError("closures are not supported: a closure would re-run backward after the allreduce")
         self._exchange.synchronize()
         self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm is not None:
             grads = [p for _, p in self._exchange.named_params if p.grad is not None]
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm))
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._exchange.end_step()
@@ -165,12 +174,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def broadcast_state(self, root_rank: int = 0) -> None:
         """Make every rank's parameters, buffers and optimizer state equal to ``root_rank``'s.
         Must be called on all ranks (it is a collective)."""
-        broadcast_training_state(self.model, self.optimizer, self._hvd, root_rank,
+        broadcast_training_state(self.model, self.optimizer, self._comm, root_rank,
                                  extra_params=self._extra_params)
 
     def reset(self) -> None:
         """Forget in-flight communication and partial accumulation: after a peer died the
         ring was re-formed and the old allreduce handles are void (elastic mode)."""
+        self._comm.clear_broken()
         self._exchange.reset()
 
     def close(self) -> None:

@@ -35,7 +35,6 @@ import sys
 import threading
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
-from distrib.heartbeat import beat
 
 DEFAULT_MAX_REQUEUES = 20
 REQUEUE_SIGNAL = signal.SIGUSR2
@@ -73,14 +72,12 @@ def restart_count(env: Mapping[str, str]) -> int:
     return int(raw)
 
 
-def _horovod_sum(values: Sequence[int]) -> Sequence[int]:
-    import horovod.torch as hvd
+def _comm_sum(comm, values: Sequence[int]) -> Sequence[int]:
     import torch
 
-    beat()  # before every collective distrib runs: see distrib/heartbeat.py
     # One name per shape: [requeue, terminate] flags, or [1] for the barrier in requeue().
-    total = hvd.allreduce(torch.tensor(list(values), dtype=torch.int64), op=hvd.Sum,
-                          name=f"distrib.preemption.sum{len(values)}")
+    total = comm.allreduce(torch.tensor(list(values), dtype=torch.int64), op="sum",
+                           name=f"distrib.preemption.sum{len(values)}")
     return [int(v) for v in total.tolist()]
 
 
@@ -117,6 +114,11 @@ class PreemptionHandler:
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
+    def _sum(self, ctx, values: Sequence[int]) -> Sequence[int]:
+        if self._allreduce_sum is not None:
+            return self._allreduce_sum(values)
+        return _comm_sum(ctx.comm, values)
+
     # Runs between two bytecodes of the main thread: only record, never do I/O or collectives.
     def _on_signal(self, signum, frame) -> None:
         self._received[signum] = self._received.get(signum, 0) + 1
@@ -146,7 +148,7 @@ class PreemptionHandler:
         for sig in self._received:
             local[_REQUEUE if sig == REQUEUE_SIGNAL else _TERMINATE] = 1
         if getattr(ctx, "size", 1) > 1:
-            total = (self._allreduce_sum or _horovod_sum)(local)
+            total = self._sum(ctx, local)
         else:
             total = local
         if total[_TERMINATE]:   # a SIGTERM anywhere: the job is going away, do not requeue it
@@ -167,7 +169,7 @@ class PreemptionHandler:
         size = getattr(ctx, "size", 1)
         if size > 1:
             # Barrier: every rank has returned from its checkpoint save before the requeue kills the job.
-            (self._allreduce_sum or _horovod_sum)([1])
+            self._sum(ctx, [1])
         self.close()
         if getattr(ctx, "rank", 0) != 0:
             return False

@@ -10,6 +10,11 @@ it takes part in the average with zeros). The flags travel with the gradients (o
 per parameter at the end of each bucket, averaged with it), so ``synchronize`` can tell which
 parameters no rank used, without a collective of its own: those are not stepped, as in a
 single-process run where their ``.grad`` stays ``None``.
+
+On a GPU nothing here may make the host wait for the device (tests/test_step_syncs.py): the
+flags are kept on the host and written into the buffer once per bucket without a blocking
+copy, and the averaged flags are read back only on a step where this rank left some parameter
+without a gradient (a parameter used here was used somewhere, so then nothing needs reading).
 """
 from __future__ import annotations
 
@@ -19,24 +24,23 @@ from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 import torch
 
 DEFAULT_BUCKET_MB = 4.0  # measured in benchmarks/: see benchmarks/results.md
-DEFAULT_CHUNK_MB = 4.0
 
 
 class PerParameterReducer:
-    """One Horovod ``allreduce_async_`` per gradient, named by parameter.
+    """One ``allreduce_async_`` per gradient, named by parameter.
 
-    Horovod's background thread fuses the tensors that are ready in the same cycle into its
-    fusion buffer; this is what ``hvd.DistributedOptimizer`` does.
+    On Horovod its background thread fuses the tensors that are ready in the same cycle into its
+    fusion buffer; this is what ``hvd.DistributedOptimizer`` does. Adasum takes this path.
     """
 
-    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], hvd, *, compression: str, op: str,
+    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], comm, *, compression: str, op: str,
                  prefix: str = "distrib"):
-        self._hvd = hvd
+        self._comm = comm
         self._params = [p for _, p in named_params]
         self._names = {p: f"{prefix}.grad.{n}" for n, p in named_params}
         self._used_name = f"{prefix}.used"
         self._compress = compression == "fp16"
-        self._op = hvd.Adasum if op == "adasum" else hvd.Average
+        self._op = op
         self._inflight: Dict[torch.Tensor, tuple] = {}  # param -> (handle, tensor on the wire)
         self._used: Dict[torch.Tensor, bool] = {}
 
@@ -45,7 +49,7 @@ class PerParameterReducer:
             p.grad = torch.zeros_like(p)
         grad = p.grad
         wire = grad.to(torch.float16) if self._compress and grad.is_floating_point() else grad
-        handle = self._hvd.allreduce_async_(wire, name=self._names[p], op=self._op)
+        handle = self._comm.allreduce_async_(wire, name=self._names[p], op=self._op)
         self._inflight[p] = (handle, wire)
         self._used[p] = used
 
@@ -54,13 +58,16 @@ class PerParameterReducer:
         # Adasum's result is no average, so the flags cannot ride with the gradients: one
         # small extra collective per step, on this (non-default) path only.
         flags = torch.tensor([float(self._used.get(p, False)) for p in self._params], dtype=torch.float64)
-        used_anywhere = self._hvd.allreduce(flags, name=self._used_name, op=self._hvd.Sum)
+        used_anywhere = self._comm.allreduce(flags, name=self._used_name, op="sum")
         for p, (handle, wire) in self._inflight.items():
-            self._hvd.synchronize(handle)
+            handle.wait()
             if wire is not p.grad:
                 p.grad.copy_(wire)
         self._inflight.clear()
+        unused_here = [p for p in self._params if not self._used.get(p, False)]
         self._used.clear()
+        if not unused_here:  # each parameter was used here, so somewhere: nothing to read
+            return frozenset()
         return frozenset(p for p, n in zip(self._params, used_anywhere.tolist()) if n == 0)
 
     def in_flight(self) -> bool:
@@ -113,6 +120,7 @@ class _Bucket:
         self.buffer = torch.zeros(total + len(params), dtype=params[0].dtype, device=params[0].device)
         self.views = [self.buffer[o:o + n].view_as(p) for p, o, n in zip(params, bucket_offsets(numels), numels)]
         self.used_flags = self.buffer[total:]
+        self.used = [False] * len(params)  # the flags on the host, written into used_flags at launch
         self.pending = len(params)
         self.wire: Optional[torch.Tensor] = None
         self.handle = None
@@ -128,12 +136,12 @@ class BucketedReducer:
     all buckets before them are complete, so communication overlaps the rest of backward and
     every rank issues the same collectives in the same order.
 
-    ``transport`` does the allreduce of one flat buffer: Horovod's ``allreduce_async_`` (one
-    tensor per bucket, so no fusion-buffer copies), or, under the MPI controller, mpi4py's
-    in-place ``Allreduce`` on a private communicator, which skips Horovod's cycle.
+    ``transport`` does the allreduce of one flat buffer (``allreduce_async_``): the engine's
+    ``comm`` (one tensor per bucket, so no fusion-buffer copies), or, under Horovod's MPI
+    controller, :class:`distrib.comm.horovod.MpiTransport`, which skips Horovod's cycle.
     """
 
-    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], hvd, *, compression: str = "none",
+    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], comm, *, compression: str = "none",
                  bucket_bytes: int = int(DEFAULT_BUCKET_MB * 2**20), transport=None, prefix: str = "distrib"):
         params = [p for _, p in named_params]
         self._compress = compression == "fp16"
@@ -141,7 +149,7 @@ class BucketedReducer:
                                 bucket_bytes)
         self._buckets = [_Bucket(i, [params[j] for j in g]) for i, g in enumerate(groups)]
         self._slot = {p: (b, k) for b in self._buckets for k, p in enumerate(b.params)}
-        self._transport = transport if transport is not None else HorovodTransport(hvd)
+        self._transport = transport if transport is not None else comm
         self._prefix = prefix
         self._next = 0  # first bucket not launched yet
 
@@ -155,18 +163,24 @@ class BucketedReducer:
             if p.grad.data_ptr() != view.data_ptr():
                 view.copy_(p.grad)
             p.grad = view
-        bucket.used_flags[k] = 1.0 if used else 0.0
+        bucket.used[k] = used
         bucket.pending -= 1
         while self._next < len(self._buckets) and self._buckets[self._next].pending == 0:
             self._launch(self._buckets[self._next])
             self._next += 1
 
     def _launch(self, bucket: _Bucket) -> None:
+        # One write of the host's flags per bucket that does not wait for the device (DDP's
+        # reducer does the same): a kernel argument when all agree, else a staged copy.
+        if all(bucket.used) or not any(bucket.used):
+            bucket.used_flags.fill_(float(bucket.used[0]))
+        else:
+            bucket.used_flags.copy_(torch.tensor(bucket.used, dtype=bucket.buffer.dtype), non_blocking=True)
         wire = bucket.buffer
         if self._compress and wire.is_floating_point() and wire.dtype != torch.float16:
             wire = wire.to(torch.float16)
         bucket.wire = wire
-        bucket.handle = self._transport.start(wire, f"{self._prefix}.bucket.{bucket.index}")
+        bucket.handle = self._transport.allreduce_async_(wire, name=f"{self._prefix}.bucket.{bucket.index}")
 
     def synchronize(self) -> FrozenSet[torch.Tensor]:
         """Wait for every bucket's average; return the parameters that no rank used."""
@@ -174,7 +188,7 @@ class BucketedReducer:
             missing = [b.index for b in self._buckets if b.pending]
             raise RuntimeError(f"synchronize() before every gradient was ready (buckets {missing} incomplete)")
         for bucket in self._buckets:
-            self._transport.wait(bucket.handle)
+            bucket.handle.wait()
             if bucket.wire is not bucket.buffer:
                 bucket.buffer.copy_(bucket.wire)
             bucket.wire = bucket.handle = None
@@ -182,7 +196,10 @@ class BucketedReducer:
         self._next = 0
         if not self._buckets:
             return frozenset()
-        # One host transfer for all flags (on a GPU, a single small device-to-host copy per step).
+        if all(all(b.used) for b in self._buckets):  # each parameter was used here, so somewhere
+            return frozenset()
+        # This rank left some parameter without a gradient: whether another rank used it is in the
+        # averaged flags. One small device-to-host copy, on such steps only.
         flags = torch.cat([b.used_flags for b in self._buckets]).tolist()
         members = [p for b in self._buckets for p in b.params]
         return frozenset(p for p, used in zip(members, flags) if used == 0)
@@ -195,66 +212,10 @@ class BucketedReducer:
         return [b.params for b in self._buckets]
 
 
-class HorovodTransport:
-    """Average a flat buffer in place with Horovod's asynchronous allreduce."""
-
-    def __init__(self, hvd):
-        self._hvd = hvd
-
-    def start(self, buf: torch.Tensor, name: str):
-        return self._hvd.allreduce_async_(buf, name=name, op=self._hvd.Average)
-
-    def wait(self, handle) -> None:
-        self._hvd.synchronize(handle)
-
-
-class MpiTransport:
-    """Average a flat buffer in place with mpi4py on a private duplicate of COMM_WORLD.
-
-    Blocking: ``start`` does the whole allreduce (the order of ``start`` calls is the same on
-    every rank, see :class:`BucketedReducer`). Only for float32/float64 buffers. Large buffers
-    go in chunks of ``chunk_bytes``: shared-memory allreduce of a chunk that stays in cache is
-    several times faster per byte than one of 64 MiB (benchmarks/results.md).
-    """
-
-    def __init__(self, comm, chunk_bytes: int = int(DEFAULT_CHUNK_MB * 2**20)):
-        from mpi4py import MPI
-        self._mpi, self._comm = MPI, comm
-        self._scale = 1.0 / comm.Get_size()
-        self._chunk_bytes = chunk_bytes
-
-    @classmethod
-    def available(cls, hvd) -> Optional["MpiTransport"]:
-        """A transport on a private communicator when Horovod runs on MPI with thread support for
-        a second caller (Horovod's background thread keeps using MPI), else None. Collective."""
-        if not hvd.mpi_enabled() or not hvd.mpi_threads_supported():
-            return None
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            return None
-        if not MPI.Is_initialized() or MPI.Query_thread() != MPI.THREAD_MULTIPLE:
-            return None
-        if MPI.COMM_WORLD.Get_size() != hvd.size():
-            return None
-        return cls(MPI.COMM_WORLD.Dup())
-
-    def start(self, buf: torch.Tensor, name: str):
-        flat = buf.numpy()
-        step = max(1, self._chunk_bytes // buf.element_size())
-        for at in range(0, flat.size, step):
-            self._comm.Allreduce(self._mpi.IN_PLACE, flat[at:at + step], op=self._mpi.SUM)
-        buf.mul_(self._scale)
-        return None
-
-    def wait(self, handle) -> None:
-        pass
-
-
-def make_reducer(named_params, hvd, *, compression: str = "none", op: str = "average",
+def make_reducer(named_params, comm, *, compression: str = "none", op: str = "average",
                  bucket_mb: Optional[float] = None, prefix: str = "distrib"):
-    """The reducer for these options: per-parameter Horovod allreduce for Adasum (its dot
-    products are per tensor), else flat buckets over Horovod. ``DISTRIB_REDUCER`` forces one
+    """The reducer for these options: per-parameter allreduce for Adasum (its dot products are
+    per tensor), else flat buckets over the engine (``comm``). ``DISTRIB_REDUCER`` forces one
     (``per-parameter``, ``horovod``, ``mpi``: for benchmarks and bisecting); ``DISTRIB_BUCKET_MB``
     sets the bucket size. ``prefix`` starts every collective's name: unique per wrapped optimizer,
     so that two models trained in one process never send tensors of the same name.
@@ -268,13 +229,13 @@ def make_reducer(named_params, hvd, *, compression: str = "none", op: str = "ave
     if choice not in ("auto", "per-parameter", "horovod", "mpi"):
         raise ValueError(f"DISTRIB_REDUCER={choice!r} is not one of auto, per-parameter, horovod, mpi")
     if op == "adasum" or choice == "per-parameter":
-        return PerParameterReducer(named_params, hvd, compression=compression, op=op, prefix=prefix)
+        return PerParameterReducer(named_params, comm, compression=compression, op=op, prefix=prefix)
     if bucket_mb is None:
         bucket_mb = float(os.environ.get("DISTRIB_BUCKET_MB", DEFAULT_BUCKET_MB))
     if bucket_mb <= 0:
         raise ValueError(f"bucket size must be > 0 MB, got {bucket_mb}; try {DEFAULT_BUCKET_MB}")
     transport = None
     if choice == "mpi" and compression == "none":
-        transport = MpiTransport.available(hvd)
-    return BucketedReducer(named_params, hvd, compression=compression, bucket_bytes=int(bucket_mb * 2**20),
+        transport = comm.mpi_transport() if hasattr(comm, "mpi_transport") else None
+    return BucketedReducer(named_params, comm, compression=compression, bucket_bytes=int(bucket_mb * 2**20),
                            transport=transport, prefix=prefix)

@@ -105,8 +105,7 @@ class Run:
 
         # Under Horovod Elastic no collective may run outside the retry loop (in steps()):
         # every rank restores on its own; the first sync then hands rank 0's state to everyone.
-        self.checkpoints = CheckpointManager(self.run_dir, ctx, keep=keep, async_save=async_save, seed=seed,
-                                             comm=_horovod_comm() if ctx.elastic else None)
+        self.checkpoints = CheckpointManager(self.run_dir, ctx, keep=keep, async_save=async_save, seed=seed)
         start = self.checkpoints.restore(self._saved(), resume=resume, model_config=model_config,
                                          collective=not ctx.elastic) or 0
         self.metrics = MetricsLogger(self.run_dir, ctx, total_steps=max(start, 1), start_step=start,
@@ -114,7 +113,7 @@ class Run:
                                      global_batch=self._global_batch(), stream=stream)
         self.preemption = PreemptionHandler() if preemption else None
         self._state = _elastic_state(self, ctx, start) if ctx.elastic else _LocalState(ctx, start)
-        self._guard = StepGuard(optimizer, self.metrics.phase, elastic=ctx.elastic)
+        self._guard = StepGuard(optimizer, self.metrics.phase, failures=ctx.comm.failures if ctx.elastic else ())
 
     # -- what the loop reads ----------------------------------------------------------------
     @property
@@ -153,7 +152,8 @@ class Run:
         if not self.ctx.elastic:
             yield from self._loop()
             return
-        from horovod.common.elastic import notification_manager
+        from distrib.comm.horovod import notification_manager
+        notification_manager = notification_manager()
         notification_manager.init()  # host changes reach the state, raised at its next commit
         notification_manager.register_listener(self._state)
         try:
@@ -210,28 +210,28 @@ class Run:
         """:meth:`_loop` inside Horovod's retry loop (``horovod.common.elastic.run_fn``), which
         cannot wrap a generator's consumer: a failure inside the loop body is caught by the
         optimizer's guard (:class:`distrib.step_guard.StepGuard`) and raised here, between two steps."""
-        from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
-        hvd = _hvd()
+        from distrib.comm.horovod import hosts_updated_interrupt
+        comm = self.ctx.comm
+        peer_failures, hosts_updated = comm.failures, hosts_updated_interrupt()
         need_sync = True
         while True:
             try:
                 if need_sync:
                     self._state.sync()  # rank 0's state to everyone (also a worker that just joined)
                     if self.ctx.device.type == "cpu":
-                        share_cores(hvd, collective=True)  # the workers per machine changed
+                        share_cores(self.ctx.comm, collective=True)  # the workers per machine changed
                     need_sync = False
                     self._announce()
                 yield from self._train()
                 break
-            except HorovodInternalError:
+            except peer_failures:
                 self._state.restore()  # a peer died: back to the last commit
                 need_sync = True
-            except HostsUpdatedInterrupt as interrupt:
+            except hosts_updated as interrupt:
                 need_sync = not interrupt.skip_sync  # a host came or went at a commit: state is current
             self._guard.broken = None
             self.model.zero_grad(set_to_none=True)  # gradients of an abandoned step
-            hvd.shutdown()
-            hvd.init()
+            self.ctx.comm.reform()  # Horovod's shutdown and init; the broken-world latch opens
             self._state.on_reset()  # ElasticState.reset: new ctx, re-shard, rescale; then _adopt_world
         self._close()
 
@@ -376,12 +376,3 @@ def _elastic_state(run: Run, ctx, step: int):
     state.on_world_change(run._adopt_world)
     return state
 
-
-def _hvd():
-    import horovod.torch as hvd  # elastic mode only: distrib.init() has imported it already
-    return hvd
-
-
-def _horovod_comm():
-    from distrib.checkpoint.manager import HorovodComm
-    return HorovodComm()

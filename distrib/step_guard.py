@@ -10,23 +10,22 @@ between two steps, where it rolls back to the last commit.
 from __future__ import annotations
 
 import functools
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Tuple
 
 
 class StepGuard:
     """Wraps ``optimizer``'s ``synchronize``/``step`` (timed with ``phase(name)``) and, when
-    ``elastic``, also ``backward``/``zero_grad``, as instance attributes; :meth:`remove` takes
-    them off. ``broken`` is the ``HorovodInternalError`` kept from this step, or None."""
+    ``failures`` (the engine's peer-failure errors, ``ctx.comm.failures``; elastic mode only)
+    are given, also ``backward``/``zero_grad``, as instance attributes; :meth:`remove` takes
+    them off. ``broken`` is the peer-failure error kept from this step, or None."""
 
     PHASES = {"backward": None, "synchronize": "allreduce", "step": "optimizer", "zero_grad": None}
 
-    def __init__(self, optimizer, phase: Callable[[str], ContextManager], *, elastic: bool):
+    def __init__(self, optimizer, phase: Callable[[str], ContextManager], *, failures: Tuple[type, ...] = ()):
         self.optimizer, self._phase = optimizer, phase
         self.broken: Optional[BaseException] = None
-        self._internal_error = None
-        if elastic:
-            from horovod.common.exceptions import HorovodInternalError
-            self._internal_error = HorovodInternalError
+        self._internal_error = tuple(failures)
+        elastic = bool(self._internal_error)
         self._originals = {name: getattr(optimizer, name) for name in self.PHASES
                            if callable(getattr(optimizer, name, None))}
         for name in self._originals:
@@ -48,8 +47,8 @@ class StepGuard:
                         with self._phase("allreduce"):
                             self._originals["synchronize"]()  # the step then does not exchange again
                     return method(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - only Horovod's own error is kept
-                if self._internal_error is None or not isinstance(exc, self._internal_error):
+            except Exception as exc:  # noqa: BLE001 - only the engine's peer-failure error is kept
+                if not self._internal_error or not isinstance(exc, self._internal_error):
                     raise
                 self.broken = exc
                 return None

@@ -2,8 +2,8 @@
 
 With a few samples per worker, per-worker batch statistics are noisy and differ from what one
 process would compute on the whole global batch. :class:`SyncBatchNorm` allreduces the
-per-channel sums during the forward pass (Horovod's allreduce is differentiable, so the
-backward pass gets the global batch's gradient too). Horovod's own ``hvd.SyncBatchNorm``
+per-channel sums during the forward pass (``comm.allreduce`` is differentiable on every engine,
+so the backward pass gets the global batch's gradient too). Horovod's own ``hvd.SyncBatchNorm``
 needs CUDA-only kernels (``batch_norm_stats``); this one is plain tensor arithmetic and runs
 on CPU and GPU. Costs two small allreduces per layer per training forward.
 """
@@ -12,13 +12,17 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from distrib.context import import_horovod
+from distrib.comm import joined
 
 
 class SyncBatchNorm(_BatchNorm):
     """Drop-in for ``BatchNorm1d/2d/3d`` in data-parallel training. Every rank must run the
     same training forward passes (each one is a collective). In eval mode, or when not
-    training on several workers, it is the ordinary batch norm."""
+    training on several workers, it is the ordinary batch norm. Its collectives go through
+    ``comm`` (``distrib.wrap()`` hands it the Context's for every layer of the model it wraps),
+    else through the world this process joined."""
+
+    comm = None
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -26,18 +30,18 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        hvd = import_horovod()
-        if not self.training or not hvd.is_initialized() or hvd.size() == 1:
+        comm = self.comm if self.comm is not None else joined()
+        if not self.training or comm.size == 1:
             return super().forward(input)
         dims = [0] + list(range(2, input.dim()))
         shape = [1, -1] + [1] * (input.dim() - 2)
         count = torch.tensor([input.numel() // input.size(1)], dtype=input.dtype, device=input.device)
-        sums = hvd.allreduce(torch.cat([input.sum(dims), count]), op=hvd.Sum)
+        sums = comm.allreduce(torch.cat([input.sum(dims), count]), op="sum", name="distrib.syncbn.sums")
         n = sums[-1]
         mean = sums[:-1] / n
         centered = input - mean.view(shape)
         # Two passes (mean, then squared deviations) rather than E[x^2] - E[x]^2: no cancellation.
-        var = hvd.allreduce((centered * centered).sum(dims), op=hvd.Sum) / n
+        var = comm.allreduce((centered * centered).sum(dims), op="sum", name="distrib.syncbn.var") / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

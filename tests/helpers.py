@@ -59,3 +59,17 @@ def tree_digest(root: Path) -> dict:
     digests before and after mean nothing there was created, changed or deleted."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(Path(root).rglob("*"))}
+
+
+def run_torchrun(nproc: int, script: str | Path, script_args: Sequence[str] = (), *, timeout: float = 240,
+                 env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N SCRIPT SCRIPT_ARGS``: workers of the torch engine
+    (torchrun ships with torch); a hang raises TimeoutExpired (test fails)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(script), *map(str, script_args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-3000:]}")
+    return proc

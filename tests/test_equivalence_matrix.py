@@ -1,6 +1,7 @@
 """The wrapped optimizer computes what single-process PyTorch computes, case by case.
 
-One launch per controller (2 real workers, real Horovod) runs every case of
+One launch per engine and controller (2 real workers: Horovod over MPI and over Gloo through our
+launcher, and the torch engine, torch.distributed over Gloo, under torchrun) runs every case of
 tests/scripts/equivalence_matrix.py: distrib on each worker's shard against plain torch on the
 whole global batch, never against another distrib run. Float64: the only difference allowed
 is the order of floating-point sums (fp16 compression: its rounding).
@@ -9,7 +10,7 @@ import json
 
 import pytest
 
-from tests.helpers import SCRIPTS, run_launch
+from tests.helpers import SCRIPTS, run_launch, run_torchrun
 
 SCRIPT = SCRIPTS / "equivalence_matrix.py"
 EXACT = 1e-10          # float64 after 4 steps; a double average or a wrong step is > 1e-3
@@ -25,22 +26,31 @@ CASES = [
 _runs = {}
 
 
-def matrix(controller, tmp_path_factory):
-    """The script's results for one controller, run once per test session."""
-    if controller not in _runs:
-        out = tmp_path_factory.mktemp(f"matrix-{controller}") / "results.json"
-        run_launch(["-np", "2", "--controller", controller], SCRIPT, ["--out", out], timeout=420)
-        _runs[controller] = json.loads(out.read_text())
-    return _runs[controller]
+# The runs: Horovod's two controllers, and the torch engine (its controller is torch's backend).
+RUNS = {"mpi": ("horovod", "mpi"), "gloo": ("horovod", "gloo"), "torch": ("torch", "gloo")}
+
+
+def matrix(run, tmp_path_factory):
+    """The script's results for one run of :data:`RUNS`, run once per test session."""
+    if run not in _runs:
+        out = tmp_path_factory.mktemp(f"matrix-{run}") / "results.json"
+        if run == "torch":
+            run_torchrun(2, SCRIPT, ["--out", out], timeout=420)
+        else:
+            run_launch(["-np", "2", "--controller", run], SCRIPT, ["--out", out], timeout=420)
+        results = json.loads(out.read_text())
+        assert (results["engine"], results["controller"]) == RUNS[run]
+        _runs[run] = results
+    return _runs[run]
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("controller", ["mpi", "gloo"])
+@pytest.mark.parametrize("run", list(RUNS))
 @pytest.mark.parametrize("case", CASES)
-def test_two_workers_compute_what_single_process_torch_computes(case, controller, tmp_path_factory):
-    results = matrix(controller, tmp_path_factory)
-    assert results["size"] == 2 and results["controller"] == controller
+def test_two_workers_compute_what_single_process_torch_computes(case, run, tmp_path_factory):
+    results = matrix(run, tmp_path_factory)
+    assert results["size"] == 2
     got = results["cases"][case]
     assert got["error"] is None, got["error"]
     tolerance = FP16_WIRE if "fp16" in case else EXACT
@@ -51,8 +61,9 @@ def test_two_workers_compute_what_single_process_torch_computes(case, controller
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(480)
-def test_synchronize_then_step_sends_each_gradient_once(tmp_path_factory):
-    once = matrix("mpi", tmp_path_factory)["checks"]["one_exchange_per_step"]
+@pytest.mark.parametrize("run", ["mpi", "torch"])
+def test_synchronize_then_step_sends_each_gradient_once(run, tmp_path_factory):
+    once = matrix(run, tmp_path_factory)["checks"]["one_exchange_per_step"]
     # the gradients, plus one used-flag per parameter riding in its bucket
     assert once["elements_sent"] == once["gradient_elements"] + once["parameters"]
 
@@ -78,9 +89,10 @@ def test_dataloader_worker_processes_draw_per_rank_and_per_worker(tmp_path_facto
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(480)
-def test_evaluation_with_a_rank_that_has_no_samples(tmp_path_factory):
+@pytest.mark.parametrize("run", ["mpi", "torch"])
+def test_evaluation_with_a_rank_that_has_no_samples(run, tmp_path_factory):
     # rank 0: 2 samples with loss sum 6 and accuracy sum 1; rank 1: none
-    assert matrix("mpi", tmp_path_factory)["checks"]["evaluate_with_an_empty_rank"] == {"loss": 3.0, "acc": 0.5}
+    assert matrix(run, tmp_path_factory)["checks"]["evaluate_with_an_empty_rank"] == {"loss": 3.0, "acc": 0.5}
 
 
 @pytest.mark.multiprocess
@@ -104,8 +116,9 @@ def test_the_wrapper_is_a_torch_optimizer_with_torch_state_dicts(tmp_path_factor
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(480)
-def test_sync_buffers_gives_every_rank_rank_0s_statistics_at_each_forward(tmp_path_factory):
-    buffers = matrix("mpi", tmp_path_factory)["checks"]["sync_buffers"]
+@pytest.mark.parametrize("run", ["mpi", "torch"])
+def test_sync_buffers_gives_every_rank_rank_0s_statistics_at_each_forward(run, tmp_path_factory):
+    buffers = matrix(run, tmp_path_factory)["checks"]["sync_buffers"]
     at_forward, after_forward = buffers["at_forward"], buffers["after_forward"]
     assert at_forward[0] == at_forward[1]
     # the ranks' data differ, so their own updates differ: equality above is the broadcast's doing
@@ -114,9 +127,9 @@ def test_sync_buffers_gives_every_rank_rank_0s_statistics_at_each_forward(tmp_pa
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("controller", ["mpi", "gloo"])
-def test_sync_batchnorm_statistics_are_the_global_batchs(controller, tmp_path_factory):
-    bn = matrix(controller, tmp_path_factory)["checks"]["sync_batchnorm_statistics"]
+@pytest.mark.parametrize("run", list(RUNS))
+def test_sync_batchnorm_statistics_are_the_global_batchs(run, tmp_path_factory):
+    bn = matrix(run, tmp_path_factory)["checks"]["sync_batchnorm_statistics"]
     assert bn["running_var_per_rank"][0] == bn["running_var_per_rank"][1]
     assert bn["running_var_per_rank"][0] == pytest.approx(bn["single_process"], rel=1e-12)
     assert bn["running_mean_error"] < 1e-12

@@ -3,6 +3,7 @@ bucketed reducers average exactly what the per-parameter reducer averages."""
 import pytest
 import torch
 
+from distrib.comm import LocalComm
 from distrib.reducers import BucketedReducer, assign_buckets, bucket_offsets, make_reducer
 from tests.helpers import SCRIPTS, run_launch
 
@@ -37,19 +38,16 @@ def test_bucket_offsets():
     assert bucket_offsets([3, 1, 4]) == [0, 3, 4]
 
 
-class FakeHvd:
-    """Horovod stand-in for one process: allreduce of one worker is the identity."""
-    Average = "average"
+class FakeHvd(LocalComm):
+    """The one-process engine, recording what it was asked to allreduce."""
 
     def __init__(self):
+        super().__init__()
         self.calls = []
 
-    def allreduce_async_(self, tensor, name, op):
+    def _allreduce_async_(self, tensor, name, op):
         self.calls.append((name, tensor.numel()))
-        return name
-
-    def synchronize(self, handle):
-        pass
+        return super()._allreduce_async_(tensor, name, op)
 
 
 def test_buckets_launch_in_order_as_soon_as_complete_and_grads_become_views():

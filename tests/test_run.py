@@ -169,19 +169,12 @@ def test_steps_needs_exactly_one_length(tmp_path):
 
 
 class FakeHorovod:
-    """What share_cores() asks of Horovod, for a job of two workers under two host names."""
+    """What share_cores() asks of the engine's comm, for a job of two workers under two host names."""
 
     def __init__(self, machine_ids, rank=0):
-        self.machine_ids, self._rank = machine_ids, rank
-
-    def local_size(self):
-        return 1  # Horovod counts the workers under this host name only
-
-    def cross_size(self):
-        return len(self.machine_ids)
-
-    def rank(self):
-        return self._rank
+        self.machine_ids, self.rank = machine_ids, rank
+        self.local_size = 1  # Horovod counts the workers under this host name only
+        self.cross_size = len(machine_ids)
 
     def allgather_object(self, obj, name):
         return self.machine_ids
@@ -278,7 +271,7 @@ def test_step_guard_keeps_horovods_error_for_the_step_boundary_and_times_the_opt
     from distrib.step_guard import StepGuard
     timer = NestedPhaseTimer()
     optimizer = FailingOptimizer(HorovodInternalError("gloo: Connection closed by peer"))
-    guard = StepGuard(optimizer, timer.phase, elastic=True)
+    guard = StepGuard(optimizer, timer.phase, failures=(HorovodInternalError,))
     optimizer.backward(1.0)
     optimizer.step()       # the wait fails: kept, the step itself is skipped
     optimizer.zero_grad()  # a no-op for the rest of the broken step
@@ -287,10 +280,10 @@ def test_step_guard_keeps_horovods_error_for_the_step_boundary_and_times_the_opt
     guard.remove()
     assert "step" not in vars(optimizer)  # the optimizer's own methods again
     plain = FailingOptimizer(HorovodInternalError("not elastic"))
-    StepGuard(plain, timer.phase, elastic=False)
+    StepGuard(plain, timer.phase)
     with pytest.raises(HorovodInternalError):  # without Horovod Elastic nothing can recover: raise
         plain.step()
     other = FailingOptimizer(RuntimeError("a bug"))
-    StepGuard(other, timer.phase, elastic=True)
+    StepGuard(other, timer.phase, failures=(HorovodInternalError,))
     with pytest.raises(RuntimeError, match="a bug"):
         other.synchronize()

@@ -1,11 +1,12 @@
 """ZeRO stages 1 and 2 (distrib.wrap(..., shard=...)) with real Horovod workers: the same numbers
 as single-process torch, and checkpoints that reshard (2 -> 3 -> 1 workers, sharded -> unsharded).
 
-Three launches in all (tests/scripts/zero_train.py). The first, on 2 workers, trains every math
+Three launches per engine plan (tests/scripts/zero_train.py). The first, on 2 workers, trains every math
 case (AdamW with two param groups and weight decay; accumulation with clipping by the global norm;
 SGD with momentum) with shard="optimizer", shard="gradients" and unsharded, float64, ~400-byte
 buckets so that parameters straddle ranks; then it starts the run that is resumed on 3 workers,
-then on 1 without sharding.
+then on 1 without sharding. The plans: every launch on Horovod; and torch -> Horovod -> torch, so
+a checkpoint written under one engine is resumed under the other, at another world size.
 """
 import importlib.util
 
@@ -14,7 +15,7 @@ import torch
 
 from distrib.checkpoint import store
 from distrib.checkpoint.sharded import consolidate, shard_file
-from tests.helpers import SCRIPTS, run_launch
+from tests.helpers import SCRIPTS, run_launch, run_torchrun
 
 SCRIPT = SCRIPTS / "zero_train.py"
 _spec = importlib.util.spec_from_file_location("zero_train", SCRIPT)
@@ -22,8 +23,11 @@ zero_train = importlib.util.module_from_spec(_spec)  # the plain torch reference
 _spec.loader.exec_module(zero_train)
 
 
-def launch(np_, *args):
-    run_launch(["-np", str(np_), "--controller", "gloo"], SCRIPT, [str(a) for a in args], timeout=300)
+def launch(engine, np_, *args):
+    if engine == "torch":
+        run_torchrun(np_, SCRIPT, [str(a) for a in args], timeout=300)
+    else:
+        run_launch(["-np", str(np_), "--controller", "gloo"], SCRIPT, [str(a) for a in args], timeout=300)
 
 
 def assert_close(a, b, what):
@@ -54,14 +58,18 @@ def check_math(results):
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(500)
-def test_sharded_math_equals_torch_and_resume_on_3_then_1_workers_reshards(tmp_path):
+@pytest.mark.parametrize("engines", [("horovod", "horovod", "horovod"), ("torch", "horovod", "torch")],
+                         ids=["horovod", "torch-horovod-torch"])
+def test_sharded_math_equals_torch_and_resume_on_3_then_1_workers_reshards(tmp_path, engines):
     run = tmp_path / "run"
     common = ["--run-dir", run, "--every", 2, "--total", 12]
-    launch(2, *common, "--math-out", tmp_path / "math.pt", "--shard", "gradients", "--stop-at", 4,
+    launch(engines[0], 2, *common, "--math-out", tmp_path / "math.pt", "--shard", "gradients", "--stop-at", 4,
            "--out", tmp_path / "a.pt", "--sync")
-    check_math(torch.load(tmp_path / "math.pt", weights_only=False))
+    math = torch.load(tmp_path / "math.pt", weights_only=False)
+    assert math["engine"] == engines[0]
+    check_math(math)
 
-    launch(3, *common, "--shard", "optimizer", "--stop-at", 8, "--out", tmp_path / "b.pt")
+    launch(engines[1], 3, *common, "--shard", "optimizer", "--stop-at", 8, "--out", tmp_path / "b.pt")
     root = run / "checkpoints"
     assert sorted(p.name for p in (root / store.step_dirname(8)).iterdir()) == sorted(
         [store.MARKER, store.STATE_FILE, store.RNG_FILE] + [shard_file(r) for r in range(3)])
@@ -72,7 +80,7 @@ def test_sharded_math_equals_torch_and_resume_on_3_then_1_workers_reshards(tmp_p
     for index, moments in plain_opt["state"].items():
         assert_close(saved["state"][index], moments, f"step 8, parameter {index}")
 
-    launch(1, *common, "--shard", "none", "--out", tmp_path / "c.pt")  # unsharded, from the shards
+    launch(engines[2], 1, *common, "--shard", "none", "--out", tmp_path / "c.pt")  # unsharded, from the shards
     final = torch.load(tmp_path / "c.pt", weights_only=False)
-    assert final["step"] == 12 and final["size"] == 1
+    assert final["step"] == 12 and final["size"] == 1 and final["engine"] == engines[2]
     assert_close(final["ranks"][0], final["plain"], "after 2 -> 3 -> 1 workers")

@@ -12,45 +12,17 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 from distrib.checkpoint import sharded
 from distrib.checkpoint import state as st
 from distrib.checkpoint import store
 from distrib.checkpoint.store import CheckpointError
-from distrib.heartbeat import beat
 from distrib.rng import rng_state, set_rng_state
 
 log = logging.getLogger("distrib.checkpoint")
 
 SLOW_WRITE_ENV = "DISTRIB_TEST_SLOW_WRITE_S"
-
-
-class LocalComm:
-    """The collectives of a one-process world."""
-
-    def allgather_object(self, obj: Any, name: str) -> List[Any]:
-        return [obj]
-
-    def broadcast_object(self, obj: Any, name: str) -> Any:
-        return obj
-
-
-class HorovodComm:
-    """Object collectives over Horovod. Names are explicit: Horovod's default name is the
-    object's type, which differs between the root (a dict) and the others (None)."""
-
-    def __init__(self):
-        import horovod.torch as hvd
-        self._hvd = hvd
-
-    def allgather_object(self, obj: Any, name: str) -> List[Any]:
-        beat()  # before every collective distrib runs: see distrib/heartbeat.py
-        return self._hvd.allgather_object(obj, name=f"distrib.checkpoint.{name}")
-
-    def broadcast_object(self, obj: Any, name: str) -> Any:
-        beat()
-        return self._hvd.broadcast_object(obj, root_rank=0, name=f"distrib.checkpoint.{name}")
 
 
 class CheckpointManager:
@@ -61,7 +33,7 @@ class CheckpointManager:
     writes it, one write at a time (rank 0 keeps one CPU copy of the state between saves and
     reuses it as the next snapshot's memory). ``seed`` derives the RNG state of ranks that did not
     exist in the saved run (resume on more workers). ``comm`` replaces the collectives
-    (tests); by default Horovod's when ``ctx.size > 1``.
+    (tests); by default ``ctx.comm``, the engine's.
 
     ``save``, ``restore``, ``wait`` and ``close`` must be called on all ranks.
     """
@@ -75,7 +47,8 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.root = store.checkpoints_dir(run_dir)
         self.ctx, self.keep, self.async_save, self.seed = ctx, keep, async_save, seed
-        self._comm = comm if comm is not None else (HorovodComm() if ctx.size > 1 else LocalComm())
+        self._own_comm = comm  # given by the caller: kept across set_context()
+        self._comm = comm if comm is not None else ctx.comm
         self._thread: Optional[threading.Thread] = None
         self._failure: Optional[str] = None  # set by the writer thread, read after join()
         self._closed = False
@@ -91,6 +64,7 @@ class CheckpointManager:
             self._thread.join()
             self._thread = None
         self.ctx = ctx
+        self._comm = self._own_comm if self._own_comm is not None else ctx.comm
 
     @property
     def _main(self) -> bool:
@@ -122,7 +96,7 @@ class CheckpointManager:
         problem = problem or self._shards.join()  # every rank: its previous shard write
         # Collective: every rank's RNG states to rank 0, and every rank's verdict on the previous
         # write to every rank, so that all ranks raise together or none does.
-        gathered = self._comm.allgather_object({"rng": rng_state(), "problem": problem}, "save")
+        gathered = self._comm.allgather_object({"rng": rng_state(), "problem": problem}, name="distrib.checkpoint.save")
         failed = next((g["problem"] for g in gathered if g["problem"]), None)
         if failed:
             raise CheckpointError(failed)
@@ -149,7 +123,7 @@ class CheckpointManager:
             self._failure = None
         self._shards.join()  # (a failed shard is in rank 0's verdict: it read every rank's note)
         # Collective: the sync write's outcome, so that every rank returns or raises together.
-        problem = self._comm.broadcast_object(problem, "saved")
+        problem = self._comm.broadcast_object(problem, name="distrib.checkpoint.saved")
         if problem:
             raise CheckpointError(problem)
 
@@ -198,7 +172,7 @@ class CheckpointManager:
         problem = self._join_writer() if self._main else None
         self._shards.join()  # (a failed shard is in rank 0's verdict)
         # Collective: share rank 0's outcome so no rank exits believing the save succeeded.
-        problem = self._comm.broadcast_object(problem, "wait")
+        problem = self._comm.broadcast_object(problem, name="distrib.checkpoint.wait")
         if problem:
             raise CheckpointError(problem)
 
@@ -251,7 +225,7 @@ class CheckpointManager:
                     choice["problem"] = str(exc)
         if collective:
             # Collective: rank 0's choice, so that every rank loads the same checkpoint.
-            choice = self._comm.broadcast_object(choice, "restore")
+            choice = self._comm.broadcast_object(choice, name="distrib.checkpoint.restore")
         if choice["problem"]:
             raise CheckpointError(choice["problem"])
         if choice["path"] is None:

@@ -1,4 +1,4 @@
-"""Sharded data parallelism (ZeRO stages 1 and 2) on Horovod: see :mod:`distrib.sharding.wrapper`.
+"""Sharded data parallelism (ZeRO stages 1 and 2) on either engine: see :mod:`distrib.sharding.wrapper`.
 
     opt = distrib.wrap(model, torch.optim.AdamW(model.parameters()), ctx, shard="gradients")
 

@@ -1,30 +1,17 @@
-"""Reduce-scatter and allgather into buffers we own, and a pool of such buffers.
+"""A pool of flat buffers that ZeRO's reduce-scatter and allgather write into (the collectives
+themselves are the engine's: ``comm.reducescatter_into_async`` / ``comm.allgather_into_async``).
 
-Horovod's public ``reducescatter_async``/``allgather_async`` allocate a new output tensor per call,
-in Horovod's background thread. At ZeRO's sizes (a bucket per call, every step) that churn is
-what glibc's heap keeps: its mmap threshold rises to the largest freed block, later blocks of
-that size come from the heap, and freed ones stay resident, so the process's peak memory grew
-by hundreds of MiB over a few steps (measured with benchmarks/bench_memory.py). Passing outputs
-that already have the right size makes Horovod's resize a no-op: no allocation at all.
+Buffers allocated per call and freed at ZeRO's sizes (a bucket per call, every step) are what
+glibc's heap keeps: its mmap threshold rises to the largest freed block, later blocks of that
+size come from the heap, and freed ones stay resident, so the process's peak memory grew by
+hundreds of MiB over a few steps (measured with benchmarks/bench_memory.py). Owned buffers,
+reused step after step, avoid that on our side.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
 import torch
-
-
-def reducescatter_into(hvd, tensor: torch.Tensor, out: torch.Tensor, name: str):
-    """Start averaging ``tensor`` over all ranks; this rank's equal part lands in ``out``
-    (``tensor.numel() // world`` elements). Returns a handle for ``hvd.synchronize``."""
-    from horovod.torch import mpi_ops
-    return mpi_ops._reducescatter_async(tensor, out, name, hvd.Average, mpi_ops.global_process_set, 1.0, 1.0)
-
-
-def allgather_into(hvd, tensor: torch.Tensor, out: torch.Tensor, name: str):
-    """Start concatenating every rank's ``tensor`` (same size everywhere) into ``out``."""
-    from horovod.torch import mpi_ops
-    return mpi_ops._allgather_async(tensor, out, name, mpi_ops.global_process_set)
 
 
 class Pool:

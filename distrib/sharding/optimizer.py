@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from distrib.sharding import layout as lay
-from distrib.sharding.collectives import Pool, allgather_into
+from distrib.sharding.collectives import Pool
 
 SHARDED_FORMAT = "distrib-sharded-optimizer-v1"
 # The optimizers whose state is per parameter element (plus a scalar step count), so a slice of a
@@ -45,11 +45,11 @@ class ZeroShard:
     ``name`` prefixes the collective names (unique per wrapped optimizer).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, hvd, rank: int, world: int, *, name: str,
+    def __init__(self, optimizer: torch.optim.Optimizer, comm, rank: int, world: int, *, name: str,
                  bucket_bytes: int):
         check_supported(optimizer)
         self.user = optimizer
-        self._hvd, self.rank, self.world, self.name = hvd, rank, world, name
+        self._comm, self.rank, self.world, self.name = comm, rank, world, name
         self.params: List[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
         for i, p in enumerate(self.params):
             if not p.is_contiguous():
@@ -90,11 +90,11 @@ class ZeroShard:
 
     # -- the step -------------------------------------------------------------------------------------
     def step(self, grad_of: Callable[[int, lay.Piece, torch.Tensor], Optional[torch.Tensor]], *,
-             scaler=None, max_grad_norm: Optional[float] = None) -> Optional[float]:
+             scaler=None, max_grad_norm: Optional[float] = None) -> Optional[torch.Tensor]:
         """Unscale (fp16), clip by the global norm, step this rank's pieces, allgather the
         parameters. ``grad_of(bucket, piece, tensor)`` gives the averaged gradient of a piece
         (or None: not stepped). Must be called on all ranks; returns the global gradient norm
-        when clipping, else None."""
+        (a tensor: nothing here waits for the device) when clipping, else None."""
         for inner_group, gi in zip(self.inner.param_groups, self._inner_groups):
             inner_group.update(_hyper(self.user.param_groups[gi]))  # LR schedules write the user's groups
         grads = []
@@ -108,25 +108,22 @@ class ZeroShard:
         if fp16:
             scaler.unscale_(self.inner)
             found = scaler._per_optimizer_states[id(self.inner)]["found_inf_per_device"]
-            local_inf = float(sum(v.item() for v in found.values()))
+            local_inf = sum(found.values(), torch.zeros((), dtype=torch.float64, device=self._device()))
         norm = None
         if max_grad_norm is not None or fp16:
-            norm, any_inf = self._global_norm(grads, local_inf or 0.0)
+            norm, any_inf = self._global_norm(grads, local_inf)
             if fp16:
                 # The scaler saw only this rank's pieces: give it every rank's verdict, so all
                 # ranks skip (or take) the step together. (GradScaler keeps it per optimizer.)
                 found = scaler._per_optimizer_states[id(self.inner)]["found_inf_per_device"]
                 found.clear()
-                found[scaler._scale.device] = torch.full((), float(any_inf), dtype=torch.float32,
-                                                         device=scaler._scale.device)
-        stepped = True
+                found[scaler._scale.device] = any_inf.to(device=scaler._scale.device, dtype=torch.float32)
         if max_grad_norm is not None and grads:
             # torch.nn.utils.clip_grad_norm_'s arithmetic, on the global norm
             coef = torch.clamp(max_grad_norm / (norm.to(grads[0].device, grads[0].dtype) + 1e-6), max=1.0)
             for g in grads:
                 g.mul_(coef)
         if fp16:
-            stepped = not any_inf
             scaler.step(self.inner)
             scaler.update()
         else:
@@ -134,19 +131,21 @@ class ZeroShard:
         for b in self.pieces:
             for _, t in b:
                 t.grad = None
-        if stepped:
-            self.allgather_params()
-        return float(norm) if max_grad_norm is not None else None
+        # Also after a step the scaler skipped (the pieces are unchanged, so this rewrites the same
+        # values): knowing it was skipped would take a read of the inf flag on the host.
+        self.allgather_params()
+        return norm if max_grad_norm is not None else None
 
     def _device(self) -> torch.device:
         return self.params[0].device
 
-    def _global_norm(self, grads: List[torch.Tensor], local_inf: float):
-        partial = sum((torch.linalg.vector_norm(g, 2, dtype=torch.float64).cpu() ** 2 for g in grads),
-                      torch.zeros((), dtype=torch.float64))
-        both = torch.stack([partial, torch.tensor(local_inf, dtype=torch.float64)])  # on the host: 2 numbers
-        both = self._hvd.allreduce(both, name=f"{self.name}.norm", op=self._hvd.Sum)
-        return torch.sqrt(both[0]), bool(both[1] > 0 or not torch.isfinite(both[0]))
+    def _global_norm(self, grads: List[torch.Tensor], local_inf: Optional[torch.Tensor]):
+        """(global norm, any rank saw an inf): two tensors on the device, one allreduce of 2 numbers."""
+        zero = torch.zeros((), dtype=torch.float64, device=self._device())
+        partial = sum((torch.linalg.vector_norm(g, 2, dtype=torch.float64) ** 2 for g in grads), zero)
+        inf = zero if local_inf is None else local_inf.to(zero.device, torch.float64)
+        both = self._comm.allreduce(torch.stack([partial, inf]), name=f"{self.name}.norm", op="sum")
+        return torch.sqrt(both[0]), (both[1] > 0) | ~torch.isfinite(both[0])
 
     def allgather_params(self, window: int = 2) -> None:
         """Every rank's updated chunks into every rank's parameters, bucket by bucket (at most
@@ -159,14 +158,14 @@ class ZeroShard:
             for pc, t in pieces:
                 send[pc.at:pc.at + pc.numel].copy_(t)
             send[sum(pc.numel for pc, _ in pieces):].zero_()  # the padding of the last chunk
-            pending.append((bi, allgather_into(self._hvd, send, full, f"{self.name}.ag.{bi}"), send, full))
+            pending.append((bi, self._comm.allgather_into_async(send, full, name=f"{self.name}.ag.{bi}"), send, full))
             while len(pending) > window:
                 self._unpack(*pending.pop(0))
         while pending:
             self._unpack(*pending.pop(0))
 
     def _unpack(self, bi: int, handle, send: torch.Tensor, full: torch.Tensor) -> None:
-        self._hvd.synchronize(handle)
+        handle.wait()
         b = self.buckets[bi]
         with torch.no_grad():
             for index, offset, numel in zip(b.members, b.offsets, b.numels):

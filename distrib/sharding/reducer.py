@@ -14,7 +14,7 @@ from typing import Dict, FrozenSet, List, Optional, Sequence
 
 import torch
 
-from distrib.sharding.collectives import Pool, reducescatter_into
+from distrib.sharding.collectives import Pool
 from distrib.sharding.layout import Bucket
 
 DEFAULT_WINDOW = 2  # buckets in flight during backward: overlap without holding every buffer
@@ -32,7 +32,7 @@ class _Slot:
 
 
 class ReduceScatterReducer:
-    """Average gradients bucket by bucket with ``hvd.reducescatter_async(op=Average)``.
+    """Average gradients bucket by bucket with the engine's reduce-scatter (``comm``).
 
     ``buckets`` and ``params_of_bucket`` come from :func:`distrib.sharding.layout.plan`; every
     rank launches the buckets in the same order (bucket 0 first, each as soon as it and all
@@ -40,9 +40,9 @@ class ReduceScatterReducer:
     the parameters' dtype. Must be built on all ranks with the same layout.
     """
 
-    def __init__(self, buckets: Sequence[Bucket], params_of_bucket: Sequence[List[torch.Tensor]], hvd, *,
+    def __init__(self, buckets: Sequence[Bucket], params_of_bucket: Sequence[List[torch.Tensor]], comm, *,
                  name: str, compression: str = "none", window: int = DEFAULT_WINDOW, pool: Optional[Pool] = None):
-        self._hvd, self._name = hvd, name
+        self._comm, self._name = comm, name
         self._compress = compression == "fp16"
         self._window = max(1, window)
         self._slots = [_Slot(i, b, list(ps)) for i, (b, ps) in enumerate(zip(buckets, params_of_bucket))]
@@ -53,7 +53,7 @@ class ReduceScatterReducer:
         self._next = 0          # first bucket not launched yet
         self._inflight: List[_Slot] = []
         self._params = [p for s in self._slots for p in s.params]
-        self._used = torch.zeros(len(self._params), dtype=torch.float64)
+        self._used = [False] * len(self._params)  # on the host: sent as one tensor with the last bucket
         self._flag = {p: i for i, p in enumerate(self._params)}
         self._used_handle = None
         self.unused: FrozenSet[torch.Tensor] = frozenset()
@@ -73,13 +73,14 @@ class ReduceScatterReducer:
         else:  # no gradient on this rank: zeros in the average
             slot.buffer[offset:offset + numel].zero_()
         p.grad = None  # the full-size gradient is not kept: only the bucket copy, until it is sent
-        self._used[self._flag[p]] = 1.0 if used else 0.0
+        self._used[self._flag[p]] = used
         slot.pending -= 1
         while self._next < len(self._slots) and self._slots[self._next].pending == 0:
             self._launch(self._slots[self._next])
             self._next += 1
         if self._next == len(self._slots) and self._used_handle is None:
-            self._used_handle = self._hvd.allreduce_async(self._used, name=f"{self._name}.used", op=self._hvd.Sum)
+            flags = torch.tensor(self._used, dtype=torch.float64)
+            self._used_handle = self._comm.allreduce_async_(flags, name=f"{self._name}.used", op="sum")
 
     def _launch(self, slot: _Slot) -> None:
         wire = slot.buffer
@@ -90,13 +91,13 @@ class ReduceScatterReducer:
         if slot.out is None or slot.out.dtype != wire.dtype:
             slot.out = torch.empty(slot.layout.chunk, dtype=wire.dtype, device=wire.device)
         slot.wire = wire
-        slot.handle = reducescatter_into(self._hvd, wire, slot.out, f"{self._name}.rs.{slot.index}")
+        slot.handle = self._comm.reducescatter_into_async(wire, slot.out, name=f"{self._name}.rs.{slot.index}")
         self._inflight.append(slot)
         while len(self._inflight) > self._window:
             self._finish(self._inflight.pop(0))
 
     def _finish(self, slot: _Slot) -> None:
-        self._hvd.synchronize(slot.handle)
+        slot.handle.wait()
         dtype = slot.params[0].dtype
         slot.shard = slot.out if slot.out.dtype == dtype else slot.out.to(dtype)
         if slot.buffer is not None:
@@ -115,9 +116,12 @@ class ReduceScatterReducer:
         for slot in self._slots:
             slot.pending = len(slot.params)
         self._next = 0
-        used = self._hvd.synchronize(self._used_handle).tolist() if self._used_handle is not None else []
+        used = self._used_handle.wait() if self._used_handle is not None else None
         self._used_handle = None
-        self.unused = frozenset(p for p, n in zip(self._params, used) if n == 0)
+        if all(self._used) or used is None:  # each parameter was used here, so somewhere: nothing to read
+            self.unused = frozenset()
+        else:
+            self.unused = frozenset(p for p, n in zip(self._params, used.tolist()) if n == 0)
         return self.unused
 
     def in_flight(self) -> bool:

@@ -45,7 +45,7 @@ class ShardedOptimizer(DistributedOptimizer):
         super().__init__(model, optimizer, ctx, **options)
         self.shard = shard
         bucket_mb = float(os.environ.get("DISTRIB_BUCKET_MB", DEFAULT_BUCKET_MB))
-        self._zero = ZeroShard(optimizer, self._hvd, ctx.rank, ctx.size, name=f"distrib.{self.name}.zero",
+        self._zero = ZeroShard(optimizer, self._comm, ctx.rank, ctx.size, name=f"distrib.{self.name}.zero",
                                bucket_bytes=int(bucket_mb * 2**20))
         if shard == "gradients":
             exchanged = {p for _, p in self._exchange.named_params}
@@ -58,7 +58,7 @@ class ShardedOptimizer(DistributedOptimizer):
 
     def _stage2_reducer(self) -> ReduceScatterReducer:
         z = self._zero
-        return ReduceScatterReducer(z.buckets, [[z.params[i] for i in b.members] for b in z.buckets], self._hvd,
+        return ReduceScatterReducer(z.buckets, [[z.params[i] for i in b.members] for b in z.buckets], self._comm,
                                     name=z.name, compression=self._exchange.compression, pool=z.pool)
 
     def step(self, closure=None):

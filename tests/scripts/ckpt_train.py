@@ -11,7 +11,6 @@ import random
 import sys
 from pathlib import Path
 
-import horovod.torch as hvd
 import numpy as np
 import torch
 
@@ -57,7 +56,7 @@ while step < args.steps:
     schedule.step()
     # python + numpy RNG draws, summed over ranks so that "extra" stays replicated
     draw = torch.tensor([random.random() + float(np.random.rand())], dtype=torch.float64)
-    extra["noise"] += float(hvd.allreduce(draw, op=hvd.Sum, name="noise"))
+    extra["noise"] += float(ctx.comm.allreduce(draw, op="sum", name="noise"))
     step += 1
     if ctx.rank == 0:
         print(f"step {step}", flush=True)
@@ -65,7 +64,7 @@ while step < args.steps:
         ckpt.save(step, state, model_config=config.to_dict())
 ckpt.close()
 
-everyone = hvd.allgather_object({"params": {k: v.clone() for k, v in model.state_dict().items()},
+everyone = ctx.comm.allgather_object({"params": {k: v.clone() for k, v in model.state_dict().items()},
                                  "noise": extra["noise"], "rank": ctx.rank, "rng": rng_state()}, name="final")
 if ctx.rank == 0:
     tmp = Path(args.out + ".tmp")

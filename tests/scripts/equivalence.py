@@ -46,7 +46,7 @@ for step in range(args.steps):
         optimizer.backward(torch.nn.functional.mse_loss(model(xb), yb))
     optimizer.step()
     optimizer.zero_grad()
-gathered = [t for t in distrib.context.import_horovod().allgather_object(
-    {k: v.clone() for k, v in model.state_dict().items()})]
+gathered = [t for t in ctx.comm.allgather_object(
+    {k: v.clone() for k, v in model.state_dict().items()}, name="equivalence.params")]
 if ctx.rank == 0:
     torch.save({"params": gathered[0], "all_ranks": gathered, "size": ctx.size}, args.out)

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 import distrib
-from distrib.context import import_horovod
 from distrib.evaluate import weighted_mean
 
 p = argparse.ArgumentParser()
@@ -28,7 +27,7 @@ p.add_argument("--no-checks", action="store_true", help="only the cases (to run 
 args = p.parse_args()
 
 ctx = distrib.init(seed=0)
-hvd = import_horovod()
+comm = ctx.comm  # the engine the run was started on: Horovod or torch.distributed
 # Before anything else draws: each rank's own stream (checked below against plain torch).
 first_draws = torch.rand(4)
 torch.set_num_threads(1)
@@ -239,7 +238,7 @@ for name, case in selected.items():
     try:
         runner = train_two_models if case.two_models else train
         got, want = runner(case, True), runner(case, False)
-        ranks = hvd.allgather_object(got, name=f"matrix.{name}")
+        ranks = comm.allgather_object(got, name=f"matrix.{name}")
         results[name] = {"error": None, "vs_torch": max_difference(got, want),
                          "across_ranks": max(max_difference(ranks[0], r) for r in ranks),
                          # how far the reference moved from its start: a case that trains nothing proves nothing
@@ -268,7 +267,7 @@ def check(name):
 def _():
     torch.manual_seed(0)
     plain = torch.rand(4, dtype=torch.float32)  # what a single-process script seeded with 0 draws
-    draws = hvd.allgather_object(first_draws.tolist(), name="check.rng")
+    draws = comm.allgather_object(first_draws.tolist(), name="check.rng")
     return {"draws": draws, "rank0_is_plain_torch": torch.equal(torch.tensor(draws[0], dtype=torch.float32), plain)}
 
 
@@ -283,7 +282,7 @@ def _():
     loader = distrib.ShardedLoader(Augmented(), 4, ctx, seed=3, num_workers=2)
     draws = [float(v) for batch in loader for v in batch.flatten()]
     again = [float(v) for batch in distrib.ShardedLoader(Augmented(), 4, ctx, seed=3, num_workers=2) for v in batch.flatten()]
-    return {"draws": hvd.allgather_object(draws, name="check.loader"), "reproducible": draws == again}
+    return {"draws": comm.allgather_object(draws, name="check.loader"), "reproducible": draws == again}
 
 
 @check("evaluate_with_an_empty_rank")
@@ -294,18 +293,18 @@ def _():
 
 @check("one_exchange_per_step")
 def _():
-    """Elements Horovod is asked to allreduce in one step of synchronize() + step()."""
+    """Elements the engine is asked to allreduce in one step of synchronize() + step()."""
     model = Net("mlp")
     opt = distrib.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), ctx)
     sent = []
-    real = hvd.allreduce_async_
-    hvd.allreduce_async_ = lambda tensor, *a, **k: (sent.append(tensor.numel()), real(tensor, *a, **k))[1]
+    real = comm.allreduce_async_
+    comm.allreduce_async_ = lambda tensor, **k: (sent.append(tensor.numel()), real(tensor, **k))[1]
     try:
         opt.backward(model(torch.randn(B, 8)).pow(2).mean())
         opt.synchronize()
         opt.step()
     finally:
-        hvd.allreduce_async_ = real
+        del comm.allreduce_async_  # the class's own again
     opt.close()
     params = list(model.parameters())
     return {"elements_sent": sum(sent), "gradient_elements": sum(q.numel() for q in params), "parameters": len(params)}
@@ -365,7 +364,7 @@ def _():
         opt.backward(model(torch.randn(B, 8, generator=gen) * (1 + ctx.rank)).pow(2).mean())
         opt.step()
         opt.zero_grad()
-    ranks = hvd.allgather_object({"seen": seen["var"], "after": model[1].running_var.tolist()}, name="check.buffers")
+    ranks = comm.allgather_object({"seen": seen["var"], "after": model[1].running_var.tolist()}, name="check.buffers")
     return {"at_forward": [r["seen"] for r in ranks], "after_forward": [r["after"] for r in ranks]}
 
 
@@ -378,11 +377,11 @@ def _():
     layer(x[ctx.rank * B:(ctx.rank + 1) * B])
     reference = torch.nn.BatchNorm1d(3)
     reference(x)
-    ranks = hvd.allgather_object(layer.running_var.tolist(), name="check.syncbn")
+    ranks = comm.allgather_object(layer.running_var.tolist(), name="check.syncbn")
     return {"running_var_per_rank": ranks, "single_process": reference.running_var.tolist(),
             "running_mean_error": float((layer.running_mean - reference.running_mean).abs().max())}
 
 
 if ctx.rank == 0:
     with open(args.out, "w") as f:
-        json.dump({"size": ctx.size, "controller": ctx.controller, "cases": results, "checks": checks}, f, indent=1)
+        json.dump({"size": ctx.size, "controller": ctx.controller, "engine": ctx.engine, "cases": results, "checks": checks}, f, indent=1)

@@ -58,6 +58,6 @@ for choice in args.reducers.split(","):
     results[choice] = {"grads": grads, "reducer": type(opt._reducer).__name__,
                        "transport": type(getattr(opt._reducer, "_transport", None)).__name__,
                        "params": {n: q.detach().clone() for n, q in model.named_parameters()}}
-gathered = distrib.context.import_horovod().allgather_object(results)
+gathered = ctx.comm.allgather_object(results, name="reducer_check.results")
 if ctx.rank == 0:
     torch.save({"ranks": gathered}, args.out)

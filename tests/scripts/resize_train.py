@@ -8,7 +8,6 @@ With --stop-at S the run saves a checkpoint after step S and exits (a clean stop
 import argparse
 import json
 
-import horovod.torch as hvd
 import torch
 
 import distrib
@@ -45,7 +44,7 @@ while step < args.steps:
     optimizer.zero_grad()
     schedule.step()
     step += 1
-    everyone = hvd.allgather_object(loader.last_indices, name="indices")
+    everyone = ctx.comm.allgather_object(loader.last_indices, name="indices")
     if ctx.rank == 0:
         with open(args.log, "a") as f:
             f.write(json.dumps({"step": step, "size": ctx.size, "lr": lr, "indices": everyone}) + "\n")

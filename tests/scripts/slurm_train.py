@@ -33,7 +33,6 @@ def main() -> int:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--step-sleep", type=float, default=0.0)
     args = p.parse_args()
-    import horovod.torch as hvd
 
     ctx = distrib.init(seed=0)
     run_dir = Path(args.run_dir)
@@ -52,11 +51,11 @@ def main() -> int:
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"step": step, "weight": weight}, tmp)
             os.replace(tmp, ckpt)
-        hvd.allreduce(torch.zeros(1), name=f"saved.{step}")  # barrier: the checkpoint exists on return
+        ctx.comm.barrier(name=f"saved.{step}")  # barrier: the checkpoint exists on return
 
     preemption = PreemptionHandler()
     while step < args.steps:
-        total = hvd.allreduce(torch.full((4,), float(ctx.rank + 1)), op=hvd.Sum, name="grad")
+        total = ctx.comm.allreduce(torch.full((4,), float(ctx.rank + 1)), op="sum", name="grad")
         weight -= 0.01 * total
         step += 1
         if ctx.is_main:

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import horovod.torch as hvd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -95,12 +94,12 @@ def train_steps(ctx, model, opt, sched, first, last, accumulate, on_step=None):
             on_step(step + 1)
 
 
-def all_ranks_params(model):
-    return hvd.allgather_object({k: v.clone() for k, v in model.state_dict().items()}, name="zero.final")
+def all_ranks_params(ctx, model):
+    return ctx.comm.allgather_object({k: v.clone() for k, v in model.state_dict().items()}, name="zero.final")
 
 
 def math_mode(args, ctx, out):
-    results = {"size": ctx.size, "cases": []}
+    results = {"size": ctx.size, "engine": ctx.engine, "cases": []}
     for kind, accumulate, max_norm in MATH_CASES:
         case = {"case": (kind, accumulate, max_norm), "sharded": {}}
         for shard in ("optimizer", "gradients", None):
@@ -110,9 +109,10 @@ def math_mode(args, ctx, out):
             train_steps(ctx, model, opt, schedule(opt, args.steps), 0, args.steps, accumulate)
             nbytes = opt._zero.nbytes() if shard else sum(
                 v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+            norm = opt.last_grad_norm  # a tensor (reading it in the step would wait for a GPU)
             case["sharded"][shard or "none"] = {
-                "ranks": all_ranks_params(model), "norm": opt.last_grad_norm,
-                "state_bytes": hvd.allgather_object(nbytes, name="zero.bytes")}
+                "ranks": all_ranks_params(ctx, model), "norm": None if norm is None else float(norm),
+                "state_bytes": ctx.comm.allgather_object(nbytes, name="zero.bytes")}
         if ctx.rank == 0:
             case["plain"], _ = plain(kind, args.steps, max_norm)
             case["initial"] = make_model().state_dict()
@@ -145,9 +145,9 @@ def train_mode(args, ctx):
 
     train_steps(ctx, model, opt, sched, start, end, 1, on_step)
     ckpt.close()
-    params = all_ranks_params(model)
+    params = all_ranks_params(ctx, model)
     if ctx.rank == 0:
-        out = {"size": ctx.size, "ranks": params, "step": end}
+        out = {"size": ctx.size, "engine": ctx.engine, "ranks": params, "step": end}
         if end == args.total:
             out["plain"], out["plain_optimizer"] = plain("adamw", args.total, 0.05)
         tmp = Path(f"{args.out}.tmp")

@@ -1,0 +1,60 @@
+"""Every collective of distrib's communication layer on the engine the script was started on,
+against what the same numbers give computed by hand. Used by tests/test_comm.py (2 workers,
+Horovod through our launcher and torch.distributed under torchrun). Rank 0 writes JSON."""
+import argparse
+import json
+
+import torch
+
+import distrib
+
+p = argparse.ArgumentParser()
+p.add_argument("--out", required=True)
+args = p.parse_args()
+
+ctx = distrib.init()
+comm, rank, size = ctx.comm, ctx.rank, ctx.size
+torch.set_default_dtype(torch.float64)
+mine = torch.arange(6.0) + 10 * rank            # what rank r holds
+every = [torch.arange(6.0) + 10 * r for r in range(size)]
+total = sum(every)
+got = {}
+
+got["allreduce_average"] = torch.equal(comm.allreduce(mine, name="check.avg"), total / size)
+got["allreduce_sum"] = torch.equal(comm.allreduce(mine, name="check.sum", op="sum"), total)
+buf = mine.clone()
+handle = comm.allreduce_async_(buf, name="check.async", op="average")
+got["allreduce_async_average"] = torch.equal(handle.wait(), total / size) and torch.equal(buf, total / size)
+
+x = mine.clone().requires_grad_()
+(comm.allreduce(x, name="check.grad", op="sum") * (rank + 1)).sum().backward()
+# d/dx_r of sum_s (s+1) * sum_q x_q: every rank's upstream gradient, summed
+got["allreduce_is_differentiable"] = torch.equal(x.grad, torch.full((6,), float(sum(range(1, size + 1)))))
+
+padded = torch.cat([mine, torch.zeros(-6 % size)])  # a multiple of the world size, as ZeRO pads
+chunk = padded.numel() // size
+out = torch.empty(chunk)
+comm.reducescatter_into_async(padded, out, name="check.rs").wait()
+want = torch.cat([total, torch.zeros(padded.numel() - 6)]) / size
+got["reducescatter_into_average"] = torch.equal(out, want[rank * chunk:(rank + 1) * chunk])
+
+full = torch.empty(6 * size)
+comm.allgather_into_async(mine, full, name="check.ag").wait()
+got["allgather_into"] = torch.equal(full, torch.cat(every))
+
+shared = mine.clone()
+comm.broadcast_async_(shared, root=size - 1, name="check.bcast").wait()
+got["broadcast_from_last_rank"] = torch.equal(shared, every[-1])
+named = [("a", mine.clone()), ("b", torch.tensor([rank]))]
+comm.broadcast_tensors(named, root=0, prefix="check.tensors")
+got["broadcast_tensors"] = torch.equal(named[0][1], every[0]) and int(named[1][1]) == 0
+
+got["broadcast_object"] = comm.broadcast_object({"from": rank}, root=0, name="check.obj") == {"from": 0}
+got["allgather_object"] = comm.allgather_object(("r", rank), name="check.objs") == [("r", r) for r in range(size)]
+comm.barrier(name="check.barrier")
+got["adasum"] = comm.supports_adasum
+
+everyone = comm.allgather_object(got, name="check.results")
+if rank == 0:
+    with open(args.out, "w") as f:
+        json.dump({"engine": ctx.engine, "controller": ctx.controller, "size": size, "ranks": everyone}, f)

@@ -1,0 +1,143 @@
+"""How often backward() + step() would make the host wait for the device, distrib against plain torch.
+
+Used by tests/test_step_syncs.py (CPU, counted with :class:`sync_counter.SyncCounter`) and by
+scripts/gpu_check.py (``--device cuda``: also under ``torch.cuda.set_sync_debug_mode("error")``,
+so any synchronising CUDA call raises). Every rank trains a small MLP for a few steps per case
+(precision x shard), with clipping on, and counts the calls in its backward and step only
+(forward, zero_grad and the loss are the user's). The same loop in plain torch (GradScaler,
+clip_grad_norm_, the optimizer's step) is counted alongside: fp16's GradScaler reads its inf
+flag once per step, so that is the bar there. Rank 0 writes the counts as JSON.
+"""
+import argparse
+import json
+
+import torch
+
+import distrib
+from distrib.context import import_horovod
+from sync_counter import SyncCounter
+
+p = argparse.ArgumentParser()
+p.add_argument("--out", required=True)
+p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+               help="sgd: its step reads nothing on the host, so the CPU count is absolute; adamw: its step "
+                    "counter lives on the host (not a device wait; on a GPU the sync debug mode tells)")
+p.add_argument("--steps", type=int, default=3)
+args = p.parse_args()
+
+ctx = distrib.init(seed=0)
+hvd = import_horovod()
+device = ctx.device if args.device == "cuda" else torch.device("cpu")
+if args.device == "cuda" and device.type != "cuda":
+    raise SystemExit("--device cuda: this worker got no GPU")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SHARDS = (None, "optimizer", "gradients")
+
+
+def make(seed: int, unused_head: bool = False):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).to(device)
+    if unused_head:
+        model.add_module("head", torch.nn.Linear(4, 4).to(device))  # used by rank 0 only
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, opt
+
+
+def forward(model, x, rank: int):
+    out = model[2](model[1](model[0](x)))
+    if hasattr(model, "head") and rank == 0:
+        out = model.head(out)
+    return out.float().pow(2).mean()
+
+
+def batches():
+    g = torch.Generator().manual_seed(1 + ctx.rank)
+    return [torch.randn(6, 8, generator=g).to(device) for _ in range(args.steps)]
+
+
+def autocast(precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def debug_mode():
+    """On a GPU, any synchronising CUDA call inside the block raises."""
+    if device.type != "cuda":
+        return _Nothing()
+    return _SyncDebug()
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _SyncDebug:
+    def __enter__(self):
+        torch.cuda.synchronize()  # what came before is not the step's
+        torch.cuda.set_sync_debug_mode("error")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        return False
+
+
+def distrib_counts(precision: str, shard, unused_head: bool = False):
+    model, opt = make(0, unused_head)
+    opt = distrib.wrap(model, opt, ctx, precision=precision, shard=shard, max_grad_norm=1.0,
+                       name=f"syncs.{precision}.{shard}.{unused_head}")
+    counter, calls = SyncCounter(), []
+    for x in batches():
+        with opt.autocast():
+            loss = forward(model, x, ctx.rank)
+        with counter.counting(), debug_mode():
+            opt.backward(loss)
+            opt.step()
+        calls.append(counter.calls)
+        counter.calls = []
+        opt.zero_grad()
+    norm = opt.last_grad_norm
+    opt.close()
+    return {"per_step": [len(c) for c in calls], "calls": sorted({c for cs in calls for c in cs}),
+            "norm_is_tensor": torch.is_tensor(norm)}
+
+
+def plain_counts(precision: str):
+    model, opt = make(0)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    counter, calls = SyncCounter(), []
+    for x in batches():
+        with autocast(precision):
+            loss = forward(model, x, 0)
+        with counter.counting(), debug_mode():
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+        calls.append(counter.calls)
+        counter.calls = []
+        opt.zero_grad()
+    return {"per_step": [len(c) for c in calls], "calls": sorted({c for cs in calls for c in cs})}
+
+
+results = {"size": ctx.size, "device": str(device), "optimizer": args.optimizer, "cases": {}}
+for precision in PRECISIONS:
+    results["cases"][f"plain-{precision}"] = plain_counts(precision)
+    for shard in SHARDS:
+        results["cases"][f"distrib-{precision}-{shard or 'none'}"] = distrib_counts(precision, shard)
+if ctx.size > 1:
+    # a parameter only rank 0 uses: the other ranks must learn whether anyone used it
+    results["cases"]["distrib-fp32-none-unused-on-rank-1"] = distrib_counts("fp32", None, unused_head=True)
+everyone = hvd.allgather_object(results, name="syncs.results")
+if ctx.rank == 0:
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(everyone, f, indent=1)
