@@ -79,9 +79,10 @@ class Attempt:
     """One run of the plan, from start to a final :class:`Outcome`, with every worker stopped."""
 
     def __init__(self, plan: Plan, config: LaunchConfig, number: int, log, interrupted,
-                 to_forward=lambda: ()):
+                 to_forward=lambda: (), say=lambda outcome: None):
         self.plan, self.config, self.number = plan, config, number
         self.log, self.interrupted = log, interrupted
+        self.say = say  # prints a failed outcome's verdict and report: as soon as it is known
         self.to_forward = to_forward  # signals the launcher received for the workers (SIGUSR2)
         self.tracked: Dict[int, psutil.Process] = {}
         self.shims: Dict[int, psutil.Process] = {}  # this host's worker shims: they forward signals
@@ -104,14 +105,18 @@ class Attempt:
             try:
                 self.proc = subprocess.Popen(self.plan.argv, env=env, start_new_session=True)
             except OSError as exc:
-                return Outcome(State.FAILED, 1, f"cannot start {self.plan.argv[0]}: {exc.strerror}; install it "
-                                                f"or put it on PATH")
+                outcome = Outcome(State.FAILED, 1, f"cannot start {self.plan.argv[0]}: {exc.strerror}; install it "
+                                                   f"or put it on PATH")
+                self.say(outcome)
+                return outcome
             try:
                 self.root = psutil.Process(self.proc.pid)
             except psutil.NoSuchProcess:
                 self.root = None
             try:
                 outcome = self._watch()
+                if outcome.state is not State.SUCCEEDED:
+                    self.say(outcome)  # before the workers are stopped, which takes up to stop_grace
             finally:
                 self._stop()
             if outcome.state is State.HUNG:  # its stderr up to the moment it was stopped
@@ -374,16 +379,19 @@ def supervise(plan: Plan, config: LaunchConfig, out: TextIO = sys.stderr) -> int
             out.write(f"distrib-launch: {message}\n")
             out.flush()
 
+    def say(outcome: Outcome) -> None:
+        log(outcome.message)
+        out.write("".join(f"    {line}\n" for line in outcome.report))
+        out.flush()
+
     with _SignalCatcher() as signals:
         for number in range(config.max_restarts + 1):
             if signals.caught:  # between attempts: do not start another one
                 return 128 + signals.caught
-            outcome = Attempt(plan, config, number, log, lambda: signals.caught, signals.take_pending).run()
+            outcome = Attempt(plan, config, number, log, lambda: signals.caught, signals.take_pending, say).run()
             if outcome.state is State.SUCCEEDED:
                 log("all ranks finished successfully", verbose=True)
                 return 0
-            log(outcome.message)
-            out.write("".join(f"    {line}\n" for line in outcome.report))
             if outcome.state is State.INTERRUPTED:
                 return outcome.exit_code
             if outcome.details:

@@ -63,12 +63,12 @@ def test_a_live_hung_rank_is_named_with_its_source_line(fault, markers):
     proc = launch(fault)
     err = proc.stderr
     assert proc.returncode == 1 and hung_rank_1(err), err[-3000:]
-    assert ("its last collective entered is #8 'allreduce.grads.b' float64[3]; rank 0 waits for it in "
-            "collective #9 'allreduce.grads.a' float64[4]") in err, err[-3000:]
+    assert ("its last collective entered is #8 'allreduce:grads.b' float64[3]; rank 0 waits for it in "
+            "collective #9 'allreduce:grads.a' float64[4]") in err, err[-3000:]
     where = where_every_rank_is(err)
     assert where[0][0] == where[1][0] == HOST and where[0][2] == where[1][2] == 4, err[-3000:]
-    assert where[0][3] == "collective #9 'allreduce.grads.a' float64[4]"
-    assert where[1][3] == "collective #8 'allreduce.grads.b' float64[3]"
+    assert where[0][3] == "collective #9 'allreduce:grads.a' float64[4]"
+    assert where[1][3] == "collective #8 'allreduce:grads.b' float64[3]"
     assert f"its Python stacks (innermost call last, pid {where[1][1]}):" in err
     assert "thread MainThread (main thread, entered collective #8 last):" in err
     for marker in markers:
@@ -88,10 +88,10 @@ def test_a_frozen_rank_has_no_stack_and_the_report_says_why():
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fault, expected", [
-    ("skip", "collective mismatch at collective #9: rank 0 on {h} entered 'allreduce.grads.a' float64[4]; "
-             "rank 1 on {h} entered 'allreduce.grads.b' float64[3]"),
-    ("shape", "collective mismatch at collective #9: rank 0 on {h} entered 'allreduce.grads.a' float64[4]; "
-              "rank 1 on {h} entered 'allreduce.grads.a' float64[5]"),
+    ("skip", "collective mismatch at collective #9: rank 0 on {h} entered 'allreduce:grads.a' float64[4]; "
+             "rank 1 on {h} entered 'allreduce:grads.b' float64[3]"),
+    ("shape", "collective mismatch at collective #9: rank 0 on {h} entered 'allreduce:grads.a' float64[4]; "
+              "rank 1 on {h} entered 'allreduce:grads.a' float64[5]"),
 ])
 def test_a_mismatched_collective_fails_with_the_ranks_the_collective_and_the_shapes(fault, expected):
     """A skipped collective would hang until the timeout, another shape would end in Horovod's
@@ -120,7 +120,7 @@ def test_an_exception_inside_a_collective_is_named_with_its_source_line():
     err = proc.stderr
     assert proc.returncode == 1, err[-3000:]
     assert (f"distrib-launch: rank 1 on {HOST} failed first: exit code 1 (uncaught RuntimeError: injected failure "
-            f"inside allreduce.grads.a)") in err.splitlines(), err[-3000:]
+            f"inside grads.a)") in err.splitlines(), err[-3000:]
     report = err[err.index("failed first"):]  # the traceback under the verdict, not the rank's own stderr
     assert points_at(report, "raises in a collective"), report
 

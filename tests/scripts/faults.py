@@ -3,16 +3,16 @@
     python -m launch -np 2 --hang-timeout 3 tests/scripts/faults.py --fault KIND [--rank R] [--at STEP]
 
 Every step: some compute (timed as "compute" by distrib.metrics), then two named allreduces
-("allreduce.grads.a" and "allreduce.grads.b"), each announced to the launcher with
-distrib.heartbeat.entering() as distrib's own collectives are. At step ``--at`` rank ``--rank``
+through distrib's communication layer (``ctx.comm``: each one named to the launcher's heartbeat,
+as every collective of distrib is): "grads.a" and "grads.b". At step ``--at`` rank ``--rank``
 does KIND:
 
-    none       nothing                     skip       leaves out allreduce.grads.a
+    none       nothing                     skip       leaves out grads.a
     order      calls b before a            shape      sends a with 5 elements instead of 4
     dtype      sends a as float32          loop       spins in a Python loop forever
     io         blocks reading a pipe that is never written
     sigstop    stops itself (SIGSTOP)      sigkill    kills itself (SIGKILL)
-    exception  raises between starting allreduce.grads.a and waiting for it
+    exception  raises between starting grads.a and waiting for it
     deadlock   two threads take two locks in opposite orders
     linkdown   takes its host's network interfaces down (namespace hosts only)
     slow       (from the start) every step's compute takes 1.5 times as long; the run ends once
@@ -31,8 +31,6 @@ import time
 import torch
 
 import distrib
-from distrib.context import import_horovod
-from distrib.heartbeat import entering
 from distrib.metrics import MetricsLogger
 
 p = argparse.ArgumentParser()
@@ -45,36 +43,33 @@ args = p.parse_args()
 run_dir = args.run_dir or tempfile.mkdtemp()
 
 ctx = distrib.init(seed=0)
-hvd = import_horovod()
 faulty_rank = ctx.rank == args.rank
 metrics = MetricsLogger(run_dir, ctx, total_steps=args.steps, log_every=10)
 weights = torch.randn(96, 96, dtype=torch.float64)
 
 
 def allreduce(name, tensor):
-    entering(name, tensor)
-    return hvd.allreduce(tensor, name=name, op=hvd.Sum)
+    return ctx.comm.allreduce(tensor, name=name, op="sum")
 
 
 def collectives(faulty):
     a, b = torch.ones(4, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     if faulty and args.fault == "skip":
-        allreduce("allreduce.grads.b", b)  # FAULT: skips a
+        allreduce("grads.b", b)  # FAULT: skips a
         return
     if faulty and args.fault == "order":
-        allreduce("allreduce.grads.b", b)  # FAULT: b before a
-        allreduce("allreduce.grads.a", a)
+        allreduce("grads.b", b)  # FAULT: b before a
+        allreduce("grads.a", a)
         return
     if faulty and args.fault == "shape":
         a = torch.ones(5, dtype=torch.float64)  # FAULT: another shape
     if faulty and args.fault == "dtype":
         a = a.float()  # FAULT: another dtype
     if faulty and args.fault == "exception":
-        entering("allreduce.grads.a", a)
-        hvd.allreduce_async(a, name="allreduce.grads.a", op=hvd.Sum)
-        raise RuntimeError("injected failure inside allreduce.grads.a")  # FAULT: raises in a collective
-    allreduce("allreduce.grads.a", a)
-    allreduce("allreduce.grads.b", b)
+        ctx.comm.allreduce_async_(a, name="grads.a", op="sum")
+        raise RuntimeError("injected failure inside grads.a")  # FAULT: raises in a collective
+    allreduce("grads.a", a)
+    allreduce("grads.b", b)
 
 
 def deadlock():
@@ -134,7 +129,7 @@ for step in range(1, args.steps + 1):
     metrics.step(step)
     if args.fault == "slow" and step % 10 == 0:  # every rank stops at the same step
         seen = ctx.rank == 0 and "straggler" in open(os.path.join(run_dir, "metrics.jsonl")).read()
-        if allreduce("allreduce.stop", torch.tensor([float(seen)])).item():
+        if allreduce("stop", torch.tensor([float(seen)])).item():
             break
 metrics.close()
 print(f"rank {ctx.rank} done", flush=True)
