@@ -8,9 +8,10 @@ distrib gave it, how many times it entered that name so far, its shape and dtype
   buckets, may start in another order on each rank, and the engine pairs them by name). Another
   shape ends in the engine's error that names no rank; this names them at once.
 * **Which collective**: a rank that skipped a collective, or called two in another order, leaves
-  every rank blocked in a different one. Only once the whole job stands still (``stalled``) are
-  the collectives the ranks are in compared, at the lowest count: before that, a different call
-  at the same number may be a legitimate reordering of asynchronous calls.
+  every rank blocked in a different one. Only once the whole job stands still (``stalled_at``)
+  are the collectives at the lowest count compared, and one counts as a mismatch only when some
+  rank never entered it at all: a different call at the same number that the other rank did
+  enter (at another number) is a legitimate reordering of asynchronous calls.
 """
 from __future__ import annotations
 
@@ -78,7 +79,13 @@ def first_mismatch(calls: Mapping[int, Mapping[int, Call]], occurrences: Mapping
             n = min(number for number, _ in found.values())
             return _mismatch_at(calls, n, {rank: call for rank, (_, call) in found.items()})
     if stalled_at is not None:
-        return _mismatch_at(calls, stalled_at, {r: c[stalled_at] for r, c in calls.items() if stalled_at in c})
+        picked = {r: c[stalled_at] for r, c in calls.items() if stalled_at in c}
+        entered = {r: {(call[0], occurrences.get(r, {}).get(n)) for n, call in c.items()} for r, c in calls.items()}
+        # A call another rank entered too (at another number) is a reordering of asynchronous
+        # calls that the engine pairs by name; one that some rank never entered blocks the job.
+        if any((picked[r][0], occurrences.get(r, {}).get(stalled_at)) not in entered[other]
+               for r in picked for other in calls if other != r):
+            return _mismatch_at(calls, stalled_at, picked)
     return None
 
 
