@@ -37,7 +37,7 @@ def _waited_for(hang: Hang, reports: Reports) -> Optional[str]:
     """The collective the peers wait in: the next one after the stuck rank's count."""
     waiting: Dict[Call, List[int]] = {}
     for rank, beat in sorted(reports.beats.items()):
-        if rank != hang.rank and beat.count > hang.count:
+        if rank != hang.rank and beat.count == hang.count + 1:  # beyond that, it is not waiting for this rank's next
             call = reports.calls.get(rank, {}).get(hang.count + 1)
             if call is not None:
                 waiting.setdefault(call, []).append(rank)
@@ -82,7 +82,10 @@ def hang_lines(hang: Hang, reports: Reports, hosts: Mapping[int, str], stacks: O
     lines = []
     calls = reports.calls.get(hang.rank, {})
     own = calls.get(hang.count)
-    own_text = (f"its last collective entered is #{hang.count} {describe_call(own)}" if own
+    beat = reports.beats.get(hang.rank)
+    stale = beat is not None and now - beat.heard > SILENT_S  # silent: what we know may be older than where it stopped
+    heard = " the launcher heard of" if stale else ""
+    own_text = (f"its last collective entered{heard} is #{hang.count} {describe_call(own)}" if own
                 else f"it stopped at heartbeat {hang.count}")
     waited = _waited_for(hang, reports)
     lines.append(own_text + (f"; {waited}" if waited else ""))

@@ -142,8 +142,8 @@ def test_a_hang_report_says_where_every_rank_is_and_which_collective_is_waited_f
                                        "frames": [["train.py", 12, "main", "while True: pass"]]}]}
     lines = hang_lines(Hang(1, 5.0, 8, 9), reports(), {0: "node1", 1: "node2"}, stacks, None, 2.0, now=100.0)
     assert lines == [
-        "its last collective entered is #8 'allreduce.grads.b' float64[3]; rank 0 waits for it in collective "
-        "#9 'allreduce.grads.a' float64[4]",
+        "its last collective entered the launcher heard of is #8 'allreduce.grads.b' float64[3]; rank 0 waits for "
+        "it in collective #9 'allreduce.grads.a' float64[4]",
         "where every rank is:",
         "    rank 0 on node1 (pid 100): step 4, collective #9 'allreduce.grads.a' float64[4]",
         "    rank 1 on node2 (pid 101): step 4, collective #8 'allreduce.grads.b' float64[3] (last heard 10 s ago)",
@@ -151,6 +151,18 @@ def test_a_hang_report_says_where_every_rank_is_and_which_collective_is_waited_f
         "    thread MainThread (main thread, entered collective #8 last):",
         '        File "train.py", line 12, in main',
         "            while True: pass"]
+
+
+def test_a_rank_heard_of_long_ago_is_not_said_to_be_waited_for_where_the_peers_are_not():
+    """A rank frozen before its heartbeat sent again is known only at an old count: the peer two
+    collectives further is not 'waiting for it' in the collective after that count."""
+    r = reports()
+    stale = Reports(r.started, r.ended, r.raised, {0: Beat(9, 99.5, 4, 100), 1: Beat(1, 90.0, None, 101)},
+                    {0: {2: B, 9: A}, 1: {1: A}}, {0: {2: 1, 9: 5}, 1: {1: 1}})
+    lines = hang_lines(Hang(1, 5.0, 1, 9), stale, {0: "node1", 1: "node2"}, None,
+                       {"pid": 101, "state": "T", "state_name": "stopped by a signal"}, 2.0, now=100.0)
+    assert lines[0] == "its last collective entered the launcher heard of is #1 'allreduce.grads.a' float64[4]"
+    assert lines[3] == "    rank 1 on node2 (pid 101): step ?, collective #1 'allreduce.grads.a' float64[4] (last heard 10 s ago)"
 
 
 @pytest.mark.parametrize("state, reason", [
