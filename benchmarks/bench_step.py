@@ -8,7 +8,8 @@ References: one process alone; two independent processes at once (``pair``: the 
 when two workers share the two cores); plain Horovod (``hvd.DistributedOptimizer``) under
 ``horovodrun`` defaults, and *tuned*: in distrib's own processes, alternated with distrib, so with
 the launcher's Open MPI flags and one thread per worker; DDP over Gloo with defaults and tuned
-(``gradient_as_bucket_view``, the best bucket size of a sweep); and one distrib variant per lever
+(``gradient_as_bucket_view``, the best bucket size of a sweep), alternated in the same processes
+with distrib on the torch engine (``distrib-torch``: the same Gloo process group); and one distrib variant per lever
 (reducer, cycle time, yield), so that each lever's own effect is a ratio. The ideal is alone + a raw mpi4py allreduce of the gradient bytes, timed in a
 plain mpirun job without Horovod (inside a Horovod job MPI's lock, shared with Horovod's thread,
 would slow it).
@@ -39,7 +40,8 @@ class Job:
 
 
 def jobs(ddp_sweep_mb=DDP_SWEEP_MB) -> Dict[str, Job]:
-    ddp_names = {"default": "ddp-default", **{f"tuned-{mb}": f"ddp-tuned-{mb}" for mb in ddp_sweep_mb}}
+    ddp_names = {"default": "ddp-default", **{f"tuned-{mb}": f"ddp-tuned-{mb}" for mb in ddp_sweep_mb},
+                 "distrib-torch": "distrib-torch"}
     alone = lambda n, argv, env: [launchers.PY, *argv]  # noqa: E731
     launch = lambda n, argv, env: launchers.launch(n, argv)  # noqa: E731
     no_yield = lambda n, argv, env: launchers.tuned_mpirun(n, argv, env, yield_when_idle=False)  # noqa: E731
@@ -107,6 +109,9 @@ def measure(opts, models) -> dict:
 RATIOS: Tuple[Tuple[str, str, str, str], ...] = (
     ("vs_ddp_default", "distrib", "ddp-default", "distrib against DDP over Gloo, defaults"),
     ("vs_ddp_tuned", "distrib", "ddp-tuned", "distrib against DDP over Gloo, tuned"),
+    ("torch_engine_vs_ddp_tuned", "distrib-torch", "ddp-tuned",
+     "distrib on the torch engine against DDP over Gloo, tuned, in the same processes"),
+    ("torch_engine_vs_horovod_engine", "distrib-torch", "distrib", "distrib: torch engine against Horovod engine"),
     ("vs_horovod_tuned", "distrib", "horovod-tuned", "distrib against plain Horovod with the same settings"),
     ("vs_horovod_default", "distrib", "horovod-default", "distrib against plain Horovod under horovodrun defaults"),
     ("settings_on_horovod", "horovod-tuned", "horovod-default", "the launcher's settings, on plain Horovod"),
@@ -116,7 +121,7 @@ RATIOS: Tuple[Tuple[str, str, str, str], ...] = (
     ("lever_yield", "distrib", "distrib-no-yield", "lever: mpi_yield_when_idle (vs Open MPI's busy polling)"),
     ("ddp_tuning", "ddp-tuned", "ddp-default", "DDP's own tuning"),
 )
-EFFICIENCY_OF = ("distrib", "horovod-tuned", "horovod-default", "ddp-default", "ddp-tuned", "pair")
+EFFICIENCY_OF = ("distrib", "distrib-torch", "horovod-tuned", "horovod-default", "ddp-default", "ddp-tuned", "pair")
 
 
 def best_ddp(ms: Dict[str, list]) -> str:
@@ -157,7 +162,7 @@ def run(opts) -> dict:
             "steps": {"warmup": opts.warmup, "timed": opts.steps}, "markdown": _table(rows)}
 
 
-SHOWN = ("alone", "pair", "ideal", "distrib", "distrib-per-parameter", "distrib-cycle-0.1ms", "distrib-no-yield",
+SHOWN = ("alone", "pair", "ideal", "distrib", "distrib-torch", "distrib-per-parameter", "distrib-cycle-0.1ms", "distrib-no-yield",
          "horovod-tuned", "horovod-default", "ddp-tuned", "ddp-default")
 
 

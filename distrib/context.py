@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -80,6 +80,55 @@ def select_device(local_rank: int, cuda_device_count: int,
             f"{who}: {shown}; start at most {cuda_device_count} workers per node "
             f"(-H host:{cuda_device_count}, or --ntasks-per-node={cuda_device_count} under Slurm){fix}")
     return torch.device("cuda", local_rank)
+
+
+SHARE_GPU_ENV = "DISTRIB_SHARE_GPU"  # =1: the user asks for several workers on one GPU
+
+
+class GpuIdentity(NamedTuple):
+    """One worker's GPU as every rank can compare it: the UUID is unique across machines."""
+    uuid: str
+    name: str    # "NVIDIA H200"
+    device: str  # "cuda:0" as this worker numbers it
+    host: str
+
+
+def gpu_identity(device: torch.device) -> Optional[GpuIdentity]:
+    """This worker's GPU (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return GpuIdentity(str(props.uuid), props.name, str(device), socket.gethostname())
+
+
+def gpu_sharing_problem(gpus: Sequence[Optional[GpuIdentity]], *, nccl: bool,
+                        env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """One line refusing workers that share a physical GPU, or None. ``gpus[r]`` is rank r's GPU.
+
+    NCCL refuses two ranks on one GPU ("Duplicate GPU detected") at the first collective, far
+    from the cause; a node that shows each worker the same single GPU (one GPU and ``-np 2``, or
+    ``CUDA_VISIBLE_DEVICES`` set to the same id for every worker) ends there. Without NCCL
+    (Horovod built without GPU operations: tensors travel through host memory) sharing works,
+    and ``DISTRIB_SHARE_GPU=1`` says the user wants it anyway. Pure: same answer on every rank.
+    """
+    env = os.environ if env is None else env
+    if not nccl or env.get(SHARE_GPU_ENV) == "1":
+        return None
+    first_user = {}
+    for rank, gpu in enumerate(gpus):
+        if gpu is None:
+            continue
+        if gpu.uuid not in first_user:
+            first_user[gpu.uuid] = rank
+            continue
+        sharing = [r for r, g in enumerate(gpus) if g is not None and g.uuid == gpu.uuid]
+        gpus_there = len({g.uuid for g in gpus if g is not None and g.host == gpu.host})
+        return (f"ranks {', '.join(map(str, sharing))} would share one GPU ({gpu.name} {gpu.uuid}, {gpu.device} "
+                f"on {gpu.host}) and NCCL refuses two ranks on one GPU; start one worker per GPU ({gpu.host} "
+                f"shows the workers {gpus_there}: -H {gpu.host}:{gpus_there}, or --ntasks-per-node={gpus_there} "
+                f"under Slurm), or set {SHARE_GPU_ENV}=1 to share it with a Horovod built without GPU "
+                "operations (make setup without HOROVOD_GPU_OPERATIONS)")
+    return None
 
 
 def threads_per_worker(cpu_count: int, local_size: int, env: Optional[Mapping[str, str]] = None) -> int:
@@ -210,7 +259,15 @@ def init(seed: Optional[int] = None, engine: Optional[str] = None) -> Context:
                            local_size=comm.local_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
+    # Before the first NCCL collective (wrap's broadcast): one allgather of every rank's GPU UUID,
+    # only where the engine runs on NCCL (the same answer on every rank, so all of them take part).
+    # Horovod Elastic allows no collective outside its retry loop: not checked there.
+    if comm.uses_nccl and comm.size > 1 and not elastic:
+        gpus = comm.allgather_object(gpu_identity(device), name="distrib.context.gpus")
+        problem = gpu_sharing_problem(gpus, nccl=True)
+        if problem:
+            raise DistribSetupError(problem)
+    if device.type != "cuda":
         share_cores(comm, collective=not elastic)
     if seed is not None:
         from distrib.rng import rank_seed, seed_everything

@@ -18,8 +18,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distrib  # noqa: E402
-from distrib.export import save_model_artifact  # noqa: E402
+from distrib.export import Origin, record_origin, save_model_artifact  # noqa: E402
 from lm_model import CORPUS_PATH, CharDataset, CharTokenizer, GPT, GPTConfig, load_corpus  # noqa: E402
+
+HELDOUT_FROM = 0.9  # trained on the first 90 % of the corpus, validated on the rest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_data(args, tokenizer: CharTokenizer, text: str):
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    split = int(len(ids) * 0.9)
+    split = int(len(ids) * HELDOUT_FROM)
     stride = args.block_size // 2  # overlapping windows: more samples from a small corpus
     return CharDataset(ids[:split], args.block_size, stride), CharDataset(ids[split:], args.block_size, args.block_size)
 
@@ -106,17 +108,25 @@ def main(argv=None) -> int:
                              shard=None if args.shard == "none" else args.shard)
     schedule = distrib.LRSchedule(optimizer, base_lr=args.lr, world_size=ctx.size, total_steps=args.steps,
                                   warmup_steps=args.warmup, scaling=args.lr_scaling)
-    loader = distrib.ShardedLoader(train_set, args.batch_size, ctx, seed=args.seed)
+    on_gpu = ctx.device.type == "cuda"  # pinned host batches: their copies to the GPU do not block
+    loader = distrib.ShardedLoader(train_set, args.batch_size, ctx, seed=args.seed, pin_memory=on_gpu)
 
     def validation(ctx):  # on every rank, with the current world (it changes under --elastic)
-        batches = distrib.eval_loader(val_set, args.batch_size, ctx)
-        return distrib.evaluate(model, batches, lambda m, b: ({"loss": m(b[0], b[1]).item()}, len(b[0])))
+        batches = distrib.eval_loader(val_set, args.batch_size, ctx, pin_memory=on_gpu)
+        # evaluate() moves each batch to the model's device; the loss stays a tensor until the end
+        return distrib.evaluate(model, batches, lambda m, b: ({"loss": m(b[0], b[1])}, len(b[0])))
 
     run = distrib.Run(ctx, args.run_dir, model=model, optimizer=optimizer, loader=loader, schedule=schedule,
                       resume=args.resume, checkpoint_every=args.checkpoint_every, keep=args.keep,
                       async_save=not args.sync_checkpoint, evaluate=validation, eval_every=args.eval_every,
                       log_every=args.log_every, tensorboard=args.tensorboard, commit_every=args.commit_every,
                       micro_batches=args.accumulate, model_config=config.to_dict(), seed=args.seed)
+    # What `python -m distrib.export RUN_DIR` needs besides the checkpoints: this model's code and
+    # the text held out from training.
+    origin = Origin(model=f"{Path(__file__).resolve().with_name('lm_model.py')}:GPT",
+                    corpus=str(Path(args.corpus).resolve()), heldout_from=HELDOUT_FROM)
+    if run.ctx.is_main:
+        record_origin(run.run_dir, origin)
     distrib.rank0_print(ctx, f"training {sum(p.numel() for p in model.parameters()):,} parameters on {ctx.size} "
                              f"workers ({ctx.controller}{', elastic' if ctx.elastic else ''}), "
                              f"steps {run.step}->{args.steps}, run dir {run.run_dir}")
@@ -128,14 +138,14 @@ def main(argv=None) -> int:
     for _, micro_batches in run.steps(args.steps):
         for x, y in micro_batches:
             with optimizer.autocast():
-                loss = model(x.to(run.ctx.device), y.to(run.ctx.device))
+                loss = model(x.to(run.ctx.device, non_blocking=True), y.to(run.ctx.device, non_blocking=True))
             optimizer.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
         run.log(loss=loss.item())
 
     if run.ctx.is_main:
-        save_model_artifact(run.run_dir / "model.pt", model.state_dict(), config.to_dict(), run.step)
+        save_model_artifact(run.run_dir / "model.pt", model.state_dict(), config.to_dict(), run.step, origin=origin)
         print(f"validation loss {run.last_eval['loss']:.3f} (uniform guess: {math.log(config.vocab_size):.3f}); "
               f"model written to {run.run_dir / 'model.pt'}")
         if args.sample_tokens:

@@ -6,7 +6,7 @@ import torch
 
 import distrib
 
-ctx = distrib.init(seed=0)                                     # 1. start Horovod, learn rank/size/device
+ctx = distrib.init(seed=0)                                     # 1. start the engine (Horovod; torch.distributed under torchrun), learn rank/size/device
 
 # Synthetic regression: y = x @ w_true + noise, identical on every rank: drawn from a generator of
 # its own, because init(seed=0) gives each rank its own random stream (for dropout, augmentation).

@@ -104,3 +104,33 @@ def test_srun_step_problems(env, size, before, after):
             assert found is None
         else:
             assert expected in found and found.endswith("inside the allocation") and "--mpi=pmix" in found
+
+
+# -- workers that would share one physical GPU (compared by UUID across ranks) --------------------
+def _gpu(uuid, host="node1", device="cuda:0"):
+    from distrib.context import GpuIdentity
+    return GpuIdentity(uuid, "NVIDIA H200", device, host)
+
+
+@pytest.mark.parametrize("gpus,nccl,env,refused", [
+    ([_gpu("GPU-a"), _gpu("GPU-a")], True, {}, "ranks 0, 1 would share one GPU (NVIDIA H200 GPU-a, cuda:0 on node1)"),
+    ([_gpu("GPU-a"), _gpu("GPU-b", device="cuda:1")], True, {}, None),
+    # each worker sees its own single GPU as cuda:0 (CUDA_VISIBLE_DEVICES per worker): different UUIDs
+    ([_gpu("GPU-a"), _gpu("GPU-b")], True, {}, None),
+    ([_gpu("GPU-a"), _gpu("GPU-a")], False, {}, None),                        # no NCCL: through host memory
+    ([_gpu("GPU-a"), _gpu("GPU-a")], True, {"DISTRIB_SHARE_GPU": "1"}, None),  # asked for explicitly
+    ([_gpu("GPU-a"), _gpu("GPU-a")], True, {"DISTRIB_SHARE_GPU": "0"}, "ranks 0, 1 would share one GPU"),
+    ([None, None], True, {}, None),                                           # CPU workers
+    ([_gpu("GPU-a", "a"), _gpu("GPU-b", "a", "cuda:1"), _gpu("GPU-c", "b"), _gpu("GPU-c", "b"), _gpu("GPU-c", "b")],
+     True, {}, "ranks 2, 3, 4 would share one GPU (NVIDIA H200 GPU-c, cuda:0 on b) and NCCL refuses two ranks on "
+               "one GPU; start one worker per GPU (b shows the workers 1: -H b:1, or --ntasks-per-node=1 under Slurm)"),
+])
+def test_workers_sharing_a_gpu_are_refused_in_one_line_with_the_fix(gpus, nccl, env, refused):
+    from distrib.context import gpu_sharing_problem
+    problem = gpu_sharing_problem(gpus, nccl=nccl, env=env)
+    if refused is None:
+        assert problem is None
+    else:
+        assert problem.startswith(refused) and "\n" not in problem
+        assert "DISTRIB_SHARE_GPU=1" in problem and "without GPU operations" in problem
+

@@ -289,7 +289,7 @@ def test_an_environment_without_horovod_gets_one_line(dists, tmp_path):
     proc = user_run(env, tmp_path, "python", "-c", "import distrib; distrib.init()", timeout=120)
     last = proc.stderr.splitlines()[-1]
     assert proc.returncode == 1 and last.startswith(
-        "distrib.context.DistribSetupError: Horovod with PyTorch support is not importable "
+        "distrib.DistribSetupError: Horovod with PyTorch support is not importable "
         "(No module named 'horovod')") and "Installing into your own environment" in last, proc.stderr
 
 

@@ -12,18 +12,22 @@ import json
 import pytest
 import torch
 
-from tests.helpers import SCRIPTS, run_launch
+from tests.helpers import SCRIPTS, run_launch, run_torchrun
 from tests.scripts.sync_counter import SyncCounter
 
 _runs = {}
 
 
-def counts(tmp_path_factory):
-    if "out" not in _runs:
+def counts(tmp_path_factory, engine="horovod"):
+    if engine not in _runs:
         out = tmp_path_factory.mktemp("syncs") / "syncs.json"
-        run_launch(["-np", "2"], SCRIPTS / "step_syncs.py", ["--out", out], timeout=240)
-        _runs["out"] = json.loads(out.read_text())
-    return _runs["out"]
+        if engine == "torch":
+            run_torchrun(2, SCRIPTS / "step_syncs.py", ["--out", out], timeout=240)
+        else:
+            run_launch(["-np", "2"], SCRIPTS / "step_syncs.py", ["--out", out], timeout=240)
+        _runs[engine] = json.loads(out.read_text())
+        assert {r["engine"] for r in _runs[engine]} == {engine}
+    return _runs[engine]
 
 
 def test_the_counter_sees_what_would_wait_for_a_gpu_and_nothing_else():
@@ -47,8 +51,9 @@ def test_the_counter_sees_what_would_wait_for_a_gpu_and_nothing_else():
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("shard", ["none", "optimizer", "gradients"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_backward_and_step_never_wait_for_the_device(precision, shard, tmp_path_factory):
-    ranks = counts(tmp_path_factory)
+@pytest.mark.parametrize("engine", ["horovod", "torch"])
+def test_backward_and_step_never_wait_for_the_device(engine, precision, shard, tmp_path_factory):
+    ranks = counts(tmp_path_factory, engine)
     assert [r["size"] for r in ranks] == [2, 2]
     for rank, result in enumerate(ranks):
         plain = result["cases"][f"plain-{precision}"]

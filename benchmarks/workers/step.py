@@ -18,7 +18,9 @@ limited to it, and a variant's key is ``variant@rate``.
     ddp       torch DDP over Gloo (torchrun); variants: default (25 MB buckets), fp16 (default
               with DDP's fp16_compress_hook), and tuned-<MB>: gradient_as_bucket_view=True,
               bucket_cap_mb=MB, broadcast_buffers=False (BatchNorm statistics stay per worker,
-              as under distrib and Horovod)
+              as under distrib and Horovod), and distrib-torch: distrib.wrap on the torch engine
+              (distrib.init(engine="torch") joins the same Gloo process group), alternated with DDP
+              in the same processes
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from benchmarks.stats import rotate  # noqa: E402
 from benchmarks.workers.models import DEFAULT_BATCH, MODELS, build, grad_bytes  # noqa: E402
 
 VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"),
-            "distrib": ("buckets", "per-parameter", "fp16", "horovod", "horovod-fp16"), "ddp": ("default", "fp16")}
+            "distrib": ("buckets", "per-parameter", "fp16", "horovod", "horovod-fp16"), "ddp": ("default", "fp16", "distrib-torch")}
 
 
 def parse_args(argv=None):
@@ -112,6 +114,11 @@ def wrap(impl, variant, model):
         os.environ["DISTRIB_REDUCER"] = "per-parameter" if variant == "per-parameter" else "auto"
         opt = distrib.wrap(model, _sgd(model), distrib.init(), compression="fp16" if variant == "fp16" else "none")
         return model, opt, opt.close  # close: its gradient hooks and buckets
+    if variant == "distrib-torch":  # in DDP's processes: the same process group, launcher and threads
+        import distrib
+        os.environ["DISTRIB_REDUCER"] = "auto"
+        opt = distrib.wrap(model, _sgd(model), distrib.init(engine="torch"))
+        return model, opt, opt.close
     if impl == "horovod" or variant.startswith("horovod"):
         import horovod.torch as hvd
         compression = hvd.Compression.fp16 if variant.endswith("fp16") else hvd.Compression.none

@@ -35,6 +35,9 @@ class DistribSetupError(RuntimeError):
     says how to fix it."""
 
 
+DistribSetupError.__module__ = "distrib"  # tracebacks name it as users import it: distrib.DistribSetupError
+
+
 class Handle:
     """An asynchronous collective in flight. :meth:`wait` blocks until it is done and returns
     its result (the tensor it wrote); call it once, on every rank that started it."""
@@ -60,6 +63,7 @@ class Comm:
     engine = "none"
     controller = "none"  # how the workers found each other (Horovod: mpi or gloo; torch: its backend)
     supports_adasum = False
+    uses_nccl = False  # collectives run on NCCL (GPU ranks must then not share a GPU)
 
     def __init__(self):
         self.broken: Optional[BaseException] = None

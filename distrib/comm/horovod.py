@@ -71,6 +71,10 @@ class HorovodComm(Comm):
         return "mpi" if self._hvd.mpi_enabled() else "gloo"
 
     @property
+    def uses_nccl(self) -> bool:
+        return bool(self._hvd.nccl_built())
+
+    @property
     def failures(self):
         from horovod.common.exceptions import HorovodInternalError
         return (HorovodInternalError,)

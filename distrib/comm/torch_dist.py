@@ -112,6 +112,10 @@ class TorchComm(Comm):
         return self._backend
 
     @property
+    def uses_nccl(self) -> bool:
+        return self._backend == "nccl"
+
+    @property
     def failures(self):
         return (dist.DistBackendError,)
 

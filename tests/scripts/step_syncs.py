@@ -6,15 +6,18 @@ so any synchronising CUDA call raises). Every rank trains a small MLP for a few 
 (precision x shard), with clipping on, and counts the calls in its backward and step only
 (forward, zero_grad and the loss are the user's). The same loop in plain torch (GradScaler,
 clip_grad_norm_, the optimizer's step) is counted alongside: fp16's GradScaler reads its inf
-flag once per step, so that is the bar there. Rank 0 writes the counts as JSON.
+flag once per step, so that is the bar there (on a GPU fp16 runs under the "warn" mode and its
+synchronising calls are counted; fp32 and bf16 under "error"). Rank 0 writes every rank's
+counts as JSON.
 """
 import argparse
 import json
+import traceback
+import warnings
 
 import torch
 
 import distrib
-from distrib.context import import_horovod
 from sync_counter import SyncCounter
 
 p = argparse.ArgumentParser()
@@ -27,7 +30,6 @@ p.add_argument("--steps", type=int, default=3)
 args = p.parse_args()
 
 ctx = distrib.init(seed=0)
-hvd = import_horovod()
 device = ctx.device if args.device == "cuda" else torch.device("cpu")
 if args.device == "cuda" and device.type != "cuda":
     raise SystemExit("--device cuda: this worker got no GPU")
@@ -64,72 +66,96 @@ def autocast(precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def debug_mode():
-    """On a GPU, any synchronising CUDA call inside the block raises."""
-    if device.type != "cuda":
-        return _Nothing()
-    return _SyncDebug()
+class CudaSyncs:
+    """On a GPU, ``torch.cuda.set_sync_debug_mode`` for the block: "error" (fp32, bf16: the first
+    synchronising call raises) or "warn" (fp16: GradScaler's read is expected; each one is counted
+    in ``count``). Nothing on the CPU."""
 
+    def __init__(self, raise_on_sync: bool):
+        self.mode = "error" if raise_on_sync else "warn"
+        self.count = 0
+        self._catch = warnings.catch_warnings(record=True)
 
-class _Nothing:
     def __enter__(self):
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # what came before is not the step's
+            self._caught = self._catch.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode(self.mode)
         return self
 
     def __exit__(self, *exc):
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+            self._catch.__exit__(*exc)
+            self.count = sum("synchroniz" in str(w.message) for w in self._caught)
         return False
 
 
-class _SyncDebug:
-    def __enter__(self):
-        torch.cuda.synchronize()  # what came before is not the step's
-        torch.cuda.set_sync_debug_mode("error")
-        return self
-
-    def __exit__(self, *exc):
-        torch.cuda.set_sync_debug_mode("default")
-        return False
+def cuda_error_line(exc: BaseException) -> str:
+    """The error and the innermost line of distrib (or of this script) that made it."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/distrib/" in f.filename
+              or f.filename.endswith("step_syncs.py")]
+    where = f" at {frames[-1].filename.rsplit('/', 2)[-2]}/{frames[-1].filename.rsplit('/', 1)[-1]}:" \
+            f"{frames[-1].lineno} {frames[-1].line}" if frames else ""
+    return f"{str(exc).splitlines()[0]}{where}"
 
 
 def distrib_counts(precision: str, shard, unused_head: bool = False):
     model, opt = make(0, unused_head)
     opt = distrib.wrap(model, opt, ctx, precision=precision, shard=shard, max_grad_norm=1.0,
                        name=f"syncs.{precision}.{shard}.{unused_head}")
-    counter, calls = SyncCounter(), []
+    counter, calls, cuda_syncs, cuda_error = SyncCounter(), [], [], None
     for x in batches():
         with opt.autocast():
             loss = forward(model, x, ctx.rank)
-        with counter.counting(), debug_mode():
-            opt.backward(loss)
-            opt.step()
+        try:
+            with counter.counting(), CudaSyncs(raise_on_sync=precision != "fp16") as cuda:
+                opt.backward(loss)
+                opt.step()
+        except RuntimeError as exc:  # the sync debug mode's error: the step is broken, stop this case
+            if device.type != "cuda":
+                raise
+            cuda_error = cuda_error_line(exc)
+            break
         calls.append(counter.calls)
+        cuda_syncs.append(cuda.count)
         counter.calls = []
         opt.zero_grad()
     norm = opt.last_grad_norm
     opt.close()
     return {"per_step": [len(c) for c in calls], "calls": sorted({c for cs in calls for c in cs}),
-            "norm_is_tensor": torch.is_tensor(norm)}
+            "norm_is_tensor": torch.is_tensor(norm), "cuda_syncs": cuda_syncs, "cuda_error": cuda_error}
 
 
 def plain_counts(precision: str):
     model, opt = make(0)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    counter, calls = SyncCounter(), []
+    counter, calls, cuda_syncs, cuda_error = SyncCounter(), [], [], None
     for x in batches():
         with autocast(precision):
             loss = forward(model, x, 0)
-        with counter.counting(), debug_mode():
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
+        try:
+            with counter.counting(), CudaSyncs(raise_on_sync=precision != "fp16") as cuda:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                scaler.step(opt)
+                scaler.update()
+        except RuntimeError as exc:
+            if device.type != "cuda":
+                raise
+            cuda_error = cuda_error_line(exc)
+            break
         calls.append(counter.calls)
+        cuda_syncs.append(cuda.count)
         counter.calls = []
         opt.zero_grad()
-    return {"per_step": [len(c) for c in calls], "calls": sorted({c for cs in calls for c in cs})}
+    return {"per_step": [len(c) for c in calls], "calls": sorted({c for cs in calls for c in cs}),
+            "cuda_syncs": cuda_syncs, "cuda_error": cuda_error}
 
 
-results = {"size": ctx.size, "device": str(device), "optimizer": args.optimizer, "cases": {}}
+results = {"size": ctx.size, "engine": ctx.engine, "device": str(device), "optimizer": args.optimizer, "cases": {}}
 for precision in PRECISIONS:
     results["cases"][f"plain-{precision}"] = plain_counts(precision)
     for shard in SHARDS:
@@ -137,7 +163,7 @@ for precision in PRECISIONS:
 if ctx.size > 1:
     # a parameter only rank 0 uses: the other ranks must learn whether anyone used it
     results["cases"]["distrib-fp32-none-unused-on-rank-1"] = distrib_counts("fp32", None, unused_head=True)
-everyone = hvd.allgather_object(results, name="syncs.results")
+everyone = ctx.comm.allgather_object(results, name="syncs.results")
 if ctx.rank == 0:
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(everyone, f, indent=1)
