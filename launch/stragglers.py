@@ -8,14 +8,16 @@ its steps, and only the work before the wait tells them apart.
 
 A rank is slow in a window when its work exceeds ``ratio`` times the median of its peers' (and by
 ``min_excess_ms``, so that sub-millisecond steps do not flag noise); it is a straggler once it
-was slow in ``windows`` windows in a row. The phase named is the one with the largest excess
+was slow in ``windows`` of its last ``windows + 1`` windows, the last one included (one window
+disturbed by other work on a shared host neither flags a rank nor hides a slow one). The phase named is the one with the largest excess
 over the peers' median. One report per rank.
 """
 from __future__ import annotations
 
+import collections
 import statistics
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional
+from typing import Deque, Dict, List, Mapping, Optional
 
 RATIO = 1.25
 WINDOWS = 3
@@ -52,7 +54,7 @@ class StragglerWatch:
         self.ratio, self.windows, self.min_excess_ms = ratio, windows, min_excess_ms
         self._pending: Dict[int, Dict[int, Dict[str, float]]] = {}  # step -> rank -> ms per phase
         self._ranks: set = set()
-        self._streak: Dict[int, List[tuple]] = {}  # rank -> (first step, last step) of the windows of its slow streak
+        self._recent: Dict[int, Deque[tuple]] = {}  # rank -> ((first step, last step), slow?) of its latest windows
         self._last_step = 0                      # the newest window judged
         self.flagged: Dict[int, Straggler] = {}
 
@@ -78,18 +80,16 @@ class StragglerWatch:
             peers = [r for r in window if r != rank]
             peer_work = statistics.median(work[r] for r in peers)
             slow = work[rank] > self.ratio * peer_work and work[rank] - peer_work > self.min_excess_ms
-            streak = self._streak.setdefault(rank, [])
-            if not slow:
-                streak.clear()
-                continue
-            streak.append((self._last_step + 1, step))
-            if len(streak) < self.windows or rank in self.flagged:
+            recent = self._recent.setdefault(rank, collections.deque(maxlen=self.windows + 1))
+            recent.append(((self._last_step + 1, step), slow))
+            slow_windows = [span for span, was_slow in recent if was_slow]
+            if not slow or len(slow_windows) < self.windows or rank in self.flagged:
                 continue
             phases = set(ms).union(*(window[r] for r in peers))
             peer_ms = {p: statistics.median(window[r].get(p, 0.0) for r in peers) for p in phases}
             phase = max(sorted(phases), key=lambda p: ms.get(p, 0.0) - peer_ms[p])
             self.flagged[rank] = Straggler(rank, step, phase, ms.get(phase, 0.0), peer_ms[phase],
                                            work[rank] / peer_work if peer_work > 0 else float("inf"),
-                                           streak[-self.windows][0])
+                                           slow_windows[0][0])
             found.append(self.flagged[rank])
         return found
