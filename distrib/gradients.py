@@ -44,13 +44,14 @@ class GradientExchange:
     """
 
     def __init__(self, named_params: List[Tuple[str, torch.Tensor]], comm, *, accumulate: int,
-                 compression: str, op: str, prefix: str):
+                 compression: str, op: str, prefix: str, reducer_factory=None):
         self.named_params = named_params
         self.accumulate = accumulate
         self.compression = compression
         self._comm, self._op, self._prefix = comm, op, prefix
         self._names = {p: n for n, p in named_params}
-        self._reducer_factory = self._allreduce_reducer
+        # reducer_factory: another way to carry the gradients (PowerSGD), kept across reset()
+        self._reducer_factory = reducer_factory or self._allreduce_reducer
         self._reducer = self._reducer_factory()
         self.phase = Phase.ACCUMULATING
         self.passes_done = 0        # backward passes finished in this step
