@@ -6,7 +6,7 @@ PY := $(or $(DISTRIB_PYTHON),.venv/bin/python)
 NP ?= 2
 ARGS ?=
 
-.PHONY: setup train test bench docs clean-runs
+.PHONY: setup train test bench gpu-check docs clean-runs
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -23,6 +23,11 @@ test: setup
 bench: setup
 	$(PY) -m benchmarks $(ARGS)
 	@if [ -z "$(ARGS)" ]; then $(PY) -m benchmarks.render_readme; fi
+
+# On a machine with NVIDIA GPUs: builds Horovod with NCCL for the machine's torch when missing, then
+# runs every user path on the GPU and the step-time table (scripts/gpu_check.sh; ARGS=--cpu: dry run).
+gpu-check:
+	@bash scripts/gpu_check.sh $(ARGS)
 
 # The API reference from the docstrings of what `distrib` exports: build/docs/index.html.
 docs: setup

@@ -23,11 +23,13 @@ from distrib.log import get_logger, rank0_print
 from distrib.optim import DistributedOptimizer, wrap
 from distrib.schedule import LRSchedule, scaled_lr
 from distrib.sync_batchnorm import SyncBatchNorm
+from distrib.user_state import RankState, UserState, split_concat
 
 __all__ = ["Context", "DistribSetupError", "init", "ShardedLoader", "DistributedOptimizer", "wrap", "SyncBatchNorm",
            "LRSchedule", "scaled_lr", "rank0_print", "get_logger",
            "Run", "CheckpointManager", "CheckpointError", "Comm", "LocalComm", "HorovodComm", "MetricsLogger", "read_metrics",
-           "PreemptionHandler", "evaluate", "weighted_mean", "eval_loader", "eval_shard"]
+           "PreemptionHandler", "evaluate", "weighted_mean", "eval_loader", "eval_shard", "UserState", "RankState",
+           "split_concat"]
 
 
 def __getattr__(name):

@@ -12,6 +12,20 @@ that order, and rank ``r`` takes the ``r``-th contiguous chunk of it. Hence:
   with a different number of workers continues with the first unconsumed sample: nothing is
   seen twice and nothing is skipped.
 
+The order with ``shuffle=False`` is the dataset's own: global batch ``i`` of an epoch is items
+``i*G .. (i+1)*G - 1`` (``G`` the global batch) and rank ``r`` takes the ``r``-th contiguous
+chunk of it. A dataset whose item ``i*G + c`` is column ``c`` of a token stream at position
+``i`` therefore gives every rank the same stream columns step after step (what a model that
+carries a hidden state across batches needs; the default ``shuffle=True`` breaks that).
+
+The global batch across a world change: by default each worker keeps its ``batch_size``, so
+the global batch follows the number of workers (and :class:`distrib.LRSchedule` rescales the
+learning rate). ``keep_global_batch=True`` fixes it at ``batch_size * ctx.size`` of the first
+world instead: after an elastic resize (or on a resume with another ``batch_size`` per worker
+giving the same global batch) the global batch is re-divided over the workers, so the steps per
+epoch, the samples per step and the learning rate stay those of the uninterrupted run. The
+global batch must then be divisible by every world size the job takes.
+
 Datasets not divisible by the global batch: with ``drop_last=True`` (the default) the tail
 of the epoch's order that cannot fill a global batch is dropped; because the order is
 reshuffled every epoch, a different tail is dropped each time. With ``drop_last=False``
@@ -79,7 +93,8 @@ class ShardedLoader:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, ctx, *, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True, collate_fn=None, num_workers: int = 0, pin_memory: bool = False):
+                 drop_last: bool = True, collate_fn=None, num_workers: int = 0, pin_memory: bool = False,
+                 keep_global_batch: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (per worker), got {batch_size}")
         if len(dataset) < batch_size * ctx.size and drop_last:
@@ -94,13 +109,18 @@ class ShardedLoader:
         self.epoch = 0
         self.consumed = 0
         self.last_indices: List[int] = []  # this rank's indices of the batch last yielded
+        self.keep_global_batch = keep_global_batch
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.size
 
     def set_world(self, rank: int, size: int) -> None:
-        """Re-shard the rest of the epoch over a new world (elastic resize)."""
+        """Re-shard the rest of the epoch over a new world (elastic resize). With
+        ``keep_global_batch`` the per-worker batch becomes ``global_batch / size``; raises
+        ValueError when the global batch does not divide."""
+        if self.keep_global_batch:
+            self.batch_size = per_worker_batch(self.global_batch, size)
         self.rank, self.size = rank, size
 
     def set_epoch(self, epoch: int) -> None:
@@ -154,12 +174,31 @@ class ShardedLoader:
 
     def state_dict(self) -> Dict[str, int]:
         """World-size independent position: resumable with any number of workers."""
-        return {"epoch": self.epoch, "consumed": min(self.consumed, len(self.dataset)),
-                "seed": self.seed, "dataset_len": len(self.dataset)}
+        state = {"epoch": self.epoch, "consumed": min(self.consumed, len(self.dataset)),
+                 "seed": self.seed, "dataset_len": len(self.dataset)}
+        if self.keep_global_batch:
+            state["global_batch"] = self.global_batch
+        return state
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         if state["dataset_len"] != len(self.dataset):
             raise ValueError(
                 f"the checkpoint's data position is for a dataset of {state['dataset_len']} samples, "
                 f"this run's has {len(self.dataset)}; resume with the same data or use --resume none")
+        if self.keep_global_batch and state.get("global_batch", self.global_batch) != self.global_batch:
+            raise ValueError(
+                f"the checkpoint was trained with a global batch of {state['global_batch']} samples and "
+                f"keep_global_batch, this run has {self.batch_size} x {self.size} workers = {self.global_batch}; "
+                f"use a batch size per worker of {state['global_batch']} / workers, or --resume none")
         self.epoch, self.consumed, self.seed = state["epoch"], state["consumed"], state["seed"]
+
+
+def per_worker_batch(global_batch: int, size: int) -> int:
+    """``global_batch / size``, or ValueError when it does not divide (a constant global batch
+    cannot be split into equal per-worker batches, and Horovod's average of the workers'
+    gradients is the global batch's only when they are equal)."""
+    if global_batch % size:
+        raise ValueError(f"keep_global_batch: a global batch of {global_batch} cannot be divided over {size} "
+                         f"workers; choose a global batch divisible by every world size the job may take "
+                         f"(e.g. a multiple of every number of workers from --min-np to --max-np)")
+    return global_batch // size

@@ -35,14 +35,16 @@ ELASTIC_ENGINE_REFUSAL = ("elastic mode runs on Horovod Elastic only; this run u
 class ElasticState(elastic_state_base()):
     """Model, optimizer, loader, scheduler, step and user values, committed together.
 
-    Objects with ``state_dict()/load_state_dict()`` are snapshotted with a deep copy on
+    ``extra`` names more objects with ``state_dict()/load_state_dict()`` (a torch LR scheduler,
+    :class:`distrib.user_state.UserState`), treated like the loader: committed, restored, and
+    synced from rank 0. Objects with ``state_dict()/load_state_dict()`` are snapshotted with a deep copy on
     :meth:`commit`; plain values given as keyword arguments are attributes (``state.best``)
     and are committed too. ``state.ctx`` is the current Context: read it after a reset,
     never keep an old copy.
     """
 
     def __init__(self, ctx: Context, *, model, optimizer, loader=None, scheduler=None, step: int = 0,
-                 **user_values: Any):
+                 extra: Optional[Dict[str, Any]] = None, **user_values: Any):
         if ctx.engine not in ("horovod", "local"):
             raise ValueError(ELASTIC_ENGINE_REFUSAL.format(engine=ctx.engine))
         self.ctx = ctx
@@ -51,6 +53,10 @@ class ElasticState(elastic_state_base()):
         self._stateful = {name: obj for name, obj in
                           (("model", model), ("optimizer", optimizer), ("loader", loader), ("scheduler", scheduler))
                           if obj is not None}
+        for name, obj in (extra or {}).items():  # more objects with state_dict/load_state_dict
+            if name in self._stateful:
+                raise ValueError(f"extra object {name!r} clashes with ElasticState's own {name!r}; rename it")
+            self._stateful[name] = obj
         self._user_names = sorted(user_values)
         for name, value in user_values.items():
             setattr(self, name, value)
@@ -108,7 +114,9 @@ class ElasticState(elastic_state_base()):
         if loader is not None:
             loader.set_world(self.ctx.rank, self.ctx.size)
         scheduler = self._stateful.get("scheduler")
-        if scheduler is not None and hasattr(scheduler, "set_world_size"):
+        # A loader that keeps its global batch re-divides it: the learning rate must stay too.
+        keeps_batch = loader is not None and getattr(loader, "keep_global_batch", False)
+        if scheduler is not None and hasattr(scheduler, "set_world_size") and not keeps_batch:
             scheduler.set_world_size(self.ctx.size)
         for callback in self._after_reset:
             callback(self)

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, TextIO
+from typing import Callable, Dict, Iterator, List, Optional, TextIO
 
 from distrib.progress import Progress
 from distrib.timing import PHASES
@@ -74,16 +74,26 @@ class MetricsLogger:
 
     ``total_steps`` is the run's length for the progress display (see :meth:`set_total`),
     ``start_step`` where it starts (a resumed run), ``global_batch`` the samples of one
-    optimizer step over all workers (for samples/s). Nothing here is a collective.
+    optimizer step over all workers (for samples/s: dataset items, whatever one item is),
+    ``tokens_per_sample`` adds ``tokens_per_s`` (items of a fixed number of tokens).
+
+    The logged metrics are this rank's (rank 0's in the file) unless ``average`` is given:
+    ``average(means) -> means`` then runs on every rank at every logged window with this rank's
+    window means, and must return the same dict everywhere (:class:`distrib.Run` passes a
+    gather over the workers for ``average_logged=True``); it is the only collective here.
     """
 
     def __init__(self, run_dir, ctx, *, total_steps: int, start_step: int = 0, log_every: int = 10,
                  tensorboard: bool = False, global_batch: int = 1, stream: TextIO = sys.stderr,
-                 tty: Optional[bool] = None, clock=time.perf_counter, wall_clock=time.time):
+                 tty: Optional[bool] = None, clock=time.perf_counter, wall_clock=time.time,
+                 average: Optional[Callable[[Dict[str, float]], Dict[str, float]]] = None,
+                 tokens_per_sample: Optional[int] = None):
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1 step, got {log_every}")
+        if tokens_per_sample is not None and tokens_per_sample < 1:
+            raise ValueError(f"tokens_per_sample must be >= 1 (tokens in one dataset item), got {tokens_per_sample}")
         self.ctx, self.total_steps, self.log_every = ctx, total_steps, log_every
-        self.global_batch = global_batch
+        self.global_batch, self.tokens_per_sample, self._average = global_batch, tokens_per_sample, average
         self.enabled = ctx.rank == 0
         self.timer = NestedPhaseTimer(clock=clock)
         self._clock, self._wall = clock, wall_clock
@@ -145,11 +155,16 @@ class MetricsLogger:
 
     def _flush_window(self, step: int, lr: Optional[float]) -> None:
         w, self._window = self._window, _Window()
+        means = w.means()
+        if self._average is not None:
+            means = self._average(means)  # on every rank: a collective
         if not self.enabled or not w.steps:
             return
         samples_per_s = self.global_batch * w.steps / w.seconds if w.seconds > 0 else 0.0
-        record = {"step": step, **w.means(), "samples_per_s": samples_per_s,
+        record = {"step": step, **means, "samples_per_s": samples_per_s,
                   "world_size": self.ctx.size, "time": self._wall(), "restarts": self._restarts}
+        if self.tokens_per_sample is not None:
+            record["tokens_per_s"] = samples_per_s * self.tokens_per_sample
         if lr is not None:
             record["lr"] = lr
         record.update(w.per_step_ms())
@@ -158,7 +173,7 @@ class MetricsLogger:
         eta = steps_left * w.seconds / w.steps if w.seconds > 0 else None
         self._progress.update(step, record.get("loss"), samples_per_s, eta)
         if self._tb is not None:
-            for key in (*w.means(), "lr", "samples_per_s"):
+            for key in (*means, "lr", "samples_per_s", "tokens_per_s"):
                 if key in record:
                     self._tb.add_scalar(f"train/{key}", record[key], step)
             for key, value in w.per_step_ms().items():
@@ -231,6 +246,13 @@ def breakdown_table(per_step_ms: Dict[str, float], steps: int) -> str:
         lines.append(f"  {key[2:]:<12}{value:>10.2f}{100 * value / total:>7.1f}%")
     lines.append(f"  {'total':<12}{total:>10.2f}{100.0:>7.1f}%")
     return "\n".join(lines)
+
+
+def mean_over_ranks(gathered: List[Dict[str, float]]) -> Dict[str, float]:
+    """Every rank's window means (allgathered) -> their mean per metric, over the ranks that
+    logged it: the same on every rank (each averages the same gathered list in the same order)."""
+    names = sorted(set().union(*gathered))
+    return {n: sum(g[n] for g in gathered if n in g) / sum(1 for g in gathered if n in g) for n in names}
 
 
 def read_metrics(path) -> list:

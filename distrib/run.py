@@ -21,12 +21,30 @@ What it does around each step, on every rank:
 * under Horovod Elastic: commits the state every ``commit_every`` steps, and when a worker dies or
   joins it rolls back to the last commit, re-forms the ring, re-shards the loader, rescales the LR
   schedule, points checkpoints and metrics at the new rank 0 and goes on; the loop never sees it;
+* at the end of each epoch (the step that took its last batch): the evaluation when
+  ``eval_every="epoch"``, then ``on_epoch_end(run)``, then that step's checkpoint, if any;
 * at the end: a last checkpoint, a last evaluation (``run.last_eval``), the breakdown table.
+
+The script's own state goes into every checkpoint and elastic commit with everything else:
+``Run(state={"best": inf}, rank_state={"hidden": h0}, reshard={"hidden": distrib.split_concat(1)})``
+gives ``run.state`` (the same on every rank: rank 0's is saved) and ``run.rank_state`` (each
+rank's own: every rank's is saved); read and write them through these dicts. A resume at the
+same world size restores both bit-exact; at another world size, or after an elastic resize (which
+rolls them back to the last commit with the model), a ``rank_state`` entry is re-sharded by its
+``reshard`` function from every old rank's value, or else reset to the value given to ``Run``.
+See :mod:`distrib.user_state`.
+
+The final evaluation: after the loop, when ``evaluate`` is given and the model of the last step
+was not evaluated yet in this process, Run evaluates it. That includes a process that resumed a
+run already finished and trained no step: ``evaluate`` may thus run before any loop body of this
+process, so it must not use variables the loop body sets (keep them in ``run.state``).
+``on_epoch_end`` and the LR schedulers are never called by such a process.
 
 Elastic mode moves Horovod's retry loop (``hvd.elastic.run``) inside :meth:`Run.steps`. What
 Horovod Elastic asks of the code inside that loop therefore applies to the loop body: no
 collectives of your own (the optimizer's ``backward``/``synchronize``/``step`` are the ones Run
-watches), and no state outside the model, optimizer, loader and schedule that must roll back.
+watches), and no state outside the model, optimizer, loader, schedulers, ``run.state`` and
+``run.rank_state`` that must roll back.
 """
 from __future__ import annotations
 
@@ -39,9 +57,11 @@ import torch
 
 from distrib.checkpoint import CheckpointManager
 from distrib.context import share_cores
-from distrib.metrics import MetricsLogger
+from distrib.metrics import MetricsLogger, mean_over_ranks
 from distrib.preemption import PreemptionHandler
 from distrib.step_guard import StepGuard
+from distrib.schedule import check_lr_scheduler, is_plateau
+from distrib.user_state import GatheredRankStates, RankState, Reshard, UserState
 
 Evaluate = Callable[[Any], Dict[str, float]]
 
@@ -69,7 +89,18 @@ class Run:
     * ``micro_batches=k``: each step yields a list of ``k`` batches (gradient accumulation);
     * ``model_config``: saved with each checkpoint and checked on resume; ``seed``: derives the
       RNG state of ranks a resumed checkpoint did not have;
-    * ``preemption``: handle SIGUSR2/SIGTERM (default True).
+    * ``preemption``: handle SIGUSR2/SIGTERM (default True);
+    * ``state``, ``rank_state``, ``reshard``: the script's own state (module docstring);
+    * ``lr_scheduler``: any torch LR scheduler on the optimizer (instead of ``schedule``),
+      checkpointed; Run steps it after every optimizer step (``lr_scheduler_every="step"``) or at
+      the end of every epoch (``"epoch"``); a ``ReduceLROnPlateau`` is stepped after each
+      evaluation during training with the evaluation's ``monitor`` metric (default ``"loss"``);
+    * ``on_epoch_end(run)``: called on every rank after the last step of each epoch (after that
+      epoch's evaluation with ``eval_every="epoch"``, before that step's checkpoint, inside the
+      elastic retry loop, so collectives are allowed); ``run.epoch`` is the epoch that ended;
+    * ``average_logged``: the ``run.log`` values in metrics.jsonl are the mean over the workers
+      (gathered once per logged window) instead of rank 0's; ``tokens_per_sample``: adds
+      ``tokens_per_s`` (``samples_per_s`` counts dataset items).
 
     The lower-level pieces stay reachable: ``run.checkpoints`` (:class:`distrib.CheckpointManager`),
     ``run.metrics`` (:class:`distrib.MetricsLogger`), ``run.preemption``
@@ -82,7 +113,11 @@ class Run:
                  async_save: bool = True, evaluate: Optional[Evaluate] = None, eval_every: Union[int, str] = 0,
                  log_every: int = 10, tensorboard: bool = False, commit_every: int = 10,
                  micro_batches: Optional[int] = None, model_config: Optional[Dict] = None, seed: int = 0,
-                 preemption: bool = True, stream=sys.stderr):
+                 preemption: bool = True, stream=sys.stderr, state: Optional[Dict[str, Any]] = None,
+                 rank_state: Optional[Dict[str, Any]] = None, reshard: Optional[Dict[str, Reshard]] = None,
+                 lr_scheduler=None, lr_scheduler_every: str = "step", monitor: str = "loss",
+                 on_epoch_end: Optional[Callable[["Run"], None]] = None, average_logged: bool = False,
+                 tokens_per_sample: Optional[int] = None):
         _check_interval("checkpoint_every", checkpoint_every, "only at the end")
         if eval_every != "epoch":
             _check_interval("eval_every", eval_every, "only at the end")
@@ -90,6 +125,7 @@ class Run:
             raise ValueError(f"commit_every must be >= 1 step, got {commit_every}")
         if micro_batches is not None and micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        check_lr_scheduler(lr_scheduler, lr_scheduler_every, schedule)
         self.run_dir = prepare_run_dir(run_dir)
         self.model, self.optimizer, self.loader, self.schedule = model, optimizer, loader, schedule
         self.checkpoint_every, self.eval_every, self.commit_every = checkpoint_every, eval_every, commit_every
@@ -102,15 +138,23 @@ class Run:
         self._epochs: Optional[int] = None
         self._trained = False
         self._started = False
+        # The script's own state (distrib/user_state.py): in every checkpoint and elastic commit.
+        self.state, self.rank_state = UserState(state), RankState(rank_state, reshard)
+        self._has_state, self._has_rank_state = state is not None, rank_state is not None
+        self.lr_scheduler, self.lr_scheduler_every, self.monitor = lr_scheduler, lr_scheduler_every, monitor
+        self._on_epoch_end = on_epoch_end
+        self._rank_states = GatheredRankStates()  # elastic: every rank's rank_state at the last commit
 
         # Under Horovod Elastic no collective may run outside the retry loop (in steps()):
         # every rank restores on its own; the first sync then hands rank 0's state to everyone.
         self.checkpoints = CheckpointManager(self.run_dir, ctx, keep=keep, async_save=async_save, seed=seed)
         start = self.checkpoints.restore(self._saved(), resume=resume, model_config=model_config,
-                                         collective=not ctx.elastic) or 0
+                                         collective=not ctx.elastic, rank_state=self._rank_state_arg()) or 0
         self.metrics = MetricsLogger(self.run_dir, ctx, total_steps=max(start, 1), start_step=start,
                                      log_every=log_every, tensorboard=tensorboard,
-                                     global_batch=self._global_batch(), stream=stream)
+                                     global_batch=self._global_batch(), stream=stream,
+                                     average=self._average_over_ranks if average_logged else None,
+                                     tokens_per_sample=tokens_per_sample)
         self.preemption = PreemptionHandler() if preemption else None
         self._state = _elastic_state(self, ctx, start) if ctx.elastic else _LocalState(ctx, start)
         self._guard = StepGuard(optimizer, self.metrics.phase, failures=ctx.comm.failures if ctx.elastic else ())
@@ -163,7 +207,10 @@ class Run:
 
     def log(self, **metrics: float) -> None:
         """Metrics of this step (``loss=...``; tensors are read with ``.item()``); averaged over
-        the ``log_every`` window in ``metrics.jsonl``. Local: no collective."""
+        the ``log_every`` window in ``metrics.jsonl``. Local: no collective. The file holds rank
+        0's values, or with ``Run(average_logged=True)`` the mean over the workers (Run gathers
+        them once per logged window, at the step boundary; a name only some ranks log is averaged
+        over those)."""
         for name, value in metrics.items():
             self._logged[name] = float(value.item() if isinstance(value, torch.Tensor) else value)
 
@@ -222,6 +269,7 @@ class Run:
                         share_cores(self.ctx.comm, collective=True)  # the workers per machine changed
                     need_sync = False
                     self._announce()
+                self._adopt_rank_states()
                 yield from self._train()
                 break
             except peer_failures:
@@ -266,6 +314,8 @@ class Run:
         lr = self.schedule.lr if self.schedule is not None else self.optimizer.param_groups[0]["lr"]
         if self.schedule is not None:
             self.schedule.step()
+        if self.lr_scheduler_every == "step" and self._steps_lr_scheduler():
+            self.lr_scheduler.step()
         self._state.step += 1
         self._trained = True
         step = self.step
@@ -279,11 +329,15 @@ class Run:
                 (self.eval_every == "epoch" and end_of_epoch)
                 or (self.eval_every not in (0, "epoch") and step % self.eval_every == 0)):
             self._evaluate("eval")
+            self._plateau_step()
+        if end_of_epoch:
+            self._epoch_ended()
         if stopping or (self.checkpoint_every and step % self.checkpoint_every == 0):
             self._save()
         if stopping:
             self._preempted()
         if self.ctx.elastic and step % self.commit_every == 0:
+            self._gather_rank_states()
             self._state.commit()  # in-memory snapshot; where workers that came back join
 
     def _evaluate(self, event: Optional[str]) -> None:
@@ -295,13 +349,28 @@ class Run:
 
     def _save(self) -> None:
         with self.metrics.phase("checkpoint"):
-            self.checkpoints.save(self.step, self._saved(), model_config=self.model_config)
+            self.checkpoints.save(self.step, self._saved(), model_config=self.model_config,
+                                  rank_state=self._rank_state_arg())
 
     def _saved(self) -> Dict[str, Any]:
         saved = {"model": self.model, "optimizer": self.optimizer, "loader": self.loader}
         if self.schedule is not None:
             saved["scheduler"] = self.schedule
+        saved.update(self._extra_state())
         return saved
+
+    def _extra_state(self) -> Dict[str, Any]:
+        """What Run adds to the checkpoint (and to the elastic state) beyond the pieces above;
+        only what was given, so that the checkpoints of runs without them keep their layout."""
+        extra: Dict[str, Any] = {}
+        if self.lr_scheduler is not None:
+            extra["lr_scheduler"] = self.lr_scheduler
+        if self._has_state:
+            extra["user"] = self.state
+        return extra
+
+    def _rank_state_arg(self) -> Optional[RankState]:
+        return self.rank_state if self._has_rank_state else None
 
     def _preempted(self) -> None:
         """Checkpoint saved: wait for it, requeue (rank 0, Slurm, after SIGUSR2), exit 0."""
@@ -316,7 +385,8 @@ class Run:
         """The last collectives: a failure here (elastic) rolls back and trains the rest again."""
         with self.metrics.phase("checkpoint"):
             if self._trained and self.checkpoints.last_step != self.step:
-                self.checkpoints.save(self.step, self._saved(), model_config=self.model_config)
+                self.checkpoints.save(self.step, self._saved(), model_config=self.model_config,
+                                      rank_state=self._rank_state_arg())
             self.checkpoints.wait()
         if self._evaluate_fn is not None and self._last_eval_step != self.step:
             self._evaluate(None)
@@ -339,6 +409,53 @@ class Run:
 
     def _global_batch(self) -> int:
         return self.loader.global_batch * (self.micro_batches or 1)
+
+    # -- the script's own state, schedulers, epochs, averaged logs (Run(state=..., ...)) ------
+    def _plateau_step(self) -> None:
+        """A ``ReduceLROnPlateau`` is stepped after each evaluation during training, with the
+        evaluation's ``monitor`` metric (not after the final one: no step follows it)."""
+        if is_plateau(self.lr_scheduler):
+            if self.monitor not in self.last_eval:
+                raise ValueError(f"ReduceLROnPlateau monitors {self.monitor!r}, but evaluate() returned "
+                                 f"{sorted(self.last_eval)}; pass Run(monitor=<one of them>)")
+            self.lr_scheduler.step(self.last_eval[self.monitor])
+
+    def _steps_lr_scheduler(self) -> bool:
+        return self.lr_scheduler is not None and not is_plateau(self.lr_scheduler)  # that one: after evaluations
+
+    def _epoch_ended(self) -> None:
+        if self.lr_scheduler_every == "epoch" and self._steps_lr_scheduler():
+            self.lr_scheduler.step()
+        if self._on_epoch_end is not None:
+            self._on_epoch_end(self)
+
+    def _average_over_ranks(self, means: Dict[str, float]) -> Dict[str, float]:
+        if self.ctx.size == 1:
+            return means
+        return mean_over_ranks(self.ctx.comm.allgather_object(means, name="distrib.run.logged_metrics"))
+
+    def _gather_rank_states(self) -> None:
+        """Elastic, before each commit: every rank's rank_state to every rank (a collective
+        between two steps), committed with the rest, so that after a resize the survivors can
+        re-shard the state of the workers that died."""
+        if self._has_rank_state:
+            mine = self.rank_state.state_dict()
+            self._rank_states.states = self.ctx.comm.allgather_object(mine, name="distrib.run.rank_state")
+            self._rank_states.size = self.ctx.size
+
+    def _adopt_rank_states(self) -> None:
+        """Elastic, after a re-formation and its sync: this rank's part of the last commit's
+        rank states (its own at the same world size, re-sharded or reset at another)."""
+        if not self._has_rank_state:
+            return
+        if self._state.resets != self._rank_states.adopted_after:
+            self._rank_states.adopted_after = self._state.resets
+            self.rank_state.load_all(self._rank_states.states, self.ctx.rank, self.ctx.size)
+        if self._rank_states.states is None:
+            # The start (or a restart before the first commit): every rank's state as the first
+            # commit's, so that a resize before the first commit re-shards it too.
+            self._gather_rank_states()
+            self._state.save()
 
 
 def prepare_run_dir(run_dir: Union[str, Path]) -> Path:
@@ -371,8 +488,11 @@ class _LocalState:
 
 def _elastic_state(run: Run, ctx, step: int):
     from distrib.elastic import ElasticState  # imports Horovod's elastic module: only in elastic mode
+    extra = run._extra_state()
+    if run._has_rank_state:
+        extra["rank_states"] = run._rank_states
     state = ElasticState(ctx, model=run.model, optimizer=run.optimizer, loader=run.loader,
-                         scheduler=run.schedule, step=step)
+                         scheduler=run.schedule, step=step, extra=extra)
     state.on_world_change(run._adopt_world)
     return state
 

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+import torch
+
 SCALINGS = ("linear", "sqrt", "none")
 DECAYS = ("cosine", "linear", "constant")
 
@@ -97,3 +99,21 @@ class LRSchedule:
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.step_count = state["step_count"]
         self._apply()
+
+
+def is_plateau(scheduler) -> bool:
+    """A scheduler stepped with a metric (after evaluations), not once per step or epoch."""
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def check_lr_scheduler(lr_scheduler, every: str, schedule) -> None:
+    """``distrib.Run``'s torch-scheduler arguments; ValueError naming the fix."""
+    if lr_scheduler is None:
+        return
+    if schedule is not None:
+        raise ValueError("give Run either schedule= (a distrib.LRSchedule) or lr_scheduler= (a torch scheduler), "
+                         "not both: each sets the learning rate")
+    if not (callable(getattr(lr_scheduler, "step", None)) and callable(getattr(lr_scheduler, "state_dict", None))):
+        raise ValueError(f"lr_scheduler must be a torch LR scheduler (step/state_dict), got {type(lr_scheduler).__name__}")
+    if every not in ("step", "epoch"):
+        raise ValueError(f"lr_scheduler_every must be 'step' or 'epoch', got {every!r}")

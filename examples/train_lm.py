@@ -18,8 +18,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distrib  # noqa: E402
-from distrib.export import save_model_artifact  # noqa: E402
+from distrib.export import Origin, record_origin, save_model_artifact  # noqa: E402
 from lm_model import CORPUS_PATH, CharDataset, CharTokenizer, GPT, GPTConfig, load_corpus  # noqa: E402
+
+HELDOUT_FROM = 0.9  # trained on the first 90 % of the corpus, validated on the rest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_data(args, tokenizer: CharTokenizer, text: str):
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    split = int(len(ids) * 0.9)
+    split = int(len(ids) * HELDOUT_FROM)
     stride = args.block_size // 2  # overlapping windows: more samples from a small corpus
     return CharDataset(ids[:split], args.block_size, stride), CharDataset(ids[split:], args.block_size, args.block_size)
 
@@ -119,6 +121,12 @@ def main(argv=None) -> int:
                       async_save=not args.sync_checkpoint, evaluate=validation, eval_every=args.eval_every,
                       log_every=args.log_every, tensorboard=args.tensorboard, commit_every=args.commit_every,
                       micro_batches=args.accumulate, model_config=config.to_dict(), seed=args.seed)
+    # What `python -m distrib.export RUN_DIR` needs besides the checkpoints: this model's code and
+    # the text held out from training.
+    origin = Origin(model=f"{Path(__file__).resolve().with_name('lm_model.py')}:GPT",
+                    corpus=str(Path(args.corpus).resolve()), heldout_from=HELDOUT_FROM)
+    if run.ctx.is_main:
+        record_origin(run.run_dir, origin)
     distrib.rank0_print(ctx, f"training {sum(p.numel() for p in model.parameters()):,} parameters on {ctx.size} "
                              f"workers ({ctx.controller}{', elastic' if ctx.elastic else ''}), "
                              f"steps {run.step}->{args.steps}, run dir {run.run_dir}")
@@ -137,7 +145,7 @@ def main(argv=None) -> int:
         run.log(loss=loss.item())
 
     if run.ctx.is_main:
-        save_model_artifact(run.run_dir / "model.pt", model.state_dict(), config.to_dict(), run.step)
+        save_model_artifact(run.run_dir / "model.pt", model.state_dict(), config.to_dict(), run.step, origin=origin)
         print(f"validation loss {run.last_eval['loss']:.3f} (uniform guess: {math.log(config.vocab_size):.3f}); "
               f"model written to {run.run_dir / 'model.pt'}")
         if args.sample_tokens:

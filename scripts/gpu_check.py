@@ -46,8 +46,8 @@ class Checks:
     def __init__(self, out: Path, cpu: bool, gpus: int):
         self.out, self.cpu, self.gpus = out, cpu, gpus
         self.rows: List[dict] = []
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                    "PYTHONUNBUFFERED": "1"}
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        self.env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}  # distrib, launch, benchmarks
         self.current, self.commands = "", 0  # the check running, and the commands run (to name their logs)
 
     def run(self, name: str, fn: Callable[[], str], skip: Optional[str] = None) -> None:
@@ -104,10 +104,12 @@ def check_sync(c: Checks) -> str:
             plain = result["cases"][f"plain-{precision}"]
             if c.cpu:  # counted by the dispatch-mode proxy, as tests/test_step_syncs.py does
                 if got["per_step"] != plain["per_step"]:
-                    problems.append(f"rank {rank} {name}: {got['per_step']} vs plain {plain['per_step']}: {got['calls']}")
+                    problems.append(f"rank {rank} {name}: {got['per_step']} vs plain {plain['per_step']}: "
+                                    f"{got['calls']}")
             elif got["cuda_error"]:
                 problems.append(f"rank {rank} {name}: {got['cuda_error']}")
-            elif plain["cuda_error"] is None and max(got["cuda_syncs"], default=0) > max(plain["cuda_syncs"], default=0):
+            elif (plain["cuda_error"] is None
+                  and max(got["cuda_syncs"], default=0) > max(plain["cuda_syncs"], default=0)):
                 problems.append(f"rank {rank} {name}: {got['cuda_syncs']} synchronising calls per step, plain "
                                 f"torch {plain['cuda_syncs']}")
     if problems:
@@ -171,7 +173,7 @@ def check_export(c: Checks) -> str:
                          timeout=180)
         diff = re.search(r"max \|logit difference\| (\S+)", proc.stdout)
         done.append(f"{fmt} (max |logit difference| {diff.group(1) if diff else '?'})")
-    return "of the GPU-trained bf16 run: " + ", ".join(done)
+    return "of the bf16 run trained above: " + ", ".join(done)
 
 
 README_RUNNER = """
@@ -190,7 +192,8 @@ print("ran", i + 1, "device", distrib.init().device)
 def check_readme(c: Checks) -> str:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## A long job in a handful of lines"):text.index("\n## Launching")]
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "launch --elastic" not in b.splitlines()[0]]
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, re.S)
+              if "launch --elastic" not in b.splitlines()[0]]  # as tests/test_run.py picks them
     work = c.out / "readme"
     work.mkdir(parents=True, exist_ok=True)
     (work / "snippets.json").write_text(json.dumps(blocks))
@@ -288,7 +291,8 @@ def main(argv=None) -> int:
         if table.exists() and any(r["check"] == f"bench-{np}" and r["result"] == "ok" for r in c.rows):
             lines += ["", table.read_text().strip()]
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
-    (args.out / "summary.json").write_text(json.dumps({"environment": info, "seconds": total, "checks": c.rows}, indent=1))
+    (args.out / "summary.json").write_text(json.dumps({"environment": info, "seconds": total, "checks": c.rows},
+                                                      indent=1))
     print("\n".join(lines), flush=True)
     failed = [r["check"] for r in c.rows if r["result"] == "FAILED"]
     if failed:

@@ -44,7 +44,7 @@ p.add_argument("--batch-size", type=int, default=32)
 p.add_argument("--variants", default="plain,distrib,distrib-gradients,horovod,ddp")
 args = p.parse_args()
 
-ctx = distrib.init(seed=0)
+ctx = distrib.init(seed=0, engine="horovod")  # Horovod's own optimizer is one of the variants
 hvd = import_horovod()
 device = torch.device("cpu") if args.cpu else ctx.device
 if not args.cpu and device.type != "cuda":
@@ -63,8 +63,9 @@ def free_port() -> int:
 
 # DDP needs torch.distributed beside Horovod: one machine, rank 0's port for everyone.
 port = hvd.broadcast_object(free_port() if ctx.rank == 0 else None, root_rank=0, name="bench.port")
-dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                        rank=ctx.rank, world_size=ctx.size)
+if not dist.is_initialized():
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=ctx.rank, world_size=ctx.size)
 
 
 def new_model():

@@ -18,7 +18,8 @@ Pair = collections.namedtuple("Pair", "x y")
 
 @pytest.mark.parametrize("batch,check", [
     (torch.ones(2), lambda b: b.device == META),
-    ((torch.ones(2), torch.zeros(2, dtype=torch.long)), lambda b: type(b) is tuple and all(t.device == META for t in b)),
+    ((torch.ones(2), torch.zeros(2, dtype=torch.long)),
+     lambda b: type(b) is tuple and all(t.device == META for t in b)),
     ([torch.ones(2), "label"], lambda b: type(b) is list and b[0].device == META and b[1] == "label"),
     ({"x": torch.ones(2), "n": 3}, lambda b: b["x"].device == META and b["n"] == 3),
     (Pair(torch.ones(1), [torch.ones(1)]), lambda b: type(b) is Pair and b.x.device == META and b.y[0].device == META),

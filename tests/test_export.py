@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distrib.checkpoint import CheckpointManager, sharded, store
-from distrib.export import FORMAT, ExportError, load_model_artifact, save_model_artifact
+from distrib.export import FORMAT, ExportError, Origin, load_model_artifact, record_origin, save_model_artifact
 from distrib.export.__main__ import main
 from distrib.sharding.optimizer import ZeroShard
 from tests.checkpoint_fixtures import REPO, cpu_ctx
@@ -19,6 +19,10 @@ sys.path.insert(0, str(REPO / "examples"))
 from lm_model import GPT, CharTokenizer, GPTConfig, load_corpus  # noqa: E402
 
 TEXT = load_corpus()  # the export verifies on its held-out tail, so the vocab must cover it
+MODEL_CODE = f"{REPO / 'examples' / 'lm_model.py'}:GPT"
+CORPUS = str(REPO / "examples" / "data" / "corpus.txt")
+# what examples/train_lm.py records in its run dir for the export
+ORIGIN = Origin(model=MODEL_CODE, corpus=CORPUS, heldout_from=0.9)
 
 
 def tiny_gpt(seed=0):
@@ -40,6 +44,7 @@ def run_dir(tmp_path):
         with torch.no_grad():
             model.head.weight.mul_(2)
         ckpt.save(20, {"model": model, "optimizer": optimizer}, model_config=cfg.to_dict())
+    record_origin(tmp_path / "run", ORIGIN)
     return tmp_path / "run", model
 
 
@@ -79,7 +84,8 @@ def test_export_falls_back_past_damaged_newest_and_exports_a_folder(tmp_path, ru
 
 BAD_INPUT = ["missing", "empty dir", "damaged folder", "wrong key", "no model_config", "damaged model_config",
              "model_config not a dict", "mid-write", "unknown format", "unknown quantization", "output is a dir",
-             "output under a file", "no held-out text", "model code missing"]
+             "output under a file", "no held-out text", "model code missing", "model code not recorded",
+             "held-out text not recorded"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
@@ -119,6 +125,11 @@ def test_export_bad_input_one_line_exit_2_nothing_written(tmp_path, run_dir, cas
         out = out_dir / "file" / "model.onnx"
     elif case == "no held-out text":
         extra = ["--corpus", tmp_path / "nope.txt"]
+    elif case == "model code not recorded":  # a run that recorded no origin, and no --model
+        (run_path / "export.json").unlink()
+        extra = ["--corpus", CORPUS]
+    elif case == "held-out text not recorded":
+        record_origin(run_path, Origin(model=MODEL_CODE))
     else:
         extra = ["--model", tmp_path / "nope.py:GPT"]
     before = tree_digest(tmp_path)
@@ -130,6 +141,23 @@ def test_export_bad_input_one_line_exit_2_nothing_written(tmp_path, run_dir, cas
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distrib.export: error: "), err
     assert tree_digest(tmp_path) == before  # nothing written, no temporary file, no folder
+    if case == "model code not recorded":
+        assert "does not record the model's code; pass --model FILE.py:NAME" in err
+    if case == "held-out text not recorded":
+        assert "does not record the text it was trained on; pass --corpus FILE" in err
+
+
+def test_a_model_file_carries_its_origin_and_the_users_flags_override_it(tmp_path, run_dir, capsys):
+    """train_lm's model.pt carries what export needs (no flags); a flag replaces the recorded part."""
+    _, model = run_dir
+    src = tmp_path / "trained.pt"
+    save_model_artifact(src, model.state_dict(), model.config.to_dict(), 20, origin=ORIGIN)
+    assert load_model_artifact(src)["origin"] == ORIGIN.to_dict()
+    assert main([str(src), str(tmp_path / "model.pt")]) == 0, capsys.readouterr().err
+    assert "max |logit difference| 0.00e+00" in capsys.readouterr().out
+    # the recorded corpus is replaced by the user's, here one that does not exist
+    assert main([str(src), str(tmp_path / "other.pt"), "--corpus", str(tmp_path / "nope.txt")]) == 2
+    assert f"held-out text {tmp_path / 'nope.txt'} not found" in capsys.readouterr().err
 
 
 def test_generate_rejects_a_checkpoint_folder_and_unknown_characters(tmp_path, run_dir):
@@ -187,6 +215,7 @@ def test_export_of_a_sharded_checkpoint_validates_every_shard(tmp_path, capsys):
              store.RNG_FILE: [], **{sharded.shard_file(r): {"optimizer": e["pieces"]} for r, e in enumerate(entries)}}
     folder = store.write_checkpoint(tmp_path / "run" / "checkpoints", 7, files,
                                     {"world_size": 2, "model_config": cfg.to_dict()})
+    record_origin(tmp_path / "run", ORIGIN)
     assert sharded.is_sharded(store.load_file(folder, store.STATE_FILE)["state"]["optimizer"])
 
     assert main([str(tmp_path / "run"), str(tmp_path / "model.pt")]) == 0, capsys.readouterr().err

@@ -16,12 +16,16 @@ from distrib.checkpoint import CheckpointManager
 from distrib.export.__main__ import main
 from distrib.export import formats
 from distrib.export.formats import load_pt, read_metadata
-from distrib.export.model import DEFAULT_MODEL, heldout_windows, load_factory, resolve_path
+from distrib.export import Origin, record_origin
+from distrib.export.model import heldout_windows, load_factory
 from distrib.export.pipeline import ExportRequest, export
 from tests.checkpoint_fixtures import REPO, SCRIPTS, cpu_ctx
 
 sys.path.insert(0, str(REPO / "examples"))
 from lm_model import GPT, CharTokenizer, GPTConfig, load_corpus  # noqa: E402
+
+MODEL_CODE = f"{REPO / 'examples' / 'lm_model.py'}:GPT"
+CORPUS = REPO / "examples" / "data" / "corpus.txt"
 
 STEPS = 30
 # Modules serve.py must not import: the library, the launcher, Horovod and the training code.
@@ -57,7 +61,8 @@ def trained(one_thread, tmp_path_factory):
         optimizer.zero_grad()
     with CheckpointManager(root / "run", cpu_ctx()) as ckpt:
         ckpt.save(STEPS, {"model": model, "optimizer": optimizer}, model_config=model.config.to_dict())
-    windows = heldout_windows(resolve_path("examples/data/corpus.txt"), tokenizer.vocab, block)
+    record_origin(root / "run", Origin(model=MODEL_CODE, corpus=str(CORPUS), heldout_from=0.9))  # as train_lm does
+    windows = heldout_windows(CORPUS, tokenizer.vocab, block, 0.9)
     return root, model.eval(), windows
 
 
@@ -147,12 +152,12 @@ def test_int8_is_smaller_keeps_the_loss_and_is_verified(trained, fmt):
     assert out.stat().st_size == figures["bytes_int8"]
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temporary file left
     # loaded back as a deployment does: quantized (not the fp32 numbers), yet close to them
-    got = formats.load(fmt, out, load_factory(DEFAULT_MODEL))(windows[:2, :-1])
+    got = formats.load(fmt, out, load_factory(MODEL_CODE))(windows[:2, :-1])
     with torch.no_grad():
         want = model(windows[:2, :-1])
     assert not torch.equal(got, want) and (got - want).abs().max().item() < 2.0
     if fmt == "pt":
-        quantized = [type(m).__module__ for m in load_pt(out, load_factory(DEFAULT_MODEL)).modules()]
+        quantized = [type(m).__module__ for m in load_pt(out, load_factory(MODEL_CODE)).modules()]
         assert sum(name.startswith("torch.ao.nn.quantized.dynamic") for name in quantized) == 9  # every Linear
     else:
         assert read_metadata(fmt, out)["quantization"] == "dynamic-int8"
@@ -193,6 +198,7 @@ def test_int8_beyond_the_loss_limit_is_refused_and_nothing_is_left(trained, caps
         outliers.head.weight[:, 0] = 1000 * outliers.head.weight.abs().max()
     with CheckpointManager(root / "outliers", cpu_ctx()) as ckpt:
         ckpt.save(STEPS, {"model": outliers}, model_config=outliers.config.to_dict())
+    record_origin(root / "outliers", Origin(model=MODEL_CODE, corpus=str(CORPUS), heldout_from=0.9))
     out = root / "int8-refused" / "model.pt"
     code, stdout, err = cli(capsys, root / "outliers", out, "--quantize", "int8")
     assert "val loss" in stdout and code == 2, stdout + err

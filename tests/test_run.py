@@ -233,14 +233,16 @@ def test_readme_snippets_of_the_public_api_run(tmp_path):
     section = text[text.index("## A long job in a handful of lines"):text.index("\n## Launching")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     runnable = [b for b in blocks if "launch --elastic" not in b.splitlines()[0]]
-    assert len(blocks) == 11 and len(runnable) == 10
+    assert len(blocks) == 12 and len(runnable) == 11
     (tmp_path / "snippets.json").write_text(json.dumps(runnable))
     (tmp_path / "runner.py").write_text(README_RUNNER)
     proc = subprocess.run([sys.executable, "runner.py", "snippets.json"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=240)
-    assert proc.returncode == 0 and "ran 10" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and "ran 11" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "step 200, validation {'loss':" in proc.stdout
     assert (tmp_path / "runs" / "readme" / "checkpoints" / "step-00000200").is_dir()
+    assert re.search(r"^best \d+\.\d+ at lr 0\.\d+$", proc.stdout, re.M), proc.stdout  # the stateful-model snippet
+    assert (tmp_path / "runs" / "readme-rnn" / "checkpoints" / "step-00000120" / "rank_state.pt").is_file()
 
 
 class FailingOptimizer:

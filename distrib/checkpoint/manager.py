@@ -23,6 +23,7 @@ from distrib.rng import rng_state, set_rng_state
 log = logging.getLogger("distrib.checkpoint")
 
 SLOW_WRITE_ENV = "DISTRIB_TEST_SLOW_WRITE_S"
+RANK_STATE_FILE = "rank_state.pt"  # every rank's own values (distrib.user_state.RankState), in rank order
 
 
 class CheckpointManager:
@@ -71,8 +72,12 @@ class CheckpointManager:
         return self.ctx.rank == 0
 
     # -- saving ---------------------------------------------------------------------------------
-    def save(self, step: int, state: Mapping[str, Any], model_config: Optional[Dict] = None) -> None:
+    def save(self, step: int, state: Mapping[str, Any], model_config: Optional[Dict] = None, *,
+             rank_state=None) -> None:
         """Checkpoint ``state`` as of ``step``. Must be called on all ranks, at a step boundary.
+
+        ``rank_state`` (a :class:`distrib.user_state.RankState`, optional): this rank's own
+        values; every rank's are gathered with the RNG states and written to ``rank_state.pt``.
 
         Blocks until the previous asynchronous write is done, gathers every rank's RNG state
         to rank 0, then (async) copies the state to CPU memory and returns while a thread
@@ -96,7 +101,10 @@ class CheckpointManager:
         problem = problem or self._shards.join()  # every rank: its previous shard write
         # Collective: every rank's RNG states to rank 0, and every rank's verdict on the previous
         # write to every rank, so that all ranks raise together or none does.
-        gathered = self._comm.allgather_object({"rng": rng_state(), "problem": problem}, name="distrib.checkpoint.save")
+        note = {"rng": rng_state(), "problem": problem}
+        if rank_state is not None:
+            note["rank_state"] = st.cpu_snapshot(rank_state.state_dict())
+        gathered = self._comm.allgather_object(note, name="distrib.checkpoint.save")
         failed = next((g["problem"] for g in gathered if g["problem"]), None)
         if failed:
             raise CheckpointError(failed)
@@ -111,6 +119,8 @@ class CheckpointManager:
                 collected = self._staging = st.cpu_snapshot(collected, reuse=self._staging)
             files = {store.STATE_FILE: {"step": step, "state": collected},
                      store.RNG_FILE: [g["rng"] for g in gathered]}
+            if rank_state is not None:
+                files[RANK_STATE_FILE] = [g["rank_state"] for g in gathered]
         if self.async_save:
             if self._main:
                 self._thread = threading.Thread(target=self._write, args=(step, files, meta, adopt),
@@ -195,7 +205,8 @@ class CheckpointManager:
 
     # -- restoring ------------------------------------------------------------------------------
     def restore(self, state: Mapping[str, Any], resume: Union[str, Path] = "auto",
-                model_config: Optional[Dict] = None, *, collective: bool = True) -> Optional[int]:
+                model_config: Optional[Dict] = None, *, collective: bool = True,
+                rank_state=None) -> Optional[int]:
         """Load the checkpoint chosen by ``resume`` into ``state``; return its step, or None.
 
         ``resume``: ``"auto"`` (newest valid checkpoint of this run, None if there is none),
@@ -211,6 +222,10 @@ class CheckpointManager:
         ``collective=False`` (Horovod Elastic, where no collective may run outside the elastic
         loop): every rank chooses and loads on its own, and nothing on disk is moved; the
         elastic state's first sync then makes every rank equal to rank 0.
+
+        ``rank_state`` (a :class:`distrib.user_state.RankState`): gets this rank's saved values
+        back at the same world size, re-sharded or reset at another (its ``load_all``); a
+        checkpoint saved without rank state resets it.
         """
         st.check_state_types(state)
         config = _json_config(model_config)
@@ -234,6 +249,8 @@ class CheckpointManager:
         try:
             payload = store.load_file(path, store.STATE_FILE)
             rngs = store.load_file(path, store.RNG_FILE)
+            ranks = (store.load_file(path, RANK_STATE_FILE) if rank_state is not None
+                     and (path / RANK_STATE_FILE).exists() else None)
             # sharded optimizer state: re-cut for this rank's elements (or consolidated when unsharded)
             payload["state"] = sharded.resolve(state, payload["state"], path)
         except Exception as exc:
@@ -243,6 +260,12 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {why}; "
                                   "use --resume none or a matching config")
         st.apply(state, payload["state"])
+        if rank_state is not None:
+            reset = rank_state.load_all(ranks, self.ctx.rank, self.ctx.size)
+            if reset and self._main:
+                saved_by = f"{len(ranks)} workers" if ranks else "a run without rank state"
+                log.info("resuming from %s (saved by %s, now %d workers): rank state %s reset to its "
+                         "initial value", path, saved_by, self.ctx.size, reset)
         if self._main and collective:
             # Only now that the checkpoint is known to fit: a mismatch must leave the run dir as it was.
             self._supersede_newer(path, step, resume)

@@ -9,12 +9,14 @@ their metadata (``examples/serve.py`` needs nothing else). Each export is loaded
 with the trained model on held-out text before it is renamed into place.
 
 Modules: :mod:`~distrib.export.artifact` (the pt file, atomic output), :mod:`~distrib.export.source`
-(checkpoint / run dir / model file), :mod:`~distrib.export.model` (model code and held-out text),
+(checkpoint / run dir / model file), :mod:`~distrib.export.origin` (what the run records for the
+export: the model's code and the held-out text), :mod:`~distrib.export.model` (model code and held-out text),
 :mod:`~distrib.export.formats` (writers and loaders), :mod:`~distrib.export.verify` (the
 measurements), :mod:`~distrib.export.pipeline` (one export), ``__main__`` (the command line).
 """
 from distrib.export.artifact import FORMAT, INT8_FORMAT, ExportError, load_model_artifact, save_model_artifact
+from distrib.export.origin import Origin, read_record, record as record_origin
 from distrib.export.source import find_checkpoint, read_source
 
 __all__ = ["FORMAT", "INT8_FORMAT", "ExportError", "load_model_artifact", "save_model_artifact", "find_checkpoint",
-           "read_source"]
+           "read_source", "Origin", "record_origin", "read_record"]

@@ -9,7 +9,6 @@ import distrib.export as package
 from distrib.checkpoint.store import CheckpointError
 from distrib.export.artifact import ExportError, first_line
 from distrib.export.formats import FORMATS
-from distrib.export.model import DEFAULT_CORPUS, DEFAULT_MODEL
 from distrib.export.pipeline import ExportRequest, export
 
 PROG = "python -m distrib.export"
@@ -33,11 +32,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="dynamic int8 quantization of the Linear layers, with a size/loss/latency report")
     p.add_argument("--key", default="model", help="name of the model's state in the checkpoint (default: model)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"the model's code, FILE.py:NAME or module:NAME (default {DEFAULT_MODEL}); 'none' writes "
-                        "a pt file without it (verified tensor by tensor)")
-    p.add_argument("--corpus", default=DEFAULT_CORPUS,
-                   help=f"the training text; its last 10 %% is the held-out text (default {DEFAULT_CORPUS})")
+    p.add_argument("--model", default=None,
+                   help="the model's code, FILE.py:NAME or module:NAME (default: as the run recorded it in "
+                        "RUN_DIR/export.json or the model file); 'none' writes a pt file without it (verified "
+                        "tensor by tensor)")
+    p.add_argument("--corpus", default=None,
+                   help="the text the model was trained on (default: as the run recorded it)")
+    p.add_argument("--heldout-from", type=float, default=None,
+                   help="where the corpus's held-out part starts, as a fraction (default: as the run recorded "
+                        "it, else 0: all of it)")
     p.add_argument("--atol", type=float, default=1e-4, help="fp32: max |logit difference| allowed (default 1e-4)")
     p.add_argument("--max-loss-increase", type=float, default=0.02,
                    help="int8: largest relative rise of the held-out loss allowed (default 0.02 = 2 %%)")
@@ -49,7 +52,7 @@ def main(argv=None) -> int:
     fmt = args.format or ("onnx" if args.out.suffix == ".onnx" else "pt")
     try:
         request = ExportRequest(source=args.source, out=args.out, fmt=fmt, quantize=args.quantize, key=args.key,
-                                model=None if args.model == "none" else args.model, corpus=args.corpus,
+                                model=args.model, corpus=args.corpus, heldout_from=args.heldout_from,
                                 atol=args.atol, max_loss_increase=args.max_loss_increase)
         export(request)
     except (ExportError, CheckpointError, OSError) as exc:

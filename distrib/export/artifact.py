@@ -83,24 +83,30 @@ class PendingOutput:
 
 
 def write_artifact(path, model_state: Mapping[str, Any], model_config: Dict[str, Any], step: Optional[int],
-                   fmt: str = FORMAT) -> None:
-    """``torch.save`` the artifact dict to ``path`` as it is (no temporary name: see PendingOutput)."""
+                   fmt: str = FORMAT, origin=None) -> None:
+    """``torch.save`` the artifact dict to ``path`` as it is (no temporary name: see PendingOutput).
+    ``origin`` (:class:`distrib.export.origin.Origin`) goes in as a plain dict under ``"origin"``."""
     if not isinstance(model_config, dict):
         raise ExportError(f"model_config must be a dict (e.g. GPTConfig.to_dict()), got {type(model_config).__name__}")
     state = OrderedDict((k, v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in model_state.items())
     # The per-module versions: a quantized Linear reads its packed weights only when told its version.
     state._metadata = getattr(model_state, "_metadata", None)
-    torch.save({"model_state": state, "model_config": dict(model_config), "format": fmt, "step": step}, path)
+    artifact = {"model_state": state, "model_config": dict(model_config), "format": fmt, "step": step}
+    if origin is not None:
+        artifact["origin"] = origin.to_dict()
+    torch.save(artifact, path)
 
 
 def save_model_artifact(path, model_state: Mapping[str, torch.Tensor], model_config: Dict[str, Any],
-                        step: Optional[int]) -> Path:
+                        step: Optional[int], origin=None) -> Path:
     """Write the inference artifact atomically (temporary file, fsync, rename): a reader never
-    sees half a file. Call it on one rank (rank 0)."""
+    sees half a file. ``origin`` (:class:`distrib.export.origin.Origin`: the model's code and the
+    held-out text) lets ``python -m distrib.export`` re-export it without being told them. Call
+    it on one rank (rank 0)."""
     if not isinstance(model_config, dict):
         raise ExportError(f"model_config must be a dict (e.g. GPTConfig.to_dict()), got {type(model_config).__name__}")
     with PendingOutput(path) as pending:
-        write_artifact(pending.tmp, model_state, model_config, step)
+        write_artifact(pending.tmp, model_state, model_config, step, origin=origin)
         return pending.commit()
 
 

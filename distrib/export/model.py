@@ -1,9 +1,10 @@
 """Rebuilding the trained model from its config, and the held-out text it is verified on.
 
 A checkpoint holds a state dict and a config dict, not code: the export imports the model's
-class from ``--model FILE.py:NAME`` (or ``package.module:NAME``), by default the example LM
-``examples/lm_model.py:GPT``. A class whose constructor takes a dataclass (``GPT(cfg: GPTConfig)``)
-gets that dataclass built from the config dict; any other callable gets the dict as keywords.
+class from ``FILE.py:NAME`` (or ``package.module:NAME``), as the training run recorded it
+(:mod:`distrib.export.origin`) or as ``--model`` names it. A class whose constructor takes a
+dataclass (``GPT(cfg: GPTConfig)``) gets that dataclass built from the config dict; any other
+callable gets the dict as keywords.
 
 The models exported this way are token-id language models: ``forward(idx)`` with ``idx`` an
 int64 ``[batch, seq]`` tensor returns logits ``[batch, seq, vocab]``, and the config carries the
@@ -25,29 +26,17 @@ import torch
 
 from distrib.export.artifact import ExportError, first_line
 
-DEFAULT_MODEL = "examples/lm_model.py:GPT"
-DEFAULT_CORPUS = "examples/data/corpus.txt"
-TRAIN_FRACTION = 0.9  # examples/train_lm.py trains on the first 90 % of the corpus, validates on the rest
-_REPO = Path(__file__).resolve().parents[2]
-
-
-def resolve_path(path: str) -> Path:
-    """``path`` as given, else relative to the checkout this package lives in (so the defaults
-    work from any working directory of a source checkout)."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    return _REPO / p if (_REPO / p).exists() else p
+EXAMPLE_SPEC = "examples/lm_model.py:GPT"  # only named in messages, as an example of the form
 
 
 def load_factory(spec: str) -> Callable[..., torch.nn.Module]:
     """The callable named by ``FILE.py:NAME`` or ``module:NAME``."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
-        raise ExportError(f"--model {spec!r} is not FILE.py:NAME or module:NAME (e.g. {DEFAULT_MODEL})")
+        raise ExportError(f"--model {spec!r} is not FILE.py:NAME or module:NAME (e.g. {EXAMPLE_SPEC})")
     try:
         if where.endswith(".py"):
-            path = resolve_path(where)
+            path = Path(where)
             if not path.is_file():
                 raise ExportError(f"model code {where} not found; pass --model FILE.py:NAME")
             module_name = f"_distrib_export_model_{uuid.uuid4().hex[:8]}"
@@ -106,9 +95,10 @@ def build_model(factory, config: Dict[str, Any], state: Dict[str, torch.Tensor])
     return model
 
 
-def heldout_windows(corpus: Path, vocab: str, block_size: int) -> torch.Tensor:
-    """Every non-overlapping ``block_size + 1`` window of the corpus's validation split (its last
-    10 %, as examples/train_lm.py splits it), int64 ``[n, block_size + 1]``: text training never saw."""
+def heldout_windows(corpus: Path, vocab: str, block_size: int, heldout_from: float = 0.0) -> torch.Tensor:
+    """Every non-overlapping ``block_size + 1`` window of the corpus's held-out part (from the
+    fraction ``heldout_from`` of it on: what the training run did not train on), int64
+    ``[n, block_size + 1]``."""
     if not corpus.is_file():
         raise ExportError(f"held-out text {corpus} not found; pass --corpus FILE (the text the model was trained on)")
     text = corpus.read_text(encoding="utf-8")
@@ -118,7 +108,7 @@ def heldout_windows(corpus: Path, vocab: str, block_size: int) -> torch.Tensor:
         raise ExportError(f"{corpus} has characters {''.join(unknown[:10])!r} that are not in the model's vocab; "
                           "pass --corpus with the text the model was trained on")
     ids = torch.tensor([index[ch] for ch in text], dtype=torch.long)
-    val = ids[int(len(ids) * TRAIN_FRACTION):]
+    val = ids[int(len(ids) * heldout_from):]
     starts = range(0, len(val) - block_size - 1, block_size)
     if not starts:
         raise ExportError(f"{corpus} is too short to hold out one sequence of {block_size + 1} characters")

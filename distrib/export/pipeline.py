@@ -13,13 +13,14 @@ import torch
 
 from distrib.export import formats
 from distrib.export.artifact import ExportError, PendingOutput, first_line
-from distrib.export.model import DEFAULT_CORPUS, DEFAULT_MODEL, build_model, heldout_windows, load_factory, resolve_path
+from distrib.export.model import EXAMPLE_SPEC, build_model, heldout_windows, load_factory
 from distrib.export.source import Source, read_source
 from distrib.export.verify import max_abs_diff, mean_loss, side_by_side_ms
 
 CHECK_SEQUENCES = 8       # held-out sequences the logits are compared on
 LATENCY_BATCH = 32        # sequences per timed batch (train_lm's default batch size)
 ENGINES = {"pt": "torch.load + the model code", "torchscript": "torch.jit.load", "onnx": "ONNX Runtime"}
+WEIGHTS_ONLY = "none"     # --model none: a pt file of the weights, no model code
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,11 @@ class ExportRequest:
     fmt: str = "pt"
     quantize: Optional[str] = None                 # None or "int8"
     key: str = "model"                             # the model's entry in the checkpoint state
-    model: Optional[str] = DEFAULT_MODEL           # FILE.py:NAME; None: pt only, weights compared bit for bit
-    corpus: str = DEFAULT_CORPUS                   # its last 10 % is the held-out text
+    # None: as the training run recorded it (distrib.export.origin), else the export asks for it
+    model: Optional[str] = None                    # FILE.py:NAME or module:NAME; "none": pt only, weights
+    #                                                compared bit for bit, no code needed
+    corpus: Optional[str] = None                   # the text the model was trained on
+    heldout_from: Optional[float] = None           # where its held-out part starts (a fraction of the text)
     atol: float = 1e-4                             # fp32: max |logit difference| allowed
     max_loss_increase: float = 0.02                # int8: held-out loss may rise by this fraction at most
 
@@ -39,7 +43,7 @@ class ExportRequest:
             raise ExportError(f"unknown format {self.fmt!r}; choose one of {', '.join(formats.FORMATS)}")
         if self.quantize not in (None, "int8"):
             raise ExportError(f"unknown --quantize {self.quantize!r}; the one offered is int8")
-        if self.model is None and (self.fmt != "pt" or self.quantize):
+        if self.model == WEIGHTS_ONLY and (self.fmt != "pt" or self.quantize):
             raise ExportError(f"--format {self.fmt}{' --quantize int8' if self.quantize else ''} needs the model "
                               "code; pass --model FILE.py:NAME")
         if not self.atol > 0 or not self.max_loss_increase > 0:
@@ -50,13 +54,20 @@ def export(req: ExportRequest, say: Callable[[str], None] = print) -> Dict[str, 
     """Run the export of ``req``; return its figures. Raises ExportError (or CheckpointError) with
     a one-line message and writes nothing when the input is bad or the verification fails."""
     src = read_source(req.source, req.key)
-    if req.model is None:
+    if req.model == WEIGHTS_ONLY:
         with PendingOutput(req.out) as pending:
             return _export_weights_only(src, pending, say)
-    factory = load_factory(req.model)
+    origin = src.recorded.overridden(req.model, req.corpus, req.heldout_from)
+    if origin.model is None:
+        raise ExportError(f"{src.origin} does not record the model's code; pass --model FILE.py:NAME "
+                          f"(e.g. {EXAMPLE_SPEC}), or --model none for a pt file of the weights alone")
+    if origin.corpus is None:
+        raise ExportError(f"{src.origin} does not record the text it was trained on; pass --corpus FILE "
+                          "(and --heldout-from F: where its held-out part starts, e.g. 0.9 for the last 10 %)")
+    factory = load_factory(origin.model)
     model = build_model(factory, src.config, src.state)
     block = int(src.config["block_size"])
-    windows = heldout_windows(resolve_path(req.corpus), src.config["vocab"], block)
+    windows = heldout_windows(Path(origin.corpus), src.config["vocab"], block, origin.heldout_from)
     # Checked shapes differ from the traced example's, so a graph that froze a shape fails here.
     checks = [windows[:CHECK_SEQUENCES, :-1], windows[:1, :min(5, block)]]
     example = windows[:2, :max(2, block // 2)]

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 
 from distrib.checkpoint import sharded, store
 from distrib.export.artifact import ExportError, load_model_artifact
+from distrib.export.origin import Origin, read_record
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Source:
     config: Dict[str, Any]        # the model config it was trained with
     step: Optional[int]
     origin: Path                  # the checkpoint folder or model file it came from
+    recorded: Origin = Origin()   # the model's code and held-out text, as the training run recorded them
 
 
 def find_checkpoint(src) -> Path:
@@ -52,7 +54,9 @@ def read_source(src, key: str = "model") -> Source:
     src = Path(src)
     if src.is_file():
         artifact = load_model_artifact(src)
-        return Source(artifact["model_state"], _config(artifact.get("model_config"), src), artifact.get("step"), src)
+        recorded = Origin.from_dict(artifact["origin"], f"the origin in {src}") if "origin" in artifact else Origin()
+        return Source(artifact["model_state"], _config(artifact.get("model_config"), src), artifact.get("step"), src,
+                      recorded)
     folder = find_checkpoint(src)
     marker = store.read_marker(folder)
     saved = store.load_file(folder, store.STATE_FILE)["state"]
@@ -62,7 +66,8 @@ def read_source(src, key: str = "model") -> Source:
     entry = saved[key]
     if sharded.is_sharded(entry):  # a sharded run's model is replicated; any sharded entry is consolidated
         entry = sharded.consolidate_entry(entry, folder, key)
-    return Source(entry, _config(marker.get("model_config"), folder), marker.get("step"), folder)
+    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+    return Source(entry, _config(marker.get("model_config"), folder), marker.get("step"), folder, read_record(run_dir))
 
 
 def _config(config, where: Path) -> Dict[str, Any]:

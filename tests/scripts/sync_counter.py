@@ -29,7 +29,8 @@ _IGNORED_FRAMES = ("/torch/", "sync_counter.py", "contextlib.py")
 def _caller() -> str:
     for frame in reversed(traceback.extract_stack()[:-2]):
         if not any(part in frame.filename for part in _IGNORED_FRAMES):
-            return f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.line}"
+            folder, name = frame.filename.rsplit("/", 2)[-2:]
+            return f"{folder}/{name}:{frame.lineno} {frame.line}"
     return "?"
 
 
