@@ -1,4 +1,5 @@
-"""Section "network": 2 hosts x 1 worker over an emulated link limited to 1 and 10 Gbit/s.
+"""Section "network": 2 hosts x 1 worker over an emulated link limited to 1 and 10 Gbit/s, and
+PowerSGD's convergence.
 
 The hosts are the project's multi-host test cluster (tests/nodes.py: network namespaces with
 their own address, hostname and sshd on this machine), their links limited with ``tc tbf``. Per
@@ -6,13 +7,20 @@ round, in a rotated order, one launch of each: distrib (``python -m launch -H no
 with the MPI controller the launcher picks; plain ``hvd.DistributedOptimizer`` runs in the same
 processes, alternated with distrib: tuned Horovod, with the same Open MPI flags),
 distrib with ``--controller gloo``, and DDP over Gloo (one torchrun per host); distrib, Horovod and
-DDP each with and without fp16 compression. Inside a launch the link speeds and the variants
+DDP each with and without fp16 compression, distrib and DDP also with PowerSGD at rank 1 and 4
+(``compression="powersgd"``; DDP's own ``powerSGD_hook``, the same warm-up). Two models: the MLP
+and the 8-layer LM (lm8), timed one after the other in the same processes. Inside a launch the link speeds and the variants
 alternate: before each speed's steps every worker limits its own host's link (step worker
 ``--link-rates``). One worker
 alone (no link) is timed once per round. The ideal: alone + the link's time for 2(n-1)/n of the
 gradient bytes.
 
 The two hosts still share this machine's two cores, so compute runs as in the one-host figures.
+Wire bytes per step: what each host's eth0 sent during the timed steps (the kernel's counter).
+
+Convergence (no link involved, so on this host): the LM trained for the same steps by each
+distrib variant on 2 workers and by plain torch in one process on the same global batches
+(benchmarks/workers/converge.py); the table is each one's validation loss against that run's.
 """
 from __future__ import annotations
 
@@ -25,22 +33,29 @@ from benchmarks import launchers, stats
 from benchmarks.bench_step import STEP
 
 RATES = {"1gbit": 1e9, "10gbit": 10e9}
-MODEL = "mlp"
+MODELS = ("mlp", "lm8")
 HOSTS = ("node1", "node2")
+CONVERGE = "benchmarks/workers/converge.py"
 # variant in the step worker -> the figure's name
 # job -> (step worker --impl, {its variant: the figure's name})
 # Plain Horovod runs in distrib's own processes, alternated with it: the same launcher and Open MPI flags
 # (tuned Horovod), and one cross-host launch fewer per round.
-JOBS = {"distrib": ("distrib", {"buckets": "distrib", "fp16": "distrib-fp16", "horovod": "horovod-tuned",
+JOBS = {"distrib": ("distrib", {"buckets": "distrib", "fp16": "distrib-fp16", "powersgd1": "distrib-psgd1",
+                                "powersgd4": "distrib-psgd4", "horovod": "horovod-tuned",
                                 "horovod-fp16": "horovod-tuned-fp16"}),
-        "distrib-gloo": ("distrib", {"buckets": "distrib-gloo"}),
-        "ddp": ("ddp", {"default": "ddp", "fp16": "ddp-fp16"})}
+        "distrib-gloo": ("distrib", {"buckets": "distrib-gloo", "powersgd1": "distrib-gloo-psgd1",
+                                     "powersgd4": "distrib-gloo-psgd4"}),
+        "ddp": ("ddp", {"default": "ddp", "fp16": "ddp-fp16", "powersgd1": "ddp-psgd1", "powersgd4": "ddp-psgd4"})}
 ALONE = ("alone", {"default": "alone"})
+
+
+def _models(opts) -> tuple:
+    return MODELS[:1] if opts.quick else MODELS  # --quick: the MLP only (its budget is 3 min in all)
 
 
 def _argv(job: str, opts, out, r: int, rates: List[str]) -> List[str]:
     impl, names = JOBS.get(job, ALONE)
-    return [STEP, "--impl", impl, "--model", MODEL, "--variants", ",".join(names), "--rotate", str(r),
+    return [STEP, "--impl", impl, "--model", ",".join(_models(opts)), "--variants", ",".join(names), "--rotate", str(r),
             "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--out", str(out),
             *(["--link-rates", ",".join(rates)] if job != "alone" else [])]
 
@@ -59,9 +74,10 @@ def _commands(cluster, job: str, argv: List[str]) -> List[List[str]]:
             for i, h in enumerate(HOSTS)]
 
 
-def _run_job(cluster, job: str, opts, r: int, rates: List[str], timeout: float = 300):
-    """({(rate, figure name): step ms}, gradient bytes) of one job on the cluster; its workers set
-    each rate on their own host's link in turn (alone: rate None, no link involved)."""
+def _run_job(cluster, job: str, opts, r: int, rates: List[str], timeout: float = 400):
+    """{model: ({(rate, figure name): step ms}, {(rate, figure name): [wire bytes per step]}, gradient
+    bytes)} of one job on the cluster; its workers set each rate on their own host's link in turn
+    (alone: rate None, no link involved)."""
     out = opts.work / f"network-{job}.json"
     out.unlink(missing_ok=True)
     env = cluster.env({"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"})
@@ -78,39 +94,53 @@ def _run_job(cluster, job: str, opts, r: int, rates: List[str], timeout: float =
                 p.wait()
     if any(p.returncode for p in procs):
         raise launchers.BenchError(f"network {job} job failed: " + "\n".join(o[-2000:] for o in outputs))
-    res = json.loads(out.read_text())["by_model"][MODEL]
     names = JOBS.get(job, ALONE)[1]
-    found = {}
-    for key, ms in res["variants"].items():
-        variant, _, rate = key.partition("@")
-        found[(rate or None, names[variant])] = ms
-    return found, res["grad_bytes"]
+    by_model = {}
+    for model, res in json.loads(out.read_text())["by_model"].items():
+        found, wire = {}, {}
+        for key, ms in res["variants"].items():
+            variant, _, rate = key.partition("@")
+            found[(rate or None, names[variant])] = ms
+            if key in res.get("wire_bytes", {}):
+                wire[(rate, names[variant])] = res["wire_bytes"][key]
+        by_model[model] = (found, wire, res["grad_bytes"])
+    return by_model
 
 
 def measure(cluster, opts) -> dict:
-    """{"ms": {rate: {name: [median ms per round]}}, "alone": [...], "grad_bytes": n}.
+    """{model: {"ms": {rate: {name: [median ms per round]}}, "wire": {rate: {name: [bytes per step]}},
+    "alone": [...], "grad_bytes": n}}.
 
-    One launch per job and round (a launch across hosts costs ~20 s here); inside it the rates
-    and the variants alternate (the workers limit their own links)."""
+    One launch per job and round (a launch across hosts costs ~20 s here); inside it the models,
+    rates and variants alternate (the workers limit their own links)."""
     rates = list(RATES)[:1] if opts.quick else list(RATES)
-    ms = {rate: {} for rate in rates}
-    alone, nbytes = [], 0
+    found = {m: {"ms": {rate: {} for rate in rates}, "wire": {rate: {} for rate in rates}, "alone": [],
+                 "grad_bytes": 0} for m in _models(opts)}
     for r in range(min(opts.rounds, 2)):  # 5 launches a round across hosts: 2 rounds keep make bench in budget
         for job in stats.rotate(["alone", *(j for j in JOBS if not (opts.quick and j == "distrib-gloo"))], r):
-            got, nbytes = _run_job(cluster, job, opts, r, rates)
-            for (rate, name), steps in got.items():
-                (alone if rate is None else ms[rate].setdefault(name, [])).append(statistics.median(steps))
-    return {"ms": ms, "alone": alone, "grad_bytes": nbytes}
+            for model, (got, wire, nbytes) in _run_job(cluster, job, opts, r, rates).items():
+                f = found[model]
+                f["grad_bytes"] = nbytes
+                for (rate, name), steps in got.items():
+                    (f["alone"] if rate is None else f["ms"][rate].setdefault(name, [])).append(statistics.median(steps))
+                for (rate, name), sent in wire.items():
+                    f["wire"][rate].setdefault(name, []).extend(sent)
+    return found
 
 
 # (key, numerator, denominator, what the ratio measures)
 RATIOS = (("vs_horovod_tuned", "distrib", "horovod-tuned", "distrib against plain Horovod, same flags"),
           ("vs_ddp", "distrib", "ddp", "distrib against DDP over Gloo"),
           ("fp16_on_distrib", "distrib-fp16", "distrib", "fp16 compression, on distrib"),
-          ("mpi_vs_gloo", "distrib", "distrib-gloo", "distrib's MPI controller vs its Gloo one"))
+          ("mpi_vs_gloo", "distrib", "distrib-gloo", "distrib's MPI controller vs its Gloo one"),
+          ("psgd1_vs_ddp", "distrib-psgd1", "ddp-psgd1", "PowerSGD rank 1: distrib against DDP's hook"),
+          ("psgd4_vs_ddp", "distrib-psgd4", "ddp-psgd4", "PowerSGD rank 4: distrib against DDP's hook"),
+          ("gloo_psgd1_vs_ddp", "distrib-gloo-psgd1", "ddp-psgd1", "PowerSGD rank 1 under --controller gloo vs DDP"),
+          ("gloo_psgd4_vs_ddp", "distrib-gloo-psgd4", "ddp-psgd4", "PowerSGD rank 4 under --controller gloo vs DDP"))
 
 
-def rate_row(rate: str, ms: Dict[str, List[float]], alone: List[float], nbytes: int, n: int = 2) -> dict:
+def rate_row(rate: str, ms: Dict[str, List[float]], alone: List[float], nbytes: int, n: int = 2,
+             wire: Dict[str, List[float]] = None) -> dict:
     wire_s = nbytes * 2 * (n - 1) / n * 8 / RATES[rate]  # the link's time for a ring allreduce's bytes
     ideal = {"ideal": [a + 1e3 * wire_s for a in alone], "ideal-fp16": [a + 1e3 * wire_s / 2 for a in alone]}
     every = {**ms, **ideal, "alone": alone}
@@ -122,7 +152,11 @@ def rate_row(rate: str, ms: Dict[str, List[float]], alone: List[float], nbytes: 
                        for key, a, b, what in RATIOS if a in every and b in every},  # --quick: no distrib-gloo
             # share of distrib's fp32 distance to the ideal that fp16 compression removes (goal >= 0.5)
             "fp16_gap_closed": stats.summary([(a - b) / (a - c) if a != c else float("nan")
-                                              for a, b, c in zip(d, d16, i)])}
+                                              for a, b, c in zip(d, d16, i)]),
+            # bytes each host's link sent per step, and how many times fewer than distrib fp32 (per step)
+            "wire_bytes": {k: stats.summary(v) for k, v in (wire or {}).items()},
+            "fewer_bytes_than_fp32": {k: stats.summary([statistics.median(wire["distrib"]) / x for x in v])
+                                      for k, v in (wire or {}).items() if "distrib" in wire}}
 
 
 def run(opts) -> dict:
@@ -133,18 +167,54 @@ def run(opts) -> dict:
         found = measure(cluster, opts)
     finally:
         cluster.down()
-    rows = [rate_row(rate, ms, found["alone"], found["grad_bytes"]) for rate, ms in found["ms"].items()]
-    return {"title": f"Over a network: 2 hosts x 1 worker, {MODEL}, link limited with tc tbf", "model": MODEL,
-            "grad_bytes": found["grad_bytes"], "rows": rows, "markdown": _table(rows, found["grad_bytes"])}
+    models = {}
+    for model, f in found.items():
+        rows = [rate_row(rate, ms, f["alone"], f["grad_bytes"], wire=f["wire"][rate]) for rate, ms in f["ms"].items()]
+        models[model] = {"grad_bytes": f["grad_bytes"], "rows": rows, "markdown": _table(model, rows, f["grad_bytes"])}
+    conv = convergence(opts)
+    first = models[MODELS[0]]
+    return {"title": "Over a network: 2 hosts x 1 worker, link limited with tc tbf; PowerSGD's convergence",
+            "model": MODELS[0], "grad_bytes": first["grad_bytes"], "rows": first["rows"], "models": models,
+            "convergence": conv,
+            "markdown": "\n\n".join([m["markdown"] for m in models.values()] + [_convergence_table(conv)])}
 
 
-SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-gloo", "horovod-tuned",
-         "horovod-tuned-fp16", "ddp", "ddp-fp16")
+def convergence(opts) -> dict:
+    """The LM's validation loss after the same steps: each distrib variant on 2 workers (one launch,
+    the variants one after the other) and plain torch in one process on the same global batches."""
+    steps, start = (20, 5) if opts.quick else (100, 10)
+    argv = [CONVERGE, "--steps", str(steps), "--start-step", str(start)]
+    env = launchers.worker_env()
+    ref_out, dist_out = opts.work / "converge-single.json", opts.work / "converge-2.json"
+    launchers.run([launchers.PY, *argv, "--reference", "--out", str(ref_out)], env=env, timeout=900)
+    launchers.run(launchers.launch(2, [*argv, "--out", str(dist_out)]), env=env, timeout=900)
+    single, dist = json.loads(ref_out.read_text()), json.loads(dist_out.read_text())
+    ref = single["val_loss"]["single"]
+    return {"steps": steps, "start_step": start, "global_batch": single["global_batch"], "single": ref,
+            "val_loss": dist["val_loss"], "seconds": {**single["seconds"], **dist["seconds"]},
+            "vs_single": {k: v / ref - 1 for k, v in dist["val_loss"].items()}}
 
 
-def _table(rows, nbytes: int) -> str:
+def _convergence_table(c: dict) -> str:
+    names = list(c["val_loss"])
+    out = [f"LM (lm8) validation loss after {c['steps']} steps (global batch {c['global_batch']}, AdamW; PowerSGD "
+           f"low-rank from step {c['start_step']}), against plain torch in one process on the same batches: "
+           f"{c['single']:.4f}", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+           "| validation loss | " + " | ".join(f"{c['val_loss'][k]:.4f}" for k in names) + " |",
+           "| vs single process | " + " | ".join(f"{100 * c['vs_single'][k]:+.2f} %" for k in names) + " |"]
+    return "\n".join(out)
+
+
+SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd4", "distrib-gloo",
+         "distrib-gloo-psgd1", "distrib-gloo-psgd4",
+         "horovod-tuned", "horovod-tuned-fp16", "ddp", "ddp-fp16", "ddp-psgd1", "ddp-psgd4")
+BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd4", "distrib-gloo-psgd1", "distrib-gloo-psgd4", "ddp",
+         "ddp-psgd1", "ddp-psgd4")
+
+
+def _table(model: str, rows, nbytes: int) -> str:
     shown = [k for k in SHOWN if k in rows[0]["step_ms"]]
-    out = ["| link | " + " | ".join(f"{k} ms" for k in shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    out = [f"{model}:", "", "| link | " + " | ".join(f"{k} ms" for k in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for r in rows:
         out.append(f"| {r['rate']} | " + " | ".join(stats.fmt_value(r["step_ms"][k], "", 1) for k in shown) + " |")
     eff = [k for k in shown if k != "alone"]
@@ -156,7 +226,17 @@ def _table(rows, nbytes: int) -> str:
     for r in rows:
         out.append(f"| {r['rate']} | " + " | ".join(stats.fmt(x) for x in r["ratios"].values())
                    + f" | {stats.fmt(r['fp16_gap_closed'])} |")
-    out += ["", f"The {MODEL}'s gradients are {nbytes / 2**20:.1f} MiB; the ideal adds the link's time for "
+    wired = [k for k in BYTES if k in rows[0]["wire_bytes"]]
+    if wired:
+        out += ["", "| wire KiB per step (one host's eth0) | " + " | ".join(wired) + " |", "|---" * (len(wired) + 1) + "|"]
+        for r in rows:
+            out.append(f"| {r['rate']} | " + " | ".join(
+                stats.fmt_value({k: v / 1024 for k, v in r["wire_bytes"][k].items() if k != "n"}, "", 0)
+                for k in wired) + " |")
+        out += ["", "| fewer bytes than distrib fp32 | " + " | ".join(wired) + " |", "|---" * (len(wired) + 1) + "|"]
+        for r in rows:
+            out.append(f"| {r['rate']} | " + " | ".join(stats.fmt(r["fewer_bytes_than_fp32"][k]) for k in wired) + " |")
+    out += ["", f"The {model}'s gradients are {nbytes / 2**20:.1f} MiB; the ideal adds the link's time for "
             "2(n-1)/n of them (" + ", ".join(f"{r['rate']}: {r['link_ms_fp32']:.1f} ms" for r in rows)
             + "; half with fp16). Both hosts share this machine's 2 cores; TCP over the namespaces' veth link is "
             "itself CPU-bound well below 10 Gbit/s."]

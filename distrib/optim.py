@@ -18,6 +18,7 @@ import collections
 import contextlib
 import functools
 import itertools
+import logging
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -30,7 +31,7 @@ from distrib.sharding.update import check_sharding, sharded_update
 from distrib.sync_batchnorm import SyncBatchNorm
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-COMPRESSIONS = ("none", "fp16")
+COMPRESSIONS = ("none", "fp16", "powersgd")
 OPS = ("average", "adasum")
 
 
@@ -57,10 +58,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx, *,
                  accumulate: int = 1, compression: str = "none", op: str = "average",
                  max_grad_norm: Optional[float] = None, precision: str = "fp32", broadcast: bool = True,
-                 sync_buffers: bool = False, name: Optional[str] = None, shard: Optional[str] = None):
+                 sync_buffers: bool = False, name: Optional[str] = None, shard: Optional[str] = None,
+                 powersgd=None):
         _check_choice("precision", precision, PRECISIONS)
         _check_choice("compression", compression, COMPRESSIONS)
         _check_choice("op", op, OPS)
+        check_powersgd_options(compression, powersgd, op)
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1 micro-batches per step, got {accumulate}")
         if max_grad_norm is not None and max_grad_norm <= 0:
@@ -75,6 +78,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"op='adasum' needs the Horovod engine (this run uses {self._comm.engine}); "
                              "use op='average' or start the job with the Horovod engine")
         if shard is not None:
+            if compression == "powersgd":
+                raise ValueError("compression='powersgd' does not combine with shard=: PowerSGD needs each rank's "
+                                 "whole gradient matrices; drop one of the two")
             check_sharding(shard, optimizer, ctx, op)
         self.optimizer = optimizer  # first: param_groups, state and defaults are read through it
         # torch.optim.Optimizer.__init__ without its parameter handling (the groups are the inner
@@ -103,6 +109,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.broadcast_state()
         allreduce = functools.partial(make_reducer, named, self._comm, compression=compression, op=op,
                                       prefix=f"distrib.{self.name}")
+        self._powersgd = None
+        if compression == "powersgd":  # another way to carry the gradients, kept across reset()
+            from distrib.compression.reducer import powersgd_factory
+            self._powersgd, allreduce = powersgd_factory(named, self._comm, powersgd, prefix=f"distrib.{self.name}")
         # Chosen before the exchange is built: its reducer is the update's (after the broadcast,
         # because a sharded update keeps this rank's slice of rank 0's optimizer state).
         self._update = (ReplicatedUpdate(optimizer, allreduce) if shard is None else
@@ -190,15 +200,36 @@ class DistributedOptimizer(torch.optim.Optimizer):
         state = self._update.state_dict()
         if self.scaler.is_enabled():
             state["grad_scaler"] = self.scaler.state_dict()
+        if self._powersgd is not None:
+            state["powersgd"] = self._powersgd.shared_state_dict()
         return state
 
     def load_state_dict(self, state: Dict) -> None:
         if "optimizer" in state and "param_groups" not in state:  # distrib <= 0.1 checkpoints
             state = {**state["optimizer"], "grad_scaler": state.get("scaler")}
         scaler = state.get("grad_scaler")
-        self._update.load_state_dict({k: v for k, v in state.items() if k != "grad_scaler"})
+        self._update.load_state_dict({k: v for k, v in state.items() if k not in ("grad_scaler", "powersgd")})
         if scaler:
             self.scaler.load_state_dict(scaler)
+        if self._powersgd is not None and "powersgd" in state:
+            self._powersgd.load_shared_state_dict(state["powersgd"])
+
+    # Per-rank state that the checkpoint keeps beside the replicated one (CheckpointManager
+    # gathers it with the RNG states): PowerSGD's error feedback differs on every rank.
+    def local_state_dict(self) -> Optional[Dict]:
+        return None if self._powersgd is None else {"powersgd_error": self._powersgd.error_state_dict()}
+
+    def load_local_state_dict(self, state: Optional[Dict], reason: Optional[str] = None) -> None:
+        """This rank's saved :meth:`local_state_dict`, or None with the ``reason`` there is none
+        (another world size): PowerSGD's error feedback then restarts at zero, with a log line."""
+        if self._powersgd is None:
+            return
+        if state is None:
+            self._powersgd.restart_error_feedback()
+            _LOG.warning("PowerSGD error feedback restarts at zero: %s (the averaged gradients lose the "
+                         "residual the old ranks still owed, once)", reason)
+        else:
+            self._powersgd.load_error_state_dict(state["powersgd_error"])
 
     def broadcast_state(self, root_rank: int = 0) -> None:
         """Make every rank's parameters, buffers and optimizer state equal to ``root_rank``'s.
@@ -208,9 +239,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def reset(self) -> None:
         """Forget in-flight communication and partial accumulation: after a peer died the
-        ring was re-formed and the old allreduce handles are void (elastic mode)."""
+        ring was re-formed and the old allreduce handles are void (elastic mode). PowerSGD
+        starts over (warm-up, initial Q, no error feedback) on every rank alike, logged."""
         self._comm.clear_broken()
         self._exchange.reset()
+        if self._powersgd is not None:
+            self._powersgd.restart()
+            _LOG.warning("PowerSGD restarts after the elastic reset (world size %d): %d plain steps, then "
+                         "low-rank from the initial Q with no error feedback", self._comm.size(),
+                         self._powersgd.config.start_step)
 
     def close(self) -> None:
         """Remove the gradient and buffer hooks (the model trains locally again)."""
@@ -254,6 +291,8 @@ class ReplicatedUpdate:
         return sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
 
 
+_LOG = logging.getLogger("distrib.compression")
+
 # Names each wrapped optimizer's collectives; every rank wraps its optimizers in the same
 # order, so the n-th wrap has the same name everywhere.
 _WRAP_COUNTER = itertools.count()
@@ -269,6 +308,18 @@ def optimizer_only_parameters(model: torch.nn.Module, optimizer: torch.optim.Opt
             for i, p in enumerate(group["params"]) if id(p) not in owned and p.requires_grad]
 
 
+def check_powersgd_options(compression: str, powersgd, op: str) -> None:
+    if powersgd is not None and compression != "powersgd":
+        raise ValueError(f"powersgd= is only used with compression='powersgd' (got compression={compression!r}); "
+                         "pass compression='powersgd' too, or drop powersgd=")
+    if compression == "powersgd" and op != "average":
+        raise ValueError(f"compression='powersgd' needs op='average', got op={op!r}: PowerSGD averages "
+                         "low-rank factors, Adasum combines whole gradients")
+    if powersgd is not None and type(powersgd).__name__ != "PowerSGD":
+        raise ValueError(f"powersgd= takes a distrib.PowerSGD(rank=..., start_step=...), got "
+                         f"{type(powersgd).__name__}; e.g. powersgd=distrib.PowerSGD(rank=4)")
+
+
 def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -279,7 +330,8 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx, **option
     ``ctx.device``, in the same order on every rank when several models are wrapped.
     Broadcasts rank 0's parameters, buffers and optimizer state. Options: ``accumulate``,
     ``compression`` ("none", "fp16"), ``op`` ("average", "adasum"), ``max_grad_norm``,
-    ``precision`` ("fp32", "bf16", "fp16"), ``sync_buffers`` (broadcast rank 0's buffers before
+    ``precision`` ("fp32", "bf16", "fp16"), ``powersgd`` (a :class:`distrib.PowerSGD` with
+    ``compression="powersgd"``: rank, warm-up steps; see :mod:`distrib.compression`), ``sync_buffers`` (broadcast rank 0's buffers before
     each training forward, as DDP does), ``name`` (of the collectives; default: the wrap's
     ordinal), ``shard`` ("optimizer" or "gradients": ZeRO stages 1 and 2, see
     :mod:`distrib.sharding`; default None, no sharding)."""

@@ -3,6 +3,7 @@
     python -m launch -np 2 train.py --my-args
     python -m launch -H node1:4,node2:4 --controller gloo train.py
     python -m launch --hostfile hosts.txt --max-restarts 3 --hang-timeout 300 train.py
+    python -m launch --engine torch -np 2 train.py     # torch.distributed workers, no Horovod
 
 Every user error becomes one line ``distrib-launch: error: ...`` and exit status 2.
 """
@@ -21,6 +22,7 @@ from launch.version import distrib_version
 
 PROG = "distrib-launch"
 CONTROLLERS = ("auto", "mpi", "gloo")
+ENGINES = ("horovod", "torch")  # horovod: through mpirun/horovodrun; torch: torch.distributed, started by us
 MIN_HANG_TIMEOUT_S = 3.0  # heartbeat counts reach the file once a second
 
 
@@ -32,6 +34,7 @@ class LaunchConfig:
     np: int
     hosts: Hosts
     controller: str = "auto"
+    engine: str = "horovod"
     dry_run: bool = False
     verbose: bool = False
     timeline: Optional[str] = None
@@ -61,6 +64,10 @@ class LaunchConfig:
                              f"lower -np to {slots} or give the hosts more slots")
         if self.controller not in CONTROLLERS:
             raise ValueError(f"--controller {self.controller!r} is unknown; use one of {', '.join(CONTROLLERS)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine {self.engine!r} is unknown; use one of {', '.join(ENGINES)}")
+        if self.engine == "torch":
+            self._check_torch()
         if self.max_restarts < 0:
             raise ValueError(f"--max-restarts {self.max_restarts} is negative; give 0 (no restart) or more")
         if self.hang_timeout is not None and not self.hang_timeout >= MIN_HANG_TIMEOUT_S:
@@ -75,6 +82,19 @@ class LaunchConfig:
                 (None,) * 5:
             raise ValueError("--min-np, --max-np, --host-discovery-script, --blacklist-cooldown and "
                              "--reset-limit only apply with --elastic; add --elastic")
+
+    def _check_torch(self) -> None:
+        # Horovod Elastic re-forms the world inside the job; a torch.distributed process group
+        # cannot be re-formed that way here, so a lost worker means a restart of the whole job.
+        if self.elastic:
+            raise ValueError("--elastic runs on Horovod Elastic only; with --engine torch use --max-restarts K "
+                             "(the whole job restarts and resumes from its last checkpoint)")
+        if self.controller != "auto":
+            raise ValueError(f"--controller {self.controller} picks Horovod's controller and does not apply to "
+                             "--engine torch (torch.distributed uses Gloo on CPU, NCCL on GPU); drop it")
+        if self.timeline:
+            raise ValueError("--timeline writes a Horovod timeline and does not apply to --engine torch; drop it "
+                             "(torch.profiler in the script records one)")
 
     def _check_elastic(self) -> None:
         if self.controller == "mpi":
@@ -115,7 +135,7 @@ def fail(message: str) -> NoReturn:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Start N Horovod workers running script.py and supervise them.",
+    p = _Parser(prog=PROG, description="Start N workers (Horovod or torch.distributed) running script.py and supervise them.",
                 usage="%(prog)s [-np N] [-H HOSTS | --hostfile FILE] [options] script.py [args ...]")
     p.add_argument("--version", action="version", version=f"%(prog)s {distrib_version()}")
     p.add_argument("-np", "--num-proc", dest="np", type=int, metavar="N",
@@ -123,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("-H", "--hosts", dest="hosts", metavar="HOSTS", help="host:slots,host2:slots")
     where.add_argument("--hostfile", metavar="FILE", help="lines 'host:slots' or 'host slots=N'; # comments")
+    p.add_argument("--engine", choices=ENGINES, default="horovod",
+                   help="horovod (default): Horovod's allreduce, started by mpirun or horovodrun; torch: "
+                        "torch.distributed (Gloo on CPU, NCCL on GPU), each worker started by the launcher "
+                        "with torchrun's variables; needs no Horovod")
     p.add_argument("--controller", choices=CONTROLLERS, default="auto",
                    help="Horovod controller; auto: MPI when Horovod was built with it, else Gloo")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit without running it")
@@ -177,7 +201,7 @@ def config_from_args(argv: Sequence[str]) -> LaunchConfig:
         return LaunchConfig(
             script=args.script, script_args=tuple(args.script_args),
             np=args.np if args.np is not None else _default_np(args, hosts), hosts=hosts,
-            controller=args.controller, dry_run=args.dry_run, verbose=args.verbose,
+            controller=args.controller, engine=args.engine, dry_run=args.dry_run, verbose=args.verbose,
             timeline=os.path.abspath(args.timeline) if args.timeline else None,
             max_restarts=args.max_restarts, hang_timeout=args.hang_timeout,
             elastic=args.elastic, min_np=args.min_np, max_np=args.max_np,

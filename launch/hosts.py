@@ -120,12 +120,17 @@ def remote_hosts(hosts: Hosts, local: FrozenSet[str]) -> Tuple[str, ...]:
     return tuple(name for name, _ in hosts if not is_local(name, local))
 
 
-def hosts_needing_ssh(hosts: Hosts, local: FrozenSet[str], controller: str, in_slurm: bool) -> Tuple[str, ...]:
+def hosts_needing_ssh(hosts: Hosts, local: FrozenSet[str], controller: str, in_slurm: bool,
+                      slurm_nodes: FrozenSet[str] = frozenset()) -> Tuple[str, ...]:
     """The remote hosts the workers are started on over ssh. Inside a Slurm allocation mpirun
-    starts its daemons on the other nodes through srun (Open MPI's Slurm launcher), so clusters
-    without ssh between nodes work; horovodrun (Gloo) always uses ssh."""
+    starts its daemons on the other nodes through srun (Open MPI's Slurm launcher), and
+    ``--engine torch`` (controller ``torch``) starts its workers on the allocation's nodes
+    (``slurm_nodes``) as srun steps, so clusters without ssh between nodes work; horovodrun
+    (Gloo) always uses ssh."""
     if controller == "mpi" and in_slurm:
         return ()
+    if controller == "torch" and in_slurm:
+        return tuple(name for name in remote_hosts(hosts, local) if name not in slurm_nodes)
     return remote_hosts(hosts, local)
 
 

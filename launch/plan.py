@@ -68,6 +68,7 @@ class Plan:
     reason: str
     argv: Tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)  # fixed variables added for the workers
+    engine: str = "horovod"  # or "torch": argv is launch.torch_spawn (launch/torch_plan.py)
 
     @property
     def command(self) -> str:
@@ -258,8 +259,11 @@ def describe(config: LaunchConfig, plan: Plan, local: FrozenSet[str],
     """The resolved plan, as printed once at start."""
     where = ", ".join(f"{name}:{slots}{'' if is_local(name, local) else ' (remote)'}"
                       for name, slots in config.hosts)
-    lines = [f"controller: {plan.controller} ({plan.reason})",
-             f"hosts: {where}; np: {config.np}"]
+    if plan.engine == "torch":
+        lines = [f"engine: torch ({plan.reason}); MASTER_PORT: free on rank 0's host, new at each attempt"]
+    else:
+        lines = [f"controller: {plan.controller} ({plan.reason})"]
+    lines.append(f"hosts: {where}; np: {config.np}")
     if config.elastic:
         interface, why = network_interface(config, local, detected_interface)
         lines.append(f"elastic: {config.min_np}..{config.max_np} workers, hosts from "

@@ -39,7 +39,9 @@ class RankStatus:
 # What a rank prints when it failed only because a peer did: Horovod shuts down on every rank
 # once one rank raised, and the others' pending collectives then raise. Such a rank can end
 # *before* the one that raised (still printing its traceback), so it is not the root cause.
-PEER_FAILURE_MARKS = ("HorovodInternalError", "Horovod has been shut down", "Connection closed by peer")
+# torch.distributed's Gloo says "Connection reset by peer" when a peer process died mid-collective.
+PEER_FAILURE_MARKS = ("HorovodInternalError", "Horovod has been shut down", "Connection closed by peer",
+                      "Connection reset by peer")
 
 
 def failed_because_of_a_peer(status: RankStatus) -> bool:

@@ -4,7 +4,10 @@
     sbatch job.sbatch [more script args]
 
 Each task is started by ``srun --mpi=pmix`` and Horovod's MPI controller initialises from PMIx,
-so no horovodrun is involved. The script asks for ``SIGUSR2`` 90 s before the time limit
+so no horovodrun is involved. With ``--engine torch`` each task is started by ``srun --mpi=none``
+through ``python -m launch.srun_task``, which gives it torchrun's variables (torch.distributed;
+no Horovod, no MPI); the script exports ``MASTER_PORT``, a port free on the first node when it
+starts (rank 0 runs there), so a requeued job picks a new one. The script asks for ``SIGUSR2`` 90 s before the time limit
 (``distrib.preemption`` checkpoints and requeues on it) and appends to its log across requeues.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import List, Optional, Sequence
 PROG = "python -m launch.slurm"
 _TIME = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})$")
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+ENGINES = ("horovod", "torch")
 
 # srun runs in the background so that this shell can forward SIGUSR2 (a shell without a trap
 # dies of it); the trap is set before srun starts so that an early signal cannot kill the job.
@@ -30,7 +34,7 @@ if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export OMP_NUM_THREADS="${SLURM_CPUS_
 # directly, but `scancel --batch --signal=USR2` reaches only this shell.
 srun_pid=""
 trap 'if [ -n "${srun_pid}" ]; then kill -USR2 "${srun_pid}" 2>/dev/null || true; fi' USR2
-srun --mpi=pmix --kill-on-bad-exit=1 %(command)s "$@" &
+%(srun)s
 srun_pid=$!
 while true; do
     wait "${srun_pid}" && rc=0 || rc=$?
@@ -64,8 +68,11 @@ class SbatchConfig:
     job_name: Optional[str] = None
     requeue: bool = True
     python: str = "python"
+    engine: str = "horovod"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine {self.engine!r} is unknown; use one of {', '.join(ENGINES)}")
         if self.nodes < 1:
             raise ValueError(f"--nodes {self.nodes} must be >= 1")
         if self.gpus_per_node < 0:
@@ -116,8 +123,18 @@ def render(cfg: SbatchConfig, argv: Optional[Sequence[str]] = None) -> str:
         "set -euo pipefail",
         "",
     ]
-    command = shlex.join([cfg.python, *cfg.script])
-    return "\n".join(lines) + "\n" + RUN_BODY % {"command": command}
+    return "\n".join(lines) + "\n" + RUN_BODY % {"srun": srun_lines(cfg)}
+
+
+def srun_lines(cfg: SbatchConfig) -> str:
+    """The lines that start the tasks, in the background (see RUN_BODY)."""
+    if cfg.engine == "horovod":
+        return f'srun --mpi=pmix --kill-on-bad-exit=1 {shlex.join([cfg.python, *cfg.script])} "$@" &'
+    return ("# torch.distributed: every task meets rank 0 on the first node, where this script runs, at a\n"
+            "# port free there now (a requeued job picks a new one).\n"
+            f'export MASTER_PORT="$({shlex.join([cfg.python, "-m", "launch.srun_task", "--free-port"])})"\n'
+            f'srun --mpi=none --kill-on-bad-exit=1 '
+            f'{shlex.join([cfg.python, "-m", "launch.srun_task", *cfg.script])} "$@" &')
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -141,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requeue", action=argparse.BooleanOptionalAction, default=True,
                    help="let the job requeue itself on SIGUSR2 (default: yes)")
     p.add_argument("--python", default="python", help="interpreter on the compute nodes")
+    p.add_argument("--engine", choices=ENGINES, default="horovod",
+                   help="horovod (default: srun --mpi=pmix, Horovod over MPI) or torch (torch.distributed)")
     p.add_argument("script", nargs=argparse.REMAINDER, help="-- script.py [args]")
     return p
 
@@ -154,7 +173,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = SbatchConfig(nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time, script=script,
                            tasks_per_node=args.tasks_per_node, partition=args.partition,
                            cpus_per_task=args.cpus_per_task, job_name=args.job_name, requeue=args.requeue,
-                           python=args.python)
+                           python=args.python, engine=args.engine)
     except ValueError as exc:
         parser.error(str(exc))  # prints "python -m launch.slurm: error: ..." and exits 2
     sys.stdout.write(render(cfg, argv))

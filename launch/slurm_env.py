@@ -201,6 +201,13 @@ class SlurmJobEnvironment:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def allocation_nodes(env: Optional[Mapping[str, str]] = None) -> Tuple[str, ...]:
+    """The nodes of the Slurm allocation we run in; () outside one."""
+    env = os.environ if env is None else env
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    return tuple(expand_nodelist(nodelist)) if in_slurm_job(env) and nodelist else ()
+
+
 def hosts_from_slurm(env: Optional[Mapping[str, str]] = None) -> List[Tuple[str, int]]:
     """``[(host, slots), ...]`` for the launcher inside an allocation (no -np/-H given).
 
@@ -223,3 +230,48 @@ def hosts_from_slurm(env: Optional[Mapping[str, str]] = None) -> List[Tuple[str,
     else:
         tasks = [1] * len(job.nodes)
     return [(host, n if n > 1 else max(1, n, job.gpus_on_node)) for host, n in zip(job.nodes, tasks)]
+
+
+# torchrun's variable -> where an srun task finds it; the step's own variables first (a step may
+# use part of the allocation), then the job's.
+_TORCH_FROM_SLURM = {
+    "RANK": ("SLURM_PROCID",),
+    "WORLD_SIZE": ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
+    "LOCAL_RANK": ("SLURM_LOCALID",),
+}
+
+
+def _first(env: Mapping[str, str], names: Tuple[str, ...]) -> Tuple[str, str]:
+    for name in names:
+        if env.get(name):
+            return name, env[name]
+    raise ValueError(f"{' or '.join(names)} is not set: not inside an srun task; start the workers with "
+                     "srun (see slurm/*.sbatch) or with python -m launch --engine torch")
+
+
+def torch_env_from_slurm(env: Mapping[str, str]) -> dict:
+    """An srun task's place as torch.distributed's variables (what torchrun would set), and
+    ``DISTRIB_ENGINE=torch``. Rank 0 is the first task of the first node of the step (srun's block
+    distribution), so ``MASTER_ADDR`` is that node; ``MASTER_PORT`` must already be set, the same
+    in every task (the batch script picks one free on that node, where it runs)."""
+    out = {}
+    for variable, names in _TORCH_FROM_SLURM.items():
+        name, raw = _first(env, names)
+        if not raw.strip().isdigit():
+            raise ValueError(f"{name}={raw!r} is not a non-negative integer")
+        out[variable] = str(int(raw))
+    name, nodelist = _first(env, ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
+    nodes = expand_nodelist(nodelist)
+    per_node_name, per_node = _first(env, ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"))
+    counts = expand_tasks_per_node(per_node)
+    node_name, node = _first(env, ("SLURM_NODEID",))
+    if not node.isdigit() or int(node) >= len(counts) or len(counts) != len(nodes):
+        raise ValueError(f"{node_name}={node!r}, {per_node_name}={per_node!r} and {name}={nodelist!r} do not "
+                         "describe the same nodes; they must come from the same srun step")
+    port = env.get("MASTER_PORT", "")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"MASTER_PORT={port!r} is not a port: export MASTER_PORT=\"$(python -m launch.srun_task "
+                         "--free-port)\" in the batch script before srun (slurm/*.sbatch do)")
+    out.update(LOCAL_WORLD_SIZE=str(counts[int(node)]), MASTER_ADDR=nodes[0], MASTER_PORT=port,
+               DISTRIB_ENGINE="torch")
+    return out

@@ -38,8 +38,10 @@ RESTART_COUNT_ENV = "DISTRIB_RESTART_COUNT"  # 0 on the first attempt, i on rest
 STOP_GRACE_ENV = "DISTRIB_STOP_GRACE"      # seconds a shim gives its script between SIGTERM and SIGKILL
 RUNTIME_ENV_NAMES = (ADDRESS_ENV, SECRET_ENV, RESTART_COUNT_ENV, STOP_GRACE_ENV)
 
-# Where launchers put the global rank: Horovod's Gloo launcher, Open MPI, PMIx (srun), SLURM.
-RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+# Where launchers put the global rank: torchrun and distrib-launch --engine torch (first: such a
+# worker started inside a Slurm batch step also inherits the batch step's SLURM_PROCID=0),
+# Horovod's Gloo launcher, Open MPI, PMIx (srun), SLURM.
+RANK_VARIABLES = ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 KINDS = ("started", "ended", "raised", "beat")
 CONNECT_TIMEOUT_S = 2.0   # per address: an address of the launcher's that this host cannot route to
 SEND_TIMEOUT_S = 5.0

@@ -4,6 +4,7 @@ One machine, two host names (localhost and 127.0.0.1): Horovod blacklists the *h
 worker, so with both slots under one name the whole job would stop (see FACTS).
 """
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from distrib.checkpoint import store
 from launch.cli import LaunchConfig
@@ -79,6 +81,42 @@ def read_run(out: Path):
     return indices, finals, sizes
 
 
+def replay_committed_steps(out: Path, samples: int):
+    """The parameters of one plain torch process that trains elastic_train.py's model (float64)
+    on the steps the run committed, in their order: each step's loss is the mean over the ranks of
+    each rank's mean loss (what averaging the ranks' gradients computes; the global batch's mean
+    when the ranks hold equal shares), at the learning rate of the step's world size."""
+    records = [json.loads(line) for f in out.glob("steps.*.jsonl") for line in f.read_text().splitlines()]
+    records.sort(key=lambda r: r["step"])
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1)), "a committed step is missing or twice"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1).double()  # the script's initial weights
+    x = torch.arange(samples, dtype=torch.float64).unsqueeze(1) / samples
+    initial = torch.cat([q.detach().flatten() for q in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for r in records:
+        world = len(r["samples"])
+        # distrib.LRSchedule(base_lr=1e-4, total_steps=1000): linear scaling, cosine decay to 0.1x
+        factor = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * (r["step"] - 1) / 1000))
+        optimizer.param_groups[0]["lr"] = 1e-4 * world * factor
+        loss = sum(model(x[rank_samples]).pow(2).mean() for rank_samples in r["samples"]) / world
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    final = torch.cat([q.detach().flatten() for q in model.parameters()])
+    assert (final - initial).abs().max() > 1e-4, "the replay hardly trained: comparing with it proves nothing"
+    return final.tolist()
+
+
+def assert_params_match_the_replay(out: Path, finals, samples: int):
+    want = replay_committed_steps(out, samples)
+    for final in finals:
+        # float64: summation order only; training a rolled-back step twice moves them by ~1e-4
+        assert final["params"] == pytest.approx(want, rel=0, abs=1e-12), (
+            f"rank {final['rank']} ended with {final['params']}, a plain torch replay of the committed steps "
+            f"with {want}")
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["kill", "exception"])
 def test_job_survives_a_dead_worker_and_consumes_every_sample_once(tmp_path, mode):
@@ -93,6 +131,9 @@ def test_job_survives_a_dead_worker_and_consumes_every_sample_once(tmp_path, mod
     assert finals[0]["epoch"] == 1
     # the survivor rolled back to the commit before the failure (step 6) and went on alone
     assert (6, 0, 1) in sizes and finals[0]["lr"] == pytest.approx(1e-4, rel=0.05)
+    # the parameters are those of the committed steps alone: the one trained after the last commit
+    # was rolled back on the survivor, not kept
+    assert_params_match_the_replay(out, finals, 192)
 
 
 @pytest.mark.timeout(300)
@@ -129,6 +170,7 @@ def test_worker_added_mid_run_joins_at_the_next_commit(tmp_path):
     assert len(joined_at) == 1 and joined_at.pop() > 0
     # the learning rate follows the new world size (linear scaling, 2 workers)
     assert all(f["lr"] == pytest.approx(2e-4, rel=0.05) for f in finals)
+    assert_params_match_the_replay(out, finals, 400)
 
 
 TINY_LM = [*TINY_LM_MODEL, "--warmup", "2", "--log-every", "1", "--seed", "7"]

@@ -15,6 +15,7 @@ from tests.helpers import SCRIPTS, run_launch, run_torchrun
 SCRIPT = SCRIPTS / "equivalence_matrix.py"
 EXACT = 1e-10          # float64 after 4 steps; a double average or a wrong step is > 1e-3
 FP16_WIRE = 2e-3       # gradients rounded to fp16 on the wire
+FP16_ROUNDOFF = 2.0**-11
 CASES = [
     "sgd-acc1-nosync", "sgd-acc1-sync", "sgd-acc3-nosync", "sgd-acc3-sync",
     "adamw-acc1-nosync", "adamw-acc1-sync", "adamw-acc3-nosync", "adamw-acc3-sync",
@@ -55,6 +56,9 @@ def test_two_workers_compute_what_single_process_torch_computes(case, run, tmp_p
     assert got["error"] is None, got["error"]
     tolerance = FP16_WIRE if "fp16" in case else EXACT
     assert got["vs_torch"] <= tolerance, f"{case}: max |distrib - torch| = {got['vs_torch']:.3g}"
+    if "fp16" in case:  # fp16's rounding, relative to how far training moved: not ~1e-16 (compression ignored)
+        relative = got["vs_torch"] / got["reference_moved"]
+        assert FP16_ROUNDOFF / 10 < relative < 4 * FP16_ROUNDOFF, f"{case}: {relative:.3g} is not fp16 rounding"
     assert got["across_ranks"] == 0.0, f"{case}: the ranks hold different parameters"
     assert got["reference_moved"] > 1e-3, f"{case}: the reference did not train, so the comparison proves nothing"
 

@@ -25,6 +25,8 @@ def test_defaults_to_localhost_with_np():
     assert cfg.hosts == (("localhost", 2),) and cfg.np == 2
     assert cfg.script == SCRIPT and cfg.script_args == ("--lr", "0.1", "-np", "7")
     assert cfg.controller == "auto" and not cfg.dry_run and cfg.max_restarts == 0 and cfg.hang_timeout is None
+    assert cfg.engine == "horovod"
+    assert config_from_args(["--engine", "torch", "-np", "2", "--max-restarts", "1", SCRIPT]).engine == "torch"
 
 
 def test_np_defaults_to_total_slots(tmp_path):
@@ -55,6 +57,11 @@ def test_options(tmp_path):
     (["-np", "2", "--max-restarts", "-1", SCRIPT], "--max-restarts -1 is negative"),
     (["-np", "2", "--hang-timeout", "0.5", SCRIPT], "--hang-timeout 0.5 is too short"),
     (["--hostfile", "/nonexistent/hosts", SCRIPT], "cannot be read"),
+    (["-np", "2", "--engine", "mpi", SCRIPT], "invalid choice: 'mpi' (choose from 'horovod', 'torch')"),
+    (["--engine", "torch", "--elastic", "--min-np", "1", "--max-np", "2", "-np", "2", SCRIPT],
+     "--elastic runs on Horovod Elastic only; with --engine torch use --max-restarts K"),
+    (["--engine", "torch", "--controller", "gloo", "-np", "2", SCRIPT], "does not apply to --engine torch"),
+    (["--engine", "torch", "--timeline", "tl.json", "-np", "2", SCRIPT], "Horovod timeline and does not apply"),
 ])
 def test_errors_are_one_line(capsys, argv, message):
     assert message in parse_error(capsys, argv)

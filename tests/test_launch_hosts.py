@@ -123,14 +123,16 @@ def test_check_ssh_real_unreachable_name():
 
 
 @pytest.mark.parametrize("controller, in_slurm, expected", [
-    ("mpi", False, ("node2",)),
-    ("gloo", False, ("node2",)),
+    ("mpi", False, ("node2", "node3")),
+    ("gloo", False, ("node2", "node3")),
     ("mpi", True, ()),           # mpirun reaches the other nodes through srun
-    ("gloo", True, ("node2",)),  # horovodrun always uses ssh
+    ("gloo", True, ("node2", "node3")),  # horovodrun always uses ssh
+    ("torch", False, ("node2", "node3")),
+    ("torch", True, ("node3",)),         # --engine torch: srun steps on the allocation's nodes
 ])
 def test_hosts_needing_ssh(controller, in_slurm, expected):
-    hosts = (("localhost", 2), ("node2", 2))
-    assert hosts_needing_ssh(hosts, LOCAL, controller, in_slurm) == expected
+    hosts = (("localhost", 2), ("node2", 2), ("node3", 1))
+    assert hosts_needing_ssh(hosts, LOCAL, controller, in_slurm, slurm_nodes=frozenset({"node2"})) == expected
 
 
 @pytest.mark.parametrize("code, start", [

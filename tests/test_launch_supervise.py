@@ -44,6 +44,12 @@ def test_a_rank_that_failed_because_of_a_peer_is_not_the_root_cause():
     gloo_peer = RankStatus(rank=2, host="h", pid=3, exit_code=1, signal=None, end_time=0.5,
                            stderr_tail=("RuntimeError: [../gloo/transport/tcp/pair.cc:598] Connection closed by peer",))
     assert first_failure([gloo_peer, culprit]).rank == 1
+    # --engine torch: a peer of a SIGKILLed rank raises first (its report can arrive first)
+    torch_peer = RankStatus(rank=0, host="node1", pid=4, exit_code=1, signal=None, end_time=0.4,
+                            exception="RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:"
+                                      "537] Read error [198.18.0.2]:10966: Connection reset by peer. This is ...")
+    killed = RankStatus(rank=1, host="node2", pid=5, exit_code=137, signal="SIGKILL", end_time=0.6)
+    assert first_failure([torch_peer, killed]).rank == 1
     # When every failed rank shows a peer's failure, the earliest still is the answer.
     assert first_failure([peer, gloo_peer]).rank == 2
 

@@ -7,6 +7,7 @@ failure tests write their run directory to /tmp, which each node has its own of:
 report does not depend on a shared file system.
 """
 import json
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,8 @@ from distrib.data import epoch_order
 
 from tests.helpers import REPO, SCRIPTS, TINY_LM_MODEL, hang_report
 from tests.nodes import nodes  # noqa: F401 - the session's cluster
-from tests.test_elastic import read_run
+from tests.test_elastic import assert_params_match_the_replay, read_run
+from tests.test_launch_run import ranks_reporting, torch_workers
 
 pytestmark = pytest.mark.multiprocess
 TRAIN_LM = REPO / "examples" / "train_lm.py"
@@ -94,11 +96,12 @@ def assert_no_worker_left(nodes) -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("controller, on, hosts_arg", [
-    ("mpi", "node1", "-H"),
-    ("gloo", "node3", "--hostfile"),  # the launcher's host runs no worker
-])
-def test_train_lm_on_two_hosts_equals_one_process_of_the_global_batch(nodes, shared, reference, controller, on,
+@pytest.mark.parametrize("engine_args, on, hosts_arg", [
+    (["--controller", "mpi"], "node1", "-H"),
+    (["--controller", "gloo"], "node3", "--hostfile"),  # the launcher's host runs no worker
+    (["--engine", "torch"], "node1", "-H"),
+], ids=["mpi", "gloo", "torch"])
+def test_train_lm_on_two_hosts_equals_one_process_of_the_global_batch(nodes, shared, reference, engine_args, on,
                                                                        hosts_arg):
     if hosts_arg == "-H":
         hosts = "node1:1,node2:1"
@@ -106,7 +109,7 @@ def test_train_lm_on_two_hosts_equals_one_process_of_the_global_batch(nodes, sha
         hosts = shared / "hosts.txt"
         hosts.write_text("# two nodes\nnode1 slots=1\nnode2:1\n")
     run_dir = shared / "run"
-    proc = launch(nodes, on, ["--verbose", "--controller", controller, hosts_arg, hosts], script_args=[
+    proc = launch(nodes, on, ["--verbose", *engine_args, hosts_arg, hosts], script_args=[
         *TRAIN, "--checkpoint-every", "0", "--run-dir", run_dir])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distrib-launch: rank 0 on node1 ended: exit code 0" in proc.stderr
@@ -114,6 +117,58 @@ def test_train_lm_on_two_hosts_equals_one_process_of_the_global_batch(nodes, sha
     records = [r for r in metrics(run_dir) if "event" not in r]
     assert [r["step"] for r in records][-1] == STEPS and {r["world_size"] for r in records} == {2}
     assert_same_parameters(run_dir, reference)
+    assert_no_worker_left(nodes)
+    # train_lm (AdamW, clipping) is scale-invariant: gradients summed instead of averaged across the
+    # hosts would pass above. SGD in float64 on the same two hosts, against plain torch, is not.
+    out = shared / "matrix.json"
+    proc = launch(nodes, on, ["--controller", controller, hosts_arg, hosts], script=SCRIPTS / "equivalence_matrix.py",
+                  script_args=["--out", out, "--cases", "sgd-acc1-nosync,sgd-acc3-sync", "--no-checks"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["size"] == 2 and sorted(results["cases"]) == ["sgd-acc1-nosync", "sgd-acc3-sync"]
+    for name, got in results["cases"].items():
+        assert got["error"] is None, got["error"]
+        assert got["vs_torch"] <= 1e-10, f"{name} on two hosts: max |distrib - torch| = {got['vs_torch']:.3g}"
+        assert got["across_ranks"] == 0.0 and got["reference_moved"] > 1e-3
+
+
+@pytest.mark.timeout(300)
+def test_torch_engine_across_two_hosts_gives_each_worker_its_place(nodes):
+    """--engine torch from node1, 2 workers on node1 and 2 on node2 (over ssh): node2's workers
+    continue the ranks with local ranks 0 and 1, all meet at node1, and the allreduce is right."""
+    proc = launch(nodes, "node1", ["--verbose", "--engine", "torch", "-H", "node1:2,node2:2"],
+                  script=SCRIPTS / "launch_allreduce.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = re.search(r"^distrib-launch: attempt 0: torch workers meet at MASTER_ADDR=node1 MASTER_PORT=(\d+)$",
+                     proc.stderr, re.M)
+    assert port, proc.stderr[-3000:]
+    master = f"node1:{port[1]}"
+    assert torch_workers(proc.stdout) == {0: (0, 2, "node1", master), 1: (1, 2, "node1", master),
+                                          2: (0, 2, "node2", master), 3: (1, 2, "node2", master)}, proc.stdout
+    assert ranks_reporting(proc.stdout) == {r: (4, 10.0, "0") for r in range(4)}, proc.stdout
+    for rank, host in ((0, "node1"), (1, "node1"), (2, "node2"), (3, "node2")):
+        assert f"distrib-launch: rank {rank} on {host} ended: exit code 0" in proc.stderr
+    assert_no_worker_left(nodes)
+
+
+@pytest.mark.timeout(400)
+def test_torch_engine_killed_rank_on_another_host_is_reported_and_the_job_restarts(nodes, shared):
+    """--engine torch launched from node3, which runs no worker: rank 0's port is asked of node1
+    over ssh at each attempt. Rank 1 on node2 is SIGKILLed once: the report names it with its host,
+    and the restarted job meets at a new port and succeeds; no worker is left on any host."""
+    hostfile = shared / "hosts.txt"
+    hostfile.write_text("node1:1\nnode2:1\n")
+    proc = launch(nodes, "node3", ["--engine", "torch", "--hostfile", hostfile, "--max-restarts", "1"],
+                  script=SCRIPTS / "launch_allreduce.py",
+                  script_args=["--fail-rank", "1", "--fail-mode", "sigkill", "--marker-dir", shared])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert "distrib-launch: rank 1 on node2 failed first: killed by SIGKILL" in lines, proc.stderr[-3000:]
+    assert "distrib-launch: restart 1/1" in lines
+    ports = re.findall(r"^distrib-launch: attempt \d: torch workers meet at MASTER_ADDR=node1 MASTER_PORT=(\d+)$",
+                       proc.stderr, re.M)
+    assert len(ports) == 2 and ports[0] != ports[1], proc.stderr[-3000:]
+    assert re.findall(r"rank=1 size=2 sum=3 restart=(\d)", proc.stdout) == ["0", "1"], proc.stdout
     assert_no_worker_left(nodes)
 
 
@@ -153,13 +208,14 @@ def test_a_stopped_rank_on_another_host_is_named_and_stopped(nodes):
 
 
 @pytest.mark.timeout(600)
-def test_a_killed_rank_on_another_host_restarts_the_job_which_resumes(nodes, shared, reference):
+@pytest.mark.parametrize("engine_args", [["--controller", "mpi"], ["--engine", "torch"]], ids=["mpi", "torch"])
+def test_a_killed_rank_on_another_host_restarts_the_job_which_resumes(nodes, shared, reference, engine_args):
     """SIGKILL of rank 1 on node2 at step 4 (after the step-3 checkpoint), --max-restarts 1: the
     report names it, the whole job starts again, resumes from step 3 and ends as if never stopped."""
     hostfile = shared / "hosts.txt"
     hostfile.write_text("node1:1\nnode2:1\n")
     run_dir = shared / "run"
-    proc = launch(nodes, "node1", ["--controller", "mpi", "--hostfile", hostfile, "--max-restarts", "1"],
+    proc = launch(nodes, "node1", [*engine_args, "--hostfile", hostfile, "--max-restarts", "1"],
                   script=FAULTY, script_args=["kill:1:4", *TRAIN, "--checkpoint-every", "3", "--sync-checkpoint",
                                               "--run-dir", run_dir])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -248,6 +304,8 @@ def test_elastic_loses_a_whole_host_goes_on_and_takes_it_back(nodes, shared):
     assert any(size == 3 and step > after_loss for step, _, size in sizes), sizes  # node3 rejoined
     assert sorted(f["size"] for f in finals) == [3, 3, 3]
     assert finals[0]["params"] == finals[1]["params"] == finals[2]["params"]
+    # and the parameters are those of the committed steps replayed in one plain torch process
+    assert_params_match_the_replay(out, finals, samples)
 
 
 def sizes_seen(out: Path, size: int) -> bool:

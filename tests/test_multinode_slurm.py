@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_LM_MODEL
+from tests.helpers import SCRIPTS, TINY_LM_MODEL
 from tests.nodes import nodes  # noqa: F401 - the session's cluster
 from tests.slurm_cluster import REPO, slurm_nodes  # noqa: F401 - Slurm on node1, node2
+from tests.test_launch_run import ranks_reporting, torch_workers
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slurm, pytest.mark.multiprocess]
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=00:10:00"]
@@ -70,3 +71,34 @@ def test_the_launcher_inside_a_two_node_allocation_reaches_the_other_node(slurm_
     assert "rank 1 on node2 ended: exit code 0" in text and "rank 0 on node1 ended: exit code 0" in text, text
     assert steps(run_dir) == [1, 2, 3, 4]
     assert {r["world_size"] for r in records(run_dir) if "world_size" in r} == {2}
+
+
+def test_torch_engine_across_two_nodes_by_srun_and_by_the_launcher(slurm_nodes, shared):
+    """ENGINE=torch: slurm/multi_node.sbatch starts one task per node through launch.srun_task;
+    then, in the same kind of allocation, `python -m launch --engine torch` takes node1 and node2
+    from it and starts node2's worker over ssh. Both times rank 1 runs on node2 and both meet at
+    node1 (where the batch script, the launcher and rank 0 run)."""
+    log = shared / "srun.out"
+    job_id = slurm_nodes.sbatch(REPO / "slurm" / "multi_node.sbatch", sbatch_args=[*TWO_NODES, f"--output={log}"],
+                                env={"ENGINE": "torch", "SCRIPT": str(SCRIPTS / "launch_allreduce.py"),
+                                     "RUN_DIR": str(shared / "run")})
+    job = slurm_nodes.wait(job_id, timeout=250, output=log)
+    text = log.read_text()
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), text
+    workers = torch_workers(text)
+    assert {r: w[:3] for r, w in workers.items()} == {0: (0, 1, "node1"), 1: (0, 1, "node2")}, text
+    assert {w[3].split(":")[0] for w in workers.values()} == {"node1"}, text
+    assert ranks_reporting(text) == {0: (2, 3.0, "None"), 1: (2, 3.0, "None")}, text
+
+    log, script = shared / "launch.out", shared / "launch.sbatch"
+    script.write_text(f"#!/bin/bash\nset -euo pipefail\npython -m launch --verbose --engine torch "
+                      f"{SCRIPTS / 'launch_allreduce.py'}\n")
+    job_id = slurm_nodes.sbatch(script, sbatch_args=[*TWO_NODES, f"--output={log}"])
+    job = slurm_nodes.wait(job_id, timeout=250, output=log)
+    text = log.read_text()
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), text
+    assert "hosts: node1:1, node2:1 (remote); np: 2" in text, text
+    workers = torch_workers(text)
+    assert {r: w[:3] for r, w in workers.items()} == {0: (0, 1, "node1"), 1: (0, 1, "node2")}, text
+    assert "rank 1 on node2 ended: exit code 0" in text and "rank 0 on node1 ended: exit code 0" in text, text
+    assert ranks_reporting(text) == {0: (2, 3.0, "0"), 1: (2, 3.0, "0")}, text

@@ -4,12 +4,16 @@ Every job is submitted with sbatch and runs its tasks with `srun --mpi=pmix`: Ho
 controller starts from PMIx. The node has 2 CPUs and 2 fake GPUs, so each job runs 2 tasks.
 """
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.slurm import main as generate_sbatch
 from tests.helpers import TINY_LM_MODEL
+from tests.test_launch_run import ranks_reporting, torch_workers
 from tests.slurm_cluster import REPO, slurm_cluster  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slurm]
@@ -58,6 +62,22 @@ def test_srun_per_task_starts_horovod_over_pmix(slurm_cluster, tmp_path):
     assert {r["sum"] for r in records(run_dir) if "sum" in r} == {3.0}  # 1 + 2: both ranks in the allreduce
 
 
+def test_srun_per_task_starts_torch_engine_workers(slurm_cluster, tmp_path):
+    """The generator's --engine torch script: srun starts 2 tasks through launch.srun_task, each a
+    torch.distributed worker (ranks, local ranks, the port the batch script picked), allreduce right."""
+    script = generated_script(tmp_path, "--engine", "torch", "--tasks-per-node", "2", "--cpus-per-task", "1",
+                              "--time", "00:05:00", "--", "tests/scripts/launch_allreduce.py")
+    log = tmp_path / "job.out"
+    job_id = slurm_cluster.sbatch(script, sbatch_args=[f"--output={log}"])
+    job = slurm_cluster.wait(job_id, timeout=120, output=log)
+    text = log.read_text()
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), text
+    workers = torch_workers(text)
+    assert {rank: w[:2] for rank, w in workers.items()} == {0: (0, 2), 1: (1, 2)}, text
+    assert len({w[3] for w in workers.values()}) == 1, text  # one MASTER_ADDR:MASTER_PORT for both
+    assert ranks_reporting(text) == {0: (2, 3.0, "None"), 1: (2, 3.0, "None")}, text
+
+
 def test_standin_preempted_requeued_resumed(slurm_cluster, tmp_path):
     """(b, stand-in) SIGUSR2 to the batch shell only (it forwards to srun) -> checkpoint, requeue,
     resume; preempted twice, it still makes progress each time, and no step is lost or repeated."""
@@ -66,6 +86,19 @@ def test_standin_preempted_requeued_resumed(slurm_cluster, tmp_path):
                                   sbatch_args=[*SMALL_NODE, f"--output={log}"],
                                   env={"SCRIPT": STANDIN, "RUN_DIR": str(run_dir)})
     _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--batch", total=16, preemptions=2)
+
+
+def test_torch_engine_lm_preempted_requeued_resumed(slurm_cluster, tmp_path):
+    """ENGINE=torch slurm/requeue.sbatch: examples/train_lm.py on 2 torch.distributed tasks;
+    SIGUSR2 to the batch shell -> every task stops at the same step, checkpoints, rank 0 requeues,
+    and the requeued job (a new MASTER_PORT) resumes: every step once, world size 2 throughout."""
+    log, run_dir, total = tmp_path / "job.out", tmp_path / "run", 150
+    job_id = slurm_cluster.sbatch(REPO / "slurm" / "requeue.sbatch", "--steps", str(total), *TINY_LM,
+                                  sbatch_args=[*SMALL_NODE, f"--output={log}"],
+                                  env={"ENGINE": "torch", "SCRIPT": "examples/train_lm.py", "RUN_DIR": str(run_dir),
+                                       "CHECKPOINT_EVERY": "1000"})
+    _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--batch", total=total)
+    assert {r["world_size"] for r in records(run_dir) if "world_size" in r} == {2}
 
 
 def _preempt_and_finish(cluster, job_id, run_dir, log, scancel_mode, total, preemptions=1):
@@ -135,14 +168,33 @@ def test_srun_without_pmix_fails_in_one_line_instead_of_training_twice(slurm_clu
 
 def test_requeue_sbatch_lm_preempted_requeued_resumed(slurm_cluster, tmp_path):
     """(b) slurm/requeue.sbatch with train_lm: `scancel --full --signal=USR2` (every process of the
-    job, as Slurm's own --signal does for the tasks) mid-run; it resumes and finishes."""
+    job, as Slurm's own --signal does for the tasks) mid-run; it resumes and finishes with the
+    parameters of train_lm never interrupted, in one process on the global batch (2 tasks x 4)."""
     log, run_dir = tmp_path / "job.out", tmp_path / "run"
     total = 150
-    job_id = slurm_cluster.sbatch(REPO / "slurm" / "requeue.sbatch", "--steps", str(total), *TINY_LM,
-                                  sbatch_args=[*SMALL_NODE, f"--output={log}"],
-                                  env={"RUN_DIR": str(run_dir), "CHECKPOINT_EVERY": "50"})
-    _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--full", total=total)
-    assert (run_dir / "model.pt").exists()
+    args = ["--steps", str(total), *TINY_LM, "--lr-scaling", "none"]
+    # The uninterrupted run, alongside the job (its numbers do not depend on timing).
+    reference_dir, reference_log = tmp_path / "reference", tmp_path / "reference.log"
+    with open(reference_log, "w") as out:
+        reference = subprocess.Popen([sys.executable, str(REPO / "examples" / "train_lm.py"), *args, "--batch-size",
+                                      "8", "--checkpoint-every", "0", "--run-dir", str(reference_dir)], cwd=REPO,
+                                     stdout=out, stderr=subprocess.STDOUT)
+    try:
+        job_id = slurm_cluster.sbatch(REPO / "slurm" / "requeue.sbatch", *args,
+                                      sbatch_args=[*SMALL_NODE, f"--output={log}"],
+                                      env={"RUN_DIR": str(run_dir), "CHECKPOINT_EVERY": "50"})
+        _preempt_and_finish(slurm_cluster, job_id, run_dir, log, "--full", total=total)
+        assert reference.wait(timeout=240) == 0, reference_log.read_text()[-3000:]
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
+    got, want = (torch.load(d / "model.pt", weights_only=True)["model_state"] for d in (run_dir, reference_dir))
+    assert got.keys() == want.keys()
+    for name in want:  # float32, 150 AdamW steps: the reduction order's noise is ~1e-5
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: the preempted run differs from the "
+                                                            f"uninterrupted one\n{m}")
 
 
 ENV_PROBE = """\

@@ -1,8 +1,10 @@
 """Table tests for launch/slurm_env.py: pure parsers of SLURM variables."""
+import re
+
 import pytest
 
 from launch.slurm_env import (SlurmJobEnvironment, expand_nodelist, expand_tasks_per_node,
-                              gpus_per_node, hosts_from_slurm, in_slurm_job, parse_gpu_count)
+                              gpus_per_node, hosts_from_slurm, in_slurm_job, parse_gpu_count, torch_env_from_slurm)
 
 
 @pytest.mark.parametrize("text, hosts", [
@@ -136,3 +138,39 @@ def test_hosts_from_slurm_needs_nodelist():
     with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
         hosts_from_slurm({"SLURM_JOB_ID": "7"})
     assert not in_slurm_job({}) and in_slurm_job({"SLURM_JOB_ID": "7"})
+
+
+# An srun task of a 2-node step with 2 tasks on the first node and 1 on the second.
+SRUN_TASK = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
+             "SLURM_STEP_NUM_TASKS": "3", "SLURM_NTASKS": "8", "SLURM_STEP_NODELIST": "gpu[07-08]",
+             "SLURM_JOB_NODELIST": "gpu[01-08]", "SLURM_STEP_TASKS_PER_NODE": "2,1",
+             "SLURM_TASKS_PER_NODE": "1(x8)", "MASTER_PORT": "40123"}
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({}, {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "gpu07"}),
+    # without the step's own variables: the job's
+    ({"SLURM_STEP_NUM_TASKS": None, "SLURM_STEP_NODELIST": None, "SLURM_STEP_TASKS_PER_NODE": None,
+      "SLURM_NODEID": "7", "SLURM_PROCID": "7"},
+     {"RANK": "7", "WORLD_SIZE": "8", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "gpu01"}),
+    ({"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NODEID": "0"},
+     {"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu07"}),
+])
+def test_torch_env_from_an_srun_task(changes, expected):
+    env = {k: v for k, v in {**SRUN_TASK, **changes}.items() if v is not None}
+    assert torch_env_from_slurm(env) == {**expected, "MASTER_PORT": "40123", "DISTRIB_ENGINE": "torch"}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"SLURM_PROCID": None}, "SLURM_PROCID is not set: not inside an srun task"),
+    ({"SLURM_LOCALID": "x"}, "SLURM_LOCALID='x' is not a non-negative integer"),
+    ({"SLURM_NODEID": "2"}, "do not describe the same nodes"),
+    ({"SLURM_STEP_TASKS_PER_NODE": "3"}, "do not describe the same nodes"),
+    ({"MASTER_PORT": None}, "MASTER_PORT='' is not a port: export MASTER_PORT="),
+    ({"MASTER_PORT": "70000"}, "MASTER_PORT='70000' is not a port"),
+])
+def test_torch_env_from_a_broken_srun_task_is_one_line(changes, message):
+    env = {k: v for k, v in {**SRUN_TASK, **changes}.items() if v is not None}
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        torch_env_from_slurm(env)
+    assert "\n" not in str(info.value)

@@ -20,6 +20,8 @@ CASES = {
                                 "--steps", "5000"],
     "slurm_cpu_no_requeue.sbatch": ["--tasks-per-node", "2", "--time", "1-00:30:00", "--job-name", "cpu-test",
                                     "--no-requeue", "--", "examples/train_mlp.py"],
+    "slurm_torch_multi_gpu.sbatch": ["--engine", "torch", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task",
+                                     "8", "--time", "04:00:00", "--", "examples/train_lm.py", "--steps", "5000"],
 }
 
 
@@ -33,9 +35,10 @@ def test_generator_matches_golden_line_by_line(golden, capsys):
     assert len(got) == len(want), f"{golden}: {len(got)} lines generated, {len(want)} expected"
 
 
-def test_generated_script_is_valid_bash(tmp_path):
+@pytest.mark.parametrize("golden", ["slurm_multi_gpu.sbatch", "slurm_torch_multi_gpu.sbatch"])
+def test_generated_script_is_valid_bash(golden, tmp_path):
     script = tmp_path / "job.sbatch"
-    script.write_text((GOLDEN / "slurm_multi_gpu.sbatch").read_text())
+    script.write_text((GOLDEN / golden).read_text())
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
@@ -49,6 +52,7 @@ def test_generated_script_is_valid_bash(tmp_path):
     (["--time", "01:00:00", "--cpus-per-task", "0", "--", "x.py"], "--cpus-per-task 0"),
     (["--time", "01:00:00", "--job-name", "a b", "--", "x.py"], "--job-name"),
     (["--nodes", "two", "--time", "01:00:00", "--", "x.py"], "invalid int value"),
+    (["--engine", "nccl", "--time", "01:00:00", "--", "x.py"], "invalid choice: 'nccl'"),
 ])
 def test_generator_rejects_bad_input_with_exit_2(args, message):
     proc = subprocess.run([sys.executable, "-m", "launch.slurm", *args], cwd=REPO, capture_output=True, text=True,
@@ -71,8 +75,14 @@ def test_checked_in_scripts(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
     for directive in ("--signal=USR2@90", "--open-mode=append", "--requeue", "--output=%x-%j.out"):
         assert re.search(rf"^#SBATCH {re.escape(directive)}$", text, re.M), f"{script.name} lacks {directive}"
-    body = [line for line in RUN_BODY.splitlines() if line and "%(command)s" not in line]
+    body = [line for line in RUN_BODY.splitlines() if line and "%(srun)s" not in line]
     lines = text.splitlines()
     positions = [lines.index(line) for line in body]  # ValueError names a missing line
     assert positions == sorted(positions)
-    assert 'srun --mpi=pmix --kill-on-bad-exit=1 python "${SCRIPT}" --run-dir "${RUN_DIR}" --resume auto' in text
+    # ENGINE picks the generator's srun line for Horovod or for torch (srun_lines)
+    for line in ("    horovod) RUN=(srun --mpi=pmix --kill-on-bad-exit=1 python) ;;",
+                 '    torch) export MASTER_PORT="$(python -m launch.srun_task --free-port)"',
+                 "           RUN=(srun --mpi=none --kill-on-bad-exit=1 python -m launch.srun_task) ;;",
+                 '"${RUN[@]}" "${SCRIPT}" --run-dir "${RUN_DIR}" --resume auto --checkpoint-every '
+                 '"${CHECKPOINT_EVERY}" "$@" &'):
+        assert line in lines, f"{script.name} lacks {line!r}"

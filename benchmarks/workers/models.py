@@ -2,6 +2,9 @@
 
     mlp   4.2 M parameters in 4 tensors: communication is a large share of the step
     lm    the example GPT (examples/lm_model.py), 0.43 M parameters in 26 tensors
+    lm8   the example GPT at 8 layers (n_embd 128, block 64), 1.6 M parameters in 100 tensors, 2
+          sequences per worker: the network section's model whose gradients (6.2 MiB) cost a
+          1 Gbit/s link about as much time as its step computes
     conv  a small ResNet-style net with BatchNorm, 0.69 M parameters in 53 tensors: compute
           dominates and the gradients come as many small tensors
 """
@@ -17,8 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 MLP_WIDTHS = (1024, 2048, 1024)  # 4,197,376 parameters
 CONV_WIDTH = 16                  # stages of 16, 32, 64, 128 channels
 CONV_IMAGE = 32                  # 3 x 32 x 32 inputs, 10 classes
-MODELS = ("mlp", "lm", "conv")
-DEFAULT_BATCH = {"mlp": 64, "lm": 16, "conv": 16}
+MODELS = ("mlp", "lm", "conv", "lm8")
+DEFAULT_BATCH = {"mlp": 64, "lm": 16, "conv": 16, "lm8": 2}
+LM8 = {"n_layer": 8, "n_embd": 128, "n_head": 4, "block_size": 64}
 
 
 def _conv_block(cin: int, cout: int, stride: int) -> torch.nn.Module:
@@ -48,12 +52,12 @@ def build(name: str, batch_size: int, seed: int = 0) -> Tuple[torch.nn.Module, C
                                     torch.nn.Linear(MLP_WIDTHS[1], MLP_WIDTHS[2]))
         x, y = torch.randn(batch_size, MLP_WIDTHS[0]), torch.randn(batch_size, MLP_WIDTHS[2])
         return model, lambda m: torch.nn.functional.mse_loss(m(x), y)
-    if name == "lm":
+    if name in ("lm", "lm8"):
         sys.path.insert(0, str(REPO / "examples"))
         from lm_model import GPT, CharTokenizer, GPTConfig, load_corpus
         text = load_corpus()[:20000]
         tok = CharTokenizer.from_text(load_corpus())
-        cfg = GPTConfig(vocab=tok.vocab)
+        cfg = GPTConfig(vocab=tok.vocab, **(LM8 if name == "lm8" else {}))
         model = GPT(cfg)
         ids = torch.tensor(tok.encode(text))
         starts = torch.randint(0, len(ids) - cfg.block_size - 1, (batch_size,))

@@ -6,17 +6,21 @@ several ways of wrapping the same model in the same processes, alternated (A B, 
 every variant builds its model anew from the same seed. The file holds
 ``{"by_model": {model: {"variants": {variant: [step ms, ...]}, ...}}}``. With ``--link-rates``
 (the network benchmark, one worker per host) each rate's variants run with this host's link
-limited to it, and a variant's key is ``variant@rate``.
+limited to it, and a variant's key is ``variant@rate``; ``wire_bytes`` then holds, per key, the
+bytes this host's link sent per timed step (eth0's tx_bytes counter: everything on the wire).
 
     alone     plain torch, no communication; under mpirun -np 2 two such processes share the
               cores at once (the compute floor of a 2-worker step on this machine)
     distrib   distrib.wrap; variants: buckets (the default reducer), per-parameter, fp16 (buckets
-              with compression="fp16"), and horovod, horovod-fp16: plain hvd.DistributedOptimizer in
-              the same processes, i.e. under the same launcher, Open MPI flags and threads
+              with compression="fp16"), powersgd1, powersgd4 (compression="powersgd" at rank 1 and 4,
+              low-rank from the first timed step), and horovod, horovod-fp16: plain
+              hvd.DistributedOptimizer in the same processes, i.e. under the same launcher, Open MPI
+              flags and threads
     horovod   hvd.DistributedOptimizer (the launch decides the Open MPI flags and cycle time);
               variants: default, fp16 (hvd.Compression.fp16)
     ddp       torch DDP over Gloo (torchrun); variants: default (25 MB buckets), fp16 (default
-              with DDP's fp16_compress_hook), and tuned-<MB>: gradient_as_bucket_view=True,
+              with DDP's fp16_compress_hook), powersgd1, powersgd4 (default with DDP's powerSGD_hook
+              at rank 1 and 4, low-rank from the first timed step), and tuned-<MB>: gradient_as_bucket_view=True,
               bucket_cap_mb=MB, broadcast_buffers=False (BatchNorm statistics stay per worker,
               as under distrib and Horovod), and distrib-torch: distrib.wrap on the torch engine
               (distrib.init(engine="torch") joins the same Gloo process group), alternated with DDP
@@ -39,7 +43,8 @@ from benchmarks.stats import rotate  # noqa: E402
 from benchmarks.workers.models import DEFAULT_BATCH, MODELS, build, grad_bytes  # noqa: E402
 
 VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"),
-            "distrib": ("buckets", "per-parameter", "fp16", "horovod", "horovod-fp16"), "ddp": ("default", "fp16", "distrib-torch")}
+            "distrib": ("buckets", "per-parameter", "fp16", "powersgd1", "powersgd4", "horovod", "horovod-fp16"),
+            "ddp": ("default", "fp16", "powersgd1", "powersgd4", "distrib-torch")}
 
 
 def parse_args(argv=None):
@@ -74,6 +79,15 @@ def _ddp_bucket_mb(variant: str) -> float:
         return 0.0
 
 
+def _powersgd_rank(variant: str) -> int:
+    return int(variant[len("powersgd"):]) if variant.startswith("powersgd") else 0
+
+
+def tx_bytes(device: str = "eth0") -> int:
+    """Bytes this host's link has sent (the kernel's counter)."""
+    return int(Path(f"/sys/class/net/{device}/statistics/tx_bytes").read_text())
+
+
 def _sgd(module):
     return torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
 
@@ -105,14 +119,19 @@ def limit_link(rate: str, device: str = "eth0") -> None:
                     "latency", "50ms"], check=True, capture_output=True)
 
 
-def wrap(impl, variant, model):
-    """(module to run forward, optimizer with zero_grad/step, close())"""
+def wrap(impl, variant, model, warmup: int = 5):
+    """(module to run forward, optimizer with zero_grad/step, close()); PowerSGD variants go
+    low-rank after ``warmup`` steps"""
     if impl == "alone":
         return model, _sgd(model), lambda: None
     if impl == "distrib" and not variant.startswith("horovod"):
         import distrib
         os.environ["DISTRIB_REDUCER"] = "per-parameter" if variant == "per-parameter" else "auto"
-        opt = distrib.wrap(model, _sgd(model), distrib.init(), compression="fp16" if variant == "fp16" else "none")
+        if _powersgd_rank(variant):
+            opt = distrib.wrap(model, _sgd(model), distrib.init(), compression="powersgd",
+                               powersgd=distrib.PowerSGD(rank=_powersgd_rank(variant), start_step=warmup))
+        else:
+            opt = distrib.wrap(model, _sgd(model), distrib.init(), compression="fp16" if variant == "fp16" else "none")
         return model, opt, opt.close  # close: its gradient hooks and buckets
     if variant == "distrib-torch":  # in DDP's processes: the same process group, launcher and threads
         import distrib
@@ -128,27 +147,42 @@ def wrap(impl, variant, model):
         return model, opt, lambda: None
     mb = _ddp_bucket_mb(variant)
     kwargs = dict(gradient_as_bucket_view=True, bucket_cap_mb=mb, broadcast_buffers=False) if mb else {}
+    if _powersgd_rank(variant):
+        # One bucket: over Gloo, the hook's chained allreduces of several buckets interleave in a
+        # different order on each rank ("Received data size doesn't match expected size", abort).
+        kwargs = dict(bucket_cap_mb=1024)
     ddp = torch.nn.parallel.DistributedDataParallel(model, **kwargs)
     if variant == "fp16":
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
         ddp.register_comm_hook(None, fp16_compress_hook)
+    if _powersgd_rank(variant):
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+        # the same schedule as distrib's: plain allreduce in the warm-up steps, low-rank after
+        state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=_powersgd_rank(variant),
+                                   start_powerSGD_iter=max(2, warmup))
+        ddp.register_comm_hook(state, psgd.powerSGD_hook)
     return ddp, _sgd(ddp), lambda: None
 
 
-def time_variant(args, name, variant):
-    """Step times (ms) after the warm-up, and the wall-clock time the first step ended."""
+def time_variant(args, name, variant, count_bytes: bool = False):
+    """Step times (ms) after the warm-up, the wall-clock time the first step ended, the model, and
+    (``count_bytes``) the bytes this host's link sent per timed step."""
     model, loss_fn = build(name, DEFAULT_BATCH[name])
-    module, opt, close = wrap(args.impl, variant, model)
-    times, first_done = [], None
-    for _ in range(args.warmup + args.steps):
+    module, opt, close = wrap(args.impl, variant, model, args.warmup)
+    times, first_done, sent = [], None, None
+    for i in range(args.warmup + args.steps):
+        if count_bytes and i == args.warmup:
+            sent = tx_bytes()
         t = time.perf_counter()
         opt.zero_grad()
         loss_fn(module).backward()
         opt.step()
         times.append(time.perf_counter() - t)
         first_done = first_done or time.time()
+    if sent is not None:
+        sent = (tx_bytes() - sent) / args.steps
     close()
-    return [1e3 * x for x in times[args.warmup:]], first_done, model
+    return [1e3 * x for x in times[args.warmup:]], first_done, model, sent
 
 
 def main(argv=None):
@@ -165,8 +199,11 @@ def main(argv=None):
                     limit_link(rate)
                 for variant in rotate(args.variant_list, args.rotate + seg):
                     barrier()  # every rank starts the variant together (and has limited its link)
-                    ms, first_done, model = time_variant(args, name, variant)
-                    found["variants"].setdefault(f"{variant}@{rate}" if rate else variant, []).extend(ms)
+                    ms, first_done, model, sent = time_variant(args, name, variant, count_bytes=bool(rate))
+                    key = f"{variant}@{rate}" if rate else variant
+                    found["variants"].setdefault(key, []).extend(ms)
+                    if sent is not None:
+                        found.setdefault("wire_bytes", {}).setdefault(key, []).append(sent)
                     found.setdefault("first_step_unix", first_done)
         found.update(params=sum(p.numel() for p in model.parameters()), grad_bytes=grad_bytes(model),
                      tensors=len(list(model.parameters())), batch=DEFAULT_BATCH[name])

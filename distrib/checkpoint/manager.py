@@ -101,7 +101,9 @@ class CheckpointManager:
         problem = problem or self._shards.join()  # every rank: its previous shard write
         # Collective: every rank's RNG states to rank 0, and every rank's verdict on the previous
         # write to every rank, so that all ranks raise together or none does.
-        note = {"rng": rng_state(), "problem": problem}
+        # (Per-rank state rides along: PowerSGD's error feedback, as large as the compressed
+        # gradients, and the training loop's rank state; gathered on every rank.)
+        note = {"rng": rng_state(), "problem": problem, "local": st.local_states(state)}
         if rank_state is not None:
             note["rank_state"] = st.cpu_snapshot(rank_state.state_dict())
         gathered = self._comm.allgather_object(note, name="distrib.checkpoint.save")
@@ -119,6 +121,8 @@ class CheckpointManager:
                 collected = self._staging = st.cpu_snapshot(collected, reuse=self._staging)
             files = {store.STATE_FILE: {"step": step, "state": collected},
                      store.RNG_FILE: [g["rng"] for g in gathered]}
+            if any(g["local"] for g in gathered):
+                files[store.LOCAL_FILE] = [g["local"] for g in gathered]
             if rank_state is not None:
                 files[RANK_STATE_FILE] = [g["rank_state"] for g in gathered]
         if self.async_save:
@@ -249,6 +253,7 @@ class CheckpointManager:
         try:
             payload = store.load_file(path, store.STATE_FILE)
             rngs = store.load_file(path, store.RNG_FILE)
+            local = store.load_file(path, store.LOCAL_FILE) if (path / store.LOCAL_FILE).exists() else None
             ranks = (store.load_file(path, RANK_STATE_FILE) if rank_state is not None
                      and (path / RANK_STATE_FILE).exists() else None)
             # sharded optimizer state: re-cut for this rank's elements (or consolidated when unsharded)
@@ -260,6 +265,7 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {why}; "
                                   "use --resume none or a matching config")
         st.apply(state, payload["state"])
+        st.apply_local(state, local, self.ctx.rank, self.ctx.size)
         if rank_state is not None:
             reset = rank_state.load_all(ranks, self.ctx.rank, self.ctx.size)
             if reset and self._main:

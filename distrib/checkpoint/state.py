@@ -139,3 +139,31 @@ def seed_rank(seed: int, rank: int, step: int) -> None:
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
+
+
+def local_states(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """This rank's own state of each entry that has one (``local_state_dict()`` not None: a
+    wrapped optimizer with PowerSGD keeps its error feedback there), copied to CPU."""
+    found = {}
+    for name, obj in state.items():
+        local = obj.local_state_dict() if callable(getattr(obj, "local_state_dict", None)) else None
+        if local is not None:
+            found[name] = cpu_snapshot(local)
+    return found
+
+
+def apply_local(state: Mapping[str, Any], saved: Optional[List[Dict[str, Any]]], rank: int, size: int) -> None:
+    """Give every entry with per-rank state this rank's saved part. When the checkpoint has none
+    that fits (none saved, or saved by another number of ranks: the parts belong to ranks that
+    no longer exist, and a subset of them is no state of this world either), the entry gets
+    ``None`` and the reason, and restarts that part in its own documented way."""
+    for name, obj in state.items():
+        if not callable(getattr(obj, "load_local_state_dict", None)) or obj.local_state_dict() is None:
+            continue
+        if saved is not None and len(saved) == size and name in saved[rank]:
+            obj.load_local_state_dict(saved[rank][name])
+        elif saved is None or not any(name in s for s in saved):
+            obj.load_local_state_dict(None, reason="the checkpoint has no per-rank state for it")
+        else:
+            obj.load_local_state_dict(None, reason=f"the checkpoint was written by {len(saved)} ranks, "
+                                                   f"this run has {size}")

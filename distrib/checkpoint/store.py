@@ -34,6 +34,7 @@ FORMAT = "distrib-checkpoint-v1"
 MARKER = "COMPLETE.json"
 STATE_FILE = "state.pt"
 RNG_FILE = "rng.pt"
+LOCAL_FILE = "local.pt"  # per-rank state beside the RNG (PowerSGD error feedback), when some entry has any
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _CHUNK = 8 << 20
@@ -168,6 +169,7 @@ def write_checkpoint(root: Path, step: int, files: Dict[str, Any], meta: Dict[st
         root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         sums = adopt(tmp) if adopt is not None else {}
+        _slow(slow_s)  # before the first file too: training goes on while the snapshot waits to be written
         for name, obj in files.items():
             sums[name] = _save_file(tmp / name, obj)
             _slow(slow_s)

@@ -3,9 +3,13 @@
 Every piece of state a resume must restore is exercised: dropout (per-rank torch RNG), a
 shuffled sharded loader, AdamW moments, an LR schedule, and python/numpy RNG draws folded
 into the "extra" state. Rank 0 prints ``step N`` after each step and writes every rank's
-final parameters to --out (atomically) when the run is complete.
+final parameters to --out (atomically) when the run is complete. It also prints
+``resumed from S params D`` after the restore (S = 0 when it started over) and ``params N D``
+at every checkpoint step, D a digest of the model's parameters: the step a resume started from,
+and whether it got the parameters the run had at that step.
 """
 import argparse
+import hashlib
 import os
 import random
 import sys
@@ -46,6 +50,14 @@ state = {"model": model, "optimizer": optimizer, "scheduler": schedule, "loader"
 
 ckpt = CheckpointManager(args.run_dir, ctx, keep=2, async_save=not args.sync)
 step = ckpt.restore(state, resume=args.resume, model_config=config.to_dict()) or 0
+
+
+def digest(model) -> str:
+    return hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
+
+
+if ctx.rank == 0:
+    print(f"resumed from {step} params {digest(model)}", flush=True)
 batches = loader.forever()
 while step < args.steps:
     x, y = next(batches)
@@ -61,6 +73,8 @@ while step < args.steps:
     if ctx.rank == 0:
         print(f"step {step}", flush=True)
     if step % args.every == 0 or step == args.steps:
+        if ctx.rank == 0:
+            print(f"params {step} {digest(model)}", flush=True)
         ckpt.save(step, state, model_config=config.to_dict())
 ckpt.close()
 

@@ -9,6 +9,8 @@ steps are never written, so the files hold each sample the final model trained o
 Rank 0 records the whole world's samples (gathered each step) rather than each rank its own: a
 worker killed after its gradients went into a step's allreduce but before it wrote its samples
 would leave samples the model did train on unrecorded, since the survivors' commit keeps that step.
+Rank 0 also appends each committed step's samples, per rank, to OUT/steps.<pid>.jsonl: with the
+float64 model, a test replays them in one plain torch process and must end with the same parameters.
 """
 import argparse
 import json
@@ -37,13 +39,15 @@ args = p.parse_args()
 ctx = distrib.init(seed=0)
 hvd = distrib.context.import_horovod()
 torch.manual_seed(0)
-data = torch.utils.data.TensorDataset(torch.arange(args.samples).float().unsqueeze(1) / args.samples, torch.arange(args.samples))
-model = torch.nn.Linear(1, 1)
+# float64: the parameters a plain torch replay of the committed steps computes differ by rounding only
+data = torch.utils.data.TensorDataset(torch.arange(args.samples, dtype=torch.float64).unsqueeze(1) / args.samples,
+                                      torch.arange(args.samples))
+model = torch.nn.Linear(1, 1).double()
 optimizer = distrib.wrap(model, torch.optim.SGD(model.parameters(), lr=1e-4), ctx)
 loader = distrib.ShardedLoader(data, args.batch_size, ctx, seed=5)
 schedule = distrib.LRSchedule(optimizer, base_lr=1e-4, world_size=ctx.size, total_steps=1000)
 state = distrib.elastic.ElasticState(ctx, model=model, optimizer=optimizer, loader=loader, scheduler=schedule)
-pending = []  # samples trained on since the last commit, this rank
+pending = []  # (step, the samples of every rank in rank order) for each step since the last commit
 failed_marker = args.out / "failed-once"
 sizes_seen = args.out / f"sizes.{os.getpid()}.txt"
 
@@ -51,7 +55,9 @@ sizes_seen = args.out / f"sizes.{os.getpid()}.txt"
 def commit(state):
     if state.ctx.rank == 0:
         with open(args.out / f"indices.{os.getpid()}.txt", "a") as f:
-            f.write("".join(f"{i}\n" for i in pending))
+            f.write("".join(f"{i}\n" for _, ranks in pending for samples in ranks for i in samples))
+        with open(args.out / f"steps.{os.getpid()}.jsonl", "a") as f:
+            f.write("".join(json.dumps({"step": step, "samples": ranks}) + "\n" for step, ranks in pending))
     pending.clear()
     state.commit()
 
@@ -72,8 +78,8 @@ def train(state):
         loss.backward()
         optimizer.step()
         schedule.step()
-        pending.extend(hvd.allgather(index, name="elastic_train.samples").tolist())  # the world's samples
         state.step += 1
+        pending.append((state.step, hvd.allgather_object(index.tolist(), name="elastic_train.samples")))
         if args.step_sleep:
             time.sleep(args.step_sleep)
         if state.step % args.commit_every == 0:

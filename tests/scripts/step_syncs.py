@@ -110,7 +110,8 @@ def distrib_counts(precision: str, shard, unused_head: bool = False):
         with opt.autocast():
             loss = forward(model, x, ctx.rank)
         try:
-            with counter.counting(), CudaSyncs(raise_on_sync=precision != "fp16") as cuda:
+            # a parameter unused on this rank costs one expected read (the test counts it): "warn" mode
+            with counter.counting(), CudaSyncs(raise_on_sync=precision != "fp16" and not unused_head) as cuda:
                 opt.backward(loss)
                 opt.step()
         except RuntimeError as exc:  # the sync debug mode's error: the step is broken, stop this case

@@ -1,0 +1,111 @@
+"""Train the network section's LM (lm8) for --steps steps, then measure its validation loss.
+
+Every variant sees the same global batches: step s draws 2 x --batch windows of the corpus's
+first 90 % from a generator seeded with s; a worker takes its half, the single-process
+``--reference`` run takes them all. The validation loss is the mean over fixed windows of the
+last 10 %. Under the launcher (2 workers), ``--variants`` are distrib.wrap with compression
+none (fp32), fp16, powersgd1, powersgd4 (PowerSGD from step --start-step), trained one after
+the other in the same processes; rank 0 writes ``{"val_loss": {variant: x}, "seconds": {...}}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch  # noqa: E402
+
+from benchmarks.workers.models import LM8, REPO  # noqa: E402
+
+VARIANTS = ("fp32", "fp16", "powersgd1", "powersgd4")
+WORKERS = 2  # the global batch is WORKERS x --batch, also in the reference run
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--reference", action="store_true", help="one process, plain torch, the whole global batch")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--start-step", type=int, default=10, help="PowerSGD's plain-allreduce warm-up")
+    p.add_argument("--batch", type=int, default=4, help="windows per worker per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    args.variant_list = [] if args.reference else args.variants.split(",")
+    bad = [v for v in args.variant_list if v not in VARIANTS]
+    if bad:
+        p.error(f"--variants: {', '.join(bad)} not in {', '.join(VARIANTS)}")
+    return args
+
+
+def data(cfg_block: int):
+    sys.path.insert(0, str(REPO / "examples"))
+    from lm_model import CharTokenizer, load_corpus
+    text = load_corpus()
+    tok = CharTokenizer.from_text(text)
+    ids = torch.tensor(tok.encode(text))
+    split = int(len(ids) * 0.9)
+    return tok, ids[:split], ids[split:]
+
+
+def windows(ids: torch.Tensor, starts: torch.Tensor, block: int):
+    return (torch.stack([ids[s:s + block] for s in starts]), torch.stack([ids[s + 1:s + block + 1] for s in starts]))
+
+
+def train(args, variant: str, rank: int, size: int, ctx=None) -> float:
+    sys.path.insert(0, str(REPO / "examples"))
+    from lm_model import GPT, GPTConfig
+    tok, train_ids, val_ids = data(LM8["block_size"])
+    block = LM8["block_size"]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab=tok.vocab, **LM8))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    if ctx is not None:
+        import distrib
+        options = {"fp32": {}, "fp16": {"compression": "fp16"}}.get(variant)
+        if options is None:
+            options = {"compression": "powersgd", "powersgd": distrib.PowerSGD(rank=int(variant[len("powersgd"):]),
+                                                                             start_step=args.start_step)}
+        opt = distrib.wrap(model, opt, ctx, **options)
+    for step in range(args.steps):
+        gen = torch.Generator().manual_seed(step)
+        starts = torch.randint(0, len(train_ids) - block - 1, (WORKERS * args.batch,), generator=gen)
+        mine = starts if size == 1 else starts[rank * args.batch:(rank + 1) * args.batch]
+        x, y = windows(train_ids, mine, block)
+        opt.zero_grad()
+        model(x, y).backward()
+        opt.step()
+    if ctx is not None:
+        opt.close()
+    gen = torch.Generator().manual_seed(12345)
+    starts = torch.randint(0, len(val_ids) - block - 1, (64,), generator=gen)
+    with torch.no_grad():
+        x, y = windows(val_ids, starts, block)
+        return float(model(x, y))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    out = {"val_loss": {}, "seconds": {}, "steps": args.steps, "global_batch": WORKERS * args.batch}
+    if args.reference:
+        t = time.perf_counter()
+        out["val_loss"]["single"] = train(args, "single", 0, 1)
+        out["seconds"]["single"] = time.perf_counter() - t
+        Path(args.out).write_text(json.dumps(out))
+        return
+    import distrib
+    ctx = distrib.init()
+    for variant in args.variant_list:
+        t = time.perf_counter()
+        out["val_loss"][variant] = train(args, variant, ctx.rank, ctx.size, ctx)
+        out["seconds"][variant] = time.perf_counter() - t
+    if ctx.rank == 0:
+        Path(args.out).write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
