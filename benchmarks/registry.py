@@ -29,7 +29,8 @@ CORE = [
     Section("checkpoint", "benchmarks.bench_checkpoint"),  # cost during training, blocked time, resume
     Section("recovery", "benchmarks.bench_recovery"),
 ]
-OPTIONAL: List[Section] = [Section("memory", "benchmarks.bench_memory")]  # ZeRO memory and step time
+OPTIONAL: List[Section] = [Section("memory", "benchmarks.bench_memory"),   # ZeRO memory and step time
+                           Section("diagnosis", "benchmarks.bench_diagnosis")]  # the heartbeat's cost
 
 
 def available() -> List[Section]:

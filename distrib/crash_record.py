@@ -14,7 +14,9 @@ any host)::
      "exception": "RuntimeError: injected failure at step 6", "traceback_tail": ["...", "..."]}
 
 Python calls ``sys.excepthook`` for an uncaught exception *before* the ``atexit`` handlers, so the
-report has left before Horovod shuts down (the launcher keeps it as ``raised-<rank>.json``).
+report has left before Horovod shuts down (the launcher keeps it in its table). The heartbeat's
+latest collective records go first (:func:`distrib.heartbeat.flush`): when the exception is
+Horovod's own error about mismatched shapes, the launcher names the mismatch from them.
 Not under ``python -m launch`` (no channel variables) nothing is installed. Never raises:
 reporting must not hide the exception, and a report that cannot be delivered is dropped.
 """
@@ -27,6 +29,7 @@ import time
 import traceback
 from typing import Callable, Mapping, Optional
 
+from distrib import heartbeat
 from launch.status_channel import Channel
 
 TAIL_LINES = 20
@@ -59,6 +62,7 @@ def install(rank_of: Callable[[], int], env: Optional[Mapping[str, str]] = None)
     def hook(exc_type, exc, tb):
         if not issubclass(exc_type, KeyboardInterrupt):
             try:
+                heartbeat.flush()
                 channel.send(record(rank_of(), exc_type, exc, tb))
                 channel.close()
             except Exception:  # noqa: BLE001 - an unreachable launcher or a dead Horovod must not hide the traceback

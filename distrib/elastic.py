@@ -132,10 +132,3 @@ def run(func: Callable) -> Callable:
     is restored to the last commit, on a host change it is kept; then the ring re-forms, the
     state is synced from rank 0, and ``func`` is called again."""
     return elastic_run(func)
-
-
-def is_elastic_run(env: Optional[Dict[str, str]] = None) -> bool:
-    """True when started by ``horovodrun --min-np/--max-np`` (Horovod Elastic)."""
-    import os
-    env = os.environ if env is None else env
-    return env.get("HOROVOD_ELASTIC") == "1"

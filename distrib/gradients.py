@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from typing import Iterator, List, Set, Tuple
+from typing import Callable, Iterator, List, Set, Tuple
 
 import torch
 
-from distrib.reducers import make_reducer
 
 
 class Phase(enum.Enum):
@@ -39,20 +38,18 @@ class Phase(enum.Enum):
 class GradientExchange:
     """Averages the gradients of ``named_params`` over all workers, once per step.
 
-    ``prefix`` names this exchange's collectives (unique per wrapped optimizer). Every method
-    that communicates must be called on all ranks, in the same order.
+    ``make_reducer()`` builds the reducer that carries the gradients (the bucketed allreduce, or
+    ZeRO stage 2's reduce-scatter), now and after every :meth:`reset`: chosen by the caller before
+    the exchange exists. Every method that communicates must be called on all ranks, in the same order.
     """
 
-    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], comm, *, accumulate: int,
-                 compression: str, op: str, prefix: str, reducer_factory=None):
+    def __init__(self, named_params: List[Tuple[str, torch.Tensor]], make_reducer: Callable[[], object], *,
+                 accumulate: int):
         self.named_params = named_params
         self.accumulate = accumulate
-        self.compression = compression
-        self._comm, self._op, self._prefix = comm, op, prefix
         self._names = {p: n for n, p in named_params}
-        # reducer_factory: another way to carry the gradients (PowerSGD), kept across reset()
-        self._reducer_factory = reducer_factory or self._allreduce_reducer
-        self._reducer = self._reducer_factory()
+        self._make_reducer = make_reducer
+        self._reducer = make_reducer()
         self.phase = Phase.ACCUMULATING
         self.passes_done = 0        # backward passes finished in this step
         self._pass_open = False     # a backward pass is running and its end callback is queued
@@ -97,16 +94,10 @@ class GradientExchange:
         finally:
             self._paused -= 1
 
-    def use_reducer(self, factory) -> None:
-        """Carry the gradients with ``factory()``'s reducer from now on, also after every
-        :meth:`reset` (ZeRO stage 2 reduce-scatters instead of allreducing). Drops the current one."""
-        self._reducer_factory = factory
-        self.reset()
-
     def reset(self) -> None:
         """Drop in-flight communication and partial accumulation: after a peer died the ring was
         re-formed and the old handles are void (elastic mode)."""
-        self._reducer = self._reducer_factory()
+        self._reducer = self._make_reducer()
         self.phase, self.passes_done, self._pass_open = Phase.ACCUMULATING, 0, False
         self._sent.clear()
 
@@ -155,7 +146,3 @@ class GradientExchange:
             p.grad.div_(self.accumulate)  # mean over micro-batches, before the mean over workers
         self._sent.add(p)
         self._reducer.grad_ready(p, used)
-
-    def _allreduce_reducer(self):
-        return make_reducer(self.named_params, self._comm, compression=self.compression, op=self._op,
-                            prefix=self._prefix)

@@ -7,7 +7,9 @@ One JSON object per logged window of steps::
      "t_optimizer": 2.0, "t_checkpoint": 0.0, "t_other": 1.1}
 
 (``t_*`` in milliseconds per step, averaged over the window), and one object per event
-(``{"event": "resume", "step": 300, ...}``): resume, restart, resize, preempted, eval, final.
+(``{"event": "resume", "step": 300, ...}``): resume, restart, resize, preempted, eval, final,
+and straggler (the launcher found a rank persistently slower than its peers: its rank, host,
+slowest phase and ratio; every rank hands its phase times to distrib/heartbeat.py for that).
 The file is appended to, so a resumed run continues it; each line is written whole and
 flushed, and readers skip a last line cut short by a crash.
 """
@@ -23,6 +25,7 @@ from typing import Callable, Dict, Iterator, List, Optional, TextIO, Union
 
 import torch
 
+from distrib import heartbeat
 from distrib.progress import Progress
 from distrib.timing import PHASES
 from launch.status_channel import RESTART_COUNT_ENV  # set by the launcher on each attempt
@@ -155,8 +158,17 @@ class MetricsLogger:
             values["loss"] = metric_value("loss", loss)
         self._window.add(elapsed, values, phases)
         self._run.add(elapsed, {}, phases)  # the summary table needs only the times
+        heartbeat.step_done(step, phases, elapsed)  # the launcher compares the ranks' phases: stragglers
+        self._write_notices(step)
         if step % self.log_every == 0 or step == self.total_steps:
             self._flush_window(step, lr)
+
+    def _write_notices(self, step: int) -> None:
+        """The launcher's straggler reports, as events (they reach rank 0 through its heartbeat)."""
+        for notice in heartbeat.take_notices():
+            if self.enabled and notice.get("event") == "straggler":
+                fields = {k: v for k, v in notice.items() if k not in ("kind", "event")}
+                self._write({"event": "straggler", "step": step, "time": self._wall(), **fields})
 
     def _flush_window(self, step: int, lr: Optional[float]) -> None:
         w, self._window = self._window, _Window()
@@ -205,6 +217,7 @@ class MetricsLogger:
 
     def close(self) -> None:
         """Flush, and print the breakdown table (rank 0). Must be called on all ranks."""
+        heartbeat.flush()  # the last phase windows, before the process ends
         if not self.enabled or self._file is None:
             return
         self._progress.close()

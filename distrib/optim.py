@@ -6,20 +6,29 @@ state (no dynamic subclassing, so user optimizer subclasses keep working). Each 
 gradient is handed to an asynchronous allreduce as soon as backward has finished
 accumulating it in the last micro-batch, so communication overlaps the rest of backward;
 ``step()`` waits for the results, then unscales (fp16), clips and steps.
+
+What differs between plain data parallelism and ZeRO (``shard=``) is one part chosen before the
+gradient exchange is built: the *update* (:class:`ReplicatedUpdate` here,
+:mod:`distrib.sharding.update` for stages 1 and 2), which says which reducer carries the gradients
+and how the averaged gradients become a step. Nothing is built and then thrown away.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import logging
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from distrib.broadcast import broadcast_training_state
 from distrib.buffers import BufferSync
 from distrib.gradients import GradientExchange
+from distrib.reducers import make_reducer
+from distrib.sharding.update import check_sharding, sharded_update
+from distrib.sync_batchnorm import SyncBatchNorm
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPRESSIONS = ("none", "fp16", "powersgd")
@@ -49,7 +58,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx, *,
                  accumulate: int = 1, compression: str = "none", op: str = "average",
                  max_grad_norm: Optional[float] = None, precision: str = "fp32", broadcast: bool = True,
-                 sync_buffers: bool = False, name: Optional[str] = None, powersgd=None):
+                 sync_buffers: bool = False, name: Optional[str] = None, shard: Optional[str] = None,
+                 powersgd=None):
         _check_choice("precision", precision, PRECISIONS)
         _check_choice("compression", compression, COMPRESSIONS)
         _check_choice("op", op, OPS)
@@ -67,6 +77,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if op == "adasum" and not self._comm.supports_adasum:
             raise ValueError(f"op='adasum' needs the Horovod engine (this run uses {self._comm.engine}); "
                              "use op='average' or start the job with the Horovod engine")
+        if shard is not None:
+            if compression == "powersgd":
+                raise ValueError("compression='powersgd' does not combine with shard=: PowerSGD needs each rank's "
+                                 "whole gradient matrices; drop one of the two")
+            check_sharding(shard, optimizer, ctx, op)
         self.optimizer = optimizer  # first: param_groups, state and defaults are read through it
         # torch.optim.Optimizer.__init__ without its parameter handling (the groups are the inner
         # optimizer's): the hook tables and the profiled step, so optimizer hooks work as usual.
@@ -83,14 +98,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.name = name if name is not None else f"opt{next(_WRAP_COUNTER)}"
         self._extra_params = optimizer_only_parameters(model, optimizer)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + self._extra_params
-        self._powersgd = None
-        factory = None
-        if compression == "powersgd":
-            from distrib.compression.reducer import powersgd_factory
-            self._powersgd, factory = powersgd_factory(named, self._comm, powersgd, prefix=f"distrib.{self.name}")
-        self._exchange = GradientExchange(named, self._comm, accumulate=accumulate, compression=compression,
-                                          op=op, prefix=f"distrib.{self.name}", reducer_factory=factory)
-        from distrib.sync_batchnorm import SyncBatchNorm
         for module in model.modules():
             if isinstance(module, SyncBatchNorm):
                 module.comm = self._comm  # its statistics travel over this world
@@ -100,10 +107,38 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # ElasticState.sync() broadcasts the same state inside the loop instead.
         if broadcast and not ctx.elastic:
             self.broadcast_state()
+        allreduce = functools.partial(make_reducer, named, self._comm, compression=compression, op=op,
+                                      prefix=f"distrib.{self.name}")
+        self._powersgd = None
+        if compression == "powersgd":  # another way to carry the gradients, kept across reset()
+            from distrib.compression.reducer import powersgd_factory
+            self._powersgd, allreduce = powersgd_factory(named, self._comm, powersgd, prefix=f"distrib.{self.name}")
+        # Chosen before the exchange is built: its reducer is the update's (after the broadcast,
+        # because a sharded update keeps this rank's slice of rank 0's optimizer state).
+        self._update = (ReplicatedUpdate(optimizer, allreduce) if shard is None else
+                        sharded_update(shard, optimizer, ctx, name=self.name, named_params=named,
+                                       compression=compression, make_allreduce=allreduce))
+        self._exchange = GradientExchange(named, self._update.make_reducer, accumulate=accumulate)
 
     @property
     def accumulate(self) -> int:
         return self._exchange.accumulate
+
+    @property
+    def shard(self) -> Optional[str]:
+        """None (every rank holds the whole optimizer state), "optimizer" or "gradients" (ZeRO)."""
+        return self._update.shard
+
+    @property
+    def owned_ranges(self):
+        """Sharded only: ``owned_ranges()`` gives the ``(param index, start, end)`` of the elements this
+        rank owns (checkpoints save them per rank and re-cut them); None when not sharded."""
+        return getattr(self._update, "owned_ranges", None)
+
+    def gradient_nbytes(self) -> int:
+        """Bytes of averaged gradient this rank holds between synchronize() and step(): full
+        ``param.grad`` buffers (unsharded, stage 1) or its chunks of the buckets (stage 2)."""
+        return self._update.gradient_nbytes()
 
     # The inner optimizer's, always read through it: its load_state_dict() replaces these
     # objects, so a copy taken at wrap time would go stale (an LR scheduler would then set
@@ -145,12 +180,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("closures are not supported: a closure would re-run backward after the allreduce")
         self._exchange.synchronize()
-        self.scaler.unscale_(self.optimizer)
-        if self.max_grad_norm is not None:
-            grads = [p for _, p in self._exchange.named_params if p.grad is not None]
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        norm = self._update.step(self.scaler, self.max_grad_norm, self._exchange.named_params)
+        if norm is not None:
+            self.last_grad_norm = norm
         self._exchange.end_step()
         return None
 
@@ -165,7 +197,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> Dict:
         """The wrapped optimizer's ``state_dict()`` in torch's own format (a plain optimizer of the
         same class loads it), plus the fp16 grad scaler's state under ``"grad_scaler"``."""
-        state = self.optimizer.state_dict()
+        state = self._update.state_dict()
         if self.scaler.is_enabled():
             state["grad_scaler"] = self.scaler.state_dict()
         if self._powersgd is not None:
@@ -176,7 +208,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if "optimizer" in state and "param_groups" not in state:  # distrib <= 0.1 checkpoints
             state = {**state["optimizer"], "grad_scaler": state.get("scaler")}
         scaler = state.get("grad_scaler")
-        self.optimizer.load_state_dict({k: v for k, v in state.items() if k not in ("grad_scaler", "powersgd")})
+        self._update.load_state_dict({k: v for k, v in state.items() if k not in ("grad_scaler", "powersgd")})
         if scaler:
             self.scaler.load_state_dict(scaler)
         if self._powersgd is not None and "powersgd" in state:
@@ -228,6 +260,37 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return self._exchange.reducer
 
 
+class ReplicatedUpdate:
+    """Plain data parallelism's step: every rank holds the whole optimizer state and steps every
+    parameter with the allreduced gradients."""
+
+    shard = None
+
+    def __init__(self, optimizer: torch.optim.Optimizer, make_reducer):
+        self.optimizer, self.make_reducer = optimizer, make_reducer
+
+    def step(self, scaler, max_grad_norm: Optional[float],
+             named_params: List[Tuple[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+        """Unscale (fp16), clip (the norm stays a tensor), step; the norm when clipping, else None."""
+        scaler.unscale_(self.optimizer)
+        norm = None
+        if max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_([p for _, p in named_params if p.grad is not None], max_grad_norm)
+        scaler.step(self.optimizer)
+        scaler.update()
+        return norm
+
+    def state_dict(self) -> Dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def gradient_nbytes(self) -> int:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+
+
 _LOG = logging.getLogger("distrib.compression")
 
 # Names each wrapped optimizer's collectives; every rank wraps its optimizers in the same
@@ -272,11 +335,4 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx, **option
     each training forward, as DDP does), ``name`` (of the collectives; default: the wrap's
     ordinal), ``shard`` ("optimizer" or "gradients": ZeRO stages 1 and 2, see
     :mod:`distrib.sharding`; default None, no sharding)."""
-    if options.get("shard") is not None:
-        if options.get("compression") == "powersgd":
-            raise ValueError("compression='powersgd' does not combine with shard=: PowerSGD needs each rank's "
-                             "whole gradient matrices; drop one of the two")
-        from distrib.sharding.wrapper import ShardedOptimizer  # it subclasses DistributedOptimizer
-        return ShardedOptimizer(model, optimizer, ctx, **options)
-    options.pop("shard", None)
     return DistributedOptimizer(model, optimizer, ctx, **options)

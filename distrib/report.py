@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-PHASES = ("t_data", "t_compute", "t_allreduce", "t_optimizer", "t_checkpoint", "t_other")
+from distrib.timing import PHASES as STEP_PHASES
+
+PHASES = tuple(f"t_{phase}" for phase in STEP_PHASES) + ("t_other",)  # the fields metrics.jsonl has
 PHASE_LABELS = {"t_data": "waiting for data", "t_compute": "forward + backward",
                 "t_allreduce": "waiting for allreduce", "t_optimizer": "optimizer step",
                 "t_checkpoint": "checkpoint stall", "t_other": "other"}

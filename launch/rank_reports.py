@@ -1,20 +1,19 @@
-"""What the workers report, read from files, and what the launcher concludes from it (pure).
+"""What the launcher concludes from the workers' reports (pure functions).
 
-Each worker's shim writes ``started-<rank>.json`` and ``rank-<rank>.json`` (how it ended);
-``distrib.init()``'s exception hook writes ``raised-<rank>.json``; with ``--hang-timeout`` distrib
-writes ``heartbeat-<rank>`` (its beat count, see distrib/heartbeat.py). From these:
-:func:`first_failure` (the root cause, not the peers that died of it) and :func:`hung_rank`.
+The reports arrive over the status channel into the launcher's table (launch/status_server.py):
+each worker's shim reports ``started`` and ``ended`` (how it ended), ``distrib.init()``'s
+exception hook ``raised``, distrib's heartbeat its beat count (see distrib/heartbeat.py). From
+these: :func:`statuses_from` (how each rank ended), :func:`first_failure` (the root cause, not the
+peers that died of it) and :func:`hung_rank`.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, replace
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 @dataclass(frozen=True)
 class RankStatus:
-    """One ``rank-<rank>.json`` written by launch/worker.py."""
+    """How one rank ended: a shim's ``ended`` report (launch/worker.py), with its ``raised`` report."""
     rank: Optional[int]
     host: str
     pid: int
@@ -22,7 +21,7 @@ class RankStatus:
     signal: Optional[str]
     end_time: float
     stderr_tail: Tuple[str, ...] = ()
-    exception: Optional[str] = None  # from raised-<rank>.json: "RuntimeError: ..."
+    exception: Optional[str] = None  # from its raised report: "RuntimeError: ..."
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "RankStatus":
@@ -64,7 +63,7 @@ class Progress:
     """What the launcher knows of one rank's heartbeat (see distrib/heartbeat.py)."""
     count: int      # beats so far: comparable across ranks, which all beat at the same points
     since: float    # launcher's monotonic clock when this count was first seen
-    written: float  # the file's mtime: stops moving when the whole process is frozen
+    heard: float    # when its last beat arrived: stops moving when the whole process is frozen
 
 
 @dataclass(frozen=True)
@@ -82,49 +81,41 @@ class Hang:
 
 def updated_progress(progress: Mapping[int, Progress], beats: Mapping[int, Tuple[int, float]],
                      now: float) -> Dict[int, Progress]:
-    """``progress`` after reading ``beats`` (rank -> (count, mtime)) at ``now``."""
+    """``progress`` after reading ``beats`` (rank -> (count, when it arrived)) at ``now``."""
     updated = dict(progress)
-    for rank, (count, written) in beats.items():
+    for rank, (count, heard) in beats.items():
         old = progress.get(rank)
         since = old.since if old is not None and old.count == count else now
-        updated[rank] = Progress(count, since, written)
+        updated[rank] = Progress(count, since, heard)
     return updated
 
 
 def hung_rank(progress: Mapping[int, Progress], finished: Iterable[int], timeout: float,
-              now: float) -> Optional[Hang]:
+              now: float, slack: float = 0.0) -> Optional[Hang]:
     """Once an unfinished rank has made no progress for ``timeout`` seconds, the rank to blame.
 
-    A stalled rank stalls its peers: they block in the next allreduce, having beaten once more
+    A stalled rank stalls its peers: they block in the next collective, having beaten once more
     than it did. So of the stalled ranks the one with the fewest beats is the cause; among equals,
-    the one whose heartbeat file stopped being written first (a frozen process), then the lowest
+    the one whose beats stopped arriving first (a frozen process, a lost host), then the lowest
     rank. Ranks that never beat are not judged (start-up, compilation, a script that never beats).
+
+    The launcher learns of a new count only when the rank next sends (once a second), so the
+    peer that waits may seem to have stood still up to a send interval longer than the rank it
+    waits for: once one rank passed ``timeout``, every rank that stood still for ``timeout -
+    slack`` is a suspect too.
     """
     done = set(finished)
-    stalled = [(p.count, p.written, rank, p) for rank, p in progress.items()
-               if rank not in done and now - p.since > timeout]
-    if not stalled:
+    idle = {rank: now - p.since for rank, p in progress.items() if rank not in done}
+    if not any(seconds > timeout for seconds in idle.values()):
         return None
+    stalled = [(progress[rank].count, progress[rank].heard, rank, progress[rank])
+               for rank, seconds in idle.items() if seconds > timeout - slack]
     count, _, rank, p = min(stalled)
     return Hang(rank, now - p.since, count, max(q.count for q in progress.values()))
 
 
-def _read_records(folder: str, prefix: str) -> List[dict]:
-    records = []
-    for name in sorted(os.listdir(folder)):
-        if name.startswith(prefix) and name.endswith(".json"):
-            try:
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    record = json.load(f)
-            except (OSError, ValueError):
-                continue  # written atomically by the shim or distrib; anything else is not ours
-            if isinstance(record, dict):
-                records.append(record)
-    return records
-
-
 def with_raised(status: Optional[RankStatus], raised: Mapping) -> RankStatus:
-    """Fold a ``raised-<rank>.json`` into the rank's status. The raise is when the rank's failure
+    """Fold a rank's ``raised`` report into its status. The raise is when the rank's failure
     began (its end came after Horovod's shutdown and finalisation), and how it ended is Python's
     code for an uncaught exception, 1: a rank whose shim was killed before it reported, or whose
     script was stopped while still finalising (SIGTERM when a slow remote rank outlived the job),
@@ -137,11 +128,12 @@ def with_raised(status: Optional[RankStatus], raised: Mapping) -> RankStatus:
                    exit_code=1, signal=None)
 
 
-def read_statuses(folder: str) -> List[RankStatus]:
-    """Every rank that ended or raised: the shims' ``rank-*.json`` with distrib's ``raised-*.json``."""
+def statuses_from(ended: Iterable[Mapping], raised: Iterable[Mapping]) -> List[RankStatus]:
+    """Every rank that ended or raised: the shims' ``ended`` reports with distrib's ``raised``
+    ones, by rank (reports without a usable rank or time are skipped), then the shims without one."""
     by_rank: Dict[int, RankStatus] = {}
     unknown: List[RankStatus] = []  # a shim that found no rank variable
-    for record in _read_records(folder, "rank-"):
+    for record in ended:
         try:
             status = RankStatus.from_dict(record)
         except (KeyError, TypeError, ValueError):
@@ -150,25 +142,10 @@ def read_statuses(folder: str) -> List[RankStatus]:
             unknown.append(status)
         else:
             by_rank[status.rank] = status
-    for raised in _read_records(folder, "raised-"):
-        rank = raised.get("rank")
+    for record in raised:
+        rank = record.get("rank")
         try:
-            by_rank[rank] = with_raised(by_rank.get(rank), raised)
+            by_rank[rank] = with_raised(by_rank.get(rank), record)
         except (KeyError, TypeError, ValueError):
             continue
     return [by_rank[rank] for rank in sorted(by_rank)] + unknown
-
-
-def read_heartbeats(folder: str) -> Dict[int, Tuple[int, float]]:
-    """rank -> (beat count, file mtime) from the ``heartbeat-<rank>`` files distrib writes."""
-    beats = {}
-    for name in os.listdir(folder):
-        rank = name[len("heartbeat-"):]
-        if name.startswith("heartbeat-") and rank.isdigit():
-            path = os.path.join(folder, name)
-            try:
-                with open(path) as f:
-                    beats[int(rank)] = (int(f.read()), os.stat(path).st_mtime)
-            except (OSError, ValueError):
-                continue  # replaced atomically; anything else is not ours
-    return beats

@@ -13,7 +13,10 @@ messages whose digest does not match. A new secret per attempt also keeps a prev
 late reports out of the next one.
 
 On the wire, one message per line: ``<hex digest> <json body>\\n``. The body is a dict with
-``kind`` (``started``, ``ended``, ``raised``, ``beat``) and the record's fields.
+``kind`` and the record's fields. The workers send reports (``started``, ``ended``, ``raised``,
+``beat``, and ``stacks`` / ``state`` when asked); the launcher sends requests back on the same
+connection (``want_stacks`` to a rank's heartbeat, ``want_state`` to a shim, ``notice`` to rank 0's
+heartbeat), signed the same way.
 
 This module is the one place where ``launch/`` and ``distrib/`` meet: both import it, so the names
 below exist once. It imports only the standard library (the launcher must start fast, and
@@ -26,9 +29,10 @@ import hashlib
 import hmac
 import json
 import os
+import select
 import socket
 import threading
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 # The variables the launcher sets for every worker (values known only at run time).
 ADDRESS_ENV = "DISTRIB_STATUS_ADDR"        # "198.18.0.1,127.0.0.1:40123": the launcher's addresses, its port
@@ -42,7 +46,8 @@ RUNTIME_ENV_NAMES = (ADDRESS_ENV, SECRET_ENV, RESTART_COUNT_ENV, STOP_GRACE_ENV)
 # worker started inside a Slurm batch step also inherits the batch step's SLURM_PROCID=0),
 # Horovod's Gloo launcher, Open MPI, PMIx (srun), SLURM.
 RANK_VARIABLES = ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
-KINDS = ("started", "ended", "raised", "beat")
+KINDS = ("started", "ended", "raised", "beat", "stacks", "state")   # worker -> launcher
+REQUESTS = ("want_stacks", "want_state", "notice")                  # launcher -> worker
 CONNECT_TIMEOUT_S = 2.0   # per address: an address of the launcher's that this host cannot route to
 SEND_TIMEOUT_S = 5.0
 MAX_LINE_BYTES = 1 << 20
@@ -69,8 +74,9 @@ def encode(secret: str, message: Mapping) -> bytes:
     return digest(secret, body).encode() + b" " + body + b"\n"
 
 
-def decode(secret: str, line: bytes) -> Optional[dict]:
-    """The message of a signed line, or None when the digest is wrong or the body is not a message."""
+def decode(secret: str, line: bytes, kinds: Sequence[str] = KINDS) -> Optional[dict]:
+    """The message of a signed line, or None when the digest is wrong or the body is not a message
+    of one of ``kinds`` (reports by default; a worker reads the launcher's ``REQUESTS``)."""
     mac, _, body = line.rstrip(b"\n").partition(b" ")
     if not hmac.compare_digest(mac, digest(secret, body).encode()):
         return None
@@ -78,7 +84,7 @@ def decode(secret: str, line: bytes) -> Optional[dict]:
         message = json.loads(body)
     except ValueError:
         return None
-    return message if isinstance(message, dict) and message.get("kind") in KINDS else None
+    return message if isinstance(message, dict) and message.get("kind") in kinds else None
 
 
 def parse_address(text: str) -> Tuple[Tuple[str, ...], int]:
@@ -104,6 +110,7 @@ class Channel:
         self.addresses, self.port, self.secret = tuple(addresses), port, secret
         self.sock: Optional[socket.socket] = None
         self._lock = threading.Lock()
+        self._inbox = b""  # a request line received in part (one reader: the thread that receives)
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> Optional["Channel"]:
@@ -148,6 +155,32 @@ class Channel:
                 except OSError:
                     self._close()
             return False
+
+    def receive(self, timeout: Optional[float]) -> Optional[List[dict]]:
+        """The launcher's requests that arrive within ``timeout`` seconds (None: wait for one), or
+        None when there is no connection or the launcher ended it (the connection is then closed).
+        Call it from one thread only."""
+        sock = self.sock
+        if sock is None:
+            return None
+        try:
+            ready, _, _ = select.select([sock], [], [], timeout)
+            if not ready:
+                return []
+            chunk = sock.recv(65536)
+        except (OSError, ValueError):
+            chunk = b""
+        if not chunk:
+            with self._lock:
+                if self.sock is sock:
+                    self._close()
+            self._inbox = b""
+            return None
+        self._inbox += chunk
+        *lines, self._inbox = self._inbox.split(b"\n")
+        if len(self._inbox) > MAX_LINE_BYTES:
+            self._inbox = b""
+        return [m for m in (decode(self.secret, line, REQUESTS) for line in lines) if m is not None]
 
     def close(self) -> None:
         with self._lock:

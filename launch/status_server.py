@@ -1,11 +1,14 @@
 """The launcher's end of the status channel (see launch/status_channel.py).
 
 A TCP server that lives for one attempt: it accepts the workers' connections, checks every
-message's HMAC with the attempt's secret, and writes what it accepts into a folder on the
-launcher's own host as the files launch/rank_reports.py reads (``started-<r>.json``,
-``rank-<r>.json``, ``raised-<r>.json``, ``heartbeat-<r>``). Times in those files are the
-launcher's clock at arrival, so that the first failure is found by one clock even when the hosts'
-clocks disagree; a heartbeat file's mtime is when its last beat arrived.
+message's HMAC with the attempt's secret, and keeps what it accepts in a :class:`ReportTable` in
+memory, which the supervisor (launch/supervise.py, a thread of the same process) reads. Times in
+the table are the launcher's clock at arrival, so that the first failure is found by one clock
+even when the hosts' clocks disagree, and a rank whose beats stop arriving is seen as silent.
+
+The connections carry requests back: :meth:`StatusServer.request` asks a rank's heartbeat for the
+Python stacks of its threads (the hang report), a shim for its script's process state (a frozen
+process cannot answer for itself), or hands rank 0 a notice (a straggler, for metrics.jsonl).
 
 A shim keeps its connection open while its script runs: :meth:`StatusServer.stop_workers` shuts
 those connections for writing and each shim, on any host, then stops its script (SIGTERM, SIGKILL
@@ -13,20 +16,21 @@ after the grace period). If the launcher itself dies, the kernel closes them, wi
 """
 from __future__ import annotations
 
-import os
 import select
 import socket
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
 
 import psutil
 
-from launch.status_channel import (ADDRESS_ENV, MAX_LINE_BYTES, SECRET_ENV, decode, format_address, new_secret)
-from launch.worker import write_json
+from launch.status_channel import (ADDRESS_ENV, MAX_LINE_BYTES, SECRET_ENV, decode, encode, format_address,
+                                   new_secret)
 
-FILE_PREFIX = {"started": "started-", "ended": "rank-", "raised": "raised-"}
 ARRIVAL_FIELD = {"ended": "end_time", "raised": "time"}
+CALLS_KEPT = 256  # per rank: the latest collectives entered, for the mismatch check
+Key = Union[int, str]  # a rank, or "unknown-<pid>" for a shim that found no rank variable
 
 
 def reachable_addresses() -> Tuple[str, ...]:
@@ -43,30 +47,113 @@ def reachable_addresses() -> Tuple[str, ...]:
     return tuple(found + (loopback or ["127.0.0.1"]))
 
 
-def file_name(message: dict) -> Optional[str]:
-    """The file a message becomes, or None when its rank is not a rank (the file name comes from it)."""
+def report_key(message: dict) -> Optional[Key]:
+    """Whose report this is: its rank, ``unknown-<pid>`` for a shim without a rank, None when the
+    rank is not a rank (a signed message of a buggy sender: refused)."""
     rank, pid = message.get("rank"), message.get("pid")
     if isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0:
-        who = str(rank)
-    elif rank is None and isinstance(pid, int):  # a shim that found no rank variable
-        who = f"unknown-{pid}"
-    else:
-        return None
-    kind = message["kind"]
-    return f"heartbeat-{who}" if kind == "beat" else f"{FILE_PREFIX[kind]}{who}.json"
+        return rank
+    if rank is None and isinstance(pid, int) and not isinstance(pid, bool) and message["kind"] != "beat":
+        return f"unknown-{pid}"
+    return None
+
+
+@dataclass(frozen=True)
+class Beat:
+    """A rank's latest heartbeat (see distrib/heartbeat.py)."""
+    count: int             # beats so far: comparable across ranks
+    heard: float           # the launcher's monotonic clock when it arrived: stops moving for a frozen rank
+    step: Optional[int]    # the training step it reported, when it reports one
+    pid: Optional[int]
+
+
+@dataclass(frozen=True)
+class Reports:
+    """A copy of the table at one moment (the supervisor reads this, never the live table)."""
+    started: Dict[Key, dict]
+    ended: Dict[Key, dict]
+    raised: Dict[Key, dict]
+    beats: Dict[int, Beat]
+    calls: Dict[int, Dict[int, tuple]]  # rank -> call number -> (name, shape, dtype) of the collective
+    occurrences: Dict[int, Dict[int, int]]  # rank -> call number -> the how-many-th call of its name it was
+
+
+class ReportTable:
+    """Everything the workers reported in one attempt. The server's connection threads write it,
+    the supervisor reads copies of it; one lock guards it."""
+
+    def __init__(self, clock=time.monotonic, wall_clock=time.time):
+        self._clock, self._wall = clock, wall_clock
+        self._lock = threading.Lock()
+        self._reports = Reports({}, {}, {}, {}, {}, {})
+        self._windows: List[Tuple[int, int, Dict[str, float]]] = []  # (rank, step, ms per phase), untaken
+        self._answers: Dict[Tuple[str, int], dict] = {}
+
+    def add(self, key: Key, message: dict) -> None:
+        """Store one accepted message; raises KeyError/TypeError/ValueError on a malformed one."""
+        kind = message["kind"]
+        record = {k: v for k, v in message.items() if k != "kind"}
+        if kind in ARRIVAL_FIELD:
+            record[ARRIVAL_FIELD[kind]] = self._wall()
+        with self._lock:
+            if kind == "beat":
+                self._add_beat(key, message)
+            elif kind in ("stacks", "state"):
+                self._answers[(kind, key)] = record
+            else:
+                getattr(self._reports, kind)[key] = record
+
+    def _add_beat(self, rank: int, message: dict) -> None:
+        step = message.get("step")
+        self._reports.beats[rank] = Beat(int(message["count"]), self._clock(),
+                                         int(step) if step is not None else None, message.get("pid"))
+        calls = self._reports.calls.setdefault(rank, {})
+        occurrences = self._reports.occurrences.setdefault(rank, {})
+        for seq, name, shape, dtype, occurrence in message.get("calls") or ():
+            calls[int(seq)] = (str(name), tuple(shape) if shape is not None else None, dtype)
+            occurrences[int(seq)] = int(occurrence)
+        for seq in sorted(calls)[:-CALLS_KEPT]:
+            del calls[seq]
+            occurrences.pop(seq, None)
+        for step, phases in message.get("windows") or ():
+            self._windows.append((rank, int(step), {str(k): float(v) for k, v in phases.items()}))
+
+    def read(self) -> Reports:
+        with self._lock:
+            r = self._reports
+            return Reports(dict(r.started), dict(r.ended), dict(r.raised), dict(r.beats),
+                           {rank: dict(calls) for rank, calls in r.calls.items()},
+                           {rank: dict(o) for rank, o in r.occurrences.items()})
+
+    def take_windows(self) -> List[Tuple[int, int, Dict[str, float]]]:
+        """The per-rank step windows of phase times that arrived since the last call."""
+        with self._lock:
+            taken, self._windows = self._windows, []
+        return taken
+
+    def answer(self, kind: str, rank: int) -> Optional[dict]:
+        """A rank's answer to a request (``stacks`` or ``state``), once it arrived."""
+        with self._lock:
+            return self._answers.get((kind, rank))
+
+    def forget_answer(self, kind: str, rank: int) -> None:
+        with self._lock:
+            self._answers.pop((kind, rank), None)
 
 
 class StatusServer:
-    """Listens on every interface of this host, on a free port, until :meth:`close`."""
+    """Listens on every interface of this host, on a free port, until :meth:`close`; what the
+    workers report is in :attr:`table`."""
 
-    def __init__(self, folder: str, secret: Optional[str] = None, addresses: Optional[Tuple[str, ...]] = None):
-        self.folder = folder
+    def __init__(self, secret: Optional[str] = None, addresses: Optional[Tuple[str, ...]] = None):
         self.secret = secret or new_secret()
+        self.table = ReportTable()
         self.refused = 0  # messages with a wrong or missing signature, or not a message
         self._listener = socket.create_server(("", 0), backlog=128)
         self.port = self._listener.getsockname()[1]
         self.addresses = addresses or reachable_addresses()
         self._connections: List[socket.socket] = []
+        self._reply_to: Dict[Tuple[str, int], socket.socket] = {}  # ("beat" | "started", rank) -> its connection
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._threads = [threading.Thread(target=self._accept, name="distrib-status", daemon=True)]
@@ -104,7 +191,7 @@ class StatusServer:
                 buffer += chunk
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
-                    self.handle(line)
+                    self.handle(line, conn)
                 if len(buffer) > MAX_LINE_BYTES:  # no newline in sight: not one of ours
                     self.refused += 1
                     return
@@ -113,30 +200,35 @@ class StatusServer:
         finally:
             conn.close()
 
-    def handle(self, line: bytes) -> bool:
-        """Check and store one line; returns whether it was accepted."""
+    def handle(self, line: bytes, conn: Optional[socket.socket] = None) -> bool:
+        """Check and store one line that arrived on ``conn``; returns whether it was accepted."""
         message = decode(self.secret, line)
-        name = file_name(message) if message is not None else None
-        if name is None:
+        key = report_key(message) if message is not None else None
+        if key is None:
             self.refused += 1
             return False
-        path = os.path.join(self.folder, name)
         try:
-            if message["kind"] == "beat":
-                count = int(message["count"])
-                tmp = f"{path}.tmp"
-                with open(tmp, "w") as f:
-                    f.write(f"{count}\n")
-                os.replace(tmp, path)
-            else:
-                record = {k: v for k, v in message.items() if k != "kind"}
-                if message["kind"] in ARRIVAL_FIELD:
-                    record[ARRIVAL_FIELD[message["kind"]]] = time.time()
-                write_json(path, record)
-        except (OSError, TypeError, ValueError, KeyError):
+            self.table.add(key, message)
+        except (TypeError, ValueError, KeyError, AttributeError):
             self.refused += 1
             return False
+        if conn is not None and message["kind"] in ("beat", "started") and isinstance(key, int):
+            with self._lock:
+                self._reply_to[(message["kind"], key)] = conn
         return True
+
+    def request(self, to_rank: int, kind: str, **fields) -> bool:
+        """Send a request to rank ``to_rank``: ``want_stacks`` and ``notice`` go to its heartbeat,
+        ``want_state`` to its shim. False when that connection is unknown or broken."""
+        with self._lock:
+            conn = self._reply_to.get(("started" if kind == "want_state" else "beat", to_rank))
+        if conn is None:
+            return False
+        data = encode(self.secret, {"kind": kind, **fields})
+        try:  # never blocks: a peer that stopped reading (a frozen rank) must not hold the launcher
+            return conn.send(data, socket.MSG_DONTWAIT) == len(data)
+        except OSError:
+            return False
 
     def stop_workers(self) -> None:
         """Tell every connected shim to stop its script: end our side of each connection."""

@@ -7,8 +7,8 @@ RUNNING always stops every worker: SIGTERM (and SIGCONT, so a stopped process ca
 then SIGKILL after ``stop_grace`` seconds, because a rank stuck in a collective ignores SIGTERM.
 
 The workers report over the status channel: each attempt runs a :class:`StatusServer` (a TCP
-port with a new secret, see launch/status_server.py) that keeps what they report as files in a
-folder on this host, whatever host the workers run on.
+port with a new secret, see launch/status_server.py) whose threads keep what they report in a
+table in memory, whatever host the workers run on; the watch loop reads a copy of it.
 
 Workers on this host are found three ways, because Open MPI and Horovod's Gloo launcher put each
 worker in a process group of its own: our process group, the launcher process's descendants
@@ -23,14 +23,11 @@ raised may be killed by mpirun before it can report) came first.
 from __future__ import annotations
 
 import enum
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, TextIO, Tuple
@@ -38,13 +35,19 @@ from typing import Dict, List, Optional, TextIO, Tuple
 import psutil
 
 from launch.cli import LaunchConfig
+from launch.collective_check import first_mismatch
+from launch.hang_report import hang_lines
 from launch.plan import Plan
-from launch.rank_reports import (Progress, RankStatus, first_failure, hung_rank, read_heartbeats, read_statuses,
-                                 updated_progress)
+from launch.rank_reports import (Progress, RankStatus, first_failure, hung_rank, statuses_from, updated_progress)
 from launch.status_channel import HEARTBEAT_ENV, RESTART_COUNT_ENV, STOP_GRACE_ENV
-from launch.status_server import StatusServer
+from launch.status_server import Reports, StatusServer
+from launch.stragglers import StragglerWatch
 
 POLL_S = 0.2
+BEAT_SLACK_S = 2.0   # how much later than a peer's a rank's standstill may be seen (a beat a second, see hung_rank)
+MISMATCH_STALL_S = 1.5  # the whole job stood still this long: compare the collectives the ranks are in
+STACKS_WAIT_S = 2.0  # for a hung rank's heartbeat thread to answer with its stacks
+STATE_WAIT_S = 1.5   # then for its shim to say what the kernel says of the process
 LAUNCHER_EXIT_S = 1.0  # for mpirun/horovodrun to end on its own after its local workers did
 
 
@@ -63,6 +66,7 @@ class Outcome:
     message: str = ""              # the root cause, one line
     details: Tuple[str, ...] = ()  # the failed rank's last stderr lines
     rank: Optional[int] = None     # the failed or hung rank
+    report: Tuple[str, ...] = ()   # what follows the message: where a hung rank is, its stacks
 
 
 def failure_outcome(status: RankStatus) -> Outcome:
@@ -75,54 +79,65 @@ class Attempt:
     """One run of the plan, from start to a final :class:`Outcome`, with every worker stopped."""
 
     def __init__(self, plan: Plan, config: LaunchConfig, number: int, log, interrupted,
-                 to_forward=lambda: ()):
+                 to_forward=lambda: (), say=lambda outcome: None):
         self.plan, self.config, self.number = plan, config, number
         self.log, self.interrupted = log, interrupted
+        self.say = say  # prints a failed outcome's verdict and report: as soon as it is known
         self.to_forward = to_forward  # signals the launcher received for the workers (SIGUSR2)
         self.tracked: Dict[int, psutil.Process] = {}
         self.shims: Dict[int, psutil.Process] = {}  # this host's worker shims: they forward signals
-        self.seen_started: set = set()
+        self.seen_started: set = set()      # keys of the started reports already tracked
         self.reported: set = set()
         self.progress: Dict[int, Progress] = {}  # heartbeats, with --hang-timeout
         self.rank_hosts: Dict[int, str] = {}     # from the shims' started reports, any host
+        self.stragglers = StragglerWatch()
         self.host = socket.gethostname()
 
     def run(self) -> Outcome:
-        self.status_dir = tempfile.mkdtemp(prefix="distrib-launch-")  # on this host only: the server writes it
-        self.server = StatusServer(self.status_dir)
+        self.server = StatusServer()
         try:
+            # The heartbeat is on unless DISTRIB_HEARTBEAT=0 is set: besides hangs it carries the
+            # collective records (the mismatch check) and the phase times (stragglers); it costs a
+            # rank one send a second (benchmarks/bench_diagnosis.py measures it).
             env = {**os.environ, **self.plan.env, **self.server.env(), RESTART_COUNT_ENV: str(self.number),
-                   STOP_GRACE_ENV: f"{self.config.stop_grace:g}"}
-            if self.config.hang_timeout:
-                env[HEARTBEAT_ENV] = "1"
+                   STOP_GRACE_ENV: f"{self.config.stop_grace:g}",
+                   HEARTBEAT_ENV: "0" if os.environ.get(HEARTBEAT_ENV) == "0" else "1"}
             try:
                 self.proc = subprocess.Popen(self.plan.argv, env=env, start_new_session=True)
             except OSError as exc:
-                return Outcome(State.FAILED, 1, f"cannot start {self.plan.argv[0]}: {exc.strerror}; install it "
-                                                f"or put it on PATH")
+                outcome = Outcome(State.FAILED, 1, f"cannot start {self.plan.argv[0]}: {exc.strerror}; install it "
+                                                   f"or put it on PATH")
+                self.say(outcome)
+                return outcome
             try:
                 self.root = psutil.Process(self.proc.pid)
             except psutil.NoSuchProcess:
                 self.root = None
             try:
                 outcome = self._watch()
+                if outcome.state is not State.SUCCEEDED:
+                    self.say(outcome)  # before the workers are stopped, which takes up to stop_grace
             finally:
                 self._stop()
             if outcome.state is State.HUNG:  # its stderr up to the moment it was stopped
-                tail = next((s.stderr_tail for s in read_statuses(self.status_dir) if s.rank == outcome.rank), ())
+                tail = next((s.stderr_tail for s in self._statuses(self.server.table.read()) if s.rank == outcome.rank), ())
                 outcome = replace(outcome, details=tail)
             return outcome
         finally:
             self.server.close()
             if self.server.refused:
                 self.log(f"refused {self.server.refused} status reports without a valid signature", verbose=True)
-            shutil.rmtree(self.status_dir, ignore_errors=True)
+
+    @staticmethod
+    def _statuses(reports: Reports) -> List[RankStatus]:
+        return statuses_from(reports.ended.values(), reports.raised.values())
 
     def _watch(self) -> Outcome:
         failed_at = None
         while True:
-            self._track()
-            statuses = read_statuses(self.status_dir)
+            reports = self.server.table.read()
+            self._track(reports)
+            statuses = self._statuses(reports)
             self._say_ended(statuses)
             signum = self.interrupted()
             if signum:
@@ -134,13 +149,19 @@ class Attempt:
             # the ring); only horovodrun's own exit ends the job.
             if failed_at is None and not self.config.elastic and any(s.exit_code != 0 for s in statuses):
                 failed_at = time.monotonic()
+            self._watch_stragglers()
+            now = time.monotonic()
+            beats = {rank: (b.count, b.heard) for rank, b in reports.beats.items()}
+            self.progress = updated_progress(self.progress, beats, now)
+            mismatch = self._mismatch(reports, self._stalled_at([s.rank for s in statuses], now))
+            if mismatch is not None:
+                return mismatch
             if self.config.hang_timeout and failed_at is None:
-                now = time.monotonic()
-                self.progress = updated_progress(self.progress, read_heartbeats(self.status_dir), now)
-                hang = hung_rank(self.progress, [s.rank for s in statuses], self.config.hang_timeout, now)
+                hang = hung_rank(self.progress, [s.rank for s in statuses], self.config.hang_timeout, now,
+                                 slack=BEAT_SLACK_S)
                 if hang:
                     return Outcome(State.HUNG, 1, hang.describe(self.config.hang_timeout, self.rank_hosts.get(hang.rank)),
-                                   rank=hang.rank)
+                                   rank=hang.rank, report=tuple(self._hang_report(hang)))
             if self.proc.poll() is not None:
                 break
             if failed_at is not None and time.monotonic() - failed_at > self.config.failure_grace:
@@ -148,8 +169,13 @@ class Attempt:
                 break
             time.sleep(POLL_S)
         self._stop()  # leftovers, e.g. ranks that outlived their launcher
-        statuses = read_statuses(self.status_dir)
+        reports = self.server.table.read()
+        statuses = self._statuses(reports)
         self._say_ended(statuses)
+        self._watch_stragglers()  # the windows of the last steps
+        mismatch = self._mismatch(reports)  # the engine's own error about another shape ended the job first
+        if mismatch is not None:
+            return mismatch
         code = self.proc.returncode
         if self.config.elastic and code == 0:
             return Outcome(State.SUCCEEDED, 0)  # some workers died, the job recovered
@@ -162,13 +188,60 @@ class Attempt:
                            f"reported a failure (see its messages above)")
         return Outcome(State.SUCCEEDED, 0)
 
+    def _stalled_at(self, finished: List[int], now: float) -> Optional[int]:
+        """The lowest beat count when every unfinished rank (two or more) has stood still for
+        MISMATCH_STALL_S: then the collectives they are in are compared."""
+        done = set(finished)
+        running = [p for rank, p in self.progress.items() if rank not in done]
+        if len(running) < 2 or any(now - p.since < MISMATCH_STALL_S for p in running):
+            return None
+        return min(p.count for p in running)
+
+    def _mismatch(self, reports: Reports, stalled_at: Optional[int] = None) -> Optional[Outcome]:
+        """The ranks entered different collectives: the job cannot go on, say who entered what.
+        Not under Horovod Elastic, whose new workers count their collectives from zero."""
+        if self.config.elastic:
+            return None
+        found = first_mismatch(reports.calls, reports.occurrences, stalled_at)
+        if found is None:
+            return None
+        return Outcome(State.FAILED, 1, found.describe(self.rank_hosts), rank=found.ranks[-1])
+
+    def _watch_stragglers(self) -> None:
+        """Judge the phase-time windows that arrived; log a straggler and tell rank 0 (metrics.jsonl)."""
+        for rank, step, phases in self.server.table.take_windows():
+            for found in self.stragglers.add(rank, step, phases):
+                host = self.rank_hosts.get(found.rank)
+                self.log(found.describe(host))
+                self.server.request(0, "notice", event="straggler", **found.as_event(host))
+
+    def _hang_report(self, hang) -> List[str]:
+        """Ask the hung rank for its stacks; without an answer, ask its shim what the process is doing."""
+        table = self.server.table
+        table.forget_answer("stacks", hang.rank)
+        table.forget_answer("state", hang.rank)
+        stacks = self._ask(hang.rank, "want_stacks", "stacks", STACKS_WAIT_S)
+        state = None if stacks is not None else self._ask(hang.rank, "want_state", "state", STATE_WAIT_S)
+        return hang_lines(hang, table.read(), self.rank_hosts, stacks, state, STACKS_WAIT_S, time.monotonic())
+
+    def _ask(self, rank: int, request: str, answer: str, wait_s: float) -> Optional[dict]:
+        deadline = time.monotonic() + wait_s
+        if not self.server.request(rank, request):
+            return None
+        while time.monotonic() < deadline:
+            found = self.server.table.answer(answer, rank)
+            if found is not None:
+                return found
+            time.sleep(0.02)
+        return None
+
     def _say_ended(self, statuses: List[RankStatus]) -> None:
         for s in statuses:
             if s.rank not in self.reported:
                 self.reported.add(s.rank)
                 self.log(f"rank {s.rank} on {s.host} ended: {s.how}", verbose=True)
 
-    def _track(self) -> None:
+    def _track(self, reports: Optional[Reports] = None) -> None:
         """Remember every process that may be a worker, while it can still be found."""
         procs = []
         if self.root is not None:
@@ -176,14 +249,10 @@ class Attempt:
                 procs += self.root.children(recursive=True)
             except psutil.NoSuchProcess:
                 pass
-        for name in os.listdir(self.status_dir):
-            if name.startswith("started-") and name.endswith(".json") and name not in self.seen_started:
-                try:
-                    with open(os.path.join(self.status_dir, name), encoding="utf-8") as f:
-                        started = json.load(f)
-                except (OSError, ValueError):
-                    continue
-                self.seen_started.add(name)
+        reports = reports or self.server.table.read()
+        for key, started in reports.started.items():
+            if key not in self.seen_started:
+                self.seen_started.add(key)
                 self.rank_hosts[started.get("rank")] = started.get("host")
                 if started.get("host") == self.host:
                     for key in ("shim_pid", "pid"):
@@ -310,15 +379,19 @@ def supervise(plan: Plan, config: LaunchConfig, out: TextIO = sys.stderr) -> int
             out.write(f"distrib-launch: {message}\n")
             out.flush()
 
+    def say(outcome: Outcome) -> None:
+        log(outcome.message)
+        out.write("".join(f"    {line}\n" for line in outcome.report))
+        out.flush()
+
     with _SignalCatcher() as signals:
         for number in range(config.max_restarts + 1):
             if signals.caught:  # between attempts: do not start another one
                 return 128 + signals.caught
-            outcome = Attempt(plan, config, number, log, lambda: signals.caught, signals.take_pending).run()
+            outcome = Attempt(plan, config, number, log, lambda: signals.caught, signals.take_pending, say).run()
             if outcome.state is State.SUCCEEDED:
                 log("all ranks finished successfully", verbose=True)
                 return 0
-            log(outcome.message)
             if outcome.state is State.INTERRUPTED:
                 return outcome.exit_code
             if outcome.details:

@@ -11,18 +11,18 @@ rank's processes itself when they run on its host), and when the child ends ``en
      "end_time": 1764000000.1, "stderr_tail": ["...", "..."]}
 
 then exits with the child's code (128 + N for a signal N). While the script runs the shim keeps
-its connection open; when the launcher ends it (the attempt is being stopped, or the launcher
-died) the shim stops the script: SIGCONT and SIGTERM, SIGKILL after ``DISTRIB_STOP_GRACE``
-seconds. That is how a worker on another host is stopped even when mpirun or horovodrun cannot
+its connection open and answers the launcher's ``want_state`` with the script's process state
+(``T`` for a process stopped by SIGSTOP, which cannot answer for itself; no answer at all means
+the host or its link is gone); when the launcher ends the connection (the attempt is being
+stopped, or the launcher died) the shim stops the script: SIGCONT and SIGTERM, SIGKILL after
+``DISTRIB_STOP_GRACE`` seconds. That is how a worker on another host is stopped even when mpirun or horovodrun cannot
 reach it. Without the channel's variables (run by hand), or when the launcher cannot be reached,
 it reports nothing and the script runs all the same.
 """
 from __future__ import annotations
 
 import ctypes
-import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -57,14 +57,6 @@ def tail_lines(data: bytes, n: int = TAIL_LINES) -> List[str]:
     return [line for line in text.splitlines() if line.strip()][-n:]
 
 
-def write_json(path: str, record: dict) -> None:
-    """Atomically: the supervisor polls the folder and must never read half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
-
-
 def _die_with_parent() -> None:
     # In the child before exec: if the shim is SIGKILLed, the kernel kills the script too,
     # instead of leaving it running (and holding its peers in a collective) as an orphan.
@@ -93,20 +85,39 @@ def _pump(source, sink, tail: Deque[bytes]) -> None:
             kept -= len(tail.popleft())
 
 
-def _stop_when_launcher_leaves(channel: Channel, child: subprocess.Popen, grace: float) -> None:
-    """In a thread: the launcher ended our connection (it is stopping the attempt, or it died):
-    stop the script as the launcher would, SIGTERM then SIGKILL after ``grace`` seconds."""
-    sock = channel.sock
-    if sock is None:
-        return
+PROCESS_STATES = {"R": "running", "S": "sleeping", "D": "in uninterruptible I/O", "T": "stopped by a signal",
+                  "t": "stopped by a debugger", "Z": "a zombie", "X": "dead"}
+
+
+def process_state(pid: int) -> dict:
+    """What the kernel says of ``pid``: its state letter and word, and where it sleeps (wchan)."""
     try:
-        select.select([sock], [], [])
-        if sock.recv(1, socket.MSG_PEEK) != b"":
-            return  # the launcher sends nothing: not an end we understand, leave the script alone
-    except (OSError, ValueError):
-        return  # our own side was closed (the shim is finishing)
+        with open(f"/proc/{pid}/stat") as f:
+            letter = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return {"state": "?", "state_name": "gone"}
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read().strip()
+    except OSError:
+        wchan = ""
+    return {"state": letter, "state_name": PROCESS_STATES.get(letter, letter), "wchan": wchan}
+
+
+def _serve_launcher(channel: Channel, child: subprocess.Popen, grace: float, rank, host: str) -> None:
+    """In a thread: answer the launcher's ``want_state``; once it ended our connection (it is
+    stopping the attempt, or it died), stop the script as the launcher would, SIGTERM then
+    SIGKILL after ``grace`` seconds."""
+    while True:
+        requests = channel.receive(None)
+        if requests is None:
+            break
+        for request in requests:
+            if request["kind"] == "want_state":
+                channel.send({"kind": "state", "rank": rank, "host": host, "pid": child.pid,
+                              **process_state(child.pid)})
     if child.poll() is not None:
-        return
+        return  # the script ended first: the shim is finishing and closed its own side
     for sig in (signal.SIGCONT, signal.SIGTERM):
         try:
             child.send_signal(sig)
@@ -137,7 +148,7 @@ def run(argv: List[str], env: Mapping[str, str]) -> int:
             grace = float(env.get(STOP_GRACE_ENV) or DEFAULT_STOP_GRACE_S)
         except ValueError:
             grace = DEFAULT_STOP_GRACE_S
-        threading.Thread(target=_stop_when_launcher_leaves, args=(channel, child, grace), daemon=True).start()
+        threading.Thread(target=_serve_launcher, args=(channel, child, grace, rank, host), daemon=True).start()
     tail: Deque[bytes] = deque()
     pump = threading.Thread(target=_pump, args=(child.stderr, sys.stderr.buffer, tail), daemon=True)
     pump.start()

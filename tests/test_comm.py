@@ -33,9 +33,11 @@ COLLECTIVES = {
 @pytest.mark.parametrize("collective", list(COLLECTIVES))
 def test_every_collective_beats_the_heartbeat_first(monkeypatch, collective):
     beats = []
-    monkeypatch.setattr(comm_base, "beat", lambda: beats.append(1))
+    monkeypatch.setattr(comm_base, "beat", lambda *call: beats.append(call))
     COLLECTIVES[collective](LocalComm())
-    assert beats == [1]
+    assert len(beats) == 1 and beats[0][0].endswith(":t." + "abcdefgh"[list(COLLECTIVES).index(collective)])
+    tensor_call = collective not in ("broadcast_object", "allgather_object", "barrier")
+    assert beats[0][1:] == (([2], "float32") if tensor_call else ())  # the shape and dtype the launcher compares
 
 
 class PeerGone(Exception):

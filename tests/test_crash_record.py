@@ -1,16 +1,17 @@
 """distrib/crash_record.py: an uncaught exception is reported to the launcher's status server before
 the process goes on to exit (and to Horovod's atexit shutdown), and the traceback still reaches stderr."""
-import json
 import os
 import subprocess
 import sys
+import threading
 
 from distrib import crash_record
 from tests.helpers import REPO
 from tests.test_launch_status_channel import server, wait_for  # noqa: F401 - a fixture
 
-# The atexit handler waits (bounded) for the launcher to have the record: it can only be there
-# if the hook sent it before the atexit handlers ran.
+# The atexit handler waits (bounded) for the launcher to have the record (the test creates the
+# file sys.argv[1] once the server's table holds it): it can only be there if the hook sent it
+# before the atexit handlers ran.
 RAISE = """
 import atexit, os, sys, time
 from distrib import crash_record
@@ -26,30 +27,40 @@ raise {exc}
 
 
 def run_raising(tmp_path, server, exc):
+    """Run RAISE; returns the process and rank 3's raised report as the launcher's table has it (or None)."""
     env = {**os.environ, **server.env()}
-    record = tmp_path / "raised-3.json"
-    proc = subprocess.run([sys.executable, "-c", RAISE.format(exc=exc), str(record)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
-    return proc, record
+    arrived = tmp_path / "arrived"
+    done = threading.Event()
+
+    def tell_the_child():  # what the child's atexit handler waits for
+        if wait_for(lambda: 3 in server.table.read().raised or done.is_set(), timeout=60) and not done.is_set():
+            arrived.touch()
+    watcher = threading.Thread(target=tell_the_child)
+    watcher.start()
+    try:
+        proc = subprocess.run([sys.executable, "-c", RAISE.format(exc=exc), str(arrived)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        done.set()
+        watcher.join()
+    return proc, server.table.read().raised.get(3)
 
 
 def test_an_uncaught_exception_is_recorded_before_atexit_and_still_printed(tmp_path, server):
     proc, record = run_raising(tmp_path, server, 'ValueError("bad shard\\nsecond line")')
     assert proc.returncode == 1
-    assert "atexit sees record: True" in proc.stdout          # written before the atexit handlers ran
+    assert "atexit sees record: True" in proc.stdout          # arrived before the atexit handlers ran
     assert proc.stderr.rstrip().endswith("second line")       # the usual traceback, untouched
-    written = json.loads(record.read_text())
-    assert written["rank"] == 3 and written["pid"] > 0 and written["host"]
-    assert written["exception"] == "ValueError: bad shard"
-    assert written["traceback_tail"][0] == "Traceback (most recent call last):"
-    assert written["traceback_tail"][-2:] == ["ValueError: bad shard", "second line"]
-    assert [p.name for p in tmp_path.iterdir()] == ["raised-3.json"]  # no temporary file left
+    assert record["rank"] == 3 and record["pid"] > 0 and record["host"]
+    assert record["exception"] == "ValueError: bad shard"
+    assert record["traceback_tail"][0] == "Traceback (most recent call last):"
+    assert record["traceback_tail"][-2:] == ["ValueError: bad shard", "second line"]
 
 
 def test_ctrl_c_is_not_a_crash(tmp_path, server):
     proc, record = run_raising(tmp_path, server, "KeyboardInterrupt")
     assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
-    assert not record.exists()
+    assert record is None
 
 
 def test_nothing_is_installed_outside_the_launcher(monkeypatch):
@@ -67,8 +78,8 @@ def test_installing_twice_keeps_one_hook(tmp_path, server, monkeypatch, capsys):
     except ValueError as exc:
         sys.excepthook(type(exc), exc, exc.__traceback__)
     assert capsys.readouterr().err.count("ValueError: once") == 1  # not chained to itself
-    assert wait_for((tmp_path / "raised-0.json").exists)
-    assert json.loads((tmp_path / "raised-0.json").read_text())["exception"] == "ValueError: once"
+    assert wait_for(lambda: 0 in server.table.read().raised)
+    assert server.table.read().raised[0]["exception"] == "ValueError: once"
 
 
 def test_an_unreachable_launcher_still_shows_the_traceback(tmp_path, server):

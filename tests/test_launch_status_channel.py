@@ -1,5 +1,5 @@
 """launch/status_channel.py and launch/status_server.py: signed reports from the workers to the
-launcher. A forged, unsigned or malformed report is refused and writes nothing."""
+launcher. A forged, unsigned or malformed report is refused and leaves the launcher's table as it was."""
 import json
 import re
 import socket
@@ -11,14 +11,19 @@ import pytest
 
 from launch import status_channel
 from launch.status_channel import (ADDRESS_ENV, SECRET_ENV, Channel, decode, encode, new_secret, parse_address)
-from launch.status_server import StatusServer, file_name, reachable_addresses
+from launch.status_server import StatusServer, report_key, reachable_addresses
 from tests.helpers import REPO
 
 
+def nothing_reported(srv):
+    r = srv.table.read()
+    return not (r.started or r.ended or r.raised or r.beats or r.calls)
+
+
 @pytest.fixture
-def server(tmp_path):
-    """A real status server writing into tmp_path (other test modules import this fixture)."""
-    srv = StatusServer(str(tmp_path))
+def server():
+    """A real status server (other test modules import this fixture)."""
+    srv = StatusServer()
     yield srv
     srv.close()
 
@@ -59,47 +64,48 @@ def test_bad_address_is_refused(text):
     assert Channel.from_env({ADDRESS_ENV: text, SECRET_ENV: new_secret()}) is None
 
 
-@pytest.mark.parametrize("message, name", [
-    ({"kind": "ended", "rank": 3}, "rank-3.json"), ({"kind": "raised", "rank": 0}, "raised-0.json"),
-    ({"kind": "started", "rank": None, "pid": 5}, "started-unknown-5.json"), ({"kind": "beat", "rank": 1}, "heartbeat-1"),
+@pytest.mark.parametrize("message, key", [
+    ({"kind": "ended", "rank": 3}, 3), ({"kind": "raised", "rank": 0}, 0),
+    ({"kind": "started", "rank": None, "pid": 5}, "unknown-5"), ({"kind": "beat", "rank": 1}, 1),
+    ({"kind": "beat", "rank": None, "pid": 5}, None),  # a heartbeat is always a rank's
     ({"kind": "ended", "rank": "../../etc/x"}, None), ({"kind": "ended", "rank": -1}, None),
     ({"kind": "ended", "rank": True}, None), ({"kind": "ended", "rank": None, "pid": "1/2"}, None)])
-def test_file_names_come_only_from_ranks(message, name):
-    assert file_name(message) == name
+def test_reports_are_kept_only_under_ranks(message, key):
+    assert report_key(message) == key
 
 
-def test_forged_and_unsigned_reports_are_refused_and_write_nothing(tmp_path, server):
+def test_forged_and_unsigned_reports_are_refused_and_change_nothing(server):
     addresses, port = parse_address(server.env()[ADDRESS_ENV])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(encode(new_secret(), ENDED))               # signed with a key of its own
         s.sendall(json.dumps(ENDED).encode() + b"\n")         # not signed at all
         s.sendall(b"0" * 64 + b" " + json.dumps(ENDED).encode() + b"\n")
     assert wait_for(lambda: server.refused == 3)
-    assert list(tmp_path.iterdir()) == []
+    assert nothing_reported(server)
     good = Channel(addresses, port, server.secret)
     assert good.send({**ENDED, "exit_code": 0})
     good.close()
-    assert wait_for(lambda: (tmp_path / "rank-0.json").exists())
-    written = json.loads((tmp_path / "rank-0.json").read_text())
-    assert written["exit_code"] == 0 and written["end_time"] > 1.0  # the launcher's clock at arrival
+    assert wait_for(lambda: 0 in server.table.read().ended)
+    kept = server.table.read().ended[0]
+    assert kept["exit_code"] == 0 and kept["end_time"] > 1.0  # the launcher's clock at arrival
     assert server.refused == 3
 
 
-def test_a_previous_attempts_secret_is_refused(tmp_path):
-    first, second = StatusServer(str(tmp_path)), StatusServer(str(tmp_path))
+def test_a_previous_attempts_secret_is_refused():
+    first, second = StatusServer(), StatusServer()
     try:
         assert first.secret != second.secret
         addresses, port = parse_address(second.env()[ADDRESS_ENV])
         late = Channel(addresses, port, first.secret)
         assert late.send(ENDED)  # it leaves; the launcher drops it
         late.close()
-        assert wait_for(lambda: second.refused == 1) and list(tmp_path.iterdir()) == []
+        assert wait_for(lambda: second.refused == 1) and nothing_reported(second)
     finally:
         first.close()
         second.close()
 
 
-def test_a_line_without_end_is_dropped(tmp_path, server):
+def test_a_line_without_end_is_dropped(server):
     _, port = parse_address(server.env()[ADDRESS_ENV])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         try:

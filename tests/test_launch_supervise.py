@@ -13,8 +13,7 @@ import pytest
 
 from launch.cli import LaunchConfig
 from launch.plan import Plan
-from launch.rank_reports import (Progress, RankStatus, first_failure, hung_rank, read_heartbeats, read_statuses,
-                                 updated_progress)
+from launch.rank_reports import Progress, RankStatus, first_failure, hung_rank, statuses_from, updated_progress
 from launch.supervise import supervise
 from tests.helpers import SCRIPTS, assert_workers_gone
 
@@ -54,23 +53,18 @@ def test_a_rank_that_failed_because_of_a_peer_is_not_the_root_cause():
     assert first_failure([peer, gloo_peer]).rank == 2
 
 
-def write(folder, name, record):
-    (folder / name).write_text(json.dumps(record))
-
-
-def test_a_raise_recorded_by_distrib_counts_even_when_the_shim_never_wrote_a_status(tmp_path):
+def test_a_raise_recorded_by_distrib_counts_even_when_the_shim_never_reported_an_end():
     """What mpirun leaves behind when it kills the raising rank's shim mid-finalisation: rank 0's
-    follow-on error ended first and has a status; rank 1 has only its raised-1.json."""
-    write(tmp_path, "rank-0.json", {"rank": 0, "host": "h", "pid": 10, "exit_code": 1, "end_time": 2.0,
-                                    "stderr_tail": ["HorovodInternalError: Horovod has been shut down."]})
-    write(tmp_path, "raised-0.json", {"rank": 0, "host": "h", "pid": 10, "time": 1.9,
-                                      "exception": "HorovodInternalError: Horovod has been shut down."})
-    write(tmp_path, "raised-1.json", {"rank": 1, "host": "h", "pid": 11, "time": 1.5,
-                                      "exception": "RuntimeError: injected failure at step 6",
-                                      "traceback_tail": ["Traceback (most recent call last):", "RuntimeError: x"]})
-    write(tmp_path, "started-1.json", {"rank": 1})          # not a status
-    (tmp_path / "rank-2.json").write_text("{half a fi")     # not ours / unreadable: ignored
-    statuses = read_statuses(str(tmp_path))
+    follow-on error ended first and has a status; rank 1 has only its raised report."""
+    ended = [{"rank": 0, "host": "h", "pid": 10, "exit_code": 1, "end_time": 2.0,
+              "stderr_tail": ["HorovodInternalError: Horovod has been shut down."]},
+             {"rank": 2, "host": "h"}]  # no exit code, no end time: not a status, skipped
+    raised = [{"rank": 0, "host": "h", "pid": 10, "time": 1.9,
+               "exception": "HorovodInternalError: Horovod has been shut down."},
+              {"rank": 1, "host": "h", "pid": 11, "time": 1.5, "exception": "RuntimeError: injected failure at step 6",
+               "traceback_tail": ["Traceback (most recent call last):", "RuntimeError: x"]},
+              {"rank": 3, "host": "h"}]  # no time: skipped
+    statuses = statuses_from(ended, raised)
     assert [s.rank for s in statuses] == [0, 1]
     culprit = first_failure(statuses)
     assert (culprit.rank, culprit.exit_code, culprit.end_time, culprit.pid) == (1, 1, 1.5, 11)
@@ -78,23 +72,21 @@ def test_a_raise_recorded_by_distrib_counts_even_when_the_shim_never_wrote_a_sta
     assert culprit.stderr_tail == ("Traceback (most recent call last):", "RuntimeError: x")
 
 
-def test_a_raise_moves_the_rank_to_when_its_failure_began(tmp_path):
-    """Both shims wrote statuses, but rank 1 (which raised first) ended last."""
-    write(tmp_path, "rank-0.json", {"rank": 0, "host": "h", "pid": 10, "exit_code": 2, "end_time": 2.0})
-    write(tmp_path, "rank-1.json", {"rank": 1, "host": "h", "pid": 11, "exit_code": 1, "end_time": 3.0,
-                                    "stderr_tail": ["shim tail"]})
-    write(tmp_path, "raised-1.json", {"rank": 1, "host": "h", "pid": 11, "time": 1.0, "exception": "ValueError: v"})
-    culprit = first_failure(read_statuses(str(tmp_path)))
+def test_a_raise_moves_the_rank_to_when_its_failure_began():
+    """Both shims reported ends, but rank 1 (which raised first) ended last."""
+    ended = [{"rank": 0, "host": "h", "pid": 10, "exit_code": 2, "end_time": 2.0},
+             {"rank": 1, "host": "h", "pid": 11, "exit_code": 1, "end_time": 3.0, "stderr_tail": ["shim tail"]}]
+    raised = [{"rank": 1, "host": "h", "pid": 11, "time": 1.0, "exception": "ValueError: v"}]
+    culprit = first_failure(statuses_from(ended, raised))
     assert (culprit.rank, culprit.end_time, culprit.stderr_tail) == (1, 1.0, ("shim tail",))
     assert culprit.how == "exit code 1 (uncaught ValueError: v)"
 
 
-def test_a_rank_that_raised_and_was_stopped_while_finalising_failed_by_its_exception(tmp_path):
+def test_a_rank_that_raised_and_was_stopped_while_finalising_failed_by_its_exception():
     """A remote rank still finalising when the job ended is stopped (SIGTERM): the exception is the cause."""
-    write(tmp_path, "rank-1.json", {"rank": 1, "host": "node2", "pid": 11, "exit_code": 143, "signal": "SIGTERM",
-                                    "end_time": 3.0})
-    write(tmp_path, "raised-1.json", {"rank": 1, "host": "node2", "pid": 11, "time": 1.0, "exception": "ValueError: v"})
-    culprit = first_failure(read_statuses(str(tmp_path)))
+    ended = [{"rank": 1, "host": "node2", "pid": 11, "exit_code": 143, "signal": "SIGTERM", "end_time": 3.0}]
+    raised = [{"rank": 1, "host": "node2", "pid": 11, "time": 1.0, "exception": "ValueError: v"}]
+    culprit = first_failure(statuses_from(ended, raised))
     assert (culprit.exit_code, culprit.how) == (1, "exit code 1 (uncaught ValueError: v)")
 
 
@@ -102,11 +94,11 @@ def test_progress_remembers_since_when_each_count_stood_still():
     progress = updated_progress({}, {0: (3, 100.0), 1: (3, 100.0)}, now=10.0)
     progress = updated_progress(progress, {0: (4, 101.0), 1: (3, 101.0)}, now=11.0)
     assert progress == {0: Progress(4, 11.0, 101.0), 1: Progress(3, 10.0, 101.0)}
-    assert updated_progress(progress, {}, now=12.0) == progress  # a file not readable this time: kept
+    assert updated_progress(progress, {}, now=12.0) == progress  # no new beat this time: kept
 
 
 def test_no_rank_is_hung_before_one_stood_still_for_the_timeout():
-    progress = {0: Progress(7, since=0.0, written=9.0), 1: Progress(6, since=0.0, written=1.0)}
+    progress = {0: Progress(7, since=0.0, heard=9.0), 1: Progress(6, since=0.0, heard=1.0)}
     assert hung_rank(progress, [], timeout=5.0, now=4.0) is None
     assert hung_rank({}, [], timeout=5.0, now=100.0) is None          # nobody beat yet: not judged
     assert hung_rank(progress, [0, 1], timeout=5.0, now=100.0) is None  # both finished
@@ -114,9 +106,9 @@ def test_no_rank_is_hung_before_one_stood_still_for_the_timeout():
 
 def test_the_rank_behind_is_blamed_not_the_peer_that_waits_for_it():
     """The CI failure this replaces: rank 1 stopped after its 6th beat, rank 0 blocked in the 7th
-    step's allreduce. Rank 0 stood still first (its last count was seen earlier) and its file is as
-    fresh; the counts still say rank 1 is the cause."""
-    progress = {0: Progress(7, since=0.0, written=50.0), 1: Progress(6, since=0.5, written=50.0)}
+    step's allreduce. Rank 0 stood still first (its last count was seen earlier) and its beats arrive
+    as recently; the counts still say rank 1 is the cause."""
+    progress = {0: Progress(7, since=0.0, heard=50.0), 1: Progress(6, since=0.5, heard=50.0)}
     hang = hung_rank(progress, [], timeout=20.0, now=30.0)
     assert (hang.rank, hang.seconds, hang.count, hang.furthest) == (1, 29.5, 6, 7)
     assert hang.describe(20.0) == ("rank 1 hung: no progress for 30 s at heartbeat 6, "
@@ -124,7 +116,7 @@ def test_the_rank_behind_is_blamed_not_the_peer_that_waits_for_it():
 
 
 def test_among_equal_counts_the_frozen_process_is_blamed_then_the_lowest_rank():
-    frozen_1 = {0: Progress(6, 0.0, written=50.0), 1: Progress(6, 0.0, written=20.0)}
+    frozen_1 = {0: Progress(6, 0.0, heard=50.0), 1: Progress(6, 0.0, heard=20.0)}
     assert hung_rank(frozen_1, [], timeout=5.0, now=30.0).rank == 1
     alike = {0: Progress(6, 0.0, 50.0), 1: Progress(6, 0.0, 50.0), 2: Progress(6, 0.0, 50.0)}
     assert hung_rank(alike, [], timeout=5.0, now=30.0).rank == 0
@@ -133,15 +125,6 @@ def test_among_equal_counts_the_frozen_process_is_blamed_then_the_lowest_rank():
 def test_a_finished_rank_is_not_judged():
     progress = {0: Progress(9, 0.0, 1.0), 1: Progress(9, 0.0, 1.0)}
     assert hung_rank(progress, [0], timeout=5.0, now=30.0).rank == 1
-
-
-def test_read_heartbeats(tmp_path):
-    (tmp_path / "heartbeat-0").write_text("12\n")
-    (tmp_path / "heartbeat-1").write_text("")         # not a count: skipped
-    (tmp_path / "heartbeat-1.tmp").write_text("13\n")  # the writer's temporary file: not a rank
-    (tmp_path / "rank-0.json").write_text("{}")
-    beats = read_heartbeats(str(tmp_path))
-    assert beats == {0: (12, (tmp_path / "heartbeat-0").stat().st_mtime)}
 
 
 def run(tmp_path, *toy_args, np=2, **config):
@@ -189,6 +172,7 @@ def test_sigstopped_rank_is_hung(tmp_path):
     assert code == 1, out
     assert f"distrib-launch: rank 1 on {socket.gethostname()} hung: no progress for " in out
     assert "(--hang-timeout 3)" in out
+    assert "is stopped by a signal (state T, e.g. SIGSTOP): a frozen process cannot report where it is" in out
     assert "    rank 1 line 29" in out  # the hung rank's last stderr lines
     assert_workers_gone(pids)
 

@@ -1,6 +1,5 @@
 """launch/worker.py, the shim: pass output through, report how the script ended, forward signals,
 stop the script when the launcher ends its connection. Reports go to a real StatusServer."""
-import json
 import os
 import signal
 import socket
@@ -17,19 +16,18 @@ from tests.helpers import REPO
 
 
 @pytest.fixture
-def server(tmp_path):
-    (tmp_path / "reports").mkdir()
-    srv = StatusServer(str(tmp_path / "reports"))
+def server():
+    srv = StatusServer()
     yield srv
     srv.close()
 
 
-def wait_for_file(path, timeout=20.0):
-    """The report's file once the server wrote it (reports arrive over TCP, after the shim sent them)."""
+def wait_for_report(server, kind, rank, timeout=20.0):
+    """A report once the server has it (reports arrive over TCP, after the shim sent them)."""
     deadline = time.monotonic() + timeout
-    while not path.exists() and time.monotonic() < deadline:
+    while rank not in getattr(server.table.read(), kind) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return json.loads(path.read_text())
+    return getattr(server.table.read(), kind)[rank]
 
 
 @pytest.mark.parametrize("env, rank", [
@@ -68,8 +66,8 @@ def shim(tmp_path, server, code, rank="1", **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def status(tmp_path, rank="1"):
-    return wait_for_file(tmp_path / "reports" / f"rank-{rank}.json")
+def status(server, rank=1):
+    return wait_for_report(server, "ended", rank)
 
 
 @pytest.mark.timeout(60)
@@ -80,11 +78,11 @@ def test_exit_code_output_and_status(tmp_path, server):
     assert proc.returncode == 3
     assert out == "out ['arg 1']\n"
     assert err == "".join(f"err {i}\n" for i in range(25))
-    s = status(tmp_path)
+    s = status(server)
     assert (s["rank"], s["exit_code"], s["signal"]) == (1, 3, None)
     assert s["stderr_tail"] == [f"err {i}" for i in range(5, 25)]
     assert abs(s["end_time"] - time.time()) < 60 and s["host"]
-    started = wait_for_file(tmp_path / "reports" / "started-1.json")
+    started = wait_for_report(server, "started", 1)
     assert started["pid"] == s["pid"] and started["shim_pid"] == proc.pid
 
 
@@ -93,7 +91,7 @@ def test_sigkilled_script_is_seen(tmp_path, server):
     proc = shim(tmp_path, server, "import os, sys\nprint('dying', file=sys.stderr)\nos.kill(os.getpid(), 9)\n", rank="0")
     proc.communicate(timeout=30)
     assert proc.returncode == 137
-    s = status(tmp_path, "0")
+    s = status(server, 0)
     assert (s["exit_code"], s["signal"], s["stderr_tail"]) == (137, "SIGKILL", ["dying"])
 
 
@@ -107,14 +105,14 @@ def test_sigterm_is_forwarded_to_the_script(tmp_path, server):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 7 and "got TERM" in err
-    assert status(tmp_path)["exit_code"] == 7
+    assert status(server)["exit_code"] == 7
 
 
 @pytest.mark.timeout(60)
 def test_script_dies_with_a_killed_shim(tmp_path, server):
     proc = shim(tmp_path, server, "import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
     assert proc.stdout.readline() == "ready\n"
-    child = wait_for_file(tmp_path / "reports" / "started-1.json")["pid"]
+    child = wait_for_report(server, "started", 1)["pid"]
     proc.kill()
     proc.communicate(timeout=30)
     deadline = time.time() + 10
@@ -133,11 +131,11 @@ def test_the_launcher_ending_the_connection_stops_the_script(tmp_path, server):
             "signal.signal(signal.SIGTERM, on_term)\nprint('ready', flush=True)\ntime.sleep(60)\n")
     proc = shim(tmp_path, server, code)
     assert proc.stdout.readline() == "ready\n"
-    wait_for_file(tmp_path / "reports" / "started-1.json")
+    wait_for_report(server, "started", 1)
     server.stop_workers()
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 5 and "got TERM" in err
-    assert status(tmp_path)["exit_code"] == 5  # the server still reads after it stopped writing
+    assert status(server)["exit_code"] == 5  # the server still reads after it stopped writing
 
 
 @pytest.mark.timeout(60)
@@ -149,10 +147,10 @@ def test_a_script_that_ignores_sigterm_is_killed_after_the_grace(tmp_path, serve
     proc = subprocess.Popen([sys.executable, "-m", "launch.worker", str(script)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "ready\n"
-    wait_for_file(tmp_path / "reports" / "started-0.json")
+    wait_for_report(server, "started", 0)
     server.stop_workers()
     proc.communicate(timeout=30)
-    assert proc.returncode == 137 and status(tmp_path, "0")["signal"] == "SIGKILL"
+    assert proc.returncode == 137 and status(server, 0)["signal"] == "SIGKILL"
 
 
 @pytest.mark.timeout(60)

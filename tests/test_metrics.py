@@ -1,4 +1,4 @@
-"""MetricsLogger, PhaseTimer and Progress with a fake clock, in one process."""
+"""MetricsLogger, NestedPhaseTimer and Progress with a fake clock, in one process."""
 import io
 import json
 
@@ -8,7 +8,6 @@ import torch
 from distrib.context import Context
 from distrib.metrics import MetricsLogger, breakdown_table, read_metrics
 from distrib.progress import Progress, format_duration, progress_line
-from distrib.timing import PhaseTimer
 
 
 class FakeClock:
@@ -21,19 +20,6 @@ class FakeClock:
 
 def ctx(rank=0, size=2):
     return Context(rank, size, rank, size, 0, 1, torch.device("cpu"), "gloo")
-
-
-def test_phase_timer_sums_phases_and_resets_on_take():
-    clock = FakeClock()
-    timer = PhaseTimer(clock=clock)
-    with timer.phase("data"):
-        clock.now += 0.5
-    with timer.phase("compute"):
-        clock.now += 1.0
-    with timer.phase("compute"):
-        clock.now += 2.0
-    assert timer.take() == {"data": 0.5, "compute": 3.0}
-    assert timer.take() == {}
 
 
 def make_logger(tmp_path, clock, rank=0, **kw):

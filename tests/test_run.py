@@ -228,7 +228,7 @@ def test_machine_id_is_the_boot_id():
 def test_public_api_is_importable_from_distrib():
     for name in distrib.__all__:
         assert getattr(distrib, name) is not None, name
-    assert callable(distrib.evaluate) and distrib.HorovodComm and distrib.PreemptionHandler and distrib.ElasticState
+    assert callable(distrib.evaluate) and distrib.Comm and distrib.PreemptionHandler and distrib.ElasticState
 
 
 README_RUNNER = """

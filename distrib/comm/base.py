@@ -5,8 +5,10 @@
 :mod:`distrib.comm.local`) implements the ``_``-prefixed methods; the public ones add what must
 hold at every call site:
 
-* the heartbeat is beaten before each collective (:mod:`distrib.heartbeat`: a rank that never
-  reached a collective its peers wait in has the lowest count, and the launcher blames it);
+* the heartbeat is beaten before each collective, with the collective's kind, name, shape and
+  dtype (:mod:`distrib.heartbeat`: a rank that never reached a collective its peers wait in has
+  the lowest count, and the launcher blames it; ranks that enter different collectives, or the
+  same with another shape, are named by the launcher at once);
 * every collective is named by the caller (``name=``: the wrapped optimizer's prefix and what it
   sends), so two models trained in one process never pair their tensors;
 * the "world is broken" latch: once a collective raised the engine's peer-failure error
@@ -113,8 +115,15 @@ class Comm:
             self.broken = exc
             raise
 
-    def _start(self, fn: Callable, *args):
-        beat()  # before every collective distrib runs: see distrib/heartbeat.py
+    def _start(self, fn: Callable, *args, call: Tuple[str, str, Optional[torch.Tensor]] = ("collective", "?", None)):
+        """Run ``fn`` under the latch, after telling the heartbeat which collective this rank
+        enters (``call``: kind, name, tensor): the launcher compares the ranks' records to catch
+        a skipped or reordered collective, or another shape (see launch/collective_check.py)."""
+        kind, name, tensor = call
+        if tensor is None:
+            beat(f"{kind}:{name}")
+        else:  # shape and dtype are host metadata: no device sync
+            beat(f"{kind}:{name}", list(tensor.shape), str(tensor.dtype).replace("torch.", ""))
         return self._guarded(fn, *args)
 
     def _check_op(self, op: str) -> None:
@@ -129,29 +138,29 @@ class Comm:
         """A new tensor: ``tensor`` reduced over all ranks. Differentiable (the gradient is
         reduced the same way), so it can sit in a forward pass (SyncBatchNorm)."""
         self._check_op(op)
-        return self._start(self._allreduce, tensor, name, op)
+        return self._start(self._allreduce, tensor, name, op, call=("allreduce", name, tensor))
 
     def allreduce_async_(self, tensor: torch.Tensor, *, name: str, op: str = "average") -> Handle:
         """Start reducing ``tensor`` in place over all ranks; ``handle.wait()`` returns it."""
         self._check_op(op)
-        return self._start(self._allreduce_async_, tensor, name, op)
+        return self._start(self._allreduce_async_, tensor, name, op, call=("allreduce", name, tensor))
 
     def reducescatter_into_async(self, tensor: torch.Tensor, out: torch.Tensor, *, name: str) -> Handle:
         """Start averaging ``tensor`` over all ranks; this rank's equal part (``tensor.numel() //
         size`` elements, the ``rank``-th) lands in ``out``, a buffer the caller owns."""
         if tensor.numel() != out.numel() * self.size:
             raise ValueError(f"reduce-scatter of {tensor.numel()} elements into {out.numel()} on {self.size} ranks")
-        return self._start(self._reducescatter_into_async, tensor, out, name)
+        return self._start(self._reducescatter_into_async, tensor, out, name, call=("reducescatter", name, tensor))
 
     def allgather_into_async(self, tensor: torch.Tensor, out: torch.Tensor, *, name: str) -> Handle:
         """Start concatenating every rank's ``tensor`` (same size everywhere) into ``out``."""
         if out.numel() != tensor.numel() * self.size:
             raise ValueError(f"allgather of {tensor.numel()} elements into {out.numel()} on {self.size} ranks")
-        return self._start(self._allgather_into_async, tensor, out, name)
+        return self._start(self._allgather_into_async, tensor, out, name, call=("allgather", name, tensor))
 
     def broadcast_async_(self, tensor: torch.Tensor, *, root: int = 0, name: str) -> Handle:
         """Start overwriting ``tensor`` with ``root``'s, in place."""
-        return self._start(self._broadcast_async_, tensor, root, name)
+        return self._start(self._broadcast_async_, tensor, root, name, call=("broadcast", name, tensor))
 
     def broadcast_tensors(self, named: Sequence[Tuple[str, torch.Tensor]], *, root: int = 0, prefix: str) -> None:
         """``root``'s values in every ``(name, tensor)`` of ``named``, in place; all started, then
@@ -163,15 +172,15 @@ class Comm:
     # -- picklable objects ---------------------------------------------------------------------
     def broadcast_object(self, obj: Any, *, root: int = 0, name: str) -> Any:
         """``root``'s ``obj`` on every rank (what the others pass is ignored)."""
-        return self._start(self._broadcast_object, obj, root, name)
+        return self._start(self._broadcast_object, obj, root, name, call=("broadcast_object", name, None))
 
     def allgather_object(self, obj: Any, *, name: str) -> List[Any]:
         """Every rank's ``obj``, in rank order."""
-        return self._start(self._allgather_object, obj, name)
+        return self._start(self._allgather_object, obj, name, call=("allgather_object", name, None))
 
     def barrier(self, *, name: str) -> None:
         """Return once every rank has called it. Callers say why they need one."""
-        self._start(self._barrier, name)
+        self._start(self._barrier, name, call=("barrier", name, None))
 
     # -- what an engine implements -------------------------------------------------------------
     def _allreduce(self, tensor, name, op):

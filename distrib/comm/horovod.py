@@ -146,7 +146,7 @@ class MpiTransport:
     def allreduce_async_(self, buf: torch.Tensor, *, name: str, op: str = "average") -> Handle:
         if op != "average":
             raise ValueError(f"the mpi transport only averages, got op={op!r}")
-        return self._owner._start(self._allreduce_now, buf)
+        return self._owner._start(self._allreduce_now, buf, call=("allreduce", name, buf))
 
     def _allreduce_now(self, buf: torch.Tensor) -> Handle:
         flat = buf.numpy()

@@ -10,6 +10,7 @@ is a sum divided by the world size when the handle is waited for: on the device,
 """
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Mapping, Optional, Tuple
 
@@ -37,6 +38,11 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise DistribSetupError(f"{name}={raw!r} is not a non-negative integer; "
                                 "start the workers with torchrun or python -m launch --engine torch")
     return int(raw)
+
+
+def _leave(dist_module) -> None:
+    if dist_module.is_initialized():
+        dist_module.destroy_process_group()
 
 
 class _Allreduce(torch.autograd.Function):
@@ -92,6 +98,9 @@ class TorchComm(Comm):
             if backend == "nccl":
                 torch.cuda.set_device(_int(env, "LOCAL_RANK", 0) % torch.cuda.device_count())
             dist.init_process_group(backend, init_method="env://")
+        # The group distrib started, distrib ends: a process that exits with it alive may abort in
+        # its destructor ("terminate called without an active exception", seen under load).
+        atexit.register(_leave, dist)
         return cls(env), True
 
     rank = property(lambda self: self._rank)

@@ -107,7 +107,7 @@ def math_mode(args, ctx, out):
             opt = distrib.wrap(model, make_optimizer(kind, model), ctx, shard=shard, accumulate=accumulate,
                                max_grad_norm=max_norm)
             train_steps(ctx, model, opt, schedule(opt, args.steps), 0, args.steps, accumulate)
-            nbytes = opt._zero.nbytes() if shard else sum(
+            nbytes = opt._update.zero.nbytes() if shard else sum(
                 v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
             norm = opt.last_grad_norm  # a tensor (reading it in the step would wait for a GPU)
             case["sharded"][shard or "none"] = {
