@@ -121,7 +121,7 @@ def test_train_lm_on_two_hosts_equals_one_process_of_the_global_batch(nodes, sha
     # train_lm (AdamW, clipping) is scale-invariant: gradients summed instead of averaged across the
     # hosts would pass above. SGD in float64 on the same two hosts, against plain torch, is not.
     out = shared / "matrix.json"
-    proc = launch(nodes, on, ["--controller", controller, hosts_arg, hosts], script=SCRIPTS / "equivalence_matrix.py",
+    proc = launch(nodes, on, [*engine_args, hosts_arg, hosts], script=SCRIPTS / "equivalence_matrix.py",
                   script_args=["--out", out, "--cases", "sgd-acc1-nosync,sgd-acc3-sync", "--no-checks"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())

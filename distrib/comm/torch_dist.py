@@ -11,6 +11,8 @@ is a sum divided by the world size when the handle is waited for: on the device,
 from __future__ import annotations
 
 import atexit
+import datetime
+import sys
 import os
 from typing import Mapping, Optional, Tuple
 
@@ -40,9 +42,24 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
+EXIT_BARRIER_S = 5.0
+
+
 def _leave(dist_module) -> None:
-    if dist_module.is_initialized():
-        dist_module.destroy_process_group()
+    """Destroy the group distrib started, after the other ranks got here too. A rank whose peer
+    already tore its group down can abort in Gloo's teardown ("terminate called without an active
+    exception", seen when one rank exits while another still writes its results). A process that
+    is dying of an uncaught exception (``sys.last_value``) does not wait; one that exits
+    otherwise while its peers still train waits at most EXIT_BARRIER_S for them."""
+    if not dist_module.is_initialized():
+        return
+    if (getattr(sys, "last_value", None) is None and dist_module.get_backend() == "gloo"
+            and dist_module.get_world_size() > 1):
+        try:
+            dist_module.monitored_barrier(timeout=datetime.timedelta(seconds=EXIT_BARRIER_S))
+        except Exception:  # noqa: BLE001 - a peer gone or busy: leave anyway
+            pass
+    dist_module.destroy_process_group()
 
 
 class _Allreduce(torch.autograd.Function):
