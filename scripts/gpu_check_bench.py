@@ -81,10 +81,8 @@ def clip(model):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
 
 
-def plain():
-    model = new_model()
-    opt = adamw(model)
-
+def torch_step(model, opt):
+    """Plain torch's bf16 step with clipping: the reference itself, and DDP's (DDP reduces in backward)."""
     def step(x, y):
         with torch.autocast(**AUTOCAST):
             loss = model(x, y)
@@ -93,6 +91,11 @@ def plain():
         opt.step()
         opt.zero_grad()
     return step
+
+
+def plain():
+    model = new_model()
+    return torch_step(model, adamw(model))
 
 
 def distrib_variant(shard):
@@ -129,16 +132,7 @@ def horovod():
 
 def ddp():
     model = DistributedDataParallel(new_model(), device_ids=[device] if device.type == "cuda" else None)
-    opt = adamw(model)
-
-    def step(x, y):
-        with torch.autocast(**AUTOCAST):
-            loss = model(x, y)
-        loss.backward()
-        clip(model)
-        opt.step()
-        opt.zero_grad()
-    return step
+    return torch_step(model, adamw(model))
 
 
 BUILDERS = {"plain": plain, "distrib": distrib_variant(None), "distrib-gradients": distrib_variant("gradients"),
