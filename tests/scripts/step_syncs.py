@@ -101,19 +101,15 @@ def cuda_error_line(exc: BaseException) -> str:
     return f"{str(exc).splitlines()[0]}{where}"
 
 
-def distrib_counts(precision: str, shard, unused_head: bool = False):
-    model, opt = make(0, unused_head)
-    opt = distrib.wrap(model, opt, ctx, precision=precision, shard=shard, max_grad_norm=1.0,
-                       name=f"syncs.{precision}.{shard}.{unused_head}")
+def count_steps(forward, step, zero_grad, raise_on_sync: bool):
+    """Count what ``step(loss)`` makes the host wait for, one batch at a time (the forward pass,
+    ``forward(x)``, is not counted). On a GPU the sync debug mode's error ends the case."""
     counter, calls, cuda_syncs, cuda_error = SyncCounter(), [], [], None
     for x in batches():
-        with opt.autocast():
-            loss = forward(model, x, ctx.rank)
+        loss = forward(x)
         try:
-            # a parameter unused on this rank costs one expected read (the test counts it): "warn" mode
-            with counter.counting(), CudaSyncs(raise_on_sync=precision != "fp16" and not unused_head) as cuda:
-                opt.backward(loss)
-                opt.step()
+            with counter.counting(), CudaSyncs(raise_on_sync=raise_on_sync) as cuda:
+                step(loss)
         except RuntimeError as exc:  # the sync debug mode's error: the step is broken, stop this case
             if device.type != "cuda":
                 raise
@@ -122,38 +118,45 @@ def distrib_counts(precision: str, shard, unused_head: bool = False):
         calls.append(counter.calls)
         cuda_syncs.append(cuda.count)
         counter.calls = []
-        opt.zero_grad()
-    norm = opt.last_grad_norm
-    opt.close()
+        zero_grad()
     return {"per_step": [len(c) for c in calls], "calls": sorted({c for cs in calls for c in cs}),
-            "norm_is_tensor": torch.is_tensor(norm), "cuda_syncs": cuda_syncs, "cuda_error": cuda_error}
+            "cuda_syncs": cuda_syncs, "cuda_error": cuda_error}
+
+
+def distrib_counts(precision: str, shard, unused_head: bool = False):
+    model, opt = make(0, unused_head)
+    opt = distrib.wrap(model, opt, ctx, precision=precision, shard=shard, max_grad_norm=1.0,
+                       name=f"syncs.{precision}.{shard}.{unused_head}")
+
+    def forward_pass(x):
+        with opt.autocast():
+            return forward(model, x, ctx.rank)
+
+    def step(loss):
+        opt.backward(loss)
+        opt.step()
+    # a parameter unused on this rank costs one expected read (the test counts it): "warn" mode
+    result = count_steps(forward_pass, step, opt.zero_grad, precision != "fp16" and not unused_head)
+    result["norm_is_tensor"] = torch.is_tensor(opt.last_grad_norm)
+    opt.close()
+    return result
 
 
 def plain_counts(precision: str):
     model, opt = make(0)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    counter, calls, cuda_syncs, cuda_error = SyncCounter(), [], [], None
-    for x in batches():
+
+    def forward_pass(x):
         with autocast(precision):
-            loss = forward(model, x, 0)
-        try:
-            with counter.counting(), CudaSyncs(raise_on_sync=precision != "fp16") as cuda:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                scaler.step(opt)
-                scaler.update()
-        except RuntimeError as exc:
-            if device.type != "cuda":
-                raise
-            cuda_error = cuda_error_line(exc)
-            break
-        calls.append(counter.calls)
-        cuda_syncs.append(cuda.count)
-        counter.calls = []
-        opt.zero_grad()
-    return {"per_step": [len(c) for c in calls], "calls": sorted({c for cs in calls for c in cs}),
-            "cuda_syncs": cuda_syncs, "cuda_error": cuda_error}
+            return forward(model, x, 0)
+
+    def step(loss):
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+    return count_steps(forward_pass, step, opt.zero_grad, precision != "fp16")
 
 
 results = {"size": ctx.size, "engine": ctx.engine, "device": str(device), "optimizer": args.optimizer, "cases": {}}
