@@ -13,7 +13,7 @@ from distrib._version import __version__
 from distrib.context import Context, DistribSetupError, init
 from distrib.checkpoint import CheckpointError, CheckpointManager
 from distrib.comm import Comm, LocalComm
-from distrib.compression import PowerSGD
+from distrib.compression import LocalSGD, PowerSGD
 from distrib.data import ShardedLoader, eval_loader, eval_shard
 from distrib.evaluate import evaluate, weighted_mean
 from distrib.metrics import MetricsLogger, read_metrics
@@ -26,7 +26,7 @@ from distrib.sync_batchnorm import SyncBatchNorm
 from distrib.user_state import RankState, UserState, split_concat
 
 __all__ = ["Context", "DistribSetupError", "init", "ShardedLoader", "DistributedOptimizer", "wrap", "SyncBatchNorm",
-           "LRSchedule", "scaled_lr", "PowerSGD", "rank0_print", "get_logger",
+           "LRSchedule", "scaled_lr", "PowerSGD", "LocalSGD", "rank0_print", "get_logger",
            "Run", "CheckpointManager", "CheckpointError", "Comm", "LocalComm", "MetricsLogger", "read_metrics",
            "PreemptionHandler", "evaluate", "weighted_mean", "eval_loader", "eval_shard", "UserState", "RankState",
            "split_concat"]

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from distrib.broadcast import broadcast_training_state
+from distrib.compression.local_sgd import LocalSGDUpdate, check_local_sgd
 from distrib.buffers import BufferSync
 from distrib.gradients import GradientExchange
 from distrib.reducers import make_reducer
@@ -59,11 +60,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  accumulate: int = 1, compression: str = "none", op: str = "average",
                  max_grad_norm: Optional[float] = None, precision: str = "fp32", broadcast: bool = True,
                  sync_buffers: bool = False, name: Optional[str] = None, shard: Optional[str] = None,
-                 powersgd=None):
+                 powersgd=None, local_sgd=None):
         _check_choice("precision", precision, PRECISIONS)
         _check_choice("compression", compression, COMPRESSIONS)
         _check_choice("op", op, OPS)
         check_powersgd_options(compression, powersgd, op)
+        check_local_sgd(local_sgd, ctx, compression=compression, shard=shard, op=op, precision=precision)
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1 micro-batches per step, got {accumulate}")
         if max_grad_norm is not None and max_grad_norm <= 0:
@@ -115,7 +117,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._powersgd, allreduce = powersgd_factory(named, self._comm, powersgd, prefix=f"distrib.{self.name}")
         # Chosen before the exchange is built: its reducer is the update's (after the broadcast,
         # because a sharded update keeps this rank's slice of rank 0's optimizer state).
-        self._update = (ReplicatedUpdate(optimizer, allreduce) if shard is None else
+        self._update = (ReplicatedUpdate(optimizer, allreduce) if shard is None and local_sgd is None else
+                        LocalSGDUpdate(optimizer, named, self._comm, local_sgd, prefix=f"distrib.{self.name}")
+                        if local_sgd is not None else
                         sharded_update(shard, optimizer, ctx, name=self.name, named_params=named,
                                        compression=compression, make_allreduce=allreduce))
         self._exchange = GradientExchange(named, self._update.make_reducer, accumulate=accumulate)
@@ -215,13 +219,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._powersgd.load_shared_state_dict(state["powersgd"])
 
     # Per-rank state that the checkpoint keeps beside the replicated one (CheckpointManager
-    # gathers it with the RNG states): PowerSGD's error feedback differs on every rank.
+    # gathers it with the RNG states): PowerSGD's error feedback differs on every rank, and so do
+    # local SGD's parameters and inner optimizer state between averages.
     def local_state_dict(self) -> Optional[Dict]:
+        if hasattr(self._update, "local_state_dict"):
+            return self._update.local_state_dict()
         return None if self._powersgd is None else {"powersgd_error": self._powersgd.error_state_dict()}
 
     def load_local_state_dict(self, state: Optional[Dict], reason: Optional[str] = None) -> None:
         """This rank's saved :meth:`local_state_dict`, or None with the ``reason`` there is none
-        (another world size): PowerSGD's error feedback then restarts at zero, with a log line."""
+        (another world size): PowerSGD's error feedback then restarts at zero, local SGD at the
+        last average, each with a log line."""
+        if hasattr(self._update, "load_local_state_dict"):
+            self._update.load_local_state_dict(state, reason)
         if self._powersgd is None:
             return
         if state is None:
@@ -331,7 +341,9 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx, **option
     Broadcasts rank 0's parameters, buffers and optimizer state. Options: ``accumulate``,
     ``compression`` ("none", "fp16"), ``op`` ("average", "adasum"), ``max_grad_norm``,
     ``precision`` ("fp32", "bf16", "fp16"), ``powersgd`` (a :class:`distrib.PowerSGD` with
-    ``compression="powersgd"``: rank, warm-up steps; see :mod:`distrib.compression`), ``sync_buffers`` (broadcast rank 0's buffers before
+    ``compression="powersgd"``: rank, warm-up steps; see :mod:`distrib.compression`), ``local_sgd`` (a
+    :class:`distrib.LocalSGD`: local steps, parameters averaged every H; see
+    :mod:`distrib.compression.local_sgd`), ``sync_buffers`` (broadcast rank 0's buffers before
     each training forward, as DDP does), ``name`` (of the collectives; default: the wrap's
     ordinal), ``shard`` ("optimizer" or "gradients": ZeRO stages 1 and 2, see
     :mod:`distrib.sharding`; default None, no sharding)."""

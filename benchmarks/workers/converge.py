@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from benchmarks.workers.models import LM8, REPO  # noqa: E402
 
 VARIANTS = ("fp32", "fp16", "powersgd1", "powersgd4")
+DDP_VARIANTS = ("ddp-powersgd1", "ddp-powersgd4")  # under torchrun: DDP with its own powerSGD_hook
 WORKERS = 2  # the global batch is WORKERS x --batch, also in the reference run
 
 
@@ -35,9 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     args.variant_list = [] if args.reference else args.variants.split(",")
-    bad = [v for v in args.variant_list if v not in VARIANTS]
+    bad = [v for v in args.variant_list if v not in VARIANTS + DDP_VARIANTS]
     if bad:
-        p.error(f"--variants: {', '.join(bad)} not in {', '.join(VARIANTS)}")
+        p.error(f"--variants: {', '.join(bad)} not in {', '.join(VARIANTS + DDP_VARIANTS)}")
     return args
 
 
@@ -63,7 +64,9 @@ def train(args, variant: str, rank: int, size: int, ctx=None) -> float:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab=tok.vocab, **LM8))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    if ctx is not None:
+    if variant.startswith("ddp-"):
+        model = ddp_powersgd(model, int(variant[len("ddp-powersgd"):]), args.start_step)
+    elif ctx is not None:
         import distrib
         options = {"fp32": {}, "fp16": {"compression": "fp16"}}.get(variant)
         if options is None:
@@ -78,13 +81,24 @@ def train(args, variant: str, rank: int, size: int, ctx=None) -> float:
         opt.zero_grad()
         model(x, y).backward()
         opt.step()
-    if ctx is not None:
+    if ctx is not None and not variant.startswith("ddp-"):
         opt.close()
     gen = torch.Generator().manual_seed(12345)
     starts = torch.randint(0, len(val_ids) - block - 1, (64,), generator=gen)
     with torch.no_grad():
         x, y = windows(val_ids, starts, block)
         return float(model(x, y))
+
+
+def ddp_powersgd(model, rank: int, start_step: int):
+    """DDP over Gloo with torch's powerSGD_hook at ``rank`` (the fair reference): the same warm-up
+    and min_compression_rate (2) as distrib's PowerSGD; one bucket, as in the step worker."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1024)
+    state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=max(2, start_step),
+                               min_compression_rate=2, use_error_feedback=True, warm_start=True)
+    ddp.register_comm_hook(state, psgd.powerSGD_hook)
+    return ddp
 
 
 def main(argv=None):
@@ -97,13 +111,19 @@ def main(argv=None):
         out["seconds"]["single"] = time.perf_counter() - t
         Path(args.out).write_text(json.dumps(out))
         return
-    import distrib
-    ctx = distrib.init()
+    if all(v.startswith("ddp-") for v in args.variant_list):  # under torchrun
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        rank, size, ctx = dist.get_rank(), dist.get_world_size(), None
+    else:
+        import distrib
+        ctx = distrib.init()
+        rank, size = ctx.rank, ctx.size
     for variant in args.variant_list:
         t = time.perf_counter()
-        out["val_loss"][variant] = train(args, variant, ctx.rank, ctx.size, ctx)
+        out["val_loss"][variant] = train(args, variant, rank, size, ctx)
         out["seconds"][variant] = time.perf_counter() - t
-    if ctx.rank == 0:
+    if rank == 0:
         Path(args.out).write_text(json.dumps(out))
 
 
