@@ -41,8 +41,8 @@ CONVERGE = "benchmarks/workers/converge.py"
 # Plain Horovod runs in distrib's own processes, alternated with it: the same launcher and Open MPI flags
 # (tuned Horovod), and one cross-host launch fewer per round.
 JOBS = {"distrib": ("distrib", {"buckets": "distrib", "fp16": "distrib-fp16", "powersgd1": "distrib-psgd1",
-                                "powersgd4": "distrib-psgd4", "horovod": "horovod-tuned",
-                                "horovod-fp16": "horovod-tuned-fp16"}),
+                                "powersgd4": "distrib-psgd4", "local4": "distrib-local4", "local8": "distrib-local8",
+                                "horovod": "horovod-tuned", "horovod-fp16": "horovod-tuned-fp16"}),
         "distrib-gloo": ("distrib", {"buckets": "distrib-gloo", "powersgd1": "distrib-gloo-psgd1",
                                      "powersgd4": "distrib-gloo-psgd4"}),
         "ddp": ("ddp", {"default": "ddp", "fp16": "ddp-fp16", "powersgd1": "ddp-psgd1", "powersgd4": "ddp-psgd4"})}
@@ -122,10 +122,17 @@ def measure(cluster, opts) -> dict:
                 f = found[model]
                 f["grad_bytes"] = nbytes
                 for (rate, name), steps in got.items():
-                    (f["alone"] if rate is None else f["ms"][rate].setdefault(name, [])).append(statistics.median(steps))
+                    (f["alone"] if rate is None else f["ms"][rate].setdefault(name, [])).append(round_ms(name, steps))
                 for (rate, name), sent in wire.items():
                     f["wire"][rate].setdefault(name, []).extend(sent)
     return found
+
+
+def round_ms(name: str, steps: List[float]) -> float:
+    """One round's figure of a variant: the median step, except for local SGD, whose average
+    comes every H steps (the median would hide it): the mean over the timed steps (8, a multiple
+    of H, so each window holds 8 / H averages)."""
+    return statistics.mean(steps) if "-local" in name else statistics.median(steps)
 
 
 # (key, numerator, denominator, what the ratio measures)
@@ -136,7 +143,8 @@ RATIOS = (("vs_horovod_tuned", "distrib", "horovod-tuned", "distrib against plai
           ("psgd1_vs_ddp", "distrib-psgd1", "ddp-psgd1", "PowerSGD rank 1: distrib against DDP's hook"),
           ("psgd4_vs_ddp", "distrib-psgd4", "ddp-psgd4", "PowerSGD rank 4: distrib against DDP's hook"),
           ("gloo_psgd1_vs_ddp", "distrib-gloo-psgd1", "ddp-psgd1", "PowerSGD rank 1 under --controller gloo vs DDP"),
-          ("gloo_psgd4_vs_ddp", "distrib-gloo-psgd4", "ddp-psgd4", "PowerSGD rank 4 under --controller gloo vs DDP"))
+          ("gloo_psgd4_vs_ddp", "distrib-gloo-psgd4", "ddp-psgd4", "PowerSGD rank 4 under --controller gloo vs DDP"),
+          ("local8_vs_psgd4", "distrib-local8", "distrib-psgd4", "local SGD every 8 steps against PowerSGD rank 4"))
 
 
 def rate_row(rate: str, ms: Dict[str, List[float]], alone: List[float], nbytes: int, n: int = 2,
@@ -172,6 +180,8 @@ def run(opts) -> dict:
         rows = [rate_row(rate, ms, f["alone"], f["grad_bytes"], wire=f["wire"][rate]) for rate, ms in f["ms"].items()]
         models[model] = {"grad_bytes": f["grad_bytes"], "rows": rows, "markdown": _table(model, rows, f["grad_bytes"])}
     conv = convergence(opts)
+    if "lm8" in models:
+        conv["same_time"] = same_wall_time(conv, models["lm8"]["rows"][0])
     first = models[MODELS[0]]
     return {"title": "Over a network: 2 hosts x 1 worker, link limited with tc tbf; PowerSGD's convergence",
             "model": MODELS[0], "grad_bytes": first["grad_bytes"], "rows": first["rows"], "models": models,
@@ -179,36 +189,103 @@ def run(opts) -> dict:
             "markdown": "\n\n".join([m["markdown"] for m in models.values()] + [_convergence_table(conv)])}
 
 
+CONVERGE_VARIANTS = "fp32,fp16,powersgd1,powersgd4,local4,local8,diloco8"
+DDP_CONVERGE_VARIANTS = "ddp-powersgd1,ddp-powersgd4"
+# convergence variant -> the step-time figure whose speed it trains at over the link
+STEP_FIGURE = {"fp32": "distrib", "fp16": "distrib-fp16", "powersgd1": "distrib-psgd1", "powersgd4": "distrib-psgd4",
+               "local4": "distrib-local4", "local8": "distrib-local8", "diloco8": "distrib-local8",
+               "ddp-powersgd1": "ddp-psgd1", "ddp-powersgd4": "ddp-psgd4"}
+# PowerSGD's warm-up of plain allreduce: 30 steps. From step 10 (DDP's usual advice for long runs)
+# both distrib and DDP's own hook end 3-13 % above the uncompressed run after 100 AdamW steps.
+CONVERGE_START = 30
+
+
 def convergence(opts) -> dict:
-    """The LM's validation loss after the same steps: each distrib variant on 2 workers (one launch,
-    the variants one after the other) and plain torch in one process on the same global batches."""
-    steps, start = (20, 5) if opts.quick else (100, 10)
-    argv = [CONVERGE, "--steps", str(steps), "--start-step", str(start)]
+    """The LM's validation loss every 10 steps: each distrib variant on 2 workers (one launch, the
+    variants one after the other), DDP's powerSGD_hook on 2 workers (one torchrun), and plain torch
+    in one process on the same global batches. The compressed variants train on to 2.5x the steps
+    (for the same-wall-time column)."""
+    steps, start = (20, 5) if opts.quick else (100, CONVERGE_START)
+    argv = [CONVERGE, "--steps", str(steps), "--start-step", str(start), "--eval-every", str(steps // 10)]
+    longer = ["--max-steps", str(int(2.5 * steps))]
     env = launchers.worker_env()
-    ref_out, dist_out = opts.work / "converge-single.json", opts.work / "converge-2.json"
+    ref_out, dist_out, ddp_out = (opts.work / f"converge-{k}.json" for k in ("single", "2", "ddp"))
     launchers.run([launchers.PY, *argv, "--reference", "--out", str(ref_out)], env=env, timeout=900)
-    launchers.run(launchers.launch(2, [*argv, "--out", str(dist_out)]), env=env, timeout=900)
-    single, dist = json.loads(ref_out.read_text()), json.loads(dist_out.read_text())
+    launchers.run(launchers.launch(2, [*argv, *longer, "--variants", CONVERGE_VARIANTS, "--out", str(dist_out)]),
+                  env=env, timeout=1800)
+    launchers.run(launchers.torchrun(2, [*argv, *longer, "--variants", DDP_CONVERGE_VARIANTS, "--out", str(ddp_out)]),
+                  env=env, timeout=900)
+    single, dist, ddp = (json.loads(f.read_text()) for f in (ref_out, dist_out, ddp_out))
     ref = single["val_loss"]["single"]
+    val = {**dist["val_loss"], **ddp["val_loss"]}
     return {"steps": steps, "start_step": start, "global_batch": single["global_batch"], "single": ref,
-            "val_loss": dist["val_loss"], "seconds": {**single["seconds"], **dist["seconds"]},
-            "vs_single": {k: v / ref - 1 for k, v in dist["val_loss"].items()}}
+            "val_loss": val, "curve": {**dist["curve"], **ddp["curve"]},
+            "seconds": {**single["seconds"], **dist["seconds"], **ddp["seconds"]},
+            "vs_single": {k: v / ref - 1 for k, v in val.items()}}
+
+
+def steps_in(budget_ms: float, ms: float, fp32_ms: float, warmup: int) -> float:
+    """Steps a variant takes in ``budget_ms`` at ``ms`` a step, its first ``warmup`` steps (PowerSGD's
+    plain allreduce) at the fp32 step's ``fp32_ms``."""
+    if budget_ms <= warmup * fp32_ms:
+        return budget_ms / fp32_ms
+    return warmup + (budget_ms - warmup * fp32_ms) / ms
+
+
+def same_wall_time(c: dict, row: dict) -> dict:
+    """Per variant: the steps it takes at 1 Gbit/s (the lm8 step times measured in this invocation)
+    in the time distrib fp32 takes for ``c["steps"]``, and its validation loss at the last evaluated
+    step within them (the curve is evaluated every steps/10, up to 2.5x the steps)."""
+    fp32_ms = row["step_ms"]["distrib"]["median"]
+    budget = c["steps"] * fp32_ms
+    out = {}
+    for variant, curve in c["curve"].items():
+        figure = STEP_FIGURE.get(variant)
+        if figure not in row["step_ms"]:
+            continue
+        warmup = c["start_step"] if "powersgd" in variant else 0
+        reach = steps_in(budget, row["step_ms"][figure]["median"], fp32_ms, warmup)
+        done = [int(k) for k in curve if int(k) <= reach]
+        if not done:
+            continue
+        at = max(done)
+        out[variant] = {"steps": at, "reach": reach, "val_loss": curve[str(at)] if str(at) in curve else curve[at],
+                        "capped": reach > max(int(k) for k in curve)}
+        out[variant]["vs_single"] = out[variant]["val_loss"] / c["single"] - 1
+    return {"rate": row["rate"], "budget_ms": budget, "by_variant": out}
 
 
 def _convergence_table(c: dict) -> str:
     names = list(c["val_loss"])
     out = [f"LM (lm8) validation loss after {c['steps']} steps (global batch {c['global_batch']}, AdamW; PowerSGD "
-           f"low-rank from step {c['start_step']}), against plain torch in one process on the same batches: "
-           f"{c['single']:.4f}", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+           f"low-rank from step {c['start_step']}; local SGD / DiLoCo: the ranks' mean parameters), against plain "
+           f"torch in one process on the same batches: {c['single']:.4f}", "",
+           "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
            "| validation loss | " + " | ".join(f"{c['val_loss'][k]:.4f}" for k in names) + " |",
            "| vs single process | " + " | ".join(f"{100 * c['vs_single'][k]:+.2f} %" for k in names) + " |"]
+    same = c.get("same_time")
+    if same:
+        got = same["by_variant"]
+        out += [f"| steps in distrib fp32's time for {c['steps']} steps at {same['rate']} | "
+                + " | ".join(f"{got[k]['steps']}{'+' if got[k]['capped'] else ''}" if k in got else "-" for k in names)
+                + " |",
+                "| validation loss then | " + " | ".join(f"{got[k]['val_loss']:.4f}" if k in got else "-"
+                                                         for k in names) + " |",
+                f"| vs single process ({c['steps']} steps) | " + " | ".join(f"{100 * got[k]['vs_single']:+.2f} %" if k in got
+                                                                 else "-" for k in names) + " |",
+                "", f"Same wall time: each variant's step time at {same['rate']} on lm8 from the tables above (median; "
+                "PowerSGD's warm-up steps at fp32's), the steps that fit in the time distrib fp32 takes for "
+                f"{c['steps']} steps, rounded down to the last evaluated step ('+': it would have trained longer than "
+                "the curve goes). The convergence run uses 4 sequences per worker, the step tables 2."]
     return "\n".join(out)
 
 
-SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd4", "distrib-gloo",
+SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd4", "distrib-local4",
+         "distrib-local8", "distrib-gloo",
          "distrib-gloo-psgd1", "distrib-gloo-psgd4",
          "horovod-tuned", "horovod-tuned-fp16", "ddp", "ddp-fp16", "ddp-psgd1", "ddp-psgd4")
-BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd4", "distrib-gloo-psgd1", "distrib-gloo-psgd4", "ddp",
+BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd4", "distrib-local4", "distrib-local8",
+         "distrib-gloo-psgd1", "distrib-gloo-psgd4", "ddp",
          "ddp-psgd1", "ddp-psgd4")
 
 

@@ -12,7 +12,8 @@ bytes this host's link sent per timed step (eth0's tx_bytes counter: everything 
     alone     plain torch, no communication; under mpirun -np 2 two such processes share the
               cores at once (the compute floor of a 2-worker step on this machine)
     distrib   distrib.wrap; variants: buckets (the default reducer), per-parameter, fp16 (buckets
-              with compression="fp16"), powersgd1, powersgd4 (compression="powersgd" at rank 1 and 4,
+              with compression="fp16"), local4, local8 (local_sgd=LocalSGD(every=4 | 8): time the mean
+              over a window of a multiple of H steps), powersgd1, powersgd4 (compression="powersgd" at rank 1 and 4,
               low-rank from the first timed step), and horovod, horovod-fp16: plain
               hvd.DistributedOptimizer in the same processes, i.e. under the same launcher, Open MPI
               flags and threads
@@ -43,7 +44,8 @@ from benchmarks.stats import rotate  # noqa: E402
 from benchmarks.workers.models import DEFAULT_BATCH, MODELS, build, grad_bytes  # noqa: E402
 
 VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"),
-            "distrib": ("buckets", "per-parameter", "fp16", "powersgd1", "powersgd4", "horovod", "horovod-fp16"),
+            "distrib": ("buckets", "per-parameter", "fp16", "powersgd1", "powersgd4", "local4", "local8", "horovod",
+                        "horovod-fp16"),
             "ddp": ("default", "fp16", "powersgd1", "powersgd4", "distrib-torch")}
 
 
@@ -130,6 +132,9 @@ def wrap(impl, variant, model, warmup: int = 5):
         if _powersgd_rank(variant):
             opt = distrib.wrap(model, _sgd(model), distrib.init(), compression="powersgd",
                                powersgd=distrib.PowerSGD(rank=_powersgd_rank(variant), start_step=warmup))
+        elif variant.startswith("local"):  # local SGD: the parameters averaged every H steps
+            opt = distrib.wrap(model, _sgd(model), distrib.init(),
+                               local_sgd=distrib.LocalSGD(every=int(variant[len("local"):])))
         else:
             opt = distrib.wrap(model, _sgd(model), distrib.init(), compression="fp16" if variant == "fp16" else "none")
         return model, opt, opt.close  # close: its gradient hooks and buckets
