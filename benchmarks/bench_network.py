@@ -45,7 +45,9 @@ JOBS = {"distrib": ("distrib", {"buckets": "distrib", "fp16": "distrib-fp16", "p
                                 "horovod": "horovod-tuned", "horovod-fp16": "horovod-tuned-fp16"}),
         "distrib-gloo": ("distrib", {"buckets": "distrib-gloo", "powersgd1": "distrib-gloo-psgd1",
                                      "powersgd4": "distrib-gloo-psgd4"}),
-        "ddp": ("ddp", {"default": "ddp", "fp16": "ddp-fp16", "powersgd1": "ddp-psgd1", "powersgd4": "ddp-psgd4"})}
+        "ddp": ("ddp", {"default": "ddp", "fp16": "ddp-fp16", "powersgd1": "ddp-psgd1", "powersgd4": "ddp-psgd4",
+                        # distrib on the torch engine in DDP's processes: PowerSGD's collectives straight on Gloo
+                        "distrib-torch-powersgd4": "distrib-torch-psgd4"})}
 ALONE = ("alone", {"default": "alone"})
 
 
@@ -144,6 +146,7 @@ RATIOS = (("vs_horovod_tuned", "distrib", "horovod-tuned", "distrib against plai
           ("psgd4_vs_ddp", "distrib-psgd4", "ddp-psgd4", "PowerSGD rank 4: distrib against DDP's hook"),
           ("gloo_psgd1_vs_ddp", "distrib-gloo-psgd1", "ddp-psgd1", "PowerSGD rank 1 under --controller gloo vs DDP"),
           ("gloo_psgd4_vs_ddp", "distrib-gloo-psgd4", "ddp-psgd4", "PowerSGD rank 4 under --controller gloo vs DDP"),
+          ("torch_psgd4_vs_ddp", "distrib-torch-psgd4", "ddp-psgd4", "PowerSGD rank 4 on the torch engine vs DDP"),
           ("local8_vs_psgd4", "distrib-local8", "distrib-psgd4", "local SGD every 8 steps against PowerSGD rank 4"))
 
 
@@ -281,10 +284,10 @@ def _convergence_table(c: dict) -> str:
 
 
 SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd4", "distrib-local4",
-         "distrib-local8", "distrib-gloo",
+         "distrib-local8", "distrib-torch-psgd4", "distrib-gloo",
          "distrib-gloo-psgd1", "distrib-gloo-psgd4",
          "horovod-tuned", "horovod-tuned-fp16", "ddp", "ddp-fp16", "ddp-psgd1", "ddp-psgd4")
-BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd4", "distrib-local4", "distrib-local8",
+BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd4", "distrib-torch-psgd4", "distrib-local4", "distrib-local8",
          "distrib-gloo-psgd1", "distrib-gloo-psgd4", "ddp",
          "ddp-psgd1", "ddp-psgd4")
 

@@ -23,7 +23,8 @@ bytes this host's link sent per timed step (eth0's tx_bytes counter: everything 
               with DDP's fp16_compress_hook), powersgd1, powersgd4 (default with DDP's powerSGD_hook
               at rank 1 and 4, low-rank from the first timed step), and tuned-<MB>: gradient_as_bucket_view=True,
               bucket_cap_mb=MB, broadcast_buffers=False (BatchNorm statistics stay per worker,
-              as under distrib and Horovod), and distrib-torch: distrib.wrap on the torch engine
+              as under distrib and Horovod), and distrib-torch (distrib-torch-powersgd4: with PowerSGD
+              rank 4): distrib.wrap on the torch engine
               (distrib.init(engine="torch") joins the same Gloo process group), alternated with DDP
               in the same processes
 """
@@ -46,7 +47,7 @@ from benchmarks.workers.models import DEFAULT_BATCH, MODELS, build, grad_bytes  
 VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"),
             "distrib": ("buckets", "per-parameter", "fp16", "powersgd1", "powersgd4", "local4", "local8", "horovod",
                         "horovod-fp16"),
-            "ddp": ("default", "fp16", "powersgd1", "powersgd4", "distrib-torch")}
+            "ddp": ("default", "fp16", "powersgd1", "powersgd4", "distrib-torch", "distrib-torch-powersgd4")}
 
 
 def parse_args(argv=None):
@@ -138,10 +139,12 @@ def wrap(impl, variant, model, warmup: int = 5):
         else:
             opt = distrib.wrap(model, _sgd(model), distrib.init(), compression="fp16" if variant == "fp16" else "none")
         return model, opt, opt.close  # close: its gradient hooks and buckets
-    if variant == "distrib-torch":  # in DDP's processes: the same process group, launcher and threads
+    if variant.startswith("distrib-torch"):  # in DDP's processes: the same process group, launcher and threads
         import distrib
         os.environ["DISTRIB_REDUCER"] = "auto"
-        opt = distrib.wrap(model, _sgd(model), distrib.init(engine="torch"))
+        psgd = {"compression": "powersgd", "powersgd": distrib.PowerSGD(rank=_powersgd_rank(variant[14:]),
+                                                                        start_step=warmup)} if "powersgd" in variant else {}
+        opt = distrib.wrap(model, _sgd(model), distrib.init(engine="torch"), **psgd)
         return model, opt, opt.close
     if impl == "horovod" or variant.startswith("horovod"):
         import horovod.torch as hvd
