@@ -41,11 +41,13 @@ CONVERGE = "benchmarks/workers/converge.py"
 # Plain Horovod runs in distrib's own processes, alternated with it: the same launcher and Open MPI flags
 # (tuned Horovod), and one cross-host launch fewer per round.
 JOBS = {"distrib": ("distrib", {"buckets": "distrib", "fp16": "distrib-fp16", "powersgd1": "distrib-psgd1",
-                                "powersgd4": "distrib-psgd4", "local4": "distrib-local4", "local8": "distrib-local8",
+                                "powersgd2": "distrib-psgd2", "powersgd4": "distrib-psgd4", "local4": "distrib-local4",
+                                "local8": "distrib-local8",
                                 "horovod": "horovod-tuned", "horovod-fp16": "horovod-tuned-fp16"}),
         "distrib-gloo": ("distrib", {"buckets": "distrib-gloo", "powersgd1": "distrib-gloo-psgd1",
                                      "powersgd4": "distrib-gloo-psgd4"}),
-        "ddp": ("ddp", {"default": "ddp", "fp16": "ddp-fp16", "powersgd1": "ddp-psgd1", "powersgd4": "ddp-psgd4",
+        "ddp": ("ddp", {"default": "ddp", "fp16": "ddp-fp16", "powersgd1": "ddp-psgd1", "powersgd2": "ddp-psgd2",
+                        "powersgd4": "ddp-psgd4",
                         # distrib on the torch engine in DDP's processes: PowerSGD's collectives straight on Gloo
                         "distrib-torch-powersgd4": "distrib-torch-psgd4"})}
 ALONE = ("alone", {"default": "alone"})
@@ -143,6 +145,7 @@ RATIOS = (("vs_horovod_tuned", "distrib", "horovod-tuned", "distrib against plai
           ("fp16_on_distrib", "distrib-fp16", "distrib", "fp16 compression, on distrib"),
           ("mpi_vs_gloo", "distrib", "distrib-gloo", "distrib's MPI controller vs its Gloo one"),
           ("psgd1_vs_ddp", "distrib-psgd1", "ddp-psgd1", "PowerSGD rank 1: distrib against DDP's hook"),
+          ("psgd2_vs_ddp", "distrib-psgd2", "ddp-psgd2", "PowerSGD rank 2: distrib against DDP's hook"),
           ("psgd4_vs_ddp", "distrib-psgd4", "ddp-psgd4", "PowerSGD rank 4: distrib against DDP's hook"),
           ("gloo_psgd1_vs_ddp", "distrib-gloo-psgd1", "ddp-psgd1", "PowerSGD rank 1 under --controller gloo vs DDP"),
           ("gloo_psgd4_vs_ddp", "distrib-gloo-psgd4", "ddp-psgd4", "PowerSGD rank 4 under --controller gloo vs DDP"),
@@ -192,10 +195,11 @@ def run(opts) -> dict:
             "markdown": "\n\n".join([m["markdown"] for m in models.values()] + [_convergence_table(conv)])}
 
 
-CONVERGE_VARIANTS = "fp32,fp16,powersgd1,powersgd4,local4,local8,diloco8"
-DDP_CONVERGE_VARIANTS = "ddp-powersgd1,ddp-powersgd4"
+CONVERGE_VARIANTS = "fp32,fp16,powersgd1,powersgd2,powersgd4,local4,local8,diloco8"
+DDP_CONVERGE_VARIANTS = "ddp-powersgd1,ddp-powersgd2,ddp-powersgd4"
 # convergence variant -> the step-time figure whose speed it trains at over the link
-STEP_FIGURE = {"fp32": "distrib", "fp16": "distrib-fp16", "powersgd1": "distrib-psgd1", "powersgd4": "distrib-psgd4",
+STEP_FIGURE = {"fp32": "distrib", "fp16": "distrib-fp16", "powersgd1": "distrib-psgd1", "powersgd2": "distrib-psgd2",
+               "powersgd4": "distrib-psgd4", "ddp-powersgd2": "ddp-psgd2",
                "local4": "distrib-local4", "local8": "distrib-local8", "diloco8": "distrib-local8",
                "ddp-powersgd1": "ddp-psgd1", "ddp-powersgd4": "ddp-psgd4"}
 # PowerSGD's warm-up of plain allreduce: 30 steps. From step 10 (DDP's usual advice for long runs)
@@ -283,13 +287,13 @@ def _convergence_table(c: dict) -> str:
     return "\n".join(out)
 
 
-SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd4", "distrib-local4",
-         "distrib-local8", "distrib-torch-psgd4", "distrib-gloo",
+SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd4",
+         "distrib-local4", "distrib-local8", "distrib-torch-psgd4", "distrib-gloo",
          "distrib-gloo-psgd1", "distrib-gloo-psgd4",
-         "horovod-tuned", "horovod-tuned-fp16", "ddp", "ddp-fp16", "ddp-psgd1", "ddp-psgd4")
-BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd4", "distrib-torch-psgd4", "distrib-local4", "distrib-local8",
-         "distrib-gloo-psgd1", "distrib-gloo-psgd4", "ddp",
-         "ddp-psgd1", "ddp-psgd4")
+         "horovod-tuned", "horovod-tuned-fp16", "ddp", "ddp-fp16", "ddp-psgd1", "ddp-psgd2", "ddp-psgd4")
+BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd4", "distrib-torch-psgd4",
+         "distrib-local4", "distrib-local8", "distrib-gloo-psgd1", "distrib-gloo-psgd4", "ddp",
+         "ddp-psgd1", "ddp-psgd2", "ddp-psgd4")
 
 
 def _table(model: str, rows, nbytes: int) -> str:

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 from benchmarks.workers.models import LM8, REPO  # noqa: E402
 
-VARIANTS = ("fp32", "fp16", "powersgd1", "powersgd4", "local4", "local8", "diloco8")
-DDP_VARIANTS = ("ddp-powersgd1", "ddp-powersgd4")  # under torchrun: DDP with its own powerSGD_hook
+VARIANTS = ("fp32", "fp16", "powersgd1", "powersgd2", "powersgd4", "local4", "local8", "diloco8")
+DDP_VARIANTS = ("ddp-powersgd1", "ddp-powersgd2", "ddp-powersgd4")  # under torchrun: DDP with its own powerSGD_hook
 WORKERS = 2  # the global batch is WORKERS x --batch, also in the reference run
 
 

@@ -13,14 +13,14 @@ bytes this host's link sent per timed step (eth0's tx_bytes counter: everything 
               cores at once (the compute floor of a 2-worker step on this machine)
     distrib   distrib.wrap; variants: buckets (the default reducer), per-parameter, fp16 (buckets
               with compression="fp16"), local4, local8 (local_sgd=LocalSGD(every=4 | 8): time the mean
-              over a window of a multiple of H steps), powersgd1, powersgd4 (compression="powersgd" at rank 1 and 4,
+              over a window of a multiple of H steps), powersgd1/2/4 (compression="powersgd" at rank 1, 2, 4,
               low-rank from the first timed step), and horovod, horovod-fp16: plain
               hvd.DistributedOptimizer in the same processes, i.e. under the same launcher, Open MPI
               flags and threads
     horovod   hvd.DistributedOptimizer (the launch decides the Open MPI flags and cycle time);
               variants: default, fp16 (hvd.Compression.fp16)
     ddp       torch DDP over Gloo (torchrun); variants: default (25 MB buckets), fp16 (default
-              with DDP's fp16_compress_hook), powersgd1, powersgd4 (default with DDP's powerSGD_hook
+              with DDP's fp16_compress_hook), powersgd1/2/4 (default with DDP's powerSGD_hook
               at rank 1 and 4, low-rank from the first timed step), and tuned-<MB>: gradient_as_bucket_view=True,
               bucket_cap_mb=MB, broadcast_buffers=False (BatchNorm statistics stay per worker,
               as under distrib and Horovod), and distrib-torch (distrib-torch-powersgd4: with PowerSGD
@@ -45,9 +45,9 @@ from benchmarks.stats import rotate  # noqa: E402
 from benchmarks.workers.models import DEFAULT_BATCH, MODELS, build, grad_bytes  # noqa: E402
 
 VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"),
-            "distrib": ("buckets", "per-parameter", "fp16", "powersgd1", "powersgd4", "local4", "local8", "horovod",
-                        "horovod-fp16"),
-            "ddp": ("default", "fp16", "powersgd1", "powersgd4", "distrib-torch", "distrib-torch-powersgd4")}
+            "distrib": ("buckets", "per-parameter", "fp16", "powersgd1", "powersgd2", "powersgd4", "local4", "local8",
+                        "horovod", "horovod-fp16"),
+            "ddp": ("default", "fp16", "powersgd1", "powersgd2", "powersgd4", "distrib-torch", "distrib-torch-powersgd4")}
 
 
 def parse_args(argv=None):
