@@ -246,6 +246,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         Must be called on all ranks (it is a collective)."""
         broadcast_training_state(self.model, self.optimizer, self._comm, root_rank,
                                  extra_params=self._extra_params)
+        restart = getattr(getattr(self, "_update", None), "restart_from_parameters", None)
+        if restart is not None:  # local SGD: the broadcast parameters are the new anchor
+            restart()
 
     def reset(self) -> None:
         """Forget in-flight communication and partial accumulation: after a peer died the

@@ -189,3 +189,20 @@ def test_elastic_is_refused_in_one_line():
     with pytest.raises(ValueError, match="local_sgd= cannot run under Horovod Elastic") as info:
         distrib.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), ctx, local_sgd=distrib.LocalSGD())
     assert "\n" not in str(info.value)
+
+
+def test_broadcast_state_makes_the_broadcast_parameters_the_anchor():
+    """A script that loads weights and broadcasts them (optimizer.broadcast_state()) after wrap:
+    the next average must start from them, not from the parameters at wrap time."""
+    from distrib.context import Context
+    model = torch.nn.Linear(3, 2)
+    ctx = Context(0, 1, 0, 1, 0, 1, torch.device("cpu"), "gloo")
+    opt = distrib.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), ctx,
+                       local_sgd=distrib.LocalSGD.diloco(every=1))
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+    opt.broadcast_state()
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()  # every=1: the outer step from the anchor; one rank: the pseudo-gradient is SGD's own step
+    g = torch.ones(2, 3)  # d(sum(W x + b))/dW at x = 1
+    torch.testing.assert_close(model.weight.detach(), torch.full((2, 3), 0.5) - 0.7 * (0.1 * g + 0.9 * 0.1 * g))

@@ -160,6 +160,13 @@ class LocalSGDUpdate:
             p.copy_(a)
             a.grad = None
 
+    @torch.no_grad()
+    def restart_from_parameters(self) -> None:
+        """The parameters (equal on every rank: just broadcast) become the anchor; the outer
+        momentum and the step count are kept."""
+        for p, a in zip(self.params, self.anchor):
+            a.copy_(p)
+
     # -- what a checkpoint keeps --------------------------------------------------------------
     def state_dict(self) -> Dict:
         """The inner optimizer's state (this rank's; rank 0's is what a checkpoint saves) and,
@@ -173,8 +180,7 @@ class LocalSGDUpdate:
         mine = state.pop("local_sgd", None)
         self.optimizer.load_state_dict(state)
         if mine is None:  # a checkpoint of plain data parallelism: its parameters are the anchor
-            for p, a in zip(self.params, self.anchor):
-                a.copy_(p.detach())
+            self.restart_from_parameters()
             return
         if [tuple(a.shape) for a in mine["anchor"]] != [tuple(a.shape) for a in self.anchor]:
             raise ValueError("the checkpoint's local SGD anchor is of another model; resume with the same model")
