@@ -39,7 +39,9 @@ class PowerSGD:
 
     ``rank``: columns of P and Q (1 to 4 is the useful range: the wire carries ``(n + m) * rank``
     numbers instead of ``n * m``). ``start_step``: steps of plain allreduce first (DDP's
-    ``start_powerSGD_iter``; the first steps' gradients are large and change fast).
+    ``start_powerSGD_iter``; the first steps' gradients are large and change fast: with AdamW the
+    LM of the benchmarks needed 30 of 100 steps to end within 1 % of uncompressed at rank 2 and 4,
+    DDP's own hook alike).
     ``min_compression_rate``: compress a matrix only when it shrinks at least this much;
     vectors are never compressed (0 compresses every matrix, even where P and Q are larger
     than it: only for checking the math). ``seed``: of the initial Q (the same on every rank).
