@@ -53,12 +53,13 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
 from distrib.checkpoint import CheckpointManager
 from distrib.watch.metrics import MetricsLogger, mean_over_ranks, metric_value
+from distrib.watch.timing import time_optimizer
 from distrib.step.optim import DistributedOptimizer
 from distrib.job.preemption import PreemptionHandler
 from distrib.job.schedule import check_lr_scheduler, is_plateau
@@ -447,26 +448,6 @@ def prepare_run_dir(run_dir: Union[str, Path]) -> Path:
 def accumulation(optimizer) -> int:
     """Micro-batches per step: the wrapped optimizer's ``accumulate`` (1 for a plain torch one)."""
     return optimizer.accumulate if isinstance(optimizer, DistributedOptimizer) else 1
-
-
-def time_optimizer(optimizer, phase: Callable[[str], ContextManager]) -> Callable[[], None]:
-    """Charge the optimizer's step to ``phase("optimizer")`` (and a wrapped optimizer's gradient
-    wait to ``phase("allreduce")``) without touching its methods; returns the undo. A plain torch
-    optimizer (a world of one) is timed with torch's own step hooks."""
-    if isinstance(optimizer, DistributedOptimizer):
-        optimizer.time_phases(phase)
-        return lambda: optimizer.time_phases(None)
-    open_phases = []
-
-    def enter(*_):
-        timing = phase("optimizer")
-        timing.__enter__()
-        open_phases.append(timing)
-
-    def leave(*_):
-        open_phases.pop().__exit__(None, None, None)
-    hooks = [optimizer.register_step_pre_hook(enter), optimizer.register_step_post_hook(leave)]
-    return lambda: [hook.remove() for hook in hooks] and None
 
 
 def _nothing():

@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from launch.status_channel import HEARTBEAT_ENV, Channel, rank_from_env
 
