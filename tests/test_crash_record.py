@@ -85,7 +85,7 @@ def test_installing_twice_keeps_one_hook(tmp_path, server, monkeypatch, capsys):
 def test_an_unreachable_launcher_still_shows_the_traceback(tmp_path, server):
     env = server.env()
     server.close()
-    proc = subprocess.run([sys.executable, "-c", "from distrib import crash_record\n"
+    proc = subprocess.run([sys.executable, "-c", "from distrib.watch import crash_record\n"
                            "crash_record.install(lambda: 0)\nraise ValueError('lost report')"],
                           cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.rstrip().endswith("ValueError: lost report")
