@@ -32,7 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ref-minutes", type=float, default=3.0, help="length of the failure-free reference")
     p.add_argument("--host-down", type=float, default=10.0, help="seconds a killed host stays down")
     p.add_argument("--gloo-timeout", type=int, default=15, help="HOROVOD_GLOO_TIMEOUT_SECONDS of the workers")
-    p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of other work per step")
+    p.add_argument("--step-sleep", type=float, default=0.1,
+                   help="seconds of other work per step: the three hosts share this machine's cores, so without it "
+                        "a world of 2 steps faster than one of 3 and losing a worker would look like a gain")
     p.add_argument("--out", type=Path, default=HERE / "results-soak.json")
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]

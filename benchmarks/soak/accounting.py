@@ -3,9 +3,12 @@ and how long each kill cost. Pure functions of the records the worker wrote (wor
 
 Which records the final state kept: a run that rolls back (elastic) or restarts from a
 checkpoint trains the same step numbers again. Each process's lines form *segments* of
-consecutive steps; a record of step ``s`` written at time ``t`` was undone when some segment
-that started after ``t`` starts at a step ``<= s`` (the world went back to before it and trained
-it again). Every other record is part of the final state's history.
+consecutive steps. A record of step ``s`` was undone when a segment that began after it starts
+at a step before ``s``, or at ``s`` itself once the record's step had ended (the world went back
+and trained ``s`` again). The members of one world begin a step before any of them ends it (they
+wait for each other in its allreduce), so the segments of the record's own world, which begin at
+``s`` a few milliseconds apart, do not undo it. Every other record is part of the final state's
+history.
 """
 from __future__ import annotations
 
@@ -67,12 +70,18 @@ def kept(records: Sequence[Record]) -> List[Record]:
         if key not in starts or r.began < starts[key][0]:
             starts[key] = (r.began, r.step)
     restarts = sorted(starts.values())  # (time, first step) of every segment
-    out = []
-    for r in records:
-        undone = any(t > r.began and first <= r.step for t, first in restarts)
-        if not undone:
-            out.append(r)
-    return sorted(out, key=lambda r: r.began)
+    return sorted((r for r in records if not any(_redoes(t, first, r) for t, first in restarts)),
+                  key=lambda r: r.began)
+
+
+def _redoes(t: float, first: int, r: Record) -> bool:
+    """Does a segment that began at ``t`` with step ``first`` train ``r``'s step again?"""
+    if t <= r.began or first > r.step:
+        return False
+    if first < r.step:
+        return True
+    # The same step: a redo only once r's step had ended (a rank killed mid-step never ends it).
+    return r.ended is None or t > r.ended
 
 
 def steps_done_by(history: Sequence[Record], deadline: float) -> int:

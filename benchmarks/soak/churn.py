@@ -5,6 +5,12 @@ restart mode. The kills alternate: a worker (SIGKILL to the training process on 
 then a whole host (every process of it SIGKILLed and its link taken down, as a host that loses
 power; it boots again after ``host_down_s``). node1 is never hit: it runs the launcher, and a
 job whose launcher dies ends in any framework.
+
+Elastic jobs find their hosts through a discovery script that lists the hosts that are up, as a
+cluster manager's would (OUT/hosts-up, rewritten when a host is lost and when it has booted):
+with the static list of ``-H``, Horovod re-adds a lost host after its blacklist cool-down while
+it is still down, its worker's ssh fails, and the others abort in the rendezvous (Gloo's
+"Wait timeout ... for key(s)", a C++ terminate, not an error the elastic loop can catch).
 """
 from __future__ import annotations
 
@@ -37,10 +43,11 @@ class JobSpec:
     step_sleep: float = 0.0
     every: int = 10          # steps between commits (elastic) and checkpoints (both)
 
-    def launch_args(self) -> List[str]:
+    def launch_args(self, out: Path) -> List[str]:
         hosts = ["-H", ",".join(f"{h}:1" for h in HOSTS)]
         if self.mode == "elastic":
-            return ["--elastic", "--min-np", "1", "--max-np", "3", "-np", "3", *hosts, "--blacklist-cooldown", "3,6"]
+            return ["--elastic", "--min-np", "1", "--max-np", "3", "-np", "3", "--host-discovery-script",
+                    str(out / "discover.sh"), "--blacklist-cooldown", "3,6"]
         # a restart whose host is still down fails at once and uses up a restart: room for many
         return ["-np", "3", *hosts, "--controller", "gloo", "--max-restarts", "1000"]
 
@@ -76,7 +83,11 @@ def run_job(nodes, spec: JobSpec, out: Path) -> JobResult:
     and the cluster healed afterwards."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "launch", *spec.launch_args(), str(WORKER), "--out", str(out),
+    up = set(HOSTS)
+    _write_hosts(out, up)
+    (out / "discover.sh").write_text(f"#!/bin/sh\ncat {out / 'hosts-up'}\n")
+    (out / "discover.sh").chmod(0o755)
+    cmd = [sys.executable, "-m", "launch", *spec.launch_args(out), str(WORKER), "--out", str(out),
            "--every", str(spec.every), "--step-sleep", str(spec.step_sleep)]
     log = open(out / "job.log", "w")
     # Gloo's peers of a lost host wait this long before they give up (Horovod's default 30 s).
@@ -94,9 +105,13 @@ def run_job(nodes, spec: JobSpec, out: Path) -> JobResult:
                 back.remove((when, node))
                 nodes.link(node, True)
                 nodes.start_node(node)
+                up.add(node)
+                _write_hosts(out, up)
             if now >= next_kill:
                 kills.append(_kill(nodes, out, len(kills), spec))
                 if kills[-1].kind == "host":
+                    up.discard(kills[-1].node)
+                    _write_hosts(out, up)
                     back.append((time.time() + spec.host_down_s, kills[-1].node))
                 next_kill += spec.kill_every_s
             time.sleep(0.05)
@@ -108,6 +123,12 @@ def run_job(nodes, spec: JobSpec, out: Path) -> JobResult:
         log.close()
         _clean(nodes)
     return JobResult(spec, start, accounting.read_records(out), kills, (out / "job.log").read_text()[-3000:])
+
+
+def _write_hosts(out: Path, up) -> None:
+    tmp = out / "hosts-up.tmp"
+    tmp.write_text("".join(f"{h}:1\n" for h in HOSTS if h in up))
+    os.replace(tmp, out / "hosts-up")  # the discovery script never reads half a file
 
 
 def _wait_first_step(out: Path, proc: subprocess.Popen) -> float:
@@ -124,9 +145,10 @@ def _wait_first_step(out: Path, proc: subprocess.Popen) -> float:
 
 
 def _kill(nodes, out: Path, k: int, spec: JobSpec) -> Kill:
-    """Kill number ``k``: even ones a worker, odd ones a host, on node2 and node3 in turn."""
+    """Kill number ``k``: even ones a worker, odd ones a host: worker on node2, host node3, worker on
+    node3, host node2, ... (a host is never hit right after its worker: it would still be out)."""
     kind = "worker" if k % 2 == 0 else "host"
-    node = VICTIMS[(k // 2) % 2]
+    node = VICTIMS[(k // 2 + k % 2) % 2]
     if kind == "worker":
         pid = live_worker(out, node)
         if pid is None:  # that host is not in the world right now (cooling down, or booting): the other
