@@ -14,13 +14,14 @@ it is still down, its worker's ssh fails, and the others abort in the rendezvous
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -122,6 +123,9 @@ def run_job(nodes, spec: JobSpec, out: Path) -> JobResult:
         _stop(proc)
         log.close()
         _clean(nodes)
+    # What the figures are computed from, kept beside the step logs for a later look.
+    (out / "job.json").write_text(json.dumps({"spec": asdict(spec), "start": start,
+                                              "kills": [asdict(k) for k in kills]}))
     return JobResult(spec, start, accounting.read_records(out), kills, (out / "job.log").read_text()[-3000:])
 
 
