@@ -46,13 +46,40 @@ def summarise(job: JobResult, reference: JobResult) -> dict:
            "steps": steps, "reference_steps": round(expected, 1), "efficiency": steps / expected,
            "sample_efficiency": _samples_by(history, end) / (sample_rate(reference) * job.spec.seconds),
            "reference_rate": rate(reference), "kills": kills, "accounting": samples,
-           "trained_records": len(job.records), "kept_records": len(history)}
+           "trained_records": len(job.records), "kept_records": len(history),
+           "rolled_back_rank_steps": len(job.records) - len(history), "stalls": stalls(job)}
     for kind in ("worker", "host"):
         times = [k["next_step_s"] for k in kills if k["kind"] == kind and k["next_step_s"] is not None]
         row[f"{kind}_next_step_s"] = stats.summary(times) if times else None
         row[f"{kind}_kills"] = sum(k["kind"] == kind for k in kills)
         row[f"{kind}_recovered"] = len(times)
     return row
+
+
+STALL_S = 1.0  # a pause between two step ends this long is a stall (a step takes ~0.15 s here)
+
+
+def stalls(job: JobResult) -> dict:
+    """Where the lost time went: every pause of over STALL_S between consecutive step ends (any
+    rank, kept or not) inside the measured span, charged to a kill when one fell inside it or
+    just before (recovery: detection, roll-back or restart), else to a world that grew (a host
+    rejoining: the others wait in the rendezvous while its new worker starts), else to "other"."""
+    end = job.start + job.spec.seconds
+    ends = sorted({round(r.ended, 3) for r in job.records if r.ended is not None and r.ended <= end})
+    size_at = sorted((r.ended, r.size) for r in job.records if r.ended is not None)
+    kills = sorted(k.time for k in job.kills)
+    out = {"kill": [], "rejoin": [], "other": []}
+    for a, b in zip(ends, ends[1:]):
+        if b - a <= STALL_S:
+            continue
+        if any(a - 0.5 <= t <= b for t in kills):
+            kind = "kill"
+        else:
+            before = next((sz for t, sz in reversed(size_at) if t <= a), 0)
+            after = next((sz for t, sz in size_at if t >= b), 0)
+            kind = "rejoin" if after > before else "other"
+        out[kind].append(round(b - a, 2))
+    return {kind: {"count": len(v), "seconds": round(sum(v), 1), "each": v} for kind, v in out.items()}
 
 
 def _round(x):
@@ -67,6 +94,9 @@ def line(row: dict) -> str:
         s = row[f"{kind}_next_step_s"]
         parts.append(f"{kind} kill -> next step {stats.fmt_value(s, 's', 2) if s else 'n/a'} "
                      f"({row[f'{kind}_recovered']}/{row[f'{kind}_kills']})")
+    st = row["stalls"]
+    parts.append("stalls: " + ", ".join(f"{k} {v['count']} x, {v['seconds']:g} s" for k, v in st.items())
+                 + f"; {row['rolled_back_rank_steps']} rank-steps rolled back")
     acc = row["accounting"]
     parts.append(f"samples: {acc['samples']} trained, {acc['twice']} twice, accounting "
                  f"{'ok' if acc['ok'] else 'FAILED: ' + str(acc['epochs'])}")
@@ -75,8 +105,8 @@ def line(row: dict) -> str:
 
 def table(rows: List[dict], meta: dict) -> str:
     out = ["| mode | kill every | length | steps / failure-free | step efficiency | sample efficiency | worker kill -> next step, s "
-           "| host kill -> next step, s | samples trained | trained twice | missing (not the epoch's tail) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| host kill -> next step, s | time stalled: after kills / rejoins, s | samples trained | trained twice | missing (not the epoch's tail) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = r["accounting"]
         cells = []
@@ -86,14 +116,16 @@ def table(rows: List[dict], meta: dict) -> str:
         wrong = sum(e["out_of_order"] + (0 if e["missing_is_tail"] else e["missing"]) for e in acc["epochs"])
         out.append(f"| {r['mode']} | {r['kill_every_s']:g} s | {r['seconds'] / 60:g} min | {r['steps']} / "
                    f"{r['reference_steps']:.0f} | {100 * r['efficiency']:.1f} % | {100 * r['sample_efficiency']:.1f} % | {cells[0]} | {cells[1]} | "
-                   f"{acc['samples']} | {acc['twice']} | {wrong} |")
+                   f"{r['stalls']['kill']['seconds']:g} / {r['stalls']['rejoin']['seconds']:g} | {acc['samples']} | {acc['twice']} | {wrong} |")
     out += ["", "3 namespace hosts (node1..node3, one worker each, on this machine's shared cores), the example "
             "LM at a tiny size, a commit (elastic) and checkpoint every 10 steps. Kills alternate: a worker "
             "(SIGKILL of the training process on node2 or node3), then a whole host (every process SIGKILLed and "
             f"its link down, booted again after {meta['host_down_s']:g} s). Step efficiency: steps the final state "
             "holds by the end / steps of a failure-free run of the same job (run just before, same invocation) in "
             "the same wall time, both counted from the first step; sample efficiency: the same for the samples those steps trained (a world of 2 trains 8 a step, of 3 12). Kill -> next step: median (min-max) seconds to "
-            "the end of the first step begun after the kill that the final state kept (n/m: recovered of kills). "
+            "the end of the first step begun after the kill that the final state kept (n/m: recovered of kills; a kill in the last seconds may have none before the stop). Time stalled: "
+            f"pauses of over {STALL_S:g} s between step ends, after a kill (detection and recovery) or when a "
+            "world grew (a host rejoining: the others wait in the rendezvous while its worker starts). "
             f"Workers' HOROVOD_GLOO_TIMEOUT_SECONDS={meta['gloo_timeout_s']}. Sample accounting from each "
             "step's samples, recorded before its backward: trained twice counts samples the final state trained on "
             "more than once in an epoch; missing counts samples absent other than the drop_last tail of an "
