@@ -70,17 +70,22 @@ def main(argv=None) -> int:
                 row = report.summarise(job, reference)
                 print(f"[soak] {report.line(row)}", flush=True)
                 runs.append(row)
+                results = write(opts.out, meta, runs, started)  # after each job: a cut-short soak keeps its figures
     finally:
         nodes.down()
-    meta["load_after"] = os.getloadavg()
-    meta["seconds"] = round(time.time() - started, 1)
-    results = {"meta": meta, "title": "Churn soak: 3 hosts, kills on a schedule", "rows": runs,
-               "markdown": report.table(runs, meta)}
-    opts.out.write_text(json.dumps(results, indent=1, default=str))
-    opts.out.with_suffix(".md").write_text(f"# {results['title']}\n\n{results['markdown']}\n")
+    results = write(opts.out, meta, runs, started)
     print(results["markdown"], flush=True)
     print(f"[soak] {meta['seconds'] / 60:.1f} min; wrote {opts.out} and its .md", flush=True)
     return 0 if all(r["accounting"]["ok"] for r in runs) else 1
+
+
+def write(out: Path, meta: dict, runs: list, started: float) -> dict:
+    meta = {**meta, "load_after": os.getloadavg(), "seconds": round(time.time() - started, 1)}
+    results = {"meta": meta, "title": "Churn soak: 3 hosts, kills on a schedule", "rows": runs,
+               "markdown": report.table(runs, meta)}
+    out.write_text(json.dumps(results, indent=1, default=str))
+    out.with_suffix(".md").write_text(f"# {results['title']}\n\n{results['markdown']}\n")
+    return results
 
 
 if __name__ == "__main__":
