@@ -25,8 +25,8 @@ bench: setup
 	@if [ -z "$(ARGS)" ]; then $(PY) -m benchmarks.render_readme; fi
 
 # The churn soak on the 3 namespace hosts of tests/nodes.py (root): kills a worker, then a host, every 60 s
-# for 10 min and every 15 s for 3 min, elastic and with --max-restarts, against a failure-free run
-# (~40 min; ARGS="--minutes 3 --modes elastic" for a shorter one). Writes benchmarks/results-soak.json and .md.
+# for 10 min and every 15 s for 2 min, elastic and with --max-restarts, against a failure-free run
+# (~30 min; ARGS="--minutes 3 --modes elastic" for a shorter one). Writes benchmarks/results-soak.json and .md.
 soak: setup
 	$(PY) -m benchmarks.soak $(ARGS)
 

@@ -1,4 +1,4 @@
-"""python -m benchmarks.soak [--minutes 10] [--every 60] [--fast-minutes 3] [--fast-every 15] ...
+"""python -m benchmarks.soak [--minutes 10] [--every 60] [--fast-minutes 2] [--fast-every 15] ...
 
 For each mode (``--modes elastic,restart``): a failure-free reference job (``--ref-minutes``),
 then the soak at one kill per ``--every`` seconds for ``--minutes``, then at one kill per
@@ -27,9 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default="elastic,restart", help="comma-separated: elastic, restart")
     p.add_argument("--minutes", type=float, default=10.0, help="length of the soak at one kill per --every s")
     p.add_argument("--every", type=float, default=60.0, help="seconds between kills")
-    p.add_argument("--fast-minutes", type=float, default=3.0, help="length of the --fast-every soak (0: none)")
+    p.add_argument("--fast-minutes", type=float, default=2.0, help="length of the --fast-every soak (0: none)")
     p.add_argument("--fast-every", type=float, default=15.0)
-    p.add_argument("--ref-minutes", type=float, default=3.0, help="length of the failure-free reference")
+    p.add_argument("--ref-minutes", type=float, default=1.5, help="length of the failure-free reference")
     p.add_argument("--host-down", type=float, default=10.0, help="seconds a killed host stays down")
     p.add_argument("--gloo-timeout", type=int, default=15, help="HOROVOD_GLOO_TIMEOUT_SECONDS of the workers")
     p.add_argument("--step-sleep", type=float, default=0.1,
