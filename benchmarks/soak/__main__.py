@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         nodes.down()
     results = write(opts.out, meta, runs, started)
     print(results["markdown"], flush=True)
-    print(f"[soak] {meta['seconds'] / 60:.1f} min; wrote {opts.out} and its .md", flush=True)
+    print(f"[soak] {results['meta']['seconds'] / 60:.1f} min; wrote {opts.out} and its .md", flush=True)
     return 0 if all(r["accounting"]["ok"] for r in runs) else 1
 
 
