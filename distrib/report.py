@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from distrib.timing import PHASES as STEP_PHASES
+from distrib.watch.timing import PHASES as STEP_PHASES
 
 PHASES = tuple(f"t_{phase}" for phase in STEP_PHASES) + ("t_other",)  # the fields metrics.jsonl has
 PHASE_LABELS = {"t_data": "waiting for data", "t_compute": "forward + backward",
@@ -94,7 +94,7 @@ def load_run(run_dir) -> RunLog:
                 skipped += 1
     if not steps:
         raise ReportError(f"{path} has no step records ({skipped} unreadable lines); "
-                          "log steps with distrib.metrics.MetricsLogger (train_lm --log-every N)")
+                          "log steps with distrib.watch.metrics.MetricsLogger (train_lm --log-every N)")
     log = RunLog(run_dir, steps, events, skipped)
     log.markers = _markers(log)
     return log

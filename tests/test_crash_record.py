@@ -1,11 +1,11 @@
-"""distrib/crash_record.py: an uncaught exception is reported to the launcher's status server before
+"""distrib/watch/crash_record.py: an uncaught exception is reported to the launcher's status server before
 the process goes on to exit (and to Horovod's atexit shutdown), and the traceback still reaches stderr."""
 import os
 import subprocess
 import sys
 import threading
 
-from distrib import crash_record
+from distrib.watch import crash_record
 from tests.helpers import REPO
 from tests.test_launch_status_channel import server, wait_for  # noqa: F401 - a fixture
 
@@ -14,7 +14,7 @@ from tests.test_launch_status_channel import server, wait_for  # noqa: F401 - a 
 # before the atexit handlers ran.
 RAISE = """
 import atexit, os, sys, time
-from distrib import crash_record
+from distrib.watch import crash_record
 def check():
     deadline = time.monotonic() + 10
     while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:

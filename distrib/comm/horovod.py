@@ -157,7 +157,7 @@ class MpiTransport:
         return done(self._owner, buf)
 
 
-# -- Horovod Elastic: its state protocol and retry loop (distrib/elastic.py, distrib/run.py) ----------
+# -- Horovod Elastic: its state protocol and retry loop (distrib/elastic.py, distrib/job/run.py) ----------
 
 def elastic_state_base():
     """Horovod's ``State`` class, the base of :class:`distrib.ElasticState`."""
@@ -167,11 +167,6 @@ def elastic_state_base():
         raise DistribSetupError(f"Horovod is not importable ({exc}); run `make setup` (or scripts/bootstrap.sh) "
                                 "to build it") from exc
     return State
-
-
-def elastic_run(func):
-    """Horovod's elastic retry loop around ``func(state, ...)``."""
-    return import_horovod().elastic.run(func)
 
 
 def notification_manager():

@@ -2,7 +2,7 @@
 (``distrib.wrap(..., compression="powersgd", powersgd=distrib.PowerSGD(rank=4))``).
 
 ``powersgd``: the algorithm, pure tensor math on one process; ``reducer``: the reducer that
-runs it over Horovod behind :class:`distrib.optim.DistributedOptimizer`.
+runs it over Horovod behind :class:`distrib.step.optim.DistributedOptimizer`.
 """
 from distrib.compression.powersgd import PowerSGD
 
