@@ -6,7 +6,7 @@ PY := $(or $(DISTRIB_PYTHON),.venv/bin/python)
 NP ?= 2
 ARGS ?=
 
-.PHONY: setup train test bench gpu-check docs clean-runs
+.PHONY: setup train test bench soak gpu-check docs clean-runs
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -23,6 +23,12 @@ test: setup
 bench: setup
 	$(PY) -m benchmarks $(ARGS)
 	@if [ -z "$(ARGS)" ]; then $(PY) -m benchmarks.render_readme; fi
+
+# The churn soak on the 3 namespace hosts of tests/nodes.py (root): kills a worker, then a host, every 60 s
+# for 10 min and every 15 s for 2 min, elastic and with --max-restarts, against a failure-free run
+# (~30 min; ARGS="--minutes 3 --modes elastic" for a shorter one). Writes benchmarks/results-soak.json and .md.
+soak: setup
+	$(PY) -m benchmarks.soak $(ARGS)
 
 # On a machine with NVIDIA GPUs: builds Horovod with NCCL for the machine's torch when missing, then
 # runs every user path on the GPU and the step-time table (scripts/gpu_check.sh; ARGS=--cpu: dry run).

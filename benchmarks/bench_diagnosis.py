@@ -1,6 +1,6 @@
 """Section "diagnosis": what the launcher's failure diagnosis costs a healthy job.
 
-The heartbeat (distrib/heartbeat.py) carries the hang report's progress, the collective records
+The heartbeat (distrib/watch/heartbeat.py) carries the hang report's progress, the collective records
 of the mismatch check and the phase windows of the straggler check. Measured two ways:
 
 * the training step of the 4.2 M-parameter MLP on 2 workers through ``python -m launch``, with the
@@ -31,7 +31,7 @@ class _NullChannel:
 
 def per_call_us(calls: int = 200_000) -> dict:
     """Microseconds per beat() with a named collective and per step_done(), on this thread."""
-    from distrib.heartbeat import Heartbeat
+    from distrib.watch.heartbeat import Heartbeat
     hb = Heartbeat(_NullChannel(), rank=0, interval=3600)
     hb.sending = True  # no thread: the calls alone
     t0 = time.perf_counter()

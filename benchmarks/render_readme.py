@@ -150,7 +150,7 @@ STEP_COLUMNS = (("alone", "alone"), ("pair", "2 alone at once"), ("ideal", "idea
                 ("ddp-tuned", "DDP tuned"), ("ddp-default", "DDP default"))
 STEP_RATIOS = ("vs_horovod_tuned", "vs_horovod_default", "settings_on_horovod", "vs_ddp_tuned", "vs_ddp_default",
                "ddp_tuning")
-LEVERS = (("lever_buckets", "flat gradient buckets (`distrib/reducers.py`) vs one allreduce per tensor"),
+LEVERS = (("lever_buckets", "flat gradient buckets (`distrib/step/reducers.py`) vs one allreduce per tensor"),
           ("lever_cycle", "Horovod cycle time 0.1 ms vs its default 1 ms (a candidate: not set by distrib)"),
           ("lever_yield", "Open MPI `mpi_yield_when_idle` (`launch/plan.py`) vs busy polling"))
 

@@ -16,14 +16,14 @@ from distrib.comm import Comm, LocalComm
 from distrib.compression import LocalSGD, PowerSGD
 from distrib.data import ShardedLoader, eval_loader, eval_shard
 from distrib.evaluate import evaluate, weighted_mean
-from distrib.metrics import MetricsLogger, read_metrics
-from distrib.preemption import PreemptionHandler
-from distrib.run import Run
-from distrib.log import get_logger, rank0_print
-from distrib.optim import DistributedOptimizer, wrap
-from distrib.schedule import LRSchedule, scaled_lr
-from distrib.sync_batchnorm import SyncBatchNorm
-from distrib.user_state import RankState, UserState, split_concat
+from distrib.watch.metrics import MetricsLogger, read_metrics
+from distrib.job.preemption import PreemptionHandler
+from distrib.job.run import Run
+from distrib.watch.log import get_logger, rank0_print
+from distrib.step.optim import DistributedOptimizer, wrap
+from distrib.job.schedule import LRSchedule, scaled_lr
+from distrib.step.sync_batchnorm import SyncBatchNorm
+from distrib.job.user_state import RankState, UserState, split_concat
 
 __all__ = ["Context", "DistribSetupError", "init", "ShardedLoader", "DistributedOptimizer", "wrap", "SyncBatchNorm",
            "LRSchedule", "scaled_lr", "PowerSGD", "LocalSGD", "rank0_print", "get_logger",

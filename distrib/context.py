@@ -13,7 +13,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-from distrib import crash_record
+from distrib.watch import crash_record
 from distrib.comm import Comm, DistribSetupError, LocalComm, choose_engine, start
 
 __all__ = ["Context", "DistribSetupError", "init", "select_device", "threads_per_worker", "share_cores",

@@ -46,7 +46,7 @@ class ElasticState(elastic_state_base()):
 
     ``optimizer`` comes from :func:`distrib.wrap` (its ``broadcast_state`` syncs the model and
     the optimizer). ``extra`` names more objects with ``state_dict()/load_state_dict()`` (a
-    torch LR scheduler, :class:`distrib.user_state.UserState`), treated like the loader:
+    torch LR scheduler, :class:`distrib.job.user_state.UserState`), treated like the loader:
     committed, restored, and synced from rank 0. Objects with ``state_dict()/load_state_dict()``
     are snapshotted with a deep copy on :meth:`commit`; plain values given as keyword arguments
     are attributes (``state.best``) and are committed too. ``state.ctx`` is the current Context:

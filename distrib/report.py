@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from distrib.timing import PHASES as STEP_PHASES
+from distrib.watch.timing import PHASES as STEP_PHASES
 
 PHASES = tuple(f"t_{phase}" for phase in STEP_PHASES) + ("t_other",)  # the fields metrics.jsonl has
 PHASE_LABELS = {"t_data": "waiting for data", "t_compute": "forward + backward",
@@ -94,7 +94,7 @@ def load_run(run_dir) -> RunLog:
                 skipped += 1
     if not steps:
         raise ReportError(f"{path} has no step records ({skipped} unreadable lines); "
-                          "log steps with distrib.metrics.MetricsLogger (train_lm --log-every N)")
+                          "log steps with distrib.watch.metrics.MetricsLogger (train_lm --log-every N)")
     log = RunLog(run_dir, steps, events, skipped)
     log.markers = _markers(log)
     return log
@@ -167,8 +167,31 @@ def summarize(log: RunLog) -> Dict[str, object]:
                    for name in sorted({e["event"] for e in log.events})},
         "wall_s": (max(times) - min(times)) if len(times) > 1 else 0.0,
         "breakdown_ms": breakdown(log.steps),
+        "stragglers": stragglers(log.events),
         "skipped_lines": log.skipped_lines,
     }
+
+
+def stragglers(events: Sequence[dict]) -> List[Dict[str, object]]:
+    """The ranks the launcher flagged as persistently slower than their peers (``straggler``
+    events, written by rank 0 when the notice reached it): rank, host, slow phase and the step
+    at which it was flagged (the event's own step is when rank 0 wrote it, a few steps later)."""
+    out = []
+    for e in events:
+        if e["event"] != "straggler":
+            continue
+        out.append({"rank": e.get("rank"), "host": e.get("host"), "phase": e.get("phase"),
+                    "step": e.get("flagged_step", e["step"]), "ratio": e.get("ratio"),
+                    "phase_ms": e.get("phase_ms"), "peers_phase_ms": e.get("peers_phase_ms")})
+    return out
+
+
+def _straggler_line(s: Dict[str, object]) -> str:
+    def num(v, fmt):
+        return "?" if not isinstance(v, (int, float)) else format(v, fmt)
+    return (f"straggler: rank {s['rank']} on {s['host']} flagged at step {s['step']}, slowest phase {s['phase']} "
+            f"({num(s['phase_ms'], '.1f')} ms/step against {num(s['peers_phase_ms'], '.1f')} ms on the others; "
+            f"{num(s['ratio'], '.2f')}x its peers' work per step)")
 
 
 def summary_text(s: Dict[str, object]) -> str:
@@ -181,6 +204,7 @@ def summary_text(s: Dict[str, object]) -> str:
              f"throughput: median {num(s['median_samples_per_s'], '.1f')} samples/s",
              f"world sizes: {', '.join(map(str, s['world_sizes']))}; restarts: {s['restarts']}",
              "events: " + (", ".join(f"{k} x{v}" for k, v in s["events"].items()) or "none")]
+    lines += [_straggler_line(x) for x in s.get("stragglers", [])]
     if s.get("final_eval"):
         lines.append("last evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in s["final_eval"].items()))
     if s["skipped_lines"]:

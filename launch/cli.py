@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=0, metavar="K",
                    help="after a failure, stop everything and run the whole job again, up to K times")
     p.add_argument("--hang-timeout", type=float, metavar="SECONDS",
-                   help="treat a rank as hung when its heartbeat count (distrib.heartbeat.beat) has not "
+                   help="treat a rank as hung when its heartbeat count (distrib.watch.heartbeat.beat) has not "
                         "moved for this long")
     elastic = p.add_argument_group("elastic mode (Horovod Elastic, Gloo controller)")
     elastic.add_argument("--elastic", action="store_true",

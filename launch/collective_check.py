@@ -1,4 +1,4 @@
-"""Do the ranks enter the same collectives? (pure; the records come from distrib/heartbeat.py)
+"""Do the ranks enter the same collectives? (pure; the records come from distrib/watch/heartbeat.py)
 
 Every rank numbers the collectives it enters (its beat count) and reports, for each, the name
 distrib gave it, how many times it entered that name so far, its shape and dtype. Two checks:

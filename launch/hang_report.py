@@ -2,7 +2,7 @@
 in the job's collectives, and where every other rank is.
 
 Inputs: the launcher's table (launch/status_server.py), the stuck rank's answer to
-``want_stacks`` (distrib/heartbeat.py: its threads' Python stacks) and, when that did not come,
+``want_stacks`` (distrib/watch/heartbeat.py: its threads' Python stacks) and, when that did not come,
 its shim's answer to ``want_state`` (launch/worker.py: the process state the kernel reports). A
 process stopped by a signal, or one holding the GIL in native code, cannot answer for itself; a
 lost host (or a cut link) answers nothing at all: the report says which it is instead of a stack.

@@ -2,7 +2,7 @@
 
 The reports arrive over the status channel into the launcher's table (launch/status_server.py):
 each worker's shim reports ``started`` and ``ended`` (how it ended), ``distrib.init()``'s
-exception hook ``raised``, distrib's heartbeat its beat count (see distrib/heartbeat.py). From
+exception hook ``raised``, distrib's heartbeat its beat count (see distrib/watch/heartbeat.py). From
 these: :func:`statuses_from` (how each rank ended), :func:`first_failure` (the root cause, not the
 peers that died of it) and :func:`hung_rank`.
 """
@@ -60,7 +60,7 @@ def first_failure(statuses: Iterable[RankStatus]) -> Optional[RankStatus]:
 
 @dataclass(frozen=True)
 class Progress:
-    """What the launcher knows of one rank's heartbeat (see distrib/heartbeat.py)."""
+    """What the launcher knows of one rank's heartbeat (see distrib/watch/heartbeat.py)."""
     count: int      # beats so far: comparable across ranks, which all beat at the same points
     since: float    # launcher's monotonic clock when this count was first seen
     heard: float    # when its last beat arrived: stops moving when the whole process is frozen

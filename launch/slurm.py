@@ -8,7 +8,7 @@ so no horovodrun is involved. With ``--engine torch`` each task is started by ``
 through ``python -m launch.srun_task``, which gives it torchrun's variables (torch.distributed;
 no Horovod, no MPI); the script exports ``MASTER_PORT``, a port free on the first node when it
 starts (rank 0 runs there), so a requeued job picks a new one. The script asks for ``SIGUSR2`` 90 s before the time limit
-(``distrib.preemption`` checkpoints and requeues on it) and appends to its log across requeues.
+(``distrib.job.preemption`` checkpoints and requeues on it) and appends to its log across requeues.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The status channel between the workers and the launcher: variable names, message format, sender.
 
 The launcher (launch/status_server.py) listens on a TCP port for the whole attempt; the shim of
-each worker (launch/worker.py), distrib's exception hook (distrib/crash_record.py) and distrib's
-heartbeat (distrib/heartbeat.py) report to it. A port replaces the files the reports used to be,
+each worker (launch/worker.py), distrib's exception hook (distrib/watch/crash_record.py) and distrib's
+heartbeat (distrib/watch/heartbeat.py) report to it. A port replaces the files the reports used to be,
 because a worker on another host cannot write into the launcher's ``/tmp``, and a run directory
 need not be shared either. This is how Horovod's runner talks to its task services.
 
@@ -38,7 +38,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 ADDRESS_ENV = "DISTRIB_STATUS_ADDR"        # "198.18.0.1,127.0.0.1:40123": the launcher's addresses, its port
 SECRET_ENV = "DISTRIB_STATUS_SECRET"       # hex key of this attempt's HMAC
 HEARTBEAT_ENV = "DISTRIB_HEARTBEAT"        # "1" with --hang-timeout: distrib sends its beat count
-RESTART_COUNT_ENV = "DISTRIB_RESTART_COUNT"  # 0 on the first attempt, i on restart i (read by distrib.metrics)
+RESTART_COUNT_ENV = "DISTRIB_RESTART_COUNT"  # 0 on the first attempt, i on restart i (read by distrib.watch.metrics)
 STOP_GRACE_ENV = "DISTRIB_STOP_GRACE"      # seconds a shim gives its script between SIGTERM and SIGKILL
 RUNTIME_ENV_NAMES = (ADDRESS_ENV, SECRET_ENV, RESTART_COUNT_ENV, STOP_GRACE_ENV)
 

@@ -60,7 +60,7 @@ def report_key(message: dict) -> Optional[Key]:
 
 @dataclass(frozen=True)
 class Beat:
-    """A rank's latest heartbeat (see distrib/heartbeat.py)."""
+    """A rank's latest heartbeat (see distrib/watch/heartbeat.py)."""
     count: int             # beats so far: comparable across ranks
     heard: float           # the launcher's monotonic clock when it arrived: stops moving for a frozen rank
     step: Optional[int]    # the training step it reported, when it reports one

@@ -1,4 +1,4 @@
-"""Is one rank persistently slower than its peers? (pure; the times come from distrib/heartbeat.py)
+"""Is one rank persistently slower than its peers? (pure; the times come from distrib/watch/heartbeat.py)
 
 Every rank reports, per window of steps (the same steps on every rank), the milliseconds per step
 it spent in each phase of its own work: data, compute, optimizer, checkpoint and "other" (host

@@ -17,7 +17,7 @@ hosts are stopped by their shims when the status server ends their connections, 
 mpirun/horovodrun.
 
 The root cause is the failed rank whose ``ended`` report came first, or whose ``raised`` report
-(``distrib.init()``'s exception hook, see distrib/crash_record.py: the shim of the rank that
+(``distrib.init()``'s exception hook, see distrib/watch/crash_record.py: the shim of the rank that
 raised may be killed by mpirun before it can report) came first.
 """
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""distrib/crash_record.py: an uncaught exception is reported to the launcher's status server before
+"""distrib/watch/crash_record.py: an uncaught exception is reported to the launcher's status server before
 the process goes on to exit (and to Horovod's atexit shutdown), and the traceback still reaches stderr."""
 import os
 import subprocess
 import sys
 import threading
 
-from distrib import crash_record
+from distrib.watch import crash_record
 from tests.helpers import REPO
 from tests.test_launch_status_channel import server, wait_for  # noqa: F401 - a fixture
 
@@ -14,7 +14,7 @@ from tests.test_launch_status_channel import server, wait_for  # noqa: F401 - a 
 # before the atexit handlers ran.
 RAISE = """
 import atexit, os, sys, time
-from distrib import crash_record
+from distrib.watch import crash_record
 def check():
     deadline = time.monotonic() + 10
     while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
@@ -85,7 +85,7 @@ def test_installing_twice_keeps_one_hook(tmp_path, server, monkeypatch, capsys):
 def test_an_unreachable_launcher_still_shows_the_traceback(tmp_path, server):
     env = server.env()
     server.close()
-    proc = subprocess.run([sys.executable, "-c", "from distrib import crash_record\n"
+    proc = subprocess.run([sys.executable, "-c", "from distrib.watch import crash_record\n"
                            "crash_record.install(lambda: 0)\nraise ValueError('lost report')"],
                           cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.rstrip().endswith("ValueError: lost report")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import distrib
-from distrib.metrics import MetricsLogger, mean_over_ranks
+from distrib.watch.metrics import MetricsLogger, mean_over_ranks
 from tests.checkpoint_fixtures import cpu_ctx
 
 SAMPLES = 48

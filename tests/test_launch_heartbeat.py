@@ -1,11 +1,11 @@
-"""distrib/heartbeat.py: the library side of the launcher's hang, mismatch and straggler checks
+"""distrib/watch/heartbeat.py: the library side of the launcher's hang, mismatch and straggler checks
 (beats sent to a real StatusServer, requests answered over the same connection)."""
 import threading
 
 import pytest
 
-import distrib.heartbeat as heartbeat
-from distrib.heartbeat import Heartbeat, beat, heartbeat_sender
+import distrib.watch.heartbeat as heartbeat
+from distrib.watch.heartbeat import Heartbeat, beat, heartbeat_sender
 from launch.status_channel import ADDRESS_ENV, HEARTBEAT_ENV, SECRET_ENV
 from tests.test_launch_status_channel import server, wait_for  # noqa: F401 - a fixture
 

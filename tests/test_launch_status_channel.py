@@ -130,14 +130,14 @@ def test_launch_imports_no_torch():
 
 
 def test_distrib_reads_only_the_launcher_variables_the_channel_names():
-    """The contract between distrib and the launcher's variables: distrib/metrics.py reads the
+    """The contract between distrib and the launcher's variables: distrib/watch/metrics.py reads the
     restart count through the channel's own constant, and any DISTRIB_ name that distrib reads by
     its literal and the launcher sets is one of launch/status_channel.py's; no retired name is left."""
-    from distrib import metrics
+    from distrib.watch import metrics
     read = set()
     for path in (REPO / "distrib").rglob("*.py"):
         read |= set(re.findall(r'"(DISTRIB_[A-Z_]+)"', path.read_text()))
     set_by_launcher = {*status_channel.RUNTIME_ENV_NAMES, status_channel.HEARTBEAT_ENV}
-    assert metrics.RESTART_COUNT_ENV is status_channel.RESTART_COUNT_ENV  # distrib.metrics records the attempt
+    assert metrics.RESTART_COUNT_ENV is status_channel.RESTART_COUNT_ENV  # distrib.watch.metrics records the attempt
     assert not read & {"DISTRIB_STATUS_DIR", "DISTRIB_HEARTBEAT_FILE_DIR"}
     assert {n for n in read if n.startswith(("DISTRIB_STATUS", "DISTRIB_HEARTBEAT"))} <= set_by_launcher

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from distrib.context import Context
-from distrib.metrics import MetricsLogger, breakdown_table, read_metrics
-from distrib.progress import Progress, format_duration, progress_line
+from distrib.watch.metrics import MetricsLogger, breakdown_table, read_metrics
+from distrib.watch.progress import Progress, format_duration, progress_line
 
 
 class FakeClock:
@@ -160,7 +160,7 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(tmp_path):
 def test_nested_phases_are_not_counted_twice():
     """distrib.Run times the loop body as compute and the optimizer's step inside it: the body is
     charged only for the time outside the step."""
-    from distrib.metrics import NestedPhaseTimer
+    from distrib.watch.metrics import NestedPhaseTimer
     clock = FakeClock()
     timer = NestedPhaseTimer(clock=clock)
     with timer.phase("compute"):
@@ -211,7 +211,7 @@ def test_tensors_are_summed_on_the_device_and_read_once_per_window(tmp_path):
         for step in range(1, 7):
             with_tensors.step(step, loss=losses[step - 1], acc=accuracies[step - 1:step])
     with_tensors.close()
-    assert len(counter.calls) == 2 and all("distrib/metrics.py" in c for c in counter.calls), counter.calls
+    assert len(counter.calls) == 2 and all("watch/metrics.py" in c for c in counter.calls), counter.calls
     assert read_metrics(tmp_path / "tensors" / "metrics.jsonl") == read_metrics(tmp_path / "floats" / "metrics.jsonl")
     assert [r["step"] for r in read_metrics(tmp_path / "tensors" / "metrics.jsonl")] == [3, 6]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distrib.context import Context
-from distrib.optim import DistributedOptimizer
+from distrib.step.optim import DistributedOptimizer
 
 
 @pytest.mark.parametrize("options,message", [
@@ -29,7 +29,7 @@ def test_the_reducer_is_chosen_before_it_is_built(monkeypatch, shard, reducer):
     """ZeRO stage 2 never allocates the full-size allreduce buckets it does not use (the update part,
     chosen first, hands the gradient exchange its reducer); the step is the same one-process math."""
     import distrib
-    from distrib import reducers
+    from distrib.step import reducers
     built = []
     real = reducers._Bucket.__init__
     monkeypatch.setattr(reducers._Bucket, "__init__", lambda self, *a: (built.append(a[0]), real(self, *a))[1])

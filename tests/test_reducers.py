@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distrib.comm import LocalComm
-from distrib.reducers import BucketedReducer, assign_buckets, bucket_offsets, make_reducer
+from distrib.step.reducers import BucketedReducer, assign_buckets, bucket_offsets, make_reducer
 from tests.helpers import SCRIPTS, run_launch
 
 F32, F64 = torch.float32, torch.float64

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distrib.report import load_run, main, summarize
+from distrib.report import load_run, main, summarize, summary_text
 from tests.helpers import TINY_LM_MODEL, tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,3 +192,29 @@ def test_every_evaluation_metric_is_reported_not_only_val_loss(tmp_path):
     assert main([str(run)]) == 0
     assert "last evaluation: val_loss 1.7000, val_accuracy 0.5000" in (run / "report" / "summary.txt").read_text()
     assert png_size(run / "report" / "loss_lr.png")[0] >= 600
+
+
+def test_a_straggler_event_is_in_the_summary_with_rank_host_phase_and_step(tmp_path):
+    """The launcher's straggler notice, as rank 0 writes it into metrics.jsonl (the line is a real
+    one from tests/scripts/faults.py --fault slow): the summary names the rank, its host, the slow
+    phase and the step it was flagged at; a run without one has no straggler line."""
+    run = tmp_path / "run"
+    write_metrics(run, [
+        step(50, 100.0, 2.0),
+        {"event": "straggler", "step": 51, "time": 100.5, "rank": 1, "host": "node2", "phase": "compute",
+         "phase_ms": 15.649, "peers_phase_ms": 8.174, "ratio": 1.97, "first_step": 1, "flagged_step": 30},
+        step(60, 101.0, 1.5),
+    ])
+    summary = summarize(load_run(run))
+    assert summary["stragglers"] == [{"rank": 1, "host": "node2", "phase": "compute", "step": 30, "ratio": 1.97,
+                                      "phase_ms": 15.649, "peers_phase_ms": 8.174}]
+    assert main([str(run)]) == 0
+    text = (run / "report" / "summary.txt").read_text()
+    assert ("straggler: rank 1 on node2 flagged at step 30, slowest phase compute (15.6 ms/step against 8.2 ms on "
+            "the others; 1.97x its peers' work per step)") in text.splitlines(), text
+    assert json.loads((run / "report" / "summary.json").read_text())["stragglers"][0]["host"] == "node2"
+
+    write_metrics(run, [step(50, 100.0, 2.0), step(60, 101.0, 1.5)])
+    healthy = summarize(load_run(run))
+    assert healthy["stragglers"] == []
+    assert not [line for line in summary_text(healthy).splitlines() if line.startswith("straggler")]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distrib.schedule import lr_factor, scaled_lr
+from distrib.job.schedule import lr_factor, scaled_lr
 from tests.checkpoint_fixtures import SCRIPTS, run_hvd
 
 SCRIPT = SCRIPTS / "resize_train.py"

@@ -156,8 +156,8 @@ def test_logging_a_tensor_every_step_reads_it_once_per_logged_window(tmp_path):
             run.optimizer.step()
             run.log(loss=loss)
             losses.append(loss.detach().clone())
-    logging = [c for c in counter.calls if "distrib/run.py" in c or "distrib/metrics.py" in c]
-    assert len(logging) == 2 and all("distrib/metrics.py" in c for c in logging), counter.calls
+    logging = [c for c in counter.calls if "job/run.py" in c or "watch/metrics.py" in c]
+    assert len(logging) == 2 and all("watch/metrics.py" in c for c in logging), counter.calls
     logged = [r for r in records(tmp_path / "run") if "event" not in r]
     values = [float(v) for v in losses]
     assert [(r["step"], r["loss"]) for r in logged] == [(5, sum(values[:5]) / 5), (10, sum(values[5:]) / 5)]
@@ -272,7 +272,7 @@ def test_readme_snippets_of_the_public_api_run(tmp_path):
 def test_the_optimizer_times_its_gradient_wait_and_step_for_run():
     """Run hands its timer to the optimizer (no method of the optimizer is replaced): the
     step is the ``optimizer`` phase, its gradient wait ``allreduce``."""
-    from distrib.metrics import NestedPhaseTimer
+    from distrib.watch.metrics import NestedPhaseTimer
     model = torch.nn.Linear(2, 1)
     optimizer = distrib.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), one_process())
     timer = NestedPhaseTimer()

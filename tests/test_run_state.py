@@ -11,7 +11,7 @@ import torch
 
 import distrib
 from distrib.data import epoch_order
-from distrib.user_state import RankState, UserState, split_concat
+from distrib.job.user_state import RankState, UserState, split_concat
 from tests.test_run import BATCH, LR, SAMPLES, dataset, one_process
 
 EPOCHS = 3

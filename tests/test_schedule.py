@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from distrib.schedule import LRSchedule, lr_factor, scaled_lr
+from distrib.job.schedule import LRSchedule, lr_factor, scaled_lr
 from tests.checkpoint_fixtures import cpu_ctx
 
 

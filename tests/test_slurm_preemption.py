@@ -1,4 +1,4 @@
-"""distrib/preemption.py in one process: signals, cross-rank agreement, requeue policy."""
+"""distrib/job/preemption.py in one process: signals, cross-rank agreement, requeue policy."""
 import os
 import signal
 import subprocess
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from distrib.preemption import PreemptionHandler, requeue_target
+from distrib.job.preemption import PreemptionHandler, requeue_target
 
 RANK0 = SimpleNamespace(rank=0, size=2)
 RANK1 = SimpleNamespace(rank=1, size=2)

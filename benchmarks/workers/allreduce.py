@@ -41,7 +41,7 @@ def distrib_candidates():
     """(rank, size, barrier, {name: factory(param) -> call}) in a Horovod job under MPI."""
     import distrib
     import horovod.torch as hvd
-    from distrib.reducers import make_reducer
+    from distrib.step.reducers import make_reducer
     from mpi4py import MPI
     ctx = distrib.init()
 

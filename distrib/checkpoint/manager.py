@@ -22,7 +22,7 @@ from distrib.rng import rng_state, set_rng_state
 
 log = logging.getLogger("distrib.checkpoint")
 
-RANK_STATE_FILE = "rank_state.pt"  # every rank's own values (distrib.user_state.RankState), in rank order
+RANK_STATE_FILE = "rank_state.pt"  # every rank's own values (distrib.job.user_state.RankState), in rank order
 
 
 class CheckpointManager:
@@ -72,7 +72,7 @@ class CheckpointManager:
              rank_state=None) -> None:
         """Checkpoint ``state`` as of ``step``. Must be called on all ranks, at a step boundary.
 
-        ``rank_state`` (a :class:`distrib.user_state.RankState`, optional): this rank's own
+        ``rank_state`` (a :class:`distrib.job.user_state.RankState`, optional): this rank's own
         values; every rank's are gathered with the RNG states and written to ``rank_state.pt``.
 
         Blocks until the previous asynchronous write is done, gathers every rank's RNG state
@@ -213,7 +213,7 @@ class CheckpointManager:
         loop): every rank chooses and loads on its own, and nothing on disk is moved; the
         elastic state's first sync then makes every rank equal to rank 0.
 
-        ``rank_state`` (a :class:`distrib.user_state.RankState`): gets this rank's saved values
+        ``rank_state`` (a :class:`distrib.job.user_state.RankState`): gets this rank's saved values
         back at the same world size, re-sharded or reset at another (its ``load_all``); a
         checkpoint saved without rank state resets it.
         """

@@ -6,7 +6,7 @@
 hold at every call site:
 
 * the heartbeat is beaten before each collective, with the collective's kind, name, shape and
-  dtype (:mod:`distrib.heartbeat`: a rank that never reached a collective its peers wait in has
+  dtype (:mod:`distrib.watch.heartbeat`: a rank that never reached a collective its peers wait in has
   the lowest count, and the launcher blames it; ranks that enter different collectives, or the
   same with another shape, are named by the launcher at once);
 * every collective is named by the caller (``name=``: the wrapped optimizer's prefix and what it
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from distrib.heartbeat import beat
+from distrib.watch.heartbeat import beat
 
 OPS = ("average", "sum", "adasum")
 

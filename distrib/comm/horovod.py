@@ -157,7 +157,7 @@ class MpiTransport:
         return done(self._owner, buf)
 
 
-# -- Horovod Elastic: its state protocol and retry loop (distrib/elastic.py, distrib/run.py) ----------
+# -- Horovod Elastic: its state protocol and retry loop (distrib/elastic.py, distrib/job/run.py) ----------
 
 def elastic_state_base():
     """Horovod's ``State`` class, the base of :class:`distrib.ElasticState`."""

@@ -16,7 +16,7 @@ data parallelism, exactly. DiLoCo's setting: an inner AdamW, ``LocalSGD.diloco(e
 Nesterov, lr 0.7, momentum 0.9).
 
 This is the optimizer's *update* part (:class:`LocalSGDUpdate`, chosen in ``wrap()`` instead of
-:class:`distrib.optim.ReplicatedUpdate`), and its reducer (:class:`LocalReducer`) moves nothing.
+:class:`distrib.step.optim.ReplicatedUpdate`), and its reducer (:class:`LocalReducer`) moves nothing.
 What the checkpoint keeps: the anchor, the outer optimizer's state and the step count with the
 optimizer's state (the same on every rank); each rank's own parameters and inner optimizer state
 in the per-rank file (they differ between averages). At another world size the per-rank part

@@ -1,6 +1,6 @@
 """The reducer behind ``distrib.wrap(..., compression="powersgd")``.
 
-Same contract as the reducers of :mod:`distrib.reducers` (``grad_ready(p, used)``, then
+Same contract as the reducers of :mod:`distrib.step.reducers` (``grad_ready(p, used)``, then
 ``synchronize()`` leaves every ``p.grad`` averaged and returns the parameters no rank used).
 For the first ``start_step`` steps it is the default bucketed allreduce; from then on, two
 collectives per step, whatever the number of tensors (each one a round trip, which on a slow
@@ -20,14 +20,14 @@ from typing import FrozenSet, List, Tuple
 import torch
 
 from distrib.compression.powersgd import PowerSGDState
-from distrib.reducers import BucketedReducer
+from distrib.step.reducers import BucketedReducer
 
 
 class PowerSGDReducer:
     """PowerSGD-averaged gradients over ``comm`` (any engine's :class:`distrib.comm.Comm`).
     ``state`` outlives the reducer (a reset after a peer died builds a new reducer on the same
     state). Every rank must hand it the same parameters each step
-    (:class:`distrib.gradients.GradientExchange` does). Nothing reads a device value on the
+    (:class:`distrib.step.gradients.GradientExchange` does). Nothing reads a device value on the
     host: the used-flags are written from the host once per step without waiting, and read
     back only on a step where this rank left a parameter without a gradient."""
 

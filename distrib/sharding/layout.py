@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from distrib.reducers import assign_buckets, bucket_offsets
+from distrib.step.reducers import assign_buckets, bucket_offsets
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """ZeRO stage 2's gradient path: each bucket is reduce-scattered as soon as backward completes it.
 
-Same contract as the reducers of :mod:`distrib.reducers` (``grad_ready``, ``synchronize``,
+Same contract as the reducers of :mod:`distrib.step.reducers` (``grad_ready``, ``synchronize``,
 ``in_flight``), but after ``synchronize`` no ``param.grad`` is left: each rank holds only its
 chunk of every bucket's averaged gradient (:meth:`ReduceScatterReducer.shard`). Which
 parameters no rank used travels in one small allreduce of per-parameter flags, launched with

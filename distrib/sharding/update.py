@@ -1,7 +1,7 @@
 """``distrib.wrap(..., shard="optimizer" | "gradients")``: ZeRO stages 1 and 2 as a part of the
 data-parallel optimizer.
 
-:class:`distrib.optim.DistributedOptimizer` is one class whatever the mode; what differs is its
+:class:`distrib.step.optim.DistributedOptimizer` is one class whatever the mode; what differs is its
 *update* part (how averaged gradients become a step, and which reducer carries them), chosen
 before the optimizer's gradient exchange is built. So stage 2 never allocates the full-size
 allreduce buckets it does not use, and ``step()`` has no branch on the mode:
@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from distrib.reducers import DEFAULT_BUCKET_MB
+from distrib.step.reducers import DEFAULT_BUCKET_MB
 from distrib.sharding.optimizer import STAGES, ZeroShard, check_supported
 from distrib.sharding.reducer import ReduceScatterReducer
 

@@ -2,7 +2,7 @@
 
     python -m launch -np 2 --hang-timeout 3 tests/scripts/faults.py --fault KIND [--rank R] [--at STEP]
 
-Every step: some compute (timed as "compute" by distrib.metrics), then two named allreduces
+Every step: some compute (timed as "compute" by distrib.watch.metrics), then two named allreduces
 through distrib's communication layer (``ctx.comm``: each one named to the launcher's heartbeat,
 as every collective of distrib is): "grads.a" and "grads.b". At step ``--at`` rank ``--rank``
 does KIND:
@@ -31,7 +31,7 @@ import time
 import torch
 
 import distrib
-from distrib.metrics import MetricsLogger
+from distrib.watch.metrics import MetricsLogger
 
 p = argparse.ArgumentParser()
 p.add_argument("--fault", default="none")

@@ -20,9 +20,9 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-import distrib.metrics  # noqa: E402
+import distrib.watch.metrics  # noqa: E402
 
-_log_step = distrib.metrics.MetricsLogger.step
+_log_step = distrib.watch.metrics.MetricsLogger.step
 
 
 def _faulty_step(self, step, **kw):
@@ -41,12 +41,12 @@ def _faulty_step(self, step, **kw):
     return _log_step(self, step, **kw)
 
 
-distrib.metrics.MetricsLogger.step = _faulty_step
+distrib.watch.metrics.MetricsLogger.step = _faulty_step
 _raised = []
 
-import distrib.optim  # noqa: E402
+import distrib.step.optim  # noqa: E402
 
-_backward = distrib.optim.DistributedOptimizer.backward
+_backward = distrib.step.optim.DistributedOptimizer.backward
 _backwards_done = []
 
 
@@ -60,7 +60,7 @@ def _faulty_backward(self, loss, **kw):
 
 
 if os.environ.get("FAULT_WHERE") == "backward":
-    distrib.optim.DistributedOptimizer.backward = _faulty_backward
+    distrib.step.optim.DistributedOptimizer.backward = _faulty_backward
 
 
 def _linger_after_horovod_shutdown():

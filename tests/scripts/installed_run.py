@@ -9,7 +9,7 @@ import sys
 import torch
 
 import distrib
-from distrib.metrics import MetricsLogger
+from distrib.watch.metrics import MetricsLogger
 
 STEPS, BATCH = 40, 16
 

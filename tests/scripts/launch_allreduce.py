@@ -18,7 +18,7 @@ import socket
 
 import torch
 
-from distrib.heartbeat import beat
+from distrib.watch.heartbeat import beat
 
 TORCH = os.environ.get("DISTRIB_ENGINE") == "torch"
 if TORCH:

@@ -13,9 +13,9 @@ import signal
 import sys
 import time
 
-# distrib.heartbeat by path: importing the distrib package would import torch (seconds per worker).
+# distrib.watch.heartbeat by path: importing the distrib package would import torch (seconds per worker).
 _spec = importlib.util.spec_from_file_location(
-    "heartbeat", os.path.join(os.path.dirname(__file__), "..", "..", "distrib", "heartbeat.py"))
+    "heartbeat", os.path.join(os.path.dirname(__file__), "..", "..", "distrib", "watch", "heartbeat.py"))
 _heartbeat = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_heartbeat)
 beat = _heartbeat.beat

@@ -3,7 +3,7 @@
 Every step allreduces a tensor over Horovod; rank 0 appends {"step": n, ...} to
 RUN_DIR/metrics.jsonl; a checkpoint (RUN_DIR/ckpt.pt, written atomically by rank 0) holds the
 step. On SIGUSR2 it stops at the next step boundary, checkpoints, requeues through
-distrib.preemption and exits 0.
+distrib.job.preemption and exits 0.
 """
 import argparse
 import json
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import distrib
-from distrib.preemption import PreemptionHandler
+from distrib.job.preemption import PreemptionHandler
 
 
 def append(path: Path, record: dict) -> None:

@@ -15,7 +15,7 @@ any host)::
 
 Python calls ``sys.excepthook`` for an uncaught exception *before* the ``atexit`` handlers, so the
 report has left before Horovod shuts down (the launcher keeps it in its table). The heartbeat's
-latest collective records go first (:func:`distrib.heartbeat.flush`): when the exception is
+latest collective records go first (:func:`distrib.watch.heartbeat.flush`): when the exception is
 Horovod's own error about mismatched shapes, the launcher names the mismatch from them.
 Not under ``python -m launch`` (no channel variables) nothing is installed. Never raises:
 reporting must not hide the exception, and a report that cannot be delivered is dropped.
@@ -29,7 +29,7 @@ import time
 import traceback
 from typing import Callable, Mapping, Optional
 
-from distrib import heartbeat
+from distrib.watch import heartbeat
 from launch.status_channel import Channel
 
 TAIL_LINES = 20

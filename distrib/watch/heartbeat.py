@@ -7,7 +7,7 @@ call it too, before each of them. The launcher sets ``DISTRIB_HEARTBEAT=1`` and 
 once a second, over the status channel (launch/status_channel.py: a TCP port of the launcher's,
 so it works from any host): its beat count, its step, the collectives entered since the last
 send (call number, name, shape, dtype, and the how-many-th call of that name it is) and the phase times of each finished window of
-``WINDOW_STEPS`` steps (:func:`step_done`, called by distrib.metrics). Without the variable, or
+``WINDOW_STEPS`` steps (:func:`step_done`, called by distrib.watch.metrics). Without the variable, or
 without the channel, all of this does nothing.
 
 What the launcher makes of it (launch/supervise.py):
@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from launch.status_channel import HEARTBEAT_ENV, Channel, rank_from_env
 
@@ -223,7 +223,7 @@ def entering(name: str, tensor) -> None:
 
 
 def step_done(step: int, phases: Mapping[str, float], seconds: float) -> None:
-    """distrib.metrics: this rank's phase times of step ``step`` (for the straggler check)."""
+    """distrib.watch.metrics: this rank's phase times of step ``step`` (for the straggler check)."""
     hb = _heartbeat if _heartbeat is not None else _current()
     if hb is not None:
         hb.step_done(step, phases, seconds)

@@ -9,7 +9,7 @@ One JSON object per logged window of steps::
 (``t_*`` in milliseconds per step, averaged over the window), and one object per event
 (``{"event": "resume", "step": 300, ...}``): resume, restart, resize, preempted, eval, final,
 and straggler (the launcher found a rank persistently slower than its peers: its rank, host,
-slowest phase and ratio; every rank hands its phase times to distrib/heartbeat.py for that).
+slowest phase and ratio; every rank hands its phase times to distrib/watch/heartbeat.py for that).
 The file is appended to, so a resumed run continues it; each line is written whole and
 flushed, and readers skip a last line cut short by a crash.
 """
@@ -25,9 +25,9 @@ from typing import Callable, Dict, Iterator, List, Optional, TextIO, Union
 
 import torch
 
-from distrib import heartbeat
-from distrib.progress import Progress
-from distrib.timing import PHASES
+from distrib.watch import heartbeat
+from distrib.watch.progress import Progress
+from distrib.watch.timing import PHASES
 from launch.status_channel import RESTART_COUNT_ENV  # set by the launcher on each attempt
 
 METRICS_FILE = "metrics.jsonl"

@@ -32,7 +32,7 @@ rank's own: every rank's is saved); read and write them through these dicts. A r
 same world size restores both bit-exact; at another world size, or after an elastic resize (which
 rolls them back to the last commit with the model), a ``rank_state`` entry is re-sharded by its
 ``reshard`` function from every old rank's value, or else reset to the value given to ``Run``.
-See :mod:`distrib.user_state`.
+See :mod:`distrib.job.user_state`.
 
 The final evaluation: after the loop, when ``evaluate`` is given and the model of the last step
 was not evaluated yet in this process, Run evaluates it. That includes a process that resumed a
@@ -53,16 +53,17 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
 from distrib.checkpoint import CheckpointManager
-from distrib.metrics import MetricsLogger, mean_over_ranks, metric_value
-from distrib.optim import DistributedOptimizer
-from distrib.preemption import PreemptionHandler
-from distrib.schedule import check_lr_scheduler, is_plateau
-from distrib.user_state import GatheredRankStates, RankState, Reshard, UserState
+from distrib.watch.metrics import MetricsLogger, mean_over_ranks, metric_value
+from distrib.watch.timing import time_optimizer
+from distrib.step.optim import DistributedOptimizer
+from distrib.job.preemption import PreemptionHandler
+from distrib.job.schedule import check_lr_scheduler, is_plateau
+from distrib.job.user_state import GatheredRankStates, RankState, Reshard, UserState
 
 Evaluate = Callable[[Any], Dict[str, float]]
 
@@ -138,7 +139,7 @@ class Run:
         self._epochs: Optional[int] = None
         self._trained = False
         self._started = False
-        # The script's own state (distrib/user_state.py): in every checkpoint and elastic commit.
+        # The script's own state (distrib/job/user_state.py): in every checkpoint and elastic commit.
         self.state, self.rank_state = UserState(state), RankState(rank_state, reshard)
         self._has_state, self._has_rank_state = state is not None, rank_state is not None
         self.lr_scheduler, self.lr_scheduler_every, self.monitor = lr_scheduler, lr_scheduler_every, monitor
@@ -403,7 +404,7 @@ class Run:
     def _average_over_ranks(self, means: Dict[str, float]) -> Dict[str, float]:
         if self.ctx.size == 1:
             return means
-        return mean_over_ranks(self.ctx.comm.allgather_object(means, name="distrib.run.logged_metrics"))
+        return mean_over_ranks(self.ctx.comm.allgather_object(means, name="distrib.job.run.logged_metrics"))
 
     def _gather_rank_states(self) -> None:
         """Elastic, before each commit: every rank's rank_state to every rank (a collective
@@ -411,7 +412,7 @@ class Run:
         re-shard the state of the workers that died."""
         if self._has_rank_state:
             mine = self.rank_state.state_dict()
-            self._rank_states.states = self.ctx.comm.allgather_object(mine, name="distrib.run.rank_state")
+            self._rank_states.states = self.ctx.comm.allgather_object(mine, name="distrib.job.run.rank_state")
             self._rank_states.size = self.ctx.size
 
     def _adopt_rank_states(self) -> None:
@@ -447,26 +448,6 @@ def prepare_run_dir(run_dir: Union[str, Path]) -> Path:
 def accumulation(optimizer) -> int:
     """Micro-batches per step: the wrapped optimizer's ``accumulate`` (1 for a plain torch one)."""
     return optimizer.accumulate if isinstance(optimizer, DistributedOptimizer) else 1
-
-
-def time_optimizer(optimizer, phase: Callable[[str], ContextManager]) -> Callable[[], None]:
-    """Charge the optimizer's step to ``phase("optimizer")`` (and a wrapped optimizer's gradient
-    wait to ``phase("allreduce")``) without touching its methods; returns the undo. A plain torch
-    optimizer (a world of one) is timed with torch's own step hooks."""
-    if isinstance(optimizer, DistributedOptimizer):
-        optimizer.time_phases(phase)
-        return lambda: optimizer.time_phases(None)
-    open_phases = []
-
-    def enter(*_):
-        timing = phase("optimizer")
-        timing.__enter__()
-        open_phases.append(timing)
-
-    def leave(*_):
-        open_phases.pop().__exit__(None, None, None)
-    hooks = [optimizer.register_step_pre_hook(enter), optimizer.register_step_post_hook(leave)]
-    return lambda: [hook.remove() for hook in hooks] and None
 
 
 def _nothing():

@@ -1,9 +1,9 @@
-"""How gradients travel: the allreduce strategies behind :class:`distrib.optim.DistributedOptimizer`.
+"""How gradients travel: the allreduce strategies behind :class:`distrib.step.optim.DistributedOptimizer`.
 
 A reducer is told when a parameter's gradient is final for the step (``grad_ready``), may
 start communicating it at once, and on ``synchronize`` leaves every ``param.grad`` holding
 the average over all workers. Every rank must call ``grad_ready`` for the same parameters
-each step (:class:`distrib.gradients.GradientExchange` guarantees it), in any order.
+each step (:class:`distrib.step.gradients.GradientExchange` guarantees it), in any order.
 
 ``grad_ready(p, used)`` also says whether ``p`` had a gradient on this rank (``used=False``:
 it takes part in the average with zeros). The flags travel with the gradients (one element

@@ -23,13 +23,13 @@ from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 
-from distrib.broadcast import broadcast_training_state
+from distrib.step.broadcast import broadcast_training_state
 from distrib.compression.local_sgd import LocalSGDUpdate, check_local_sgd
-from distrib.buffers import BufferSync
-from distrib.gradients import GradientExchange
-from distrib.reducers import make_reducer
+from distrib.step.buffers import BufferSync
+from distrib.step.gradients import GradientExchange
+from distrib.step.reducers import make_reducer
 from distrib.sharding.update import check_sharding, sharded_update
-from distrib.sync_batchnorm import SyncBatchNorm
+from distrib.step.sync_batchnorm import SyncBatchNorm
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPRESSIONS = ("none", "fp16", "powersgd")
@@ -53,7 +53,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     Per step, on every rank: ``accumulate`` calls of :meth:`backward` (or ``loss.backward()``),
     optionally :meth:`synchronize`, then one :meth:`step`, then :meth:`zero_grad`. Gradients of
     the micro-batches are summed locally with no communication and averaged (over micro-batches
-    and workers) during the last backward; see :mod:`distrib.gradients` for the state machine.
+    and workers) during the last backward; see :mod:`distrib.step.gradients` for the state machine.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx, *,

@@ -77,7 +77,7 @@ def _comm_sum(comm, values: Sequence[int]) -> Sequence[int]:
 
     # One name per shape: [requeue, terminate] flags, or [1] for the barrier in requeue().
     total = comm.allreduce(torch.tensor(list(values), dtype=torch.int64), op="sum",
-                           name=f"distrib.preemption.sum{len(values)}")
+                           name=f"distrib.job.preemption.sum{len(values)}")
     return [int(v) for v in total.tolist()]
 
 
@@ -207,4 +207,4 @@ class PreemptionHandler:
 
 
 def _say(message: str) -> None:
-    print(f"[distrib.preemption] {message}", file=sys.stderr, flush=True)
+    print(f"[distrib.job.preemption] {message}", file=sys.stderr, flush=True)
