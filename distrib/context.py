@@ -5,6 +5,7 @@ the rank, sizes or device; nothing in distrib keeps a module-level copy of it.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from dataclasses import dataclass, field
@@ -49,6 +50,14 @@ class Context:
     def engine(self) -> str:
         """``"horovod"``, ``"torch"`` or ``"local"`` (one process, no engine)."""
         return self.comm.engine
+
+    def reformed(self) -> "Context":
+        """This worker's context in the re-formed world (elastic): the same comm object (what
+        the wrapped optimizer and the loop hold), its new ranks and sizes, the same device."""
+        comm = self.comm
+        return dataclasses.replace(self, rank=comm.rank, size=comm.size, local_rank=comm.local_rank,
+                                   local_size=comm.local_size, cross_rank=comm.cross_rank,
+                                   cross_size=comm.cross_size)
 
 
 def select_device(local_rank: int, cuda_device_count: int,

@@ -115,13 +115,13 @@ class ShardedLoader:
     def global_batch(self) -> int:
         return self.batch_size * self.size
 
-    def set_world(self, rank: int, size: int) -> None:
-        """Re-shard the rest of the epoch over a new world (elastic resize). With
-        ``keep_global_batch`` the per-worker batch becomes ``global_batch / size``; raises
+    def adopt_world(self, ctx) -> None:
+        """Re-shard the rest of the epoch over the world of ``ctx`` (elastic resize). With
+        ``keep_global_batch`` the per-worker batch becomes ``global_batch / ctx.size``; raises
         ValueError when the global batch does not divide."""
         if self.keep_global_batch:
-            self.batch_size = per_worker_batch(self.global_batch, size)
-        self.rank, self.size = rank, size
+            self.batch_size = per_worker_batch(self.global_batch, ctx.size)
+        self.rank, self.size = ctx.rank, ctx.size
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning."""

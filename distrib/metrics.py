@@ -118,7 +118,7 @@ class MetricsLogger:
         self._progress = Progress(self.total_steps, start_step, stream=self._stream, tty=self._tty)
         self._tb = _tensorboard_writer(self._run_dir, self._stream) if self._tensorboard else None
 
-    def set_context(self, ctx, *, step: int, global_batch: int) -> None:
+    def adopt_world(self, ctx, *, step: int, global_batch: int) -> None:
         """Adopt a new world (Horovod Elastic re-formed it): the worker that is now rank 0
         takes over the file and the display; world_size and samples/s follow."""
         was_main, self.ctx, self.global_batch = self.enabled, ctx, global_batch

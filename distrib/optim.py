@@ -19,7 +19,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 
@@ -119,6 +119,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
                         sharded_update(shard, optimizer, ctx, name=self.name, named_params=named,
                                        compression=compression, make_allreduce=allreduce))
         self._exchange = GradientExchange(named, self._update.make_reducer, accumulate=accumulate)
+        self._phase: Callable[[str], ContextManager] = _untimed
+
+    def time_phases(self, phase: Optional[Callable[[str], ContextManager]]) -> None:
+        """Charge the gradient wait to ``phase("allreduce")`` and the step to ``phase("optimizer")``
+        (``distrib.Run`` passes its metrics' timer; None stops timing)."""
+        self._phase = phase if phase is not None else _untimed
 
     @property
     def accumulate(self) -> int:
@@ -170,7 +176,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         yourself to time the wait or to read averaged gradients before the step: the step then
         does not exchange them again. Parameters that no rank used get ``grad = None``.
         Must be called on all ranks."""
-        self._exchange.synchronize()
+        with self._phase("allreduce"):
+            self._exchange.synchronize()
 
     def step(self, closure=None) -> Optional[torch.Tensor]:
         """Synchronize (unless already done), unscale (fp16), clip (after averaging, so every rank
@@ -179,8 +186,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         the norm is kept as a tensor in ``last_grad_norm``."""
         if closure is not None:
             raise ValueError("closures are not supported: a closure would re-run backward after the allreduce")
-        self._exchange.synchronize()
-        norm = self._update.step(self.scaler, self.max_grad_norm, self._exchange.named_params)
+        with self._phase("optimizer"):
+            self.synchronize()  # nothing left to wait for when the script called it already
+            norm = self._update.step(self.scaler, self.max_grad_norm, self._exchange.named_params)
         if norm is not None:
             self.last_grad_norm = norm
         self._exchange.end_step()
@@ -236,17 +244,27 @@ class DistributedOptimizer(torch.optim.Optimizer):
         Must be called on all ranks (it is a collective)."""
         broadcast_training_state(self.model, self.optimizer, self._comm, root_rank,
                                  extra_params=self._extra_params)
+        if self.scaler.is_enabled():  # the loss scale: a worker that joined late has a fresh one
+            scaler_state = self._comm.broadcast_object(self.scaler.state_dict(), root=root_rank,
+                                                       name=f"distrib.{self.name}.grad_scaler")
+            self.scaler.load_state_dict(scaler_state)
 
-    def reset(self) -> None:
-        """Forget in-flight communication and partial accumulation: after a peer died the
-        ring was re-formed and the old allreduce handles are void (elastic mode). PowerSGD
-        starts over (warm-up, initial Q, no error feedback) on every rank alike, logged."""
+    def adopt_world(self, ctx) -> None:
+        """The world changed (elastic: the ring re-formed, see :mod:`distrib.elastic`): forget
+        in-flight communication, partial accumulation and the gradients of the abandoned step;
+        the old handles are void. PowerSGD starts over (warm-up, initial Q, no error feedback)
+        on every rank alike, logged."""
+        if ctx.comm is not self._comm:
+            raise ValueError("adopt_world() needs the re-formed world of the same engine (ctx.comm is another "
+                             "object); wrap the model again for a new engine")
+        self.ctx = ctx
         self._comm.clear_broken()
         self._exchange.reset()
+        self.optimizer.zero_grad(set_to_none=True)
         if self._powersgd is not None:
             self._powersgd.restart()
             _LOG.warning("PowerSGD restarts after the elastic reset (world size %d): %d plain steps, then "
-                         "low-rank from the initial Q with no error feedback", self._comm.size(),
+                         "low-rank from the initial Q with no error feedback", self._comm.size,
                          self._powersgd.config.start_step)
 
     def close(self) -> None:
@@ -292,6 +310,10 @@ class ReplicatedUpdate:
 
 
 _LOG = logging.getLogger("distrib.compression")
+
+
+def _untimed(phase: str) -> ContextManager:
+    return contextlib.nullcontext()
 
 # Names each wrapped optimizer's collectives; every rank wraps its optimizers in the same
 # order, so the n-th wrap has the same name everywhere.

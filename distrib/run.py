@@ -40,26 +40,27 @@ run already finished and trained no step: ``evaluate`` may thus run before any l
 process, so it must not use variables the loop body sets (keep them in ``run.state``).
 ``on_epoch_end`` and the LR schedulers are never called by such a process.
 
-Elastic mode moves Horovod's retry loop (``hvd.elastic.run``) inside :meth:`Run.steps`. What
-Horovod Elastic asks of the code inside that loop therefore applies to the loop body: no
-collectives of your own (the optimizer's ``backward``/``synchronize``/``step`` are the ones Run
-watches), and no state outside the model, optimizer, loader, schedulers, ``run.state`` and
+Elastic mode runs :meth:`Run.steps` inside distrib's recovery loop (:func:`distrib.elastic.recovering`,
+Horovod's retry loop). A failure inside the loop body is deferred by the communication layer
+(the rest of that step's collectives return at once) and raised at the step boundary, where the
+loop rolls back. What Horovod Elastic asks of the code inside that loop therefore applies to the
+loop body: no state outside the model, optimizer, loader, schedulers, ``run.state`` and
 ``run.rank_state`` that must roll back.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
 from distrib.checkpoint import CheckpointManager
-from distrib.context import share_cores
 from distrib.metrics import MetricsLogger, mean_over_ranks, metric_value
+from distrib.optim import DistributedOptimizer
 from distrib.preemption import PreemptionHandler
-from distrib.step_guard import StepGuard
 from distrib.schedule import check_lr_scheduler, is_plateau
 from distrib.user_state import GatheredRankStates, RankState, Reshard, UserState
 
@@ -86,7 +87,8 @@ class Run:
       logged as ``val_<name>``;
     * ``log_every`` steps per ``metrics.jsonl`` line; ``tensorboard``; ``commit_every`` steps
       between elastic commits (work lost when a worker dies);
-    * ``micro_batches=k``: each step yields a list of ``k`` batches (gradient accumulation);
+    * gradient accumulation is the optimizer's: with ``wrap(..., accumulate=k)``, k > 1, each
+      step yields a list of ``k`` batches (one per backward);
     * ``model_config``: saved with each checkpoint and checked on resume; ``seed``: derives the
       RNG state of ranks a resumed checkpoint did not have;
     * ``preemption``: handle SIGUSR2/SIGTERM (default True);
@@ -112,7 +114,7 @@ class Run:
                  schedule=None, resume: Union[str, Path] = "auto", checkpoint_every: int = 0, keep: int = 3,
                  async_save: bool = True, evaluate: Optional[Evaluate] = None, eval_every: Union[int, str] = 0,
                  log_every: int = 10, tensorboard: bool = False, commit_every: int = 10,
-                 micro_batches: Optional[int] = None, model_config: Optional[Dict] = None, seed: int = 0,
+                 model_config: Optional[Dict] = None, seed: int = 0,
                  preemption: bool = True, stream=sys.stderr, state: Optional[Dict[str, Any]] = None,
                  rank_state: Optional[Dict[str, Any]] = None, reshard: Optional[Dict[str, Reshard]] = None,
                  lr_scheduler=None, lr_scheduler_every: str = "step", monitor: str = "loss",
@@ -123,13 +125,11 @@ class Run:
             _check_interval("eval_every", eval_every, "only at the end")
         if commit_every < 1:
             raise ValueError(f"commit_every must be >= 1 step, got {commit_every}")
-        if micro_batches is not None and micro_batches < 1:
-            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         check_lr_scheduler(lr_scheduler, lr_scheduler_every, schedule)
         self.run_dir = prepare_run_dir(run_dir)
         self.model, self.optimizer, self.loader, self.schedule = model, optimizer, loader, schedule
         self.checkpoint_every, self.eval_every, self.commit_every = checkpoint_every, eval_every, commit_every
-        self.micro_batches, self.model_config = micro_batches, model_config
+        self.model_config = model_config
         self._evaluate_fn = evaluate
         self.last_eval: Dict[str, float] = {}  # the last evaluation's metrics, on every rank
         self._last_eval_step: Optional[int] = None
@@ -144,6 +144,7 @@ class Run:
         self.lr_scheduler, self.lr_scheduler_every, self.monitor = lr_scheduler, lr_scheduler_every, monitor
         self._on_epoch_end = on_epoch_end
         self._rank_states = GatheredRankStates()  # elastic: every rank's rank_state at the last commit
+        self._world_changes = 0  # elastic re-formations seen by this process
 
         # Under Horovod Elastic no collective may run outside the retry loop (in steps()):
         # every rank restores on its own; the first sync then hands rank 0's state to everyone.
@@ -157,7 +158,7 @@ class Run:
                                      tokens_per_sample=tokens_per_sample)
         self.preemption = PreemptionHandler() if preemption else None
         self._state = _elastic_state(self, ctx, start) if ctx.elastic else _LocalState(ctx, start)
-        self._guard = StepGuard(optimizer, self.metrics.phase, failures=ctx.comm.failures if ctx.elastic else ())
+        self._untime_optimizer = time_optimizer(optimizer, self.metrics.phase)  # its wait and step in the breakdown
 
     # -- what the loop reads ----------------------------------------------------------------
     @property
@@ -182,7 +183,7 @@ class Run:
 
         ``step`` counts the steps done before this one (0 on a fresh start, the checkpoint's step
         on resume); ``batch`` is this rank's part of the next global batch (a list of
-        ``micro_batches`` of them when set), not yet moved to the device. Everything else
+        ``accumulate`` of them when the optimizer accumulates), not yet moved to the device. Everything else
         happens between two items (see the module docstring). Must be iterated on all ranks.
         After a preemption the process exits with code 0 from inside this iterator, so code
         after the loop runs only once training is finished.
@@ -193,17 +194,13 @@ class Run:
             raise ValueError(f"run.steps() needs a count >= 0, got {total if total is not None else epochs}")
         self._total, self._epochs = total, epochs
         self._update_total()
-        if not self.ctx.elastic:
-            yield from self._loop()
-            return
-        from distrib.comm.horovod import notification_manager
-        notification_manager = notification_manager()
-        notification_manager.init()  # host changes reach the state, raised at its next commit
-        notification_manager.register_listener(self._state)
-        try:
-            yield from self._elastic_loop()
-        finally:
-            notification_manager.remove_listener(self._state)
+        if self.ctx.elastic:
+            from distrib.elastic import recovering
+            yield from recovering(self._state, self._elastic_attempt)
+        else:
+            self._announce()
+            yield from self._train()
+        self._close()
 
     def log(self, **metrics) -> None:
         """Metrics of this step (``loss=loss``: numbers or one-element tensors); averaged over
@@ -235,54 +232,25 @@ class Run:
             if self.step:
                 self.metrics.event("resume", step=self.step)
 
-    def _loop(self) -> Iterator[Tuple[int, Any]]:
-        self._announce()
-        yield from self._train()
-        self._close()
-
     def _train(self) -> Iterator[Tuple[int, Any]]:
         """The steps from the current position to the end, and the last collectives."""
         batches = self._batches()
         while not self._done():
             with self.metrics.phase("data"):
                 batch = self._next(batches)
-            self._guard.broken = None
-            with self.metrics.phase("compute"):
+            comm = self.ctx.comm
+            with self.metrics.phase("compute"), (comm.failures_deferred() if self.ctx.elastic else _nothing()):
                 yield self.step, batch
-            if self._guard.broken is not None:
-                raise self._guard.broken  # elastic: the world broke inside the loop body
+            if comm.broken is not None:
+                raise comm.broken  # elastic: the world broke inside the loop body; the recovery loop rolls back
             self._end_step()
         self._finish()
 
-    def _elastic_loop(self) -> Iterator[Tuple[int, Any]]:
-        """:meth:`_loop` inside Horovod's retry loop (``horovod.common.elastic.run_fn``), which
-        cannot wrap a generator's consumer: a failure inside the loop body is caught by the
-        optimizer's guard (:class:`distrib.step_guard.StepGuard`) and raised here, between two steps."""
-        from distrib.comm.horovod import hosts_updated_interrupt
-        comm = self.ctx.comm
-        peer_failures, hosts_updated = comm.failures, hosts_updated_interrupt()
-        need_sync = True
-        while True:
-            try:
-                if need_sync:
-                    self._state.sync()  # rank 0's state to everyone (also a worker that just joined)
-                    if self.ctx.device.type == "cpu":
-                        share_cores(self.ctx.comm, collective=True)  # the workers per machine changed
-                    need_sync = False
-                    self._announce()
-                self._adopt_rank_states()
-                yield from self._train()
-                break
-            except peer_failures:
-                self._state.restore()  # a peer died: back to the last commit
-                need_sync = True
-            except hosts_updated as interrupt:
-                need_sync = not interrupt.skip_sync  # a host came or went at a commit: state is current
-            self._guard.broken = None
-            self.model.zero_grad(set_to_none=True)  # gradients of an abandoned step
-            self.ctx.comm.reform()  # Horovod's shutdown and init; the broken-world latch opens
-            self._state.on_reset()  # ElasticState.reset: new ctx, re-shard, rescale; then _adopt_world
-        self._close()
+    def _elastic_attempt(self) -> Iterator[Tuple[int, Any]]:
+        """One attempt of the recovery loop: from the state it synced (or rolled back) to the end."""
+        self._announce()
+        self._adopt_rank_states()
+        yield from self._train()
 
     def _batches(self) -> Iterator[Any]:
         # A new iterator after every restore or resize: it starts at the loader's position and
@@ -290,9 +258,10 @@ class Run:
         return self.loader.forever()
 
     def _next(self, batches: Iterator[Any]) -> Any:
-        if self.micro_batches is None:
+        accumulate = accumulation(self.optimizer)
+        if accumulate == 1:
             return next(batches)
-        return [next(batches) for _ in range(self.micro_batches)]
+        return [next(batches) for _ in range(accumulate)]
 
     def _done(self) -> bool:
         if self._epochs is None:
@@ -378,7 +347,7 @@ class Run:
         self.checkpoints.close()  # an asynchronous write must be on disk before Slurm kills the job
         self.metrics.event("preempted", step=self.step, decision=self.preemption.decision)
         self.metrics.close()
-        self._guard.remove()
+        self._untime_optimizer()
         self.preemption.requeue(self.ctx)
         sys.exit(0)
 
@@ -398,18 +367,19 @@ class Run:
         self.metrics.close()
         if self.preemption is not None:
             self.preemption.close()
-        self._guard.remove()
+        self._untime_optimizer()
 
     def _adopt_world(self, state) -> None:
         """After an elastic re-formation (on every worker): rank 0 may be another process now."""
-        self.checkpoints.set_context(state.ctx)
-        self.metrics.set_context(state.ctx, step=state.step, global_batch=self._global_batch())
+        self._world_changes += 1
+        self.checkpoints.adopt_world(state.ctx)
+        self.metrics.adopt_world(state.ctx, step=state.step, global_batch=self._global_batch())
         self.metrics.event("resize", step=state.step, threads=torch.get_num_threads())
         if self._total is not None or self._epochs is not None:
             self._update_total()
 
     def _global_batch(self) -> int:
-        return self.loader.global_batch * (self.micro_batches or 1)
+        return self.loader.global_batch * accumulation(self.optimizer)
 
     # -- the script's own state, schedulers, epochs, averaged logs (Run(state=..., ...)) ------
     def _plateau_step(self) -> None:
@@ -449,8 +419,8 @@ class Run:
         rank states (its own at the same world size, re-sharded or reset at another)."""
         if not self._has_rank_state:
             return
-        if self._state.resets != self._rank_states.adopted_after:
-            self._rank_states.adopted_after = self._state.resets
+        if self._world_changes != self._rank_states.adopted_after:
+            self._rank_states.adopted_after = self._world_changes
             self.rank_state.load_all(self._rank_states.states, self.ctx.rank, self.ctx.size)
         if self._rank_states.states is None:
             # The start (or a restart before the first commit): every rank's state as the first
@@ -474,6 +444,35 @@ def prepare_run_dir(run_dir: Union[str, Path]) -> Path:
     return run_dir
 
 
+def accumulation(optimizer) -> int:
+    """Micro-batches per step: the wrapped optimizer's ``accumulate`` (1 for a plain torch one)."""
+    return optimizer.accumulate if isinstance(optimizer, DistributedOptimizer) else 1
+
+
+def time_optimizer(optimizer, phase: Callable[[str], ContextManager]) -> Callable[[], None]:
+    """Charge the optimizer's step to ``phase("optimizer")`` (and a wrapped optimizer's gradient
+    wait to ``phase("allreduce")``) without touching its methods; returns the undo. A plain torch
+    optimizer (a world of one) is timed with torch's own step hooks."""
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.time_phases(phase)
+        return lambda: optimizer.time_phases(None)
+    open_phases = []
+
+    def enter(*_):
+        timing = phase("optimizer")
+        timing.__enter__()
+        open_phases.append(timing)
+
+    def leave(*_):
+        open_phases.pop().__exit__(None, None, None)
+    hooks = [optimizer.register_step_pre_hook(enter), optimizer.register_step_post_hook(leave)]
+    return lambda: [hook.remove() for hook in hooks] and None
+
+
+def _nothing():
+    return contextlib.nullcontext()
+
+
 def _check_interval(name: str, value, zero: str) -> None:
     # A negative interval would silently mean "every step" (step % -1 == 0).
     if not isinstance(value, int) or value < 0:
@@ -493,7 +492,7 @@ def _elastic_state(run: Run, ctx, step: int):
     if run._has_rank_state:
         extra["rank_states"] = run._rank_states
     state = ElasticState(ctx, model=run.model, optimizer=run.optimizer, loader=run.loader,
-                         scheduler=run.schedule, step=step, extra=extra)
+                         schedule=run.schedule, step=step, extra=extra)
     state.on_world_change(run._adopt_world)
     return state
 

@@ -83,10 +83,11 @@ class LRSchedule:
         self.step_count += 1
         self._apply()
 
-    def set_world_size(self, world_size: int) -> None:
-        """Follow an elastic resize: the peak learning rate is rescaled by the same policy."""
-        self.world_size = world_size
-        self.peak_lr = scaled_lr(self.base_lr, world_size, self.scaling)
+    def adopt_world(self, ctx) -> None:
+        """Follow an elastic resize to ``ctx.size`` workers: the peak learning rate is rescaled
+        by the same policy."""
+        self.world_size = ctx.size
+        self.peak_lr = scaled_lr(self.base_lr, ctx.size, self.scaling)
         self._apply()
 
     def _apply(self) -> None:

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                       resume=args.resume, checkpoint_every=args.checkpoint_every, keep=args.keep,
                       async_save=not args.sync_checkpoint, evaluate=validation, eval_every=args.eval_every,
                       log_every=args.log_every, tensorboard=args.tensorboard, commit_every=args.commit_every,
-                      micro_batches=args.accumulate, model_config=config.to_dict(), seed=args.seed)
+                      model_config=config.to_dict(), seed=args.seed)
     # What `python -m distrib.export RUN_DIR` needs besides the checkpoints: this model's code and
     # the text held out from training.
     origin = Origin(model=f"{Path(__file__).resolve().with_name('lm_model.py')}:GPT",
@@ -135,8 +135,9 @@ def main(argv=None) -> int:
                                  "to train (raise --steps to continue it, or pass --resume none or another "
                                  "--run-dir to start over)")
 
-    for _, micro_batches in run.steps(args.steps):
-        for x, y in micro_batches:
+    for _, batch in run.steps(args.steps):
+        # wrap(accumulate=k), k > 1: each step is a list of k micro-batches, one backward each
+        for x, y in (batch if args.accumulate > 1 else [batch]):
             with optimizer.autocast():
                 loss = model(x.to(run.ctx.device, non_blocking=True), y.to(run.ctx.device, non_blocking=True))
             optimizer.backward(loss)

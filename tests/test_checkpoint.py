@@ -197,7 +197,7 @@ def test_async_save_is_a_snapshot(tmp_path, monkeypatch):
     opt_before = {i: s["exp_avg"].clone() for i, s in state["optimizer"].state_dict()["state"].items()}
     ckpt = manager(tmp_path)
     ckpt.save(1, state)
-    assert ckpt._thread is not None and ckpt._thread.is_alive()
+    assert ckpt._writer._thread is not None and ckpt._writer._thread.is_alive()
     with torch.no_grad():
         for p in state["model"].parameters():
             p.add_(1.0)
@@ -217,7 +217,7 @@ def test_at_most_one_write_in_flight(tmp_path, monkeypatch):
     state = tiny_state()
     with manager(tmp_path) as ckpt:
         ckpt.save(1, state)
-        first = ckpt._thread
+        first = ckpt._writer._thread
         ckpt.save(2, state)  # waits for the first
         assert not first.is_alive()
         assert (tmp_path / "run/checkpoints/step-00000001" / store.MARKER).is_file()

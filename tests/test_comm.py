@@ -71,6 +71,24 @@ def test_after_a_peer_failure_every_collective_raises_it_without_touching_the_en
     assert torch.equal(comm.allreduce(torch.ones(1), name="again"), torch.ones(1))
 
 
+def test_inside_failures_deferred_a_peer_failure_closes_the_latch_and_collectives_return_their_input():
+    """What lets distrib.Run finish a broken step's loop body (elastic) without wrapping the
+    user's objects: nothing raises inside the block, the latch holds the error for the boundary."""
+    comm = FlakyComm()
+    sent = torch.ones(2)
+    with comm.failures_deferred():
+        assert comm.allreduce(sent, name="first") is sent  # the engine failed: the input comes back
+        assert comm.allreduce_async_(sent, name="later").wait() is sent
+        out = torch.empty(1)
+        assert comm.allgather_into_async(torch.ones(1), out, name="g").wait() is out
+        assert comm.broadcast_object({"a": 1}, name="o") == {"a": 1}
+        for collective in COLLECTIVES.values():
+            collective(comm)  # none raises, none reaches the engine
+    assert comm.engine_calls == 1 and isinstance(comm.broken, PeerGone)
+    with pytest.raises(PeerGone, match="connection closed"):  # after the block: raised again
+        comm.barrier(name="at the boundary")
+
+
 def test_other_errors_leave_the_world_usable():
     class Buggy(LocalComm):
         failures = (PeerGone,)

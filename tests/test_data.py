@@ -130,7 +130,7 @@ def test_len_is_the_whole_epoch_after_a_resume_and_follows_the_world_size():
     after.load_state_dict(state)
     assert len(after) == len(before) == 10 and after.batches_left == 7
     assert len([b for b in after]) == 7 and after.batches_left == 10  # the next epoch, untouched
-    after.set_world(0, 1)  # an elastic shrink to one worker: the epoch has twice the steps
+    after.adopt_world(ctx(0, 1))  # an elastic shrink to one worker: the epoch has twice the steps
     assert len(after) == 20
     padded = loaders(103, 5, 2, drop_last=False)[0]
     assert len(padded) == 11 and padded.batches_left == 11

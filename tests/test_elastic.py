@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distrib.context import threads_per_worker
 from distrib.checkpoint import store
 from launch.cli import LaunchConfig
 from launch.plan import Tools, build_plan, discovery_script_text, resolve_controller
@@ -81,6 +82,11 @@ def read_run(out: Path):
     return indices, finals, sizes
 
 
+def threads(workers_here: int) -> int:
+    """The torch threads of each of ``workers_here`` workers sharing this machine's cores."""
+    return threads_per_worker(os.cpu_count() or 1, workers_here, env={})
+
+
 def replay_committed_steps(out: Path, samples: int):
     """The parameters of one plain torch process that trains elastic_train.py's model (float64)
     on the steps the run committed, in their order: each step's loss is the mean over the ranks of
@@ -130,7 +136,10 @@ def test_job_survives_a_dead_worker_and_consumes_every_sample_once(tmp_path, mod
     assert len(finals) == 1 and finals[0]["size"] == 1    # finished on the survivor
     assert finals[0]["epoch"] == 1
     # the survivor rolled back to the commit before the failure (step 6) and went on alone
-    assert (6, 0, 1) in sizes and finals[0]["lr"] == pytest.approx(1e-4, rel=0.05)
+    assert (6, 0, 1, threads(1)) in sizes and finals[0]["lr"] == pytest.approx(1e-4, rel=0.05)
+    # distrib.elastic.run fitted the torch threads to the workers on this machine in every attempt
+    # (Horovod sees two hosts, localhost and 127.0.0.1: one worker per host to it, two on these cores)
+    assert {(rank, size, n) for step, rank, size, n in sizes if step == 0} == {(0, 2, threads(2)), (1, 2, threads(2))}
     # the parameters are those of the committed steps alone: the one trained after the last commit
     # was rolled back on the survivor, not kept
     assert_params_match_the_replay(out, finals, 192)
@@ -166,7 +175,7 @@ def test_worker_added_mid_run_joins_at_the_next_commit(tmp_path):
     indices, finals, sizes = read_run(out)
     assert sorted(indices) == list(range(400))
     assert sorted(f["size"] for f in finals) == [2, 2] and finals[0]["params"] == finals[1]["params"]
-    joined_at = {step for step, _, size in sizes if size == 2}
+    joined_at = {step for step, _, size, _ in sizes if size == 2}
     assert len(joined_at) == 1 and joined_at.pop() > 0
     # the learning rate follows the new world size (linear scaling, 2 workers)
     assert all(f["lr"] == pytest.approx(2e-4, rel=0.05) for f in finals)
@@ -177,13 +186,17 @@ TINY_LM = [*TINY_LM_MODEL, "--warmup", "2", "--log-every", "1", "--seed", "7"]
 
 
 @pytest.mark.timeout(400)
-def test_train_lm_elastic_keeps_writing_durable_checkpoints_after_a_worker_dies(tmp_path):
-    """The real example under --elastic: rank 1 SIGKILLs itself at step 8; the survivor goes on
-    alone and still writes checkpoints, and a plain (non-elastic) run resumes from the last one."""
+@pytest.mark.parametrize("where", ["step boundary", "backward"])
+def test_train_lm_elastic_keeps_writing_durable_checkpoints_after_a_worker_dies(tmp_path, where):
+    """The real example under --elastic: rank 1 SIGKILLs itself at step 8 (at the step boundary,
+    or in its backward: the survivor's allreduce then fails inside the script's loop body, which
+    the communication layer defers to the boundary); the survivor goes on alone and still writes
+    checkpoints, and a plain (non-elastic) run resumes from the last one."""
     run_dir = tmp_path / "run"
+    fault_where = {"FAULT_WHERE": "backward"} if where == "backward" else {}
     run_launch(["--elastic", "--min-np", "1", "--max-np", "2", "-H", TWO_HOSTS], SCRIPTS / "faulty_train_lm.py",
                [*TINY_LM, "--checkpoint-every", 5, "--commit-every", 2, "--steps", 16, "--run-dir", run_dir],
-               env={"FAULT": "kill", "FAULT_RANK": "1", "FAULT_STEP": "8"}, timeout=350)
+               env={"FAULT": "kill", "FAULT_RANK": "1", "FAULT_STEP": "8", **fault_where}, timeout=350)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     resizes = [r for r in records if r.get("event") == "resize"]
     assert [r["world_size"] for r in resizes] == [1] and resizes[0]["step"] <= 8, resizes

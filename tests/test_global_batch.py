@@ -30,7 +30,7 @@ def test_a_shrink_re_divides_the_global_batch_and_every_sample_comes_once():
     first = global_steps(world, 4)
     survivors = world[:2]  # 4 -> 2 workers mid-epoch: the position moves with them
     for rank, loader in enumerate(survivors):
-        loader.set_world(rank, 2)
+        loader.adopt_world(cpu_ctx(rank, 2))
     assert [loader.batch_size for loader in survivors] == [4, 4]
     assert survivors[0].global_batch == 8 and len(survivors[0]) == 6 and survivors[0].batches_left == 2
     rest = global_steps(survivors, 8)
@@ -40,14 +40,14 @@ def test_a_shrink_re_divides_the_global_batch_and_every_sample_comes_once():
 
 def test_without_it_the_global_batch_follows_the_world():
     world = loaders(2, 4)
-    world[0].set_world(0, 1)
+    world[0].adopt_world(cpu_ctx(0, 1))
     assert world[0].global_batch == 4 and len(world[0]) == SAMPLES // 4
 
 
 def test_a_global_batch_that_does_not_divide_is_one_clear_error():
     loader = loaders(2, 4, keep_global_batch=True)[0]
     with pytest.raises(ValueError, match="global batch of 8 cannot be divided over 3 workers"):
-        loader.set_world(0, 3)
+        loader.adopt_world(cpu_ctx(0, 3))
 
 
 def test_resume_checks_the_global_batch():

@@ -348,9 +348,9 @@ def test_elastic_loses_a_whole_host_goes_on_and_takes_it_back(nodes, shared):
     twice = sorted(i for i in set(indices) if indices.count(i) > 1)
     tail = epoch_order(samples, seed=5, epoch=0)[samples - len(missing):]  # elastic_train.py's loader seed
     assert not twice and len(missing) < 3 * 4 and sorted(tail) == missing, (
-        f"missing {missing}, twice {twice}; (step, rank, size) at each (re)start: {sorted(sizes)}\n{output[-3000:]}")
-    after_loss = min(step for step, _, size in sizes if size == 2)
-    assert any(size == 3 and step > after_loss for step, _, size in sizes), sizes  # node3 rejoined
+        f"missing {missing}, twice {twice}; (step, rank, size, threads) at each (re)start: {sorted(sizes)}\n{output[-3000:]}")
+    after_loss = min(step for step, _, size, _ in sizes if size == 2)
+    assert any(size == 3 and step > after_loss for step, _, size, _ in sizes), sizes  # node3 rejoined
     assert sorted(f["size"] for f in finals) == [3, 3, 3]
     assert finals[0]["params"] == finals[1]["params"] == finals[2]["params"]
     # and the parameters are those of the committed steps replayed in one plain torch process
@@ -358,7 +358,7 @@ def test_elastic_loses_a_whole_host_goes_on_and_takes_it_back(nodes, shared):
 
 
 def sizes_seen(out: Path, size: int) -> bool:
-    return any(s == size for _, _, s in read_run(out)[2])
+    return any(s == size for _, _, s, _ in read_run(out)[2])
 
 
 def committed(out: Path) -> bool:

@@ -27,12 +27,14 @@ def dataset():
     return torch.utils.data.TensorDataset(x, 3 * x + 0.5)
 
 
-def make_run(run_dir, **options):
+def make_run(run_dir, accumulate=1, **options):
     """A fresh model/optimizer/loader/schedule and the Run around them (what a script builds)."""
     torch.manual_seed(0)
     ctx = one_process()
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    if accumulate > 1:
+        optimizer = distrib.wrap(model, optimizer, ctx, accumulate=accumulate)
     loader = distrib.ShardedLoader(dataset(), BATCH, ctx, seed=3)
     schedule = distrib.LRSchedule(optimizer, base_lr=LR, world_size=1, warmup_steps=3, decay="constant")
     options = {"checkpoint_every": 5, "async_save": False, "log_every": 1, "stream": io.StringIO(), **options}
@@ -162,7 +164,8 @@ def test_logging_a_tensor_every_step_reads_it_once_per_logged_window(tmp_path):
 
 
 def test_micro_batches_are_yielded_together(tmp_path):
-    run = make_run(tmp_path / "run", micro_batches=3)
+    """Run reads the count from the optimizer: one setting, wrap(accumulate=3)."""
+    run = make_run(tmp_path / "run", accumulate=3)
     sizes = []
     for step, micro in run.steps(2):
         sizes.append([len(x) for x, _ in micro])
@@ -174,7 +177,6 @@ def test_micro_batches_are_yielded_together(tmp_path):
     ({"checkpoint_every": -1}, "checkpoint_every must be an int >= 0"),
     ({"eval_every": "sometimes"}, "eval_every must be an int >= 0"),
     ({"commit_every": 0}, "commit_every must be >= 1"),
-    ({"micro_batches": 0}, "micro_batches must be >= 1"),
     ({"keep": 1}, "keep at least 2 checkpoints"),
 ])
 def test_bad_settings_are_one_clear_error(tmp_path, options, message):
@@ -267,47 +269,19 @@ def test_readme_snippets_of_the_public_api_run(tmp_path):
     assert (tmp_path / "runs" / "readme-rnn" / "checkpoints" / "step-00000120" / "rank_state.pt").is_file()
 
 
-class FailingOptimizer:
-    """An optimizer whose gradient wait fails as Horovod's does when a peer died."""
-
-    def __init__(self, error):
-        self.error, self.calls = error, []
-
-    def synchronize(self):
-        self.calls.append("synchronize")
-        raise self.error
-
-    def step(self):
-        self.calls.append("step")
-
-    def zero_grad(self):
-        self.calls.append("zero_grad")
-
-    def backward(self, loss):
-        self.calls.append("backward")
-
-
-def test_step_guard_keeps_horovods_error_for_the_step_boundary_and_times_the_optimizer():
-    """Under Horovod Elastic a peer's death raises inside the user's loop body; the guard keeps
-    it (Run raises it between steps, where the retry loop is) and the rest of the step does nothing."""
-    from horovod.common.exceptions import HorovodInternalError
+def test_the_optimizer_times_its_gradient_wait_and_step_for_run():
+    """Run hands its timer to the optimizer (no method of the optimizer is replaced): the
+    step is the ``optimizer`` phase, its gradient wait ``allreduce``."""
     from distrib.metrics import NestedPhaseTimer
-    from distrib.step_guard import StepGuard
+    model = torch.nn.Linear(2, 1)
+    optimizer = distrib.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), one_process())
     timer = NestedPhaseTimer()
-    optimizer = FailingOptimizer(HorovodInternalError("gloo: Connection closed by peer"))
-    guard = StepGuard(optimizer, timer.phase, failures=(HorovodInternalError,))
-    optimizer.backward(1.0)
-    optimizer.step()       # the wait fails: kept, the step itself is skipped
-    optimizer.zero_grad()  # a no-op for the rest of the broken step
-    assert isinstance(guard.broken, HorovodInternalError) and optimizer.calls == ["backward", "synchronize"]
+    optimizer.time_phases(timer.phase)
+    model(torch.ones(3, 2)).sum().backward()
+    optimizer.step()
     assert set(timer.take()) == {"optimizer", "allreduce"}
-    guard.remove()
-    assert "step" not in vars(optimizer)  # the optimizer's own methods again
-    plain = FailingOptimizer(HorovodInternalError("not elastic"))
-    StepGuard(plain, timer.phase)
-    with pytest.raises(HorovodInternalError):  # without Horovod Elastic nothing can recover: raise
-        plain.step()
-    other = FailingOptimizer(RuntimeError("a bug"))
-    StepGuard(other, timer.phase, failures=(HorovodInternalError,))
-    with pytest.raises(RuntimeError, match="a bug"):
-        other.synchronize()
+    optimizer.time_phases(None)
+    model(torch.ones(3, 2)).sum().backward()
+    optimizer.step()
+    assert timer.take() == {}
+    assert "step" not in vars(optimizer) and "synchronize" not in vars(optimizer)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from distrib.schedule import LRSchedule, lr_factor, scaled_lr
+from tests.checkpoint_fixtures import cpu_ctx
 
 
 @pytest.mark.parametrize("scaling,size,expected", [("linear", 4, 0.4), ("sqrt", 4, 0.2), ("none", 4, 0.1), ("linear", 1, 0.1)])
@@ -50,7 +51,7 @@ def test_bad_schedule_arguments():
 def test_elastic_resize_rescales_the_peak_lr():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = LRSchedule(opt, base_lr=0.1, world_size=4, total_steps=10, decay="constant", scaling="linear")
-    sched.set_world_size(1)
+    sched.adopt_world(cpu_ctx(0, 1))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1) and sched.peak_lr == pytest.approx(0.1)
 
 

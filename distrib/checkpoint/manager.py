@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 from distrib.checkpoint import sharded
 from distrib.checkpoint import state as st
 from distrib.checkpoint import store
+from distrib.checkpoint.background import BackgroundWrite
 from distrib.checkpoint.store import CheckpointError
 from distrib.rng import rng_state, set_rng_state
 
@@ -47,22 +47,19 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.root = store.checkpoints_dir(run_dir)
         self.ctx, self.keep, self.async_save, self.seed = ctx, keep, async_save, seed
-        self._own_comm = comm  # given by the caller: kept across set_context()
+        self._own_comm = comm  # given by the caller: kept across adopt_world()
         self._comm = comm if comm is not None else ctx.comm
-        self._thread: Optional[threading.Thread] = None
-        self._failure: Optional[str] = None  # set by the writer thread, read after join()
+        self._writer = BackgroundWrite("checkpoint-writer")  # rank 0: state.pt, rng.pt, the marker
         self._closed = False
         self._staging: Any = None  # rank 0, async: the last CPU snapshot, reused as buffers
         self._shards = sharded.ShardWriter()  # every rank: its part of sharded optimizer state
         self.last_saved: Optional[Path] = None
         self.last_step: Optional[int] = None  # step of the last save() call, on every rank
 
-    def set_context(self, ctx) -> None:
+    def adopt_world(self, ctx) -> None:
         """Adopt a new world (Horovod Elastic re-formed it): rank 0 may now be another worker.
         Call on every rank, at a step boundary, after any write of the old world was joined."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._writer.wait()  # its failure, if any, is raised by the next save() or wait()
         self.ctx = ctx
         self._comm = self._own_comm if self._own_comm is not None else ctx.comm
 
@@ -124,17 +121,12 @@ class CheckpointManager:
                 files[store.LOCAL_FILE] = [g["local"] for g in gathered]
             if rank_state is not None:
                 files[RANK_STATE_FILE] = [g["rank_state"] for g in gathered]
-        if self.async_save:
-            if self._main:
-                self._thread = threading.Thread(target=self._write, args=(step, files, meta, adopt),
-                                                name=f"checkpoint-{step}", daemon=False)
-                self._thread.start()
-            return
         if self._main:
-            self._write(step, files, meta, adopt)
-            problem = self._failure
-            self._failure = None
-        self._shards.join()  # (a failed shard is in rank 0's verdict: it read every rank's note)
+            self._writer.run(self._write, step, files, meta, adopt, asynchronous=self.async_save)
+        if self.async_save:
+            return
+        problem = self._writer.join() if self._main else None
+        self._shards.join()  # (a failed shard is in rank 0's verdict: it read every rank's note)  # (a failed shard is in rank 0's verdict: it read every rank's note)
         # Collective: the sync write's outcome, so that every rank returns or raises together.
         problem = self._comm.broadcast_object(problem, name="distrib.checkpoint.saved")
         if problem:
@@ -161,22 +153,18 @@ class CheckpointManager:
             return store.io_error_message(self.root, exc)
         return None
 
-    def _write(self, step: int, files: Dict[str, Any], meta: Dict[str, Any], adopt=None) -> None:
+    def _write(self, step: int, files: Dict[str, Any], meta: Dict[str, Any], adopt=None) -> Optional[str]:
         try:
             self.last_saved = store.write_checkpoint(self.root, step, files, meta, adopt=adopt)
             store.apply_retention(self.root, self.keep)
         except CheckpointError as exc:
-            self._failure = str(exc)
-        except BaseException as exc:  # a background failure must never be lost
-            self._failure = (f"checkpoint {self.root / store.step_dirname(step)} failed: "
-                             f"{type(exc).__name__}: {exc}")
+            return str(exc)
+        except BaseException as exc:  # noqa: BLE001 - a background failure must never be lost
+            return f"checkpoint {self.root / store.step_dirname(step)} failed: {type(exc).__name__}: {exc}"
+        return None
 
     def _join_writer(self) -> Optional[str]:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        problem, self._failure = self._failure, None
-        return problem
+        return self._writer.join()
 
     def wait(self) -> None:
         """Block until the asynchronous write (if any) is committed. Must be called on all
@@ -202,8 +190,8 @@ class CheckpointManager:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._main and self._thread is not None:
-            self._thread.join()  # let the write finish; the original exception wins
+        else:
+            self._writer.wait()  # let the write finish; the original exception wins
 
     # -- restoring ------------------------------------------------------------------------------
     def restore(self, state: Mapping[str, Any], resume: Union[str, Path] = "auto",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -26,6 +25,7 @@ import torch
 
 from distrib.checkpoint import state as st
 from distrib.checkpoint import store
+from distrib.checkpoint.background import BackgroundWrite
 from distrib.checkpoint.store import CheckpointError
 from distrib.sharding.optimizer import SHARDED_FORMAT, per_element
 
@@ -62,8 +62,7 @@ class ShardWriter:
     """Writes this rank's pieces, in a thread when saving asynchronously (one write at a time)."""
 
     def __init__(self):
-        self._thread: Optional[threading.Thread] = None
-        self._failure: Optional[str] = None
+        self._writer = BackgroundWrite("checkpoint-shard")
         self._snapshot: Any = None  # the last CPU copy, reused as the next one's memory
 
     def start(self, state: Mapping[str, Any], folder: Path, rank: int, async_save: bool) -> None:
@@ -72,36 +71,31 @@ class ShardWriter:
         pieces = {name: state[name].state_dict()["pieces"] for name in sharded_names(state)}
         if async_save:
             pieces = self._snapshot = st.cpu_snapshot(pieces, reuse=self._snapshot)
-            self._thread = threading.Thread(target=self._write, args=(pieces, Path(folder), rank),
-                                            name="checkpoint-shard", daemon=False)
-            self._thread.start()
-        else:
-            self._write(pieces, Path(folder), rank)
+        self._writer.run(self._write, pieces, Path(folder), rank, asynchronous=async_save)
 
-    def _write(self, pieces: Dict[str, Any], folder: Path, rank: int) -> None:
+    @staticmethod
+    def _write(pieces: Dict[str, Any], folder: Path, rank: int) -> Optional[str]:
         name = shard_file(rank)
+        failure = None
         try:
             note = store._save_file(folder / name, pieces)
         except OSError as exc:
             note = {"error": store.io_error_message(folder, exc)}
-        except BaseException as exc:  # a background failure must never be lost
+        except BaseException as exc:  # noqa: BLE001 - a background failure must never be lost
             note = {"error": f"{type(exc).__name__}: {exc}"}
         if "error" in note:
-            self._failure = f"rank {rank} could not write its optimizer shard: {note['error']}"
+            failure = f"rank {rank} could not write its optimizer shard: {note['error']}"
         try:
             tmp = folder / f"{name}.note.tmp"
             tmp.write_text(json.dumps(note))
             os.replace(tmp, folder / f"{name}.note")
         except OSError as exc:
-            self._failure = self._failure or f"rank {rank}: {store.io_error_message(folder, exc)}"
+            failure = failure or f"rank {rank}: {store.io_error_message(folder, exc)}"
+        return failure
 
     def join(self) -> Optional[str]:
         """Wait for the write in flight; its failure (one line), or None."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        problem, self._failure = self._failure, None
-        return problem
+        return self._writer.join()
 
 
 def adopt(staging: Path, world: int, timeout_s: float = NOTE_TIMEOUT_S):

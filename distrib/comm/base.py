@@ -15,13 +15,18 @@ hold at every call site:
   (:attr:`Comm.failures`), every later collective raises the same error at once, without
   touching the engine, until :meth:`Comm.clear_broken` (elastic recovery, after the world
   re-formed). The rest of a broken step cannot hang or send half its tensors.
+  Inside :meth:`Comm.failures_deferred` (``Run.steps()`` puts it around the user's loop body) a
+  failure closes the latch without raising, and every collective returns its input unchanged:
+  the rest of the step runs to its end, and the caller raises :attr:`Comm.broken` at the step
+  boundary, where the elastic recovery loop can catch it. Nothing has to wrap the user's objects.
 
 Every collective must be called on all ranks, in the same order. None of them reads a tensor's
 value on the host (a GPU step never waits for the device here).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,13 +47,14 @@ class Handle:
     """An asynchronous collective in flight. :meth:`wait` blocks until it is done and returns
     its result (the tensor it wrote); call it once, on every rank that started it."""
 
-    __slots__ = ("_comm", "_wait")
+    __slots__ = ("_comm", "_wait", "_void")
 
     def __init__(self, comm: "Comm", wait: Callable[[], Any]):
         self._comm, self._wait = comm, wait
+        self._void: Any = None  # what wait() returns in a broken world while failures are deferred
 
     def wait(self) -> Any:
-        return self._comm._guarded(self._wait)
+        return self._comm._guarded(self._wait, void=self._void)
 
 
 def done(comm: "Comm", result: Any = None) -> Handle:
@@ -70,6 +76,7 @@ class Comm:
 
     def __init__(self):
         self.broken: Optional[BaseException] = None
+        self._deferring = False
 
     # -- who is where --------------------------------------------------------------------------
     @property
@@ -109,25 +116,49 @@ class Comm:
         """The world re-formed (elastic): collectives may run again."""
         self.broken = None
 
-    def _guarded(self, fn: Callable, *args):
+    @contextlib.contextmanager
+    def failures_deferred(self) -> Iterator[None]:
+        """Inside this block a peer failure does not raise: the latch closes, and this and every
+        later collective return their input unchanged (an async one a finished handle). The
+        caller checks :attr:`broken` when the block ends and raises it where it can recover."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+    def _guarded(self, fn: Callable, *args, void: Any = None):
         if self.broken is not None:
+            if self._deferring:
+                return void
             raise self.broken
         try:
             return fn(*args)
         except self.failures as exc:
             self.broken = exc
+            if self._deferring:
+                return void
             raise
 
-    def _start(self, fn: Callable, *args, call: Tuple[str, str, Optional[torch.Tensor]] = ("collective", "?", None)):
+    def _start(self, fn: Callable, *args, call: Tuple[str, str, Optional[torch.Tensor]] = ("collective", "?", None),
+               void: Any = None, asynchronous: bool = False):
         """Run ``fn`` under the latch, after telling the heartbeat which collective this rank
         enters (``call``: kind, name, tensor): the launcher compares the ranks' records to catch
-        a skipped or reordered collective, or another shape (see launch/collective_check.py)."""
+        a skipped or reordered collective, or another shape (see launch/collective_check.py).
+        ``void``: the result in a broken world while failures are deferred (for an asynchronous
+        collective, what its handle's ``wait()`` then returns)."""
         kind, name, tensor = call
         if tensor is None:
             beat(f"{kind}:{name}")
         else:  # shape and dtype are host metadata: no device sync
             beat(f"{kind}:{name}", list(tensor.shape), str(tensor.dtype).replace("torch.", ""))
-        return self._guarded(fn, *args)
+        if not asynchronous:
+            return self._guarded(fn, *args, void=void)
+        handle = self._guarded(fn, *args, void=None)
+        if handle is None:  # broken and deferred: nothing was started
+            handle = done(self, void)
+        handle._void = void
+        return handle
 
     def _check_op(self, op: str) -> None:
         if op not in OPS:
@@ -141,29 +172,33 @@ class Comm:
         """A new tensor: ``tensor`` reduced over all ranks. Differentiable (the gradient is
         reduced the same way), so it can sit in a forward pass (SyncBatchNorm)."""
         self._check_op(op)
-        return self._start(self._allreduce, tensor, name, op, call=("allreduce", name, tensor))
+        return self._start(self._allreduce, tensor, name, op, call=("allreduce", name, tensor), void=tensor)
 
     def allreduce_async_(self, tensor: torch.Tensor, *, name: str, op: str = "average") -> Handle:
         """Start reducing ``tensor`` in place over all ranks; ``handle.wait()`` returns it."""
         self._check_op(op)
-        return self._start(self._allreduce_async_, tensor, name, op, call=("allreduce", name, tensor))
+        return self._start(self._allreduce_async_, tensor, name, op, call=("allreduce", name, tensor), void=tensor,
+                           asynchronous=True)
 
     def reducescatter_into_async(self, tensor: torch.Tensor, out: torch.Tensor, *, name: str) -> Handle:
         """Start averaging ``tensor`` over all ranks; this rank's equal part (``tensor.numel() //
         size`` elements, the ``rank``-th) lands in ``out``, a buffer the caller owns."""
         if tensor.numel() != out.numel() * self.size:
             raise ValueError(f"reduce-scatter of {tensor.numel()} elements into {out.numel()} on {self.size} ranks")
-        return self._start(self._reducescatter_into_async, tensor, out, name, call=("reducescatter", name, tensor))
+        return self._start(self._reducescatter_into_async, tensor, out, name, call=("reducescatter", name, tensor),
+                           void=out, asynchronous=True)
 
     def allgather_into_async(self, tensor: torch.Tensor, out: torch.Tensor, *, name: str) -> Handle:
         """Start concatenating every rank's ``tensor`` (same size everywhere) into ``out``."""
         if out.numel() != tensor.numel() * self.size:
             raise ValueError(f"allgather of {tensor.numel()} elements into {out.numel()} on {self.size} ranks")
-        return self._start(self._allgather_into_async, tensor, out, name, call=("allgather", name, tensor))
+        return self._start(self._allgather_into_async, tensor, out, name, call=("allgather", name, tensor),
+                           void=out, asynchronous=True)
 
     def broadcast_async_(self, tensor: torch.Tensor, *, root: int = 0, name: str) -> Handle:
         """Start overwriting ``tensor`` with ``root``'s, in place."""
-        return self._start(self._broadcast_async_, tensor, root, name, call=("broadcast", name, tensor))
+        return self._start(self._broadcast_async_, tensor, root, name, call=("broadcast", name, tensor), void=tensor,
+                           asynchronous=True)
 
     def broadcast_tensors(self, named: Sequence[Tuple[str, torch.Tensor]], *, root: int = 0, prefix: str) -> None:
         """``root``'s values in every ``(name, tensor)`` of ``named``, in place; all started, then
@@ -175,11 +210,12 @@ class Comm:
     # -- picklable objects ---------------------------------------------------------------------
     def broadcast_object(self, obj: Any, *, root: int = 0, name: str) -> Any:
         """``root``'s ``obj`` on every rank (what the others pass is ignored)."""
-        return self._start(self._broadcast_object, obj, root, name, call=("broadcast_object", name, None))
+        return self._start(self._broadcast_object, obj, root, name, call=("broadcast_object", name, None), void=obj)
 
     def allgather_object(self, obj: Any, *, name: str) -> List[Any]:
         """Every rank's ``obj``, in rank order."""
-        return self._start(self._allgather_object, obj, name, call=("allgather_object", name, None))
+        return self._start(self._allgather_object, obj, name, call=("allgather_object", name, None),
+                           void=[obj])
 
     def barrier(self, *, name: str) -> None:
         """Return once every rank has called it. Callers say why they need one."""

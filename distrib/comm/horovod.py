@@ -169,11 +169,6 @@ def elastic_state_base():
     return State
 
 
-def elastic_run(func):
-    """Horovod's elastic retry loop around ``func(state, ...)``."""
-    return import_horovod().elastic.run(func)
-
-
 def notification_manager():
     """Horovod's listener registry for host changes (raised at the state's next commit)."""
     from horovod.common.elastic import notification_manager as manager

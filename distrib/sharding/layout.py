@@ -4,8 +4,8 @@ Pure functions (no Horovod, no ranks), tested directly. The optimizer's paramete
 into buckets (one dtype and one param group per bucket, filled in reverse registration order as
 backward produces them, the same rule as the allreduce buckets); each bucket is one flat range of
 elements, its members packed back to back, padded to a multiple of the world size and cut into
-``world`` equal chunks. Rank r owns chunk r of every bucket, so every rank owns 1/N of the
-elements (+ at most ``world - 1`` padding elements per bucket) and a bucket's gradient is one
+``size`` equal chunks. Rank r owns chunk r of every bucket, so every rank owns 1/N of the
+elements (+ at most ``size - 1`` padding elements per bucket) and a bucket's gradient is one
 reduce-scatter. A parameter may straddle two ranks: the optimizers allowed here
 (:data:`distrib.sharding.optimizer.SUPPORTED`) update each element on its own, so a slice of
 a parameter steps exactly like the same elements of the whole.
@@ -37,10 +37,10 @@ class Piece:
 
 @dataclass(frozen=True)
 class Bucket:
-    """Parameters ``members`` (optimizer indices) packed back to back, cut into ``world`` chunks."""
+    """Parameters ``members`` (optimizer indices) packed back to back, cut into ``size`` chunks."""
     members: Tuple[int, ...]
     numels: Tuple[int, ...]
-    world: int
+    size: int
 
     @property
     def total(self) -> int:
@@ -48,8 +48,8 @@ class Bucket:
 
     @property
     def chunk(self) -> int:
-        """Elements per rank: the bucket rounded up to a multiple of ``world``, divided by it."""
-        return -(-self.total // self.world)
+        """Elements per rank: the bucket rounded up to a multiple of ``size``, divided by it."""
+        return -(-self.total // self.size)
 
     @property
     def offsets(self) -> List[int]:
@@ -67,16 +67,16 @@ class Bucket:
         return out
 
 
-def plan(numels: Sequence[int], keys: Sequence, element_sizes: Sequence[int], world: int,
+def plan(numels: Sequence[int], keys: Sequence, element_sizes: Sequence[int], size: int,
          bucket_bytes: int, indices: Optional[Sequence[int]] = None) -> List[Bucket]:
     """The buckets of parameters ``indices`` (default ``0..len(numels)-1``; optimizer order),
     whose sizes are ``numels``. ``keys[i]`` must be equal for parameters that may share a
     bucket (dtype and param group)."""
-    if world < 1:
-        raise ValueError(f"world size must be >= 1, got {world}")
+    if size < 1:
+        raise ValueError(f"world size must be >= 1, got {size}")
     indices = list(range(len(numels))) if indices is None else list(indices)
     groups = assign_buckets([n * s for n, s in zip(numels, element_sizes)], list(keys), bucket_bytes)
-    return [Bucket(tuple(indices[i] for i in g), tuple(numels[i] for i in g), world) for g in groups]
+    return [Bucket(tuple(indices[i] for i in g), tuple(numels[i] for i in g), size) for g in groups]
 
 
 def owned(buckets: Sequence[Bucket], rank: int) -> List[Tuple[int, int, int]]:

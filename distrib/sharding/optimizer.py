@@ -45,11 +45,11 @@ class ZeroShard:
     ``name`` prefixes the collective names (unique per wrapped optimizer).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, comm, rank: int, world: int, *, name: str,
+    def __init__(self, optimizer: torch.optim.Optimizer, comm, rank: int, size: int, *, name: str,
                  bucket_bytes: int):
         check_supported(optimizer)
         self.user = optimizer
-        self._comm, self.rank, self.world, self.name = comm, rank, world, name
+        self._comm, self.rank, self.size, self.name = comm, rank, size, name
         self.params: List[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
         for i, p in enumerate(self.params):
             if not p.is_contiguous():
@@ -60,7 +60,7 @@ class ZeroShard:
         trainable = [i for i, p in enumerate(self.params) if p.requires_grad]
         self.buckets = lay.plan([self.params[i].numel() for i in trainable],
                                 [(self.params[i].dtype, self.params[i].device, group_of[i]) for i in trainable],
-                                [self.params[i].element_size() for i in trainable], world, bucket_bytes,
+                                [self.params[i].element_size() for i in trainable], size, bucket_bytes,
                                 indices=trainable)
         # piece tensors: views of the parameters' own storage
         self.pieces: List[List[Tuple[lay.Piece, torch.Tensor]]] = [
@@ -154,7 +154,7 @@ class ZeroShard:
         for bi, (b, pieces) in enumerate(zip(self.buckets, self.pieces)):
             dtype = self.params[b.members[0]].dtype
             send = self.pool.take(b.chunk, dtype, self._device())
-            full = self.pool.take(b.chunk * self.world, dtype, self._device())
+            full = self.pool.take(b.chunk * self.size, dtype, self._device())
             for pc, t in pieces:
                 send[pc.at:pc.at + pc.numel].copy_(t)
             send[sum(pc.numel for pc, _ in pieces):].zero_()  # the padding of the last chunk
@@ -186,9 +186,9 @@ class ZeroShard:
                 state = self.inner.state.get(t)
                 if state:
                     pieces.append({"index": pc.index, "start": pc.start, "end": pc.end, "state": dict(state)})
-        return {"format": SHARDED_FORMAT, "world_size": self.world, "rank": self.rank,
+        return {"format": SHARDED_FORMAT, "world_size": self.size, "rank": self.rank,
                 "param_groups": _indexed_groups(self.user), "shapes": [list(p.shape) for p in self.params],
-                "owners": [lay.owned(self.buckets, r) for r in range(self.world)], "pieces": pieces}
+                "owners": [lay.owned(self.buckets, r) for r in range(self.size)], "pieces": pieces}
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
         """Load a sharded state cut for this rank (:mod:`distrib.checkpoint.sharded` re-cuts one
@@ -203,7 +203,7 @@ class ZeroShard:
             extra = sorted(set(mine) - set(self._key))
             if extra:
                 raise ValueError(f"sharded optimizer state for element ranges {extra[:3]} that rank {self.rank} "
-                                 f"of {self.world} does not own; load it through distrib.checkpoint, which "
+                                 f"of {self.size} does not own; load it through distrib.checkpoint, which "
                                  "re-cuts it for this world size")
             for key, state in mine.items():
                 self._set_state(self._key[key], state)

@@ -24,7 +24,7 @@ class _Slot:
     def __init__(self, index: int, layout: Bucket, params: List[torch.Tensor]):
         self.index, self.layout, self.params = index, layout, params
         self.pending = len(params)
-        self.buffer: Optional[torch.Tensor] = None  # full bucket, padded to world x chunk (pooled)
+        self.buffer: Optional[torch.Tensor] = None  # full bucket, padded to size x chunk (pooled)
         self.wire: Optional[torch.Tensor] = None    # what is sent: the buffer, or its fp16 copy
         self.handle = None
         self.out: Optional[torch.Tensor] = None     # this rank's chunk as received (kept between steps)
@@ -66,7 +66,7 @@ class ReduceScatterReducer:
         launch the buckets that are complete."""
         slot, offset, numel = self._where[p]
         if slot.buffer is None:
-            slot.buffer = self._pool.take(slot.layout.chunk * slot.layout.world, p.dtype, p.device)
+            slot.buffer = self._pool.take(slot.layout.chunk * slot.layout.size, p.dtype, p.device)
             slot.buffer[slot.layout.total:].zero_()  # the padding must average to zero
         if p.grad is not None:
             slot.buffer[offset:offset + numel].copy_(p.grad.reshape(-1))

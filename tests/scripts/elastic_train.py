@@ -46,10 +46,10 @@ model = torch.nn.Linear(1, 1).double()
 optimizer = distrib.wrap(model, torch.optim.SGD(model.parameters(), lr=1e-4), ctx)
 loader = distrib.ShardedLoader(data, args.batch_size, ctx, seed=5)
 schedule = distrib.LRSchedule(optimizer, base_lr=1e-4, world_size=ctx.size, total_steps=1000)
-state = distrib.elastic.ElasticState(ctx, model=model, optimizer=optimizer, loader=loader, scheduler=schedule)
+state = distrib.elastic.ElasticState(ctx, model=model, optimizer=optimizer, loader=loader, schedule=schedule)
 pending = []  # (step, the samples of every rank in rank order) for each step since the last commit
 failed_marker = args.out / "failed-once"
-sizes_seen = args.out / f"sizes.{os.getpid()}.txt"
+sizes_seen = args.out / f"sizes.{os.getpid()}.txt"  # step, rank, size, torch threads: one line per attempt
 
 
 def commit(state):
@@ -66,7 +66,7 @@ def commit(state):
 def train(state):
     pending.clear()  # a restore rolled the uncommitted steps back
     with open(sizes_seen, "a") as f:
-        f.write(f"{state.step} {state.ctx.rank} {state.ctx.size}\n")
+        f.write(f"{state.step} {state.ctx.rank} {state.ctx.size} {torch.get_num_threads()}\n")
     for x, index in loader:
         if state.step == args.fail_at_step and state.ctx.rank == args.fail_rank and not failed_marker.exists():
             failed_marker.write_text(str(os.getpid()))

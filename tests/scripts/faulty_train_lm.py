@@ -3,7 +3,8 @@
     FAULT_RANK=1 FAULT_STEP=6 FAULT=kill|stop|raise python faulty_train_lm.py [train_lm args]
 
 When rank FAULT_RANK logs step FAULT_STEP (after that step's optimizer update, before its
-checkpoint) it SIGKILLs itself, SIGSTOPs itself (a hang) or raises. With FAULT_SLOW_EXIT=S a
+checkpoint; with FAULT_WHERE=backward: at the backward of step FAULT_STEP, inside the script's
+loop body, so that its peers fail in that step's gradient allreduce) it SIGKILLs itself, SIGSTOPs itself (a hang) or raises. With FAULT_SLOW_EXIT=S a
 rank that raised lingers S seconds after Horovod's shutdown (as a big job finalising does), so its
 peers die of the follow-on error first and mpirun kills it before its shim can say how it ended.
 DISTRIB_RESTART_COUNT (set by the launcher) > 0 means a restarted attempt: no fault then, unless
@@ -42,6 +43,24 @@ def _faulty_step(self, step, **kw):
 
 distrib.metrics.MetricsLogger.step = _faulty_step
 _raised = []
+
+import distrib.optim  # noqa: E402
+
+_backward = distrib.optim.DistributedOptimizer.backward
+_backwards_done = []
+
+
+def _faulty_backward(self, loss, **kw):
+    _backwards_done.append(1)
+    if (len(_backwards_done) == int(os.environ["FAULT_STEP"]) and self.ctx.rank == int(os.environ["FAULT_RANK"])
+            and os.environ.get("DISTRIB_RESTART_COUNT", "0") == "0"):
+        print(f"fault: kill on rank {self.ctx.rank} in backward {len(_backwards_done)}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _backward(self, loss, **kw)
+
+
+if os.environ.get("FAULT_WHERE") == "backward":
+    distrib.optim.DistributedOptimizer.backward = _faulty_backward
 
 
 def _linger_after_horovod_shutdown():
