@@ -6,7 +6,8 @@ their own address, hostname and sshd on this machine), their links limited with 
 round, in a rotated order, one launch of each: distrib (``python -m launch -H node1:1,node2:1``,
 with the MPI controller the launcher picks; plain ``hvd.DistributedOptimizer`` runs in the same
 processes, alternated with distrib: tuned Horovod, with the same Open MPI flags),
-distrib with ``--controller gloo``, and DDP over Gloo (one torchrun per host); distrib, Horovod and
+distrib with ``--controller gloo``, and DDP over Gloo (one torchrun per host; distrib on the torch
+engine, ``distrib-torch``, runs in the same processes, alternated with DDP); distrib, Horovod and
 DDP each with and without fp16 compression, distrib and DDP also with PowerSGD at rank 1 and 4
 (``compression="powersgd"``; DDP's own ``powerSGD_hook``, the same warm-up). Two models: the MLP
 and the 8-layer LM (lm8), timed one after the other in the same processes. Inside a launch the link speeds and the variants
@@ -36,6 +37,9 @@ RATES = {"1gbit": 1e9, "10gbit": 10e9}
 MODELS = ("mlp", "lm8")
 HOSTS = ("node1", "node2")
 CONVERGE = "benchmarks/workers/converge.py"
+# distrib on the torch engine runs in DDP's own processes (torchrun, the same Gloo process group and
+# threads), alternated with DDP: the two differ by the library alone.
+TORCH_ENGINE = {"distrib-torch": "distrib-torch"}
 # variant in the step worker -> the figure's name
 # job -> (step worker --impl, {its variant: the figure's name})
 # Plain Horovod runs in distrib's own processes, alternated with it: the same launcher and Open MPI flags
@@ -49,7 +53,7 @@ JOBS = {"distrib": ("distrib", {"buckets": "distrib", "fp16": "distrib-fp16", "p
         "ddp": ("ddp", {"default": "ddp", "fp16": "ddp-fp16", "powersgd1": "ddp-psgd1", "powersgd2": "ddp-psgd2",
                         "powersgd4": "ddp-psgd4",
                         # distrib on the torch engine in DDP's processes: PowerSGD's collectives straight on Gloo
-                        "distrib-torch-powersgd4": "distrib-torch-psgd4"})}
+                        "distrib-torch-powersgd4": "distrib-torch-psgd4", **TORCH_ENGINE})}
 ALONE = ("alone", {"default": "alone"})
 
 
@@ -142,6 +146,7 @@ def round_ms(name: str, steps: List[float]) -> float:
 # (key, numerator, denominator, what the ratio measures)
 RATIOS = (("vs_horovod_tuned", "distrib", "horovod-tuned", "distrib against plain Horovod, same flags"),
           ("vs_ddp", "distrib", "ddp", "distrib against DDP over Gloo"),
+          ("torch_engine_vs_ddp", "distrib-torch", "ddp", "distrib on the torch engine against DDP, same processes"),
           ("fp16_on_distrib", "distrib-fp16", "distrib", "fp16 compression, on distrib"),
           ("mpi_vs_gloo", "distrib", "distrib-gloo", "distrib's MPI controller vs its Gloo one"),
           ("psgd1_vs_ddp", "distrib-psgd1", "ddp-psgd1", "PowerSGD rank 1: distrib against DDP's hook"),
@@ -290,7 +295,8 @@ def _convergence_table(c: dict) -> str:
 SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd4",
          "distrib-local4", "distrib-local8", "distrib-torch-psgd4", "distrib-gloo",
          "distrib-gloo-psgd1", "distrib-gloo-psgd4",
-         "horovod-tuned", "horovod-tuned-fp16", "ddp", "ddp-fp16", "ddp-psgd1", "ddp-psgd2", "ddp-psgd4")
+         "horovod-tuned", "horovod-tuned-fp16", "ddp", "ddp-fp16", "ddp-psgd1", "ddp-psgd2", "ddp-psgd4",
+         "distrib-torch")
 BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd4", "distrib-torch-psgd4",
          "distrib-local4", "distrib-local8", "distrib-gloo-psgd1", "distrib-gloo-psgd4", "ddp",
          "ddp-psgd1", "ddp-psgd2", "ddp-psgd4")

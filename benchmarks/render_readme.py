@@ -89,6 +89,7 @@ def goals(res: dict, quick: Optional[dict]) -> List[List[str]]:
                                  f"{val(m['step_ms']['pair'])} ms, plus the allreduce of the gradients through "
                                  "Horovod (distrib's transport): " + through_horovod(res, m["grad_bytes"]))
             rows.append([f"mlp: distrib <= {bound}x {r['b']}", named(r) + why, _met(ok)])
+    rows += torch_engine_goals(step, secs.get("network"))
     ck = secs.get("checkpoint", {}).get("during_training")
     if ck:
         o = ck["overhead"]["async"]
@@ -121,6 +122,22 @@ def goals(res: dict, quick: Optional[dict]) -> List[List[str]]:
     return rows
 
 
+def torch_engine_goals(step: dict, net: Optional[dict]) -> List[List[str]]:
+    """Issue 24's bar: distrib on the torch engine <= 1.0x tuned DDP on each model of the step section,
+    and <= 1.0x DDP at 1 Gbit/s between 2 hosts (where the results have the torch engine)."""
+    rows = []
+    for model, m in step.items():
+        r = m["ratios"].get("torch_engine_vs_ddp_tuned")
+        if r is not None:
+            rows.append([f"{model}: distrib on the torch engine <= 1.0x tuned DDP", named(r), _met(r["median"] <= 1.0)])
+    for model, m in (_net_models(net) if net else {}).items():
+        r = next((x for x in m["rows"] if x["rate"] == "1gbit"), {}).get("ratios", {}).get("torch_engine_vs_ddp")
+        if r is not None:
+            rows.append([f"1 Gbit/s, {model}: distrib on the torch engine <= 1.0x DDP", named(r),
+                         _met(r["median"] <= 1.0)])
+    return rows
+
+
 def through_horovod(res: dict, nbytes: int) -> str:
     """What the allreduce section measured for the size nearest ``nbytes``: milliseconds of a one-tensor
     allreduce through distrib's path (Horovod's background thread) and of a raw mpi4py one (2 workers,
@@ -146,10 +163,11 @@ def _met(ok: bool) -> str:
 
 # -- the sections ----------------------------------------------------------------------------------
 STEP_COLUMNS = (("alone", "alone"), ("pair", "2 alone at once"), ("ideal", "ideal"), ("distrib", "distrib"),
+                ("distrib-torch", "distrib, torch engine"),
                 ("horovod-tuned", "Horovod tuned"), ("horovod-default", "Horovod default"),
                 ("ddp-tuned", "DDP tuned"), ("ddp-default", "DDP default"))
 STEP_RATIOS = ("vs_horovod_tuned", "vs_horovod_default", "settings_on_horovod", "vs_ddp_tuned", "vs_ddp_default",
-               "ddp_tuning")
+               "torch_engine_vs_ddp_tuned", "torch_engine_vs_horovod_engine", "ddp_tuning")
 LEVERS = (("lever_buckets", "flat gradient buckets (`distrib/step/reducers.py`) vs one allreduce per tensor"),
           ("lever_cycle", "Horovod cycle time 0.1 ms vs its default 1 ms (a candidate: not set by distrib)"),
           ("lever_yield", "Open MPI `mpi_yield_when_idle` (`launch/plan.py`) vs busy polling"))
@@ -159,13 +177,14 @@ def step_section(sec: dict, res: dict, quick: Optional[dict] = None) -> List[str
     rows = sec["rows"]
     out = ["### Step time at 2 workers", "",
            "Milliseconds per training step, median (min-max) over the rounds. One worker per core, one thread each.", ""]
-    out += table(["model"] + [h for _, h in STEP_COLUMNS],
+    columns = [(k, h) for k, h in STEP_COLUMNS if k in rows[0]["step_ms"]]  # results older than the torch engine
+    out += table(["model"] + [h for _, h in columns],
                  [[f"{r['model']} ({r['params'] / 1e6:.2f} M params, {r['tensors']} tensors)"]
-                  + [val(r["step_ms"][k]) for k, _ in STEP_COLUMNS] for r in rows])
+                  + [val(r["step_ms"][k]) for k, _ in columns] for r in rows])
     out += ["", "Ratios of step times, per round (below 1: the first is faster):", ""]
     out += table(["ratio"] + [r["model"] for r in rows],
                  [[f"{rows[0]['ratios'][k]['a']} / {rows[0]['ratios'][k]['b']}"]
-                  + [ratio(r["ratios"][k]) for r in rows] for k in STEP_RATIOS]
+                  + [ratio(r["ratios"][k]) for r in rows] for k in STEP_RATIOS if k in rows[0]["ratios"]]
                  + [[f"share of {ref}'s gap to the ideal closed by distrib"]
                     + [ratio(r[f"gap_closed_vs_{ref}"]) for r in rows] for ref in ("horovod-tuned", "horovod-default")]
                  + [["weak-scaling efficiency 1 -> 2 workers: distrib / ideal"]
@@ -262,10 +281,10 @@ def _lever_elsewhere(key: str, res: dict) -> str:
 NET_COLUMNS = ("alone", "ideal", "distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd4",
                "distrib-torch-psgd4", "distrib-local4", "distrib-local8", "distrib-gloo", "distrib-gloo-psgd1",
                "distrib-gloo-psgd4", "horovod-tuned", "horovod-tuned-fp16", "ddp", "ddp-fp16", "ddp-psgd1", "ddp-psgd2",
-               "ddp-psgd4")
+               "ddp-psgd4", "distrib-torch")
 NET_EFFICIENCY = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd4", "distrib-torch-psgd4",
                   "distrib-local4", "distrib-local8", "distrib-gloo-psgd1", "distrib-gloo-psgd4", "horovod-tuned", "ddp",
-                  "ddp-psgd1", "ddp-psgd2", "ddp-psgd4", "ideal")
+                  "ddp-psgd1", "ddp-psgd2", "ddp-psgd4", "distrib-torch", "ideal")
 NET_BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd4", "distrib-local4",
              "distrib-local8", "distrib-gloo-psgd1", "distrib-gloo-psgd4", "ddp", "ddp-psgd1", "ddp-psgd2", "ddp-psgd4")
 

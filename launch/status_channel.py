@@ -15,8 +15,8 @@ late reports out of the next one.
 On the wire, one message per line: ``<hex digest> <json body>\\n``. The body is a dict with
 ``kind`` and the record's fields. The workers send reports (``started``, ``ended``, ``raised``,
 ``beat``, and ``stacks`` / ``state`` when asked); the launcher sends requests back on the same
-connection (``want_stacks`` to a rank's heartbeat, ``want_state`` to a shim, ``notice`` to rank 0's
-heartbeat), signed the same way.
+connection (``want_stacks`` to a rank's heartbeat, ``want_state`` and ``signal`` to a shim,
+``notice`` to rank 0's heartbeat), signed the same way.
 
 This module is the one place where ``launch/`` and ``distrib/`` meet: both import it, so the names
 below exist once. It imports only the standard library (the launcher must start fast, and
@@ -47,7 +47,8 @@ RUNTIME_ENV_NAMES = (ADDRESS_ENV, SECRET_ENV, RESTART_COUNT_ENV, STOP_GRACE_ENV)
 # Horovod's Gloo launcher, Open MPI, PMIx (srun), SLURM.
 RANK_VARIABLES = ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 KINDS = ("started", "ended", "raised", "beat", "stacks", "state")   # worker -> launcher
-REQUESTS = ("want_stacks", "want_state", "notice")                  # launcher -> worker
+REQUESTS = ("want_stacks", "want_state", "signal", "notice")        # launcher -> worker
+SHIM_REQUESTS = ("want_state", "signal")  # answered by the shim (launch/worker.py), the others by distrib
 CONNECT_TIMEOUT_S = 2.0   # per address: an address of the launcher's that this host cannot route to
 SEND_TIMEOUT_S = 5.0
 MAX_LINE_BYTES = 1 << 20

@@ -8,7 +8,9 @@ even when the hosts' clocks disagree, and a rank whose beats stop arriving is se
 
 The connections carry requests back: :meth:`StatusServer.request` asks a rank's heartbeat for the
 Python stacks of its threads (the hang report), a shim for its script's process state (a frozen
-process cannot answer for itself), or hands rank 0 a notice (a straggler, for metrics.jsonl).
+process cannot answer for itself) or to pass a signal to its script (SIGUSR2 for a worker on
+another host, which the launcher cannot signal itself), or hands rank 0 a notice (a straggler,
+for metrics.jsonl).
 
 A shim keeps its connection open while its script runs: :meth:`StatusServer.stop_workers` shuts
 those connections for writing and each shim, on any host, then stops its script (SIGTERM, SIGKILL
@@ -25,8 +27,8 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import psutil
 
-from launch.status_channel import (ADDRESS_ENV, MAX_LINE_BYTES, SECRET_ENV, decode, encode, format_address,
-                                   new_secret)
+from launch.status_channel import (ADDRESS_ENV, MAX_LINE_BYTES, SECRET_ENV, SHIM_REQUESTS, decode, encode,
+                                   format_address, new_secret)
 
 ARRIVAL_FIELD = {"ended": "end_time", "raised": "time"}
 CALLS_KEPT = 256  # per rank: the latest collectives entered, for the mismatch check
@@ -219,9 +221,9 @@ class StatusServer:
 
     def request(self, to_rank: int, kind: str, **fields) -> bool:
         """Send a request to rank ``to_rank``: ``want_stacks`` and ``notice`` go to its heartbeat,
-        ``want_state`` to its shim. False when that connection is unknown or broken."""
+        ``want_state`` and ``signal`` to its shim. False when that connection is unknown or broken."""
         with self._lock:
-            conn = self._reply_to.get(("started" if kind == "want_state" else "beat", to_rank))
+            conn = self._reply_to.get(("started" if kind in SHIM_REQUESTS else "beat", to_rank))
         if conn is None:
             return False
         data = encode(self.secret, {"kind": kind, **fields})

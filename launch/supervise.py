@@ -268,25 +268,36 @@ class Attempt:
 
     def _forward(self, sig: int) -> None:
         """Pass a signal meant for the job (Slurm's SIGUSR2 before the time limit) to the workers
-        and keep watching: each shim hands it to its script, whose PreemptionHandler checkpoints;
-        the ranks agree at the next step, so the workers of this host suffice. With none here
-        (all remote), mpirun forwards SIGUSR1/SIGUSR2 to every rank itself."""
+        and keep watching: each shim hands it to its script, whose PreemptionHandler checkpoints
+        and the ranks agree at the next step. The shims of this host get it from us; those of
+        other hosts (ssh, srun: neither carries a signal to the remote process) as a ``signal``
+        request over the status channel, whatever the engine. With no shim known yet, mpirun
+        forwards SIGUSR1/SIGUSR2 to every rank itself."""
         name = signal.Signals(sig).name
         self._track()
-        sent = 0
+        here = 0
         for p in self.shims.values():
             try:
                 p.send_signal(sig)
-                sent += 1
+                here += 1
             except psutil.Error:
                 pass
-        if sent:
-            self.log(f"{name}: forwarded to {sent} workers on this host")
+        elsewhere = sum(self.server.request(rank, "signal", signal=name) for rank in self._remote_ranks())
+        if here or elsewhere:
+            where = [f"{here} workers on this host"] if here else []
+            where += [f"{elsewhere} on other hosts (status channel)"] if elsewhere else []
+            self.log(f"{name}: forwarded to {' and '.join(where)}")
         elif os.path.basename(self.plan.argv[0]) == "mpirun":
             self._signal_launcher(sig)
             self.log(f"{name}: forwarded to mpirun (no worker on this host yet)")
         else:
-            self.log(f"{name}: no worker on this host to forward it to (yet); ignored")
+            self.log(f"{name}: no worker started yet to forward it to; ignored")
+
+    def _remote_ranks(self) -> List[int]:
+        """The ranks whose shim runs on another host and has not ended."""
+        reports = self.server.table.read()
+        return sorted(key for key, started in reports.started.items()
+                      if isinstance(key, int) and started.get("host") != self.host and key not in reports.ended)
 
     def _signal_launcher(self, sig: int) -> None:
         """mpirun/horovodrun and whatever shares its process group; remote workers are reached through it."""

@@ -155,7 +155,8 @@ def run(options: argparse.Namespace, worker_argv: Sequence[str], env: Mapping[st
         grace = DEFAULT_STOP_GRACE_S
     caught: List[int] = []
     previous = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum)) for sig in STOP_SIGNALS}
-    # The supervisor forwards SIGUSR2 to the shims itself; here it must not end the attempt.
+    # The supervisor forwards SIGUSR2 to the shims itself (to those of other hosts over the status
+    # channel: an ssh client does not pass a signal on); here it must not end the attempt.
     previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, lambda *_: None)
     try:
         try:

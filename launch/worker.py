@@ -13,7 +13,8 @@ rank's processes itself when they run on its host), and when the child ends ``en
 then exits with the child's code (128 + N for a signal N). While the script runs the shim keeps
 its connection open and answers the launcher's ``want_state`` with the script's process state
 (``T`` for a process stopped by SIGSTOP, which cannot answer for itself; no answer at all means
-the host or its link is gone); when the launcher ends the connection (the attempt is being
+the host or its link is gone), and passes the signal of a ``signal`` request to the script as if
+the shim had received it (SIGUSR2 for the workers of other hosts: preemption); when the launcher ends the connection (the attempt is being
 stopped, or the launcher died) the shim stops the script: SIGCONT and SIGTERM, SIGKILL after
 ``DISTRIB_STOP_GRACE`` seconds. That is how a worker on another host is stopped even when mpirun or horovodrun cannot
 reach it. Without the channel's variables (run by hand), or when the launcher cannot be reached,
@@ -104,10 +105,25 @@ def process_state(pid: int) -> dict:
     return {"state": letter, "state_name": PROCESS_STATES.get(letter, letter), "wchan": wchan}
 
 
+def forward_requested_signal(child: subprocess.Popen, name) -> bool:
+    """The launcher's ``signal`` request: pass the named signal (one of FORWARDED_SIGNALS, as a
+    signal sent to the shim itself would be) to the script. This is how SIGUSR2 reaches a worker
+    on another host, which the launcher cannot signal (ssh does not carry signals). Returns whether
+    the signal was sent; any other name is ignored."""
+    allowed = {sig.name: sig for sig in FORWARDED_SIGNALS}
+    if name not in allowed or child.poll() is not None:
+        return False
+    try:
+        child.send_signal(allowed[name])
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _serve_launcher(channel: Channel, child: subprocess.Popen, grace: float, rank, host: str) -> None:
-    """In a thread: answer the launcher's ``want_state``; once it ended our connection (it is
-    stopping the attempt, or it died), stop the script as the launcher would, SIGTERM then
-    SIGKILL after ``grace`` seconds."""
+    """In a thread: answer the launcher's ``want_state``, pass on its ``signal``; once it ended
+    our connection (it is stopping the attempt, or it died), stop the script as the launcher
+    would, SIGTERM then SIGKILL after ``grace`` seconds."""
     while True:
         requests = channel.receive(None)
         if requests is None:
@@ -116,6 +132,8 @@ def _serve_launcher(channel: Channel, child: subprocess.Popen, grace: float, ran
             if request["kind"] == "want_state":
                 channel.send({"kind": "state", "rank": rank, "host": host, "pid": child.pid,
                               **process_state(child.pid)})
+            elif request["kind"] == "signal":
+                forward_requested_signal(child, request.get("signal"))
     if child.poll() is not None:
         return  # the script ended first: the shim is finishing and closed its own side
     for sig in (signal.SIGCONT, signal.SIGTERM):

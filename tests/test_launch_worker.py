@@ -109,6 +109,23 @@ def test_sigterm_is_forwarded_to_the_script(tmp_path, server):
 
 
 @pytest.mark.timeout(60)
+def test_a_signal_request_from_the_launcher_reaches_the_script(tmp_path, server):
+    """How SIGUSR2 reaches a worker on another host: a signed ``signal`` request on the shim's
+    connection. A signal the shim would not forward itself (SIGKILL) is ignored."""
+    code = ("import signal, sys, time\n"
+            "def on_usr2(*a):\n    print('got USR2', file=sys.stderr, flush=True); sys.exit(4)\n"
+            "signal.signal(signal.SIGUSR2, on_usr2)\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    proc = shim(tmp_path, server, code)
+    assert proc.stdout.readline() == "ready\n"
+    wait_for_report(server, "started", 1)
+    assert server.request(1, "signal", signal="SIGKILL")
+    assert server.request(1, "signal", signal="SIGUSR2")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 4 and "got USR2" in err
+    assert status(server)["exit_code"] == 4
+
+
+@pytest.mark.timeout(60)
 def test_script_dies_with_a_killed_shim(tmp_path, server):
     proc = shim(tmp_path, server, "import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
     assert proc.stdout.readline() == "ready\n"

@@ -7,7 +7,9 @@ failure tests write their run directory to /tmp, which each node has its own of:
 report does not depend on a shared file system.
 """
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -170,6 +172,53 @@ def test_torch_engine_killed_rank_on_another_host_is_reported_and_the_job_restar
     assert len(ports) == 2 and ports[0] != ports[1], proc.stderr[-3000:]
     assert re.findall(r"rank=1 size=2 sum=3 restart=(\d)", proc.stdout) == ["0", "1"], proc.stdout
     assert_no_worker_left(nodes)
+
+
+@pytest.mark.timeout(400)
+def test_usr2_to_a_launcher_without_workers_checkpoints_the_remote_torch_workers_and_resumes(nodes, shared):
+    """--engine torch launched from node3, workers on node1 and node2 over ssh (which carries no
+    signal): SIGUSR2 to the launcher (Slurm's warning before the time limit) reaches both through
+    the status channel; they stop at the same step, rank 0's checkpoint holds that step, and the
+    job exits 0. Launched again, it resumes there, trains every remaining step once and ends with
+    the weights of the plain loop."""
+    run_dir, total = shared / "run", 40
+    hosts = ["--engine", "torch", "-H", "node1:1,node2:1"]
+    proc = nodes.popen("node3", [*LAUNCH, *hosts, SCRIPTS / "slurm_train.py", "--steps", total, "--step-sleep", "0.2",
+                                 "--run-dir", run_dir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: len(standin_steps(run_dir)) >= 3, proc, 200, "3 training steps")
+        os.kill(proc.pid, signal.SIGUSR2)  # the launcher itself runs in node3's namespaces (nsenter execs it)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    assert "distrib-launch: SIGUSR2: forwarded to 2 on other hosts (status channel)" in output, output[-3000:]
+    assert "SIGUSR2 received outside a Slurm job (no SLURM_JOB_ID): checkpoint saved, not requeuing" in output
+    stopped = dict(re.findall(r"^rank (\d): stopping at step (\d+) \(requeue\)$", output, re.M))
+    assert stopped.keys() == {"0", "1"} and len(set(stopped.values())) == 1, output[-3000:]
+    reached = int(stopped["0"])
+    assert 3 <= reached < total and standin_steps(run_dir) == list(range(1, reached + 1))
+    assert [r["step"] for r in metrics(run_dir) if r.get("event") == "preempted"] == [reached]
+    assert torch.load(run_dir / "ckpt.pt")["step"] == reached
+    assert_no_worker_left(nodes)
+
+    proc = launch(nodes, "node3", hosts, script=SCRIPTS / "slurm_train.py",
+                  script_args=["--steps", total, "--run-dir", run_dir])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.findall(r"^rank \d size 2 .* start_step (\d+) ", proc.stdout, re.M) == [str(reached)] * 2, proc.stdout
+    assert standin_steps(run_dir) == list(range(1, total + 1))
+    weight = torch.zeros(4)
+    for _ in range(total):  # the plain loop: each step subtracts 0.01 x the sum over ranks of rank + 1
+        weight -= 0.01 * torch.full((4,), 3.0)
+    assert torch.equal(torch.load(run_dir / "ckpt.pt")["weight"], weight)
+    assert_no_worker_left(nodes)
+
+
+def standin_steps(run_dir: Path) -> list:
+    path = run_dir / "metrics.jsonl"
+    return [r["step"] for r in metrics(run_dir) if "event" not in r] if path.exists() else []
 
 
 @pytest.mark.timeout(300)

@@ -22,6 +22,28 @@ def test_assign_buckets(nbytes, dtypes, cap, expected):
     assert assign_buckets(nbytes, dtypes, cap) == expected
 
 
+def test_a_first_cap_closes_only_the_first_bucket_early():
+    """DDP's small first bucket (the torch engine's first_bucket_mb): the last layers' gradients
+    leave as soon as they hold the first cap; the later buckets fill to the usual cap."""
+    sizes = [4] * 10
+    assert assign_buckets(sizes, [F32] * 10, 16, first_cap_bytes=8) == [[9, 8], [7, 6, 5, 4], [3, 2, 1, 0]]
+    assert assign_buckets(sizes, [F32] * 10, 16) == [[9, 8, 7, 6], [5, 4, 3, 2], [1, 0]]
+
+
+def test_the_engine_sets_the_first_buckets_cap():
+    """The torch engine's comm asks for DDP's 1 MiB first bucket; make_reducer builds it so."""
+    from distrib.comm.local import LocalComm
+    from distrib.comm.torch_dist import TorchComm
+
+    class SmallFirstBucket(LocalComm):
+        first_bucket_mb = TorchComm.first_bucket_mb
+
+    assert TorchComm.first_bucket_mb == 1.0 and LocalComm.first_bucket_mb is None
+    params = [(f"p{i}", torch.zeros(2**17)) for i in range(4)]  # 0.5 MiB each, float32
+    assert [len(b) for b in make_reducer(params, SmallFirstBucket(), bucket_mb=4).buckets] == [2, 2]
+    assert [len(b) for b in make_reducer(params, LocalComm(), bucket_mb=4).buckets] == [4]
+
+
 def test_every_parameter_in_exactly_one_bucket():
     sizes = [(i * 37) % 50 + 1 for i in range(40)]
     buckets = assign_buckets(sizes, [F32] * 40, 64)

@@ -70,6 +70,9 @@ class Comm:
     controller = "none"  # how the workers found each other (Horovod: mpi or gloo; torch: its backend)
     supports_adasum = False
     uses_nccl = False  # collectives run on NCCL (GPU ranks must then not share a GPU)
+    # The cap (MB) of the first gradient bucket (the last layers'), when the engine wants it smaller
+    # than the others so that communication starts early in backward (DDP's 1 MiB); None: no special case.
+    first_bucket_mb: Optional[float] = None
 
     def __init__(self):
         self.broken: Optional[BaseException] = None

@@ -76,22 +76,25 @@ class PerParameterReducer:
 
 # -- bucketing: pure functions -------------------------------------------------------------------
 
-def assign_buckets(nbytes: Sequence[int], dtypes: Sequence, cap_bytes: int) -> List[List[int]]:
+def assign_buckets(nbytes: Sequence[int], dtypes: Sequence, cap_bytes: int,
+                   first_cap_bytes: Optional[int] = None) -> List[List[int]]:
     """Group parameter indices (in registration order) into buckets, DDP-style.
 
     Buckets are filled in *reverse* registration order (backward produces the last layers'
     gradients first), one dtype per bucket; a bucket is closed as soon as it holds at least
     ``cap_bytes``, so a parameter larger than the cap gets a bucket of its own (with the small
-    ones before it). Every index appears in exactly one bucket.
+    ones before it). ``first_cap_bytes``: the cap of the first bucket closed, which DDP keeps
+    small (1 MiB) so that communication starts early in backward. Every index appears in
+    exactly one bucket.
     """
-    if cap_bytes <= 0:
-        raise ValueError(f"bucket size must be > 0 bytes, got {cap_bytes}")
+    if cap_bytes <= 0 or (first_cap_bytes is not None and first_cap_bytes <= 0):
+        raise ValueError(f"bucket size must be > 0 bytes, got {cap_bytes} (first bucket: {first_cap_bytes})")
     open_buckets: Dict[object, Tuple[List[int], int]] = {}
     buckets: List[List[int]] = []
     for i in reversed(range(len(nbytes))):
         members, size = open_buckets.get(dtypes[i], ([], 0))
         members, size = members + [i], size + nbytes[i]
-        if size >= cap_bytes:
+        if size >= (first_cap_bytes if first_cap_bytes is not None and not buckets else cap_bytes):
             buckets.append(members)
             open_buckets.pop(dtypes[i], None)
         else:
@@ -142,11 +145,12 @@ class BucketedReducer:
     """
 
     def __init__(self, named_params: List[Tuple[str, torch.Tensor]], comm, *, compression: str = "none",
-                 bucket_bytes: int = int(DEFAULT_BUCKET_MB * 2**20), transport=None, prefix: str = "distrib"):
+                 bucket_bytes: int = int(DEFAULT_BUCKET_MB * 2**20), first_bucket_bytes: Optional[int] = None,
+                 transport=None, prefix: str = "distrib"):
         params = [p for _, p in named_params]
         self._compress = compression == "fp16"
         groups = assign_buckets([p.numel() * p.element_size() for p in params], [p.dtype for p in params],
-                                bucket_bytes)
+                                bucket_bytes, first_bucket_bytes)
         self._buckets = [_Bucket(i, [params[j] for j in g]) for i, g in enumerate(groups)]
         self._slot = {p: (b, k) for b in self._buckets for k, p in enumerate(b.params)}
         self._transport = transport if transport is not None else comm
@@ -217,7 +221,8 @@ def make_reducer(named_params, comm, *, compression: str = "none", op: str = "av
     """The reducer for these options: per-parameter allreduce for Adasum (its dot products are
     per tensor), else flat buckets over the engine (``comm``). ``DISTRIB_REDUCER`` forces one
     (``per-parameter``, ``horovod``, ``mpi``: for benchmarks and bisecting); ``DISTRIB_BUCKET_MB``
-    sets the bucket size. ``prefix`` starts every collective's name: unique per wrapped optimizer,
+    sets the bucket size; the engine may want a smaller first bucket (``comm.first_bucket_mb``: the
+    torch engine's is DDP's 1 MiB). ``prefix`` starts every collective's name: unique per wrapped optimizer,
     so that two models trained in one process never send tensors of the same name.
     Must be called on all ranks (the mpi transport dups a communicator).
 
@@ -237,5 +242,7 @@ def make_reducer(named_params, comm, *, compression: str = "none", op: str = "av
     transport = None
     if choice == "mpi" and compression == "none":
         transport = comm.mpi_transport() if hasattr(comm, "mpi_transport") else None
+    first_mb = getattr(comm, "first_bucket_mb", None)  # a comm made by hand (tests) may not say
     return BucketedReducer(named_params, comm, compression=compression, bucket_bytes=int(bucket_mb * 2**20),
+                           first_bucket_bytes=int(first_mb * 2**20) if first_mb else None,
                            transport=transport, prefix=prefix)
