@@ -32,6 +32,8 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
+from distrib.step.gradients import unscale_clip_step
+
 _LOG = logging.getLogger("distrib.compression")
 
 
@@ -131,12 +133,7 @@ class LocalSGDUpdate:
              named_params: List[Tuple[str, torch.Tensor]]) -> Optional[torch.Tensor]:
         """Clip this rank's own gradient (the ranks do not share it), step; every ``every``-th
         step also average. Must be called on all ranks; the local norm when clipping, else None."""
-        scaler.unscale_(self.optimizer)
-        norm = None
-        if max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_([p for _, p in named_params if p.grad is not None], max_grad_norm)
-        scaler.step(self.optimizer)
-        scaler.update()
+        norm = unscale_clip_step(self.optimizer, scaler, max_grad_norm, named_params)
         self.steps += 1
         if self.steps % self.config.every == 0:
             self.average()

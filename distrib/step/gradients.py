@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from typing import Callable, Iterator, List, Set, Tuple
+from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 import torch
 
@@ -146,3 +146,17 @@ class GradientExchange:
             p.grad.div_(self.accumulate)  # mean over micro-batches, before the mean over workers
         self._sent.add(p)
         self._reducer.grad_ready(p, used)
+
+
+def unscale_clip_step(optimizer: torch.optim.Optimizer, scaler, max_grad_norm: Optional[float],
+                      named_params: List[Tuple[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The step on gradients that are ready (averaged, or a rank's own under local SGD): unscale
+    (fp16), clip (the norm stays a tensor: no wait for the device), step, update the loss scale.
+    Returns the norm when clipping, else None."""
+    scaler.unscale_(optimizer)
+    norm = None
+    if max_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in named_params if p.grad is not None], max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return norm

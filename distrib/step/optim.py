@@ -26,7 +26,7 @@ import torch
 from distrib.step.broadcast import broadcast_training_state
 from distrib.compression.local_sgd import LocalSGDUpdate, check_local_sgd
 from distrib.step.buffers import BufferSync
-from distrib.step.gradients import GradientExchange
+from distrib.step.gradients import GradientExchange, unscale_clip_step
 from distrib.step.reducers import make_reducer
 from distrib.sharding.update import check_sharding, sharded_update
 from distrib.step.sync_batchnorm import SyncBatchNorm
@@ -303,13 +303,7 @@ class ReplicatedUpdate:
     def step(self, scaler, max_grad_norm: Optional[float],
              named_params: List[Tuple[str, torch.Tensor]]) -> Optional[torch.Tensor]:
         """Unscale (fp16), clip (the norm stays a tensor), step; the norm when clipping, else None."""
-        scaler.unscale_(self.optimizer)
-        norm = None
-        if max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_([p for _, p in named_params if p.grad is not None], max_grad_norm)
-        scaler.step(self.optimizer)
-        scaler.update()
-        return norm
+        return unscale_clip_step(self.optimizer, scaler, max_grad_norm, named_params)
 
     def state_dict(self) -> Dict:
         return self.optimizer.state_dict()
