@@ -7,6 +7,8 @@ to them without touching its methods.
 """
 from typing import Callable, ContextManager
 
+from distrib.step.optim import DistributedOptimizer
+
 PHASES = ("data", "compute", "allreduce", "optimizer", "checkpoint")
 
 
@@ -14,7 +16,6 @@ def time_optimizer(optimizer, phase: Callable[[str], ContextManager]) -> Callabl
     """Charge the optimizer's step to ``phase("optimizer")`` (and a wrapped optimizer's gradient
     wait to ``phase("allreduce")``) without touching its methods; returns the undo. A plain torch
     optimizer (a world of one) is timed with torch's own step hooks."""
-    from distrib.step.optim import DistributedOptimizer  # watch/ is below step/: imported on use
     if isinstance(optimizer, DistributedOptimizer):
         optimizer.time_phases(phase)
         return lambda: optimizer.time_phases(None)
