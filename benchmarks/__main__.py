@@ -86,7 +86,9 @@ def write(results: dict, out: Path) -> None:
           f"{meta['date']}, {meta['cpus']} CPUs, {meta['np']} workers x 1 thread, "
           f"{meta['rounds']} alternated rounds{' (quick)' if meta['quick'] else ''}, torch {meta['torch']}, "
           f"Horovod {meta['horovod']}, load average {meta['load_before'][0]:.1f} -> {meta['load_after'][0]:.1f}, "
-          f"{meta['seconds'] / 60:.1f} min. Figures: median over rounds (min-max). Produced by `make bench`.", ""]
+          f"{meta['seconds'] / 60:.1f} min. Figures: median over rounds (min-max). Produced by `make bench`."
+          + "".join(f" The {name} section: a separate run at {r['date']} ({r['why']})."
+                    for name, r in meta.get("reruns", {}).items()), ""]
     for name, res in results["sections"].items():
         md += [f"## {res['title']}", "", res["markdown"], ""]
     out.with_suffix(".md").write_text("\n".join(md))

@@ -477,6 +477,13 @@ SECTIONS = (("step", step_section), ("network", network_section), ("checkpoint",
             ("coldstart", coldstart_section))
 
 
+def reruns_note(meta: dict) -> str:
+    """A section whose part of the full run failed and was run again on its own says so."""
+    return "".join(f" The {name} section is from a separate `make bench ARGS=--only {name}` at "
+                   f"{rerun['date'][:16].replace('T', ' ')} UTC: {rerun['why']}."
+                   for name, rerun in meta.get("reruns", {}).items())
+
+
 def render(res: dict, quick: Optional[dict] = None) -> str:
     meta = res["meta"]
     out = [BEGIN, "", f"`make bench` runs every benchmark ({meta['seconds'] / 60:.1f} minutes for the figures below; "
@@ -489,7 +496,7 @@ def render(res: dict, quick: Optional[dict] = None) -> str:
            f"Horovod {meta['horovod']}, load average {meta['load_before'][0]:.1f} before and "
            f"{meta['load_after'][0]:.1f} after (the benchmark's own processes included)" + (
                f": the cores were shared with other jobs, so the ranges are wide and a ratio whose range crosses 1 "
-               "says nothing." if shared_machine(meta) else ".")
+               "says nothing." if shared_machine(meta) else ".") + reruns_note(meta)
            , "", "### Goals", ""]
     out += table(["goal", "measured", ""], goals(res, quick))
     for name, render_section in SECTIONS:

@@ -40,7 +40,6 @@ def timed(fn, barrier, reps):
 def distrib_candidates():
     """(rank, size, barrier, {name: factory(param) -> call}) in a Horovod job under MPI."""
     import distrib
-    import horovod.torch as hvd
     from distrib.step.reducers import make_reducer
     from mpi4py import MPI
     ctx = distrib.init()
@@ -48,7 +47,7 @@ def distrib_candidates():
     def reducer_call(choice):
         def factory(param):
             os.environ["DISTRIB_REDUCER"] = choice
-            red = make_reducer([("w", param)], hvd)
+            red = make_reducer([("w", param)], ctx.comm)
             grad = torch.ones_like(param)
 
             def call():
