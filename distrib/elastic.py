@@ -112,6 +112,8 @@ class ElasticState(elastic_state_base()):
     def reset(self) -> None:
         """Called after the ring re-formed: every part adopts the new world."""
         self.ctx = self.ctx.reformed()
+        if self.ctx.device.type == "cpu":  # what init() does: a first guess from the engine's local size,
+            share_cores(self.ctx.comm, collective=False)  # refined by fit_threads() in the next attempt
         loader = self._stateful.get("loader")
         # A loader that keeps its global batch re-divides it: the learning rate must stay too.
         keeps_batch = loader is not None and getattr(loader, "keep_global_batch", False)
