@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from distrib.step.gradients import SharedStateOnly
 from distrib.step.reducers import DEFAULT_BUCKET_MB
 from distrib.sharding.optimizer import STAGES, ZeroShard, check_supported
 from distrib.sharding.reducer import ReduceScatterReducer
@@ -64,7 +65,7 @@ def sharded_update(shard: str, optimizer: torch.optim.Optimizer, ctx, *, name: s
     return ReduceScatterUpdate(zero, ctx.comm, compression)
 
 
-class ShardedUpdate:
+class ShardedUpdate(SharedStateOnly):
     """Stage 1: every rank steps the elements it owns, from the allreduced full gradients."""
 
     shard = "optimizer"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from typing import Callable, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 
@@ -160,3 +160,18 @@ def unscale_clip_step(optimizer: torch.optim.Optimizer, scaler, max_grad_norm: O
     scaler.step(optimizer)
     scaler.update()
     return norm
+
+
+class SharedStateOnly:
+    """The part of the update protocol that only local SGD fills in: an update part whose state is
+    the same on every rank (plain data parallelism, ZeRO) has no per-rank checkpoint state and
+    nothing to redo after :meth:`DistributedOptimizer.broadcast_state`."""
+
+    def local_state_dict(self) -> Optional[Dict]:
+        return None
+
+    def load_local_state_dict(self, state: Optional[Dict], reason: Optional[str] = None) -> None:
+        pass
+
+    def restart_from_parameters(self) -> None:
+        pass

@@ -26,7 +26,7 @@ import torch
 from distrib.step.broadcast import broadcast_training_state
 from distrib.compression.local_sgd import LocalSGDUpdate, check_local_sgd
 from distrib.step.buffers import BufferSync
-from distrib.step.gradients import GradientExchange, unscale_clip_step
+from distrib.step.gradients import GradientExchange, SharedStateOnly, unscale_clip_step
 from distrib.step.reducers import make_reducer
 from distrib.sharding.update import check_sharding, sharded_update
 from distrib.step.sync_batchnorm import SyncBatchNorm
@@ -108,7 +108,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # joining later would pair this broadcast with its peers' state sync and hang);
         # ElasticState.sync() broadcasts the same state inside the loop instead.
         if broadcast and not ctx.elastic:
-            self.broadcast_state()
+            self._broadcast(root_rank=0)  # before the update part is built: its first anchor is rank 0's
         allreduce = functools.partial(make_reducer, named, self._comm, compression=compression, op=op,
                                       prefix=f"distrib.{self.name}")
         self._powersgd = None
@@ -117,11 +117,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._powersgd, allreduce = powersgd_factory(named, self._comm, powersgd, prefix=f"distrib.{self.name}")
         # Chosen before the exchange is built: its reducer is the update's (after the broadcast,
         # because a sharded update keeps this rank's slice of rank 0's optimizer state).
-        self._update = (ReplicatedUpdate(optimizer, allreduce) if shard is None and local_sgd is None else
-                        LocalSGDUpdate(optimizer, named, self._comm, local_sgd, prefix=f"distrib.{self.name}")
-                        if local_sgd is not None else
-                        sharded_update(shard, optimizer, ctx, name=self.name, named_params=named,
-                                       compression=compression, make_allreduce=allreduce))
+        if local_sgd is not None:
+            self._update = LocalSGDUpdate(optimizer, named, self._comm, local_sgd, prefix=f"distrib.{self.name}")
+        elif shard is not None:
+            self._update = sharded_update(shard, optimizer, ctx, name=self.name, named_params=named,
+                                          compression=compression, make_allreduce=allreduce)
+        else:
+            self._update = ReplicatedUpdate(optimizer, allreduce)
         self._exchange = GradientExchange(named, self._update.make_reducer, accumulate=accumulate)
         self._phase: Callable[[str], ContextManager] = _untimed
 
@@ -230,16 +232,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # gathers it with the RNG states): PowerSGD's error feedback differs on every rank, and so do
     # local SGD's parameters and inner optimizer state between averages.
     def local_state_dict(self) -> Optional[Dict]:
-        if hasattr(self._update, "local_state_dict"):
-            return self._update.local_state_dict()
-        return None if self._powersgd is None else {"powersgd_error": self._powersgd.error_state_dict()}
+        if self._powersgd is not None:
+            return {"powersgd_error": self._powersgd.error_state_dict()}
+        return self._update.local_state_dict()
 
     def load_local_state_dict(self, state: Optional[Dict], reason: Optional[str] = None) -> None:
         """This rank's saved :meth:`local_state_dict`, or None with the ``reason`` there is none
         (another world size): PowerSGD's error feedback then restarts at zero, local SGD at the
         last average, each with a log line."""
-        if hasattr(self._update, "load_local_state_dict"):
-            self._update.load_local_state_dict(state, reason)
+        self._update.load_local_state_dict(state, reason)
         if self._powersgd is None:
             return
         if state is None:
@@ -252,15 +253,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def broadcast_state(self, root_rank: int = 0) -> None:
         """Make every rank's parameters, buffers and optimizer state equal to ``root_rank``'s.
         Must be called on all ranks (it is a collective)."""
+        self._broadcast(root_rank)
+        self._update.restart_from_parameters()  # local SGD: the broadcast parameters are the new anchor
+
+    def _broadcast(self, root_rank: int) -> None:
         broadcast_training_state(self.model, self.optimizer, self._comm, root_rank,
                                  extra_params=self._extra_params)
         if self.scaler.is_enabled():  # the loss scale: a worker that joined late has a fresh one
             scaler_state = self._comm.broadcast_object(self.scaler.state_dict(), root=root_rank,
                                                        name=f"distrib.{self.name}.grad_scaler")
             self.scaler.load_state_dict(scaler_state)
-        restart = getattr(getattr(self, "_update", None), "restart_from_parameters", None)
-        if restart is not None:  # local SGD: the broadcast parameters are the new anchor
-            restart()
 
     def adopt_world(self, ctx) -> None:
         """The world changed (elastic: the ring re-formed, see :mod:`distrib.elastic`): forget
@@ -291,7 +293,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return self._exchange.reducer
 
 
-class ReplicatedUpdate:
+class ReplicatedUpdate(SharedStateOnly):
     """Plain data parallelism's step: every rank holds the whole optimizer state and steps every
     parameter with the allreduced gradients."""
 
