@@ -240,7 +240,7 @@ class Run:
             with self.metrics.phase("data"):
                 batch = self._next(batches)
             comm = self.ctx.comm
-            with self.metrics.phase("compute"), (comm.failures_deferred() if self.ctx.elastic else _nothing()):
+            with self.metrics.phase("compute"), (comm.failures_deferred() if self.ctx.elastic else contextlib.nullcontext()):
                 yield self.step, batch
             if comm.broken is not None:
                 raise comm.broken  # elastic: the world broke inside the loop body; the recovery loop rolls back
@@ -448,10 +448,6 @@ def prepare_run_dir(run_dir: Union[str, Path]) -> Path:
 def accumulation(optimizer) -> int:
     """Micro-batches per step: the wrapped optimizer's ``accumulate`` (1 for a plain torch one)."""
     return optimizer.accumulate if isinstance(optimizer, DistributedOptimizer) else 1
-
-
-def _nothing():
-    return contextlib.nullcontext()
 
 
 def _check_interval(name: str, value, zero: str) -> None:
