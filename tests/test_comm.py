@@ -16,6 +16,7 @@ import torch
 import distrib
 from distrib.comm import LocalComm, choose_engine
 from distrib.comm import base as comm_base
+from distrib.comm import priority
 from tests.helpers import REPO, SCRIPTS, run_launch, run_torchrun
 
 COLLECTIVES = {
@@ -143,6 +144,18 @@ def test_only_the_communication_layer_imports_an_engine():
                  if "comm" not in path.relative_to(REPO / "distrib").parts
                  and ENGINE_IMPORT.search(path.read_text())]
     assert offenders == []
+
+
+@pytest.mark.parametrize("env, cuda, nice", [({}, False, 19), ({}, True, 0), ({"DISTRIB_COMM_NICE": "0"}, False, 0),
+                                             ({"DISTRIB_COMM_NICE": " 7 "}, True, 7)])
+def test_engine_threads_nice_value(env, cuda, nice):
+    assert priority.engine_nice(env, cuda=cuda) == nice
+
+
+@pytest.mark.parametrize("raw", ["-1", "20", "low"])
+def test_engine_threads_nice_value_out_of_range_is_one_clear_line(raw):
+    with pytest.raises(ValueError, match=r"DISTRIB_COMM_NICE=.* is not a nice value from 0 to 19; set e\.g\."):
+        priority.engine_nice({"DISTRIB_COMM_NICE": raw}, cuda=False)
 
 
 @pytest.mark.multiprocess

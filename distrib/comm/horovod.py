@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from distrib.comm.base import Comm, DistribSetupError, Handle, done
+from distrib.comm.priority import engine_nice, started_threads_at_nice
 
 
 def import_horovod():
@@ -50,13 +51,13 @@ class HorovodComm(Comm):
         if "OMPI_COMM_WORLD_SIZE" in os.environ and not hvd.mpi_built():
             raise DistribSetupError("this worker was started by mpirun, but Horovod was built without MPI; "
                                     "rebuild it with MPI (make setup) or launch with --controller gloo")
-        hvd.init()
+        started_threads_at_nice(hvd.init, engine_nice())  # its polling threads yield to the step (priority.py)
         return cls(hvd), True
 
     def reform(self) -> None:
         """Elastic: leave the broken world and join the re-formed one (Horovod's own reset)."""
         self._hvd.shutdown()
-        self._hvd.init()
+        started_threads_at_nice(self._hvd.init, engine_nice())
         self.clear_broken()
 
     rank = property(lambda self: self._hvd.rank())

@@ -3,6 +3,7 @@ against what the same numbers give computed by hand. Used by tests/test_comm.py 
 Horovod through our launcher and torch.distributed under torchrun). Rank 0 writes JSON."""
 import argparse
 import json
+import os
 
 import torch
 
@@ -53,6 +54,18 @@ got["broadcast_object"] = comm.broadcast_object({"from": rank}, root=0, name="ch
 got["allgather_object"] = comm.allgather_object(("r", rank), name="check.objs") == [("r", r) for r in range(size)]
 comm.barrier(name="check.barrier")
 got["adasum"] = comm.supports_adasum
+
+
+def nice_of(tid):
+    return int(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16])
+
+
+# On this CPU-only machine the Horovod engine's own threads (its background thread, MPI/Gloo's)
+# run at nice 19 (distrib/comm/priority.py) and the training thread keeps its priority; the
+# torch engine's threads are left alone.
+others = [nice_of(int(t)) for t in os.listdir("/proc/self/task") if int(t) != os.getpid()]
+got["engine_threads_at_nice_19_only_on_horovod"] = (nice_of(os.getpid()) == 0
+                                                     and (19 in others) == (ctx.engine == "horovod"))
 
 everyone = comm.allgather_object(got, name="check.results")
 if rank == 0:
