@@ -53,16 +53,30 @@ JOBS = {"distrib": ("distrib", {"buckets": "distrib", "fp16": "distrib-fp16", "p
         "ddp": ("ddp", {"default": "ddp", "fp16": "ddp-fp16", "powersgd1": "ddp-psgd1", "powersgd2": "ddp-psgd2",
                         "powersgd4": "ddp-psgd4",
                         # distrib on the torch engine in DDP's processes: PowerSGD's collectives straight on Gloo
-                        "distrib-torch-powersgd4": "distrib-torch-psgd4", **TORCH_ENGINE})}
+                        "distrib-torch-powersgd4": "distrib-torch-psgd4", **TORCH_ENGINE}),
+        # distrib with the Horovod engine's threads at their usual priority (distrib/comm/priority.py lowers
+        # them on CPU): what that change buys, side by side
+        "distrib-nice0": ("distrib", {"powersgd2": "distrib-psgd2-nice0"})}
+# a job's environment beyond the cluster's
+JOB_ENV = {"distrib-nice0": {"DISTRIB_COMM_NICE": "0"}}
 ALONE = ("alone", {"default": "alone"})
 
 
+def _names(job: str, opts) -> Dict[str, str]:
+    """The job's {step-worker variant: figure name}, only the figures ``opts.variants`` keeps (all when None)."""
+    names = JOBS.get(job, ALONE)[1]
+    keep = getattr(opts, "variants", None)
+    return {v: n for v, n in names.items() if keep is None or n in keep or job == "alone"}
+
+
 def _models(opts) -> tuple:
+    if getattr(opts, "models", None):
+        return tuple(opts.models)
     return MODELS[:1] if opts.quick else MODELS  # --quick: the MLP only (its budget is 3 min in all)
 
 
 def _argv(job: str, opts, out, r: int, rates: List[str]) -> List[str]:
-    impl, names = JOBS.get(job, ALONE)
+    impl, names = JOBS.get(job, ALONE)[0], _names(job, opts)
     return [STEP, "--impl", impl, "--model", ",".join(_models(opts)), "--variants", ",".join(names), "--rotate", str(r),
             "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--out", str(out),
             *(["--link-rates", ",".join(rates)] if job != "alone" else [])]
@@ -88,7 +102,7 @@ def _run_job(cluster, job: str, opts, r: int, rates: List[str], timeout: float =
     (alone: rate None, no link involved)."""
     out = opts.work / f"network-{job}.json"
     out.unlink(missing_ok=True)
-    env = cluster.env({"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"})
+    env = cluster.env({"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0", **JOB_ENV.get(job, {})})
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for cmd in _commands(cluster, job, _argv(job, opts, out, r, rates))]
     outputs = []
@@ -102,7 +116,7 @@ def _run_job(cluster, job: str, opts, r: int, rates: List[str], timeout: float =
                 p.wait()
     if any(p.returncode for p in procs):
         raise launchers.BenchError(f"network {job} job failed: " + "\n".join(o[-2000:] for o in outputs))
-    names = JOBS.get(job, ALONE)[1]
+    names = _names(job, opts)
     by_model = {}
     for model, res in json.loads(out.read_text())["by_model"].items():
         found, wire = {}, {}
@@ -121,11 +135,13 @@ def measure(cluster, opts) -> dict:
 
     One launch per job and round (a launch across hosts costs ~20 s here); inside it the models,
     rates and variants alternate (the workers limit their own links)."""
-    rates = list(RATES)[:1] if opts.quick else list(RATES)
+    rates = getattr(opts, "rates", None) or (list(RATES)[:1] if opts.quick else list(RATES))
     found = {m: {"ms": {rate: {} for rate in rates}, "wire": {rate: {} for rate in rates}, "alone": [],
                  "grad_bytes": 0} for m in _models(opts)}
-    for r in range(min(opts.rounds, 2)):  # 5 launches a round across hosts: 2 rounds keep make bench in budget
-        for job in stats.rotate(["alone", *(j for j in JOBS if not (opts.quick and j == "distrib-gloo"))], r):
+    # 5 launches a round across hosts: 2 rounds keep make bench in budget (a run of a few variants may take more)
+    for r in range(opts.rounds if getattr(opts, "variants", None) else min(opts.rounds, 2)):
+        jobs = [j for j in JOBS if not (opts.quick and j == "distrib-gloo") and _names(j, opts)]
+        for job in stats.rotate(["alone", *jobs], r):
             for model, (got, wire, nbytes) in _run_job(cluster, job, opts, r, rates).items():
                 f = found[model]
                 f["grad_bytes"] = nbytes
@@ -155,6 +171,10 @@ RATIOS = (("vs_horovod_tuned", "distrib", "horovod-tuned", "distrib against plai
           ("gloo_psgd1_vs_ddp", "distrib-gloo-psgd1", "ddp-psgd1", "PowerSGD rank 1 under --controller gloo vs DDP"),
           ("gloo_psgd4_vs_ddp", "distrib-gloo-psgd4", "ddp-psgd4", "PowerSGD rank 4 under --controller gloo vs DDP"),
           ("torch_psgd4_vs_ddp", "distrib-torch-psgd4", "ddp-psgd4", "PowerSGD rank 4 on the torch engine vs DDP"),
+          ("psgd2_nice0_vs_ddp", "distrib-psgd2-nice0", "ddp-psgd2",
+           "PowerSGD rank 2 with Horovod's threads at their usual priority vs DDP"),
+          ("psgd2_vs_nice0", "distrib-psgd2", "distrib-psgd2-nice0",
+           "PowerSGD rank 2: Horovod's threads at nice 19 (the default on CPU) vs at 0"),
           ("local8_vs_psgd4", "distrib-local8", "distrib-psgd4", "local SGD every 8 steps against PowerSGD rank 4"))
 
 
@@ -163,7 +183,8 @@ def rate_row(rate: str, ms: Dict[str, List[float]], alone: List[float], nbytes: 
     wire_s = nbytes * 2 * (n - 1) / n * 8 / RATES[rate]  # the link's time for a ring allreduce's bytes
     ideal = {"ideal": [a + 1e3 * wire_s for a in alone], "ideal-fp16": [a + 1e3 * wire_s / 2 for a in alone]}
     every = {**ms, **ideal, "alone": alone}
-    d, d16, i = ms["distrib"], ms["distrib-fp16"], ideal["ideal"]
+    i = ideal["ideal"]
+    d, d16 = ms.get("distrib", i), ms.get("distrib-fp16", i)  # a run of some variants only: no fp16 figure
     return {"rate": rate, "link_ms_fp32": 1e3 * wire_s,
             "step_ms": {k: stats.summary(v) for k, v in every.items()},
             "efficiency": {k: stats.ratios(alone, v) for k, v in every.items() if k != "alone"},
@@ -190,14 +211,17 @@ def run(opts) -> dict:
     for model, f in found.items():
         rows = [rate_row(rate, ms, f["alone"], f["grad_bytes"], wire=f["wire"][rate]) for rate, ms in f["ms"].items()]
         models[model] = {"grad_bytes": f["grad_bytes"], "rows": rows, "markdown": _table(model, rows, f["grad_bytes"])}
-    conv = convergence(opts)
-    if "lm8" in models:
+    if not getattr(opts, "convergence", True):
+        conv = None
+    else:
+        conv = convergence(opts)
+    if conv and "lm8" in models:
         conv["same_time"] = same_wall_time(conv, models["lm8"]["rows"][0])
     first = models[MODELS[0]]
     return {"title": "Over a network: 2 hosts x 1 worker, link limited with tc tbf; PowerSGD's convergence",
             "model": MODELS[0], "grad_bytes": first["grad_bytes"], "rows": first["rows"], "models": models,
             "convergence": conv,
-            "markdown": "\n\n".join([m["markdown"] for m in models.values()] + [_convergence_table(conv)])}
+            "markdown": "\n\n".join([m["markdown"] for m in models.values()] + ([_convergence_table(conv)] if conv else []))}
 
 
 CONVERGE_VARIANTS = "fp32,fp16,powersgd1,powersgd2,powersgd4,local4,local8,diloco8"
@@ -292,12 +316,13 @@ def _convergence_table(c: dict) -> str:
     return "\n".join(out)
 
 
-SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd4",
+SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2",
+         "distrib-psgd2-nice0", "distrib-psgd4",
          "distrib-local4", "distrib-local8", "distrib-torch-psgd4", "distrib-gloo",
          "distrib-gloo-psgd1", "distrib-gloo-psgd4",
          "horovod-tuned", "horovod-tuned-fp16", "ddp", "ddp-fp16", "ddp-psgd1", "ddp-psgd2", "ddp-psgd4",
          "distrib-torch")
-BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd4", "distrib-torch-psgd4",
+BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd2-nice0", "distrib-psgd4", "distrib-torch-psgd4",
          "distrib-local4", "distrib-local8", "distrib-gloo-psgd1", "distrib-gloo-psgd4", "ddp",
          "ddp-psgd1", "ddp-psgd2", "ddp-psgd4")
 
@@ -323,11 +348,46 @@ def _table(model: str, rows, nbytes: int) -> str:
             out.append(f"| {r['rate']} | " + " | ".join(
                 stats.fmt_value({k: v / 1024 for k, v in r["wire_bytes"][k].items() if k != "n"}, "", 0)
                 for k in wired) + " |")
-        out += ["", "| fewer bytes than distrib fp32 | " + " | ".join(wired) + " |", "|---" * (len(wired) + 1) + "|"]
-        for r in rows:
-            out.append(f"| {r['rate']} | " + " | ".join(stats.fmt(r["fewer_bytes_than_fp32"][k]) for k in wired) + " |")
+        fewer = [k for k in wired if k in rows[0]["fewer_bytes_than_fp32"]]  # none without distrib fp32
+        out += ["", "| fewer bytes than distrib fp32 | " + " | ".join(fewer) + " |", "|---" * (len(fewer) + 1) + "|"] if fewer else []
+        for r in rows if fewer else []:
+            out.append(f"| {r['rate']} | " + " | ".join(stats.fmt(r["fewer_bytes_than_fp32"][k]) for k in fewer) + " |")
     out += ["", f"The {model}'s gradients are {nbytes / 2**20:.1f} MiB; the ideal adds the link's time for "
             "2(n-1)/n of them (" + ", ".join(f"{r['rate']}: {r['link_ms_fp32']:.1f} ms" for r in rows)
             + "; half with fp16). Both hosts share this machine's 2 cores; TCP over the namespaces' veth link is "
             "itself CPU-bound well below 10 Gbit/s."]
     return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.bench_network --variants distrib-psgd2,ddp-psgd2 [--models lm8] [--rates 1gbit]``:
+    only those figures (and the one-worker baseline), without the convergence runs unless asked;
+    a quicker look at a few variants than the whole section (``python -m benchmarks --only network``)."""
+    import argparse
+    from pathlib import Path
+    known = sorted({n for _, names in JOBS.values() for n in names.values()})
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_network", description=main.__doc__)
+    p.add_argument("--variants", required=True, help="comma-separated figure names: " + ", ".join(known))
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--rates", default=",".join(RATES), help=f"comma-separated, of {', '.join(RATES)}")
+    p.add_argument("--rounds", type=int, default=2, help="alternated rounds (one launch per job and round)")
+    p.add_argument("--convergence", action="store_true", help="also the LM's convergence runs (minutes)")
+    p.add_argument("--out", type=Path, required=True, help="results .json (a .md beside it)")
+    opts = p.parse_args(argv)
+    opts.variants = set(opts.variants.split(","))
+    opts.models, opts.rates = opts.models.split(","), opts.rates.split(",")
+    unknown = sorted(opts.variants - set(known))
+    if unknown or not set(opts.models) <= set(MODELS) or not set(opts.rates) <= set(RATES):
+        p.error(f"unknown variant, model or rate in {unknown or opts.models + opts.rates}; choose variants from "
+                f"{', '.join(known)}, models from {', '.join(MODELS)}, rates from {', '.join(RATES)}")
+    opts.quick, opts.work = False, Path(__file__).resolve().parent / "_work"
+    opts.work.mkdir(exist_ok=True)
+    res = run(opts)
+    opts.out.write_text(json.dumps(res, indent=1))
+    opts.out.with_suffix(".md").write_text(res["markdown"] + "\n")
+    print(res["markdown"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -211,6 +211,12 @@ def test_two_ranks_equal_the_reference_on_the_global_batch(tmp_path, engine):
                 torch.testing.assert_close(got[r][step]["params"][n], w, rtol=1e-9, atol=1e-11,
                                            msg=f"rank {r} step {step} {n}")
     assert got[0][5]["grads"]["unused.weight"] is None
+    # Horovod's polling threads at nice 19 while the step computes, from the first low-rank step
+    # on; the training thread keeps its priority; the torch engine's threads are left alone
+    for r in range(2):
+        for step in range(6):
+            main, others = got[r][step]["nice"]
+            assert main == 0 and (19 in others) == (engine == "horovod" and step >= 2), (r, step, others)
     first = reference_run(1, rank=2, start_step=2)[0]  # ... and it moved nowhere
     assert torch.equal(got[0][5]["params"]["unused.weight"], first["unused.weight"])
 

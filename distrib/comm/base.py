@@ -108,6 +108,10 @@ class Comm:
         """Exception types by which this engine says a peer is gone (the latch closes on them)."""
         return ()
 
+    def set_engine_priority(self, nice: int) -> None:
+        """The engine's own threads at nice value ``nice`` (distrib/comm/priority.py); engines whose
+        threads do not poll leave them alone."""
+
     # -- the latch -----------------------------------------------------------------------------
     def mark_broken(self, exc: BaseException) -> None:
         self.broken = exc

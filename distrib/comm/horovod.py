@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from distrib.comm.base import Comm, DistribSetupError, Handle, done
-from distrib.comm.priority import engine_nice, started_threads_at_nice
+from distrib.comm import priority
 
 
 def import_horovod():
@@ -26,6 +26,16 @@ def import_horovod():
             "(README: Installing into your own environment), run `make setup` in a checkout to build it, "
             "or use the torch engine (distrib.init(engine='torch'), python -m launch --engine torch)") from exc
     return hvd
+
+
+# The ids of the threads hvd.init() started, kept on Horovod's module: they belong to its
+# process-wide runtime (a HorovodComm is made anew by every distrib.init()), and its re-init
+# (elastic reform) replaces them.
+ENGINE_THREADS = "_distrib_engine_threads"
+
+
+def _remember_engine_threads(hvd, threads) -> None:
+    setattr(hvd, ENGINE_THREADS, threads)
 
 
 class HorovodComm(Comm):
@@ -51,13 +61,15 @@ class HorovodComm(Comm):
         if "OMPI_COMM_WORLD_SIZE" in os.environ and not hvd.mpi_built():
             raise DistribSetupError("this worker was started by mpirun, but Horovod was built without MPI; "
                                     "rebuild it with MPI (make setup) or launch with --controller gloo")
-        started_threads_at_nice(hvd.init, engine_nice())  # its polling threads yield to the step (priority.py)
+        _, threads = priority.started_threads(hvd.init)
+        _remember_engine_threads(hvd, threads)
         return cls(hvd), True
 
     def reform(self) -> None:
         """Elastic: leave the broken world and join the re-formed one (Horovod's own reset)."""
         self._hvd.shutdown()
-        started_threads_at_nice(self._hvd.init, engine_nice())
+        _, threads = priority.started_threads(self._hvd.init)
+        _remember_engine_threads(self._hvd, threads)
         self.clear_broken()
 
     rank = property(lambda self: self._hvd.rank())
@@ -110,6 +122,11 @@ class HorovodComm(Comm):
 
     def _barrier(self, name):
         self._hvd.allreduce(torch.zeros(1), name=name, op=self._hvd.Sum)
+
+    def set_engine_priority(self, nice: int) -> None:
+        """Horovod's own threads (its background thread, MPI's or Gloo's) at nice value ``nice``
+        (distrib/comm/priority.py: lowered while a step computes, raised for its collectives)."""
+        priority.set_nice(getattr(self._hvd, ENGINE_THREADS, frozenset()), nice)
 
     def mpi_transport(self) -> Optional["MpiTransport"]:
         """:class:`MpiTransport` when Horovod runs on MPI with thread support for a second caller

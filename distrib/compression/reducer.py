@@ -19,6 +19,7 @@ from typing import FrozenSet, List, Tuple
 
 import torch
 
+from distrib.comm import priority
 from distrib.compression.powersgd import PowerSGDState
 from distrib.step.reducers import BucketedReducer
 
@@ -40,6 +41,9 @@ class PowerSGDReducer:
         self._used: List[bool] = [False] * len(self._params)
         self._pending = len(self._params)
         self._handles = None  # (dense buffer, its handle, P handle) once launched
+        # The engine's polling threads at this nice value while the step computes, raised for the
+        # collectives after backward (distrib/comm/priority.py); 0: left alone.
+        self._idle_nice = priority.engine_nice() if priority.may_raise_back() else 0
 
     @property
     def compressing(self) -> bool:
@@ -70,6 +74,8 @@ class PowerSGDReducer:
             flags.fill_(float(self._used[0]))
         else:
             flags.copy_(torch.tensor(self._used, dtype=state.dtype), non_blocking=True)
+        if self._idle_nice:
+            self._comm.set_engine_priority(0)  # the collectives start: the engine's threads at full priority
         self._handles = (wire, self._comm.allreduce_async_(wire, name=f"{self._prefix}.powersgd.first"))
 
     def synchronize(self) -> FrozenSet[torch.Tensor]:
@@ -95,6 +101,8 @@ class PowerSGDReducer:
         used_here = all(self._used)
         applied = None if used_here else {i: (flags[i] > 0).to(state.dtype) for i in state.compressed}
         q_handle.wait()
+        if self._idle_nice:  # nothing more to send this step: the engine's polling yields to the compute
+            self._comm.set_engine_priority(self._idle_nice)
         state.finish(q, grads, applied)
         state.step += 1
         self._handles, self._pending = None, len(self._params)

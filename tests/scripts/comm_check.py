@@ -60,12 +60,18 @@ def nice_of(tid):
     return int(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16])
 
 
-# On this CPU-only machine the Horovod engine's own threads (its background thread, MPI/Gloo's)
-# run at nice 19 (distrib/comm/priority.py) and the training thread keeps its priority; the
-# torch engine's threads are left alone.
-others = [nice_of(int(t)) for t in os.listdir("/proc/self/task") if int(t) != os.getpid()]
-got["engine_threads_at_nice_19_only_on_horovod"] = (nice_of(os.getpid()) == 0
-                                                     and (19 in others) == (ctx.engine == "horovod"))
+# The Horovod engine's own threads can be lowered and raised back (distrib/comm/priority.py); the
+# training thread keeps its priority; the torch engine's threads are left alone.
+def nices():
+    return nice_of(os.getpid()), {nice_of(int(t)) for t in os.listdir("/proc/self/task") if int(t) != os.getpid()}
+
+
+at_start = nices()
+comm.set_engine_priority(19)
+lowered = nices()
+comm.set_engine_priority(0)
+got["engine_threads_lowered_and_raised_only_on_horovod"] = (
+    at_start == (0, {0}) and lowered[0] == 0 and (19 in lowered[1]) == (ctx.engine == "horovod") and nices() == (0, {0}))
 
 everyone = comm.allgather_object(got, name="check.results")
 if rank == 0:

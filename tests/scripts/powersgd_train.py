@@ -53,6 +53,16 @@ if args.ckpt_dir:
     manager = distrib.CheckpointManager(args.ckpt_dir, ctx, async_save=False)
     resumed = manager.restore(state, "auto")
     start = 0 if resumed is None else resumed
+
+
+def thread_nices():
+    """(this thread's nice value, the set of the other threads' ones): Horovod's polling threads
+    sit at 19 between low-rank steps on this CPU-only machine (distrib/comm/priority.py)."""
+    def nice(tid):
+        return int(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16])
+    return nice(os.getpid()), sorted({nice(int(t)) for t in os.listdir("/proc/self/task") if int(t) != os.getpid()})
+
+
 records = []
 for step in range(start, args.steps):
     for k in range(args.accumulate):
@@ -64,7 +74,8 @@ for step in range(start, args.steps):
     opt.step()
     opt.zero_grad()
     records.append({"step": step, "grads": grads,
-                    "params": {n: q.detach().clone() for n, q in model.named_parameters()}})
+                    "params": {n: q.detach().clone() for n, q in model.named_parameters()},
+                    "nice": thread_nices()})
     if manager is not None and args.save_every and (step + 1) % args.save_every == 0:
         manager.save(step + 1, state)
         if step + 1 == args.die_at:
