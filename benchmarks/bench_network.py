@@ -53,6 +53,7 @@ JOBS = {"distrib": ("distrib", {"buckets": "distrib", "fp16": "distrib-fp16", "p
         "ddp": ("ddp", {"default": "ddp", "fp16": "ddp-fp16", "powersgd1": "ddp-psgd1", "powersgd2": "ddp-psgd2",
                         "powersgd4": "ddp-psgd4",
                         # distrib on the torch engine in DDP's processes: PowerSGD's collectives straight on Gloo
+                        "distrib-torch-powersgd2": "distrib-torch-psgd2",
                         "distrib-torch-powersgd4": "distrib-torch-psgd4", **TORCH_ENGINE}),
         # distrib with the Horovod engine's threads at their usual priority (distrib/comm/priority.py lowers
         # them on CPU): what that change buys, side by side
@@ -170,6 +171,7 @@ RATIOS = (("vs_horovod_tuned", "distrib", "horovod-tuned", "distrib against plai
           ("psgd4_vs_ddp", "distrib-psgd4", "ddp-psgd4", "PowerSGD rank 4: distrib against DDP's hook"),
           ("gloo_psgd1_vs_ddp", "distrib-gloo-psgd1", "ddp-psgd1", "PowerSGD rank 1 under --controller gloo vs DDP"),
           ("gloo_psgd4_vs_ddp", "distrib-gloo-psgd4", "ddp-psgd4", "PowerSGD rank 4 under --controller gloo vs DDP"),
+          ("torch_psgd2_vs_ddp", "distrib-torch-psgd2", "ddp-psgd2", "PowerSGD rank 2 on the torch engine vs DDP"),
           ("torch_psgd4_vs_ddp", "distrib-torch-psgd4", "ddp-psgd4", "PowerSGD rank 4 on the torch engine vs DDP"),
           ("psgd2_nice0_vs_ddp", "distrib-psgd2-nice0", "ddp-psgd2",
            "PowerSGD rank 2 with Horovod's threads at their usual priority vs DDP"),
@@ -318,11 +320,11 @@ def _convergence_table(c: dict) -> str:
 
 SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2",
          "distrib-psgd2-nice0", "distrib-psgd4",
-         "distrib-local4", "distrib-local8", "distrib-torch-psgd4", "distrib-gloo",
+         "distrib-local4", "distrib-local8", "distrib-torch-psgd2", "distrib-torch-psgd4", "distrib-gloo",
          "distrib-gloo-psgd1", "distrib-gloo-psgd4",
          "horovod-tuned", "horovod-tuned-fp16", "ddp", "ddp-fp16", "ddp-psgd1", "ddp-psgd2", "ddp-psgd4",
          "distrib-torch")
-BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd2-nice0", "distrib-psgd4", "distrib-torch-psgd4",
+BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd2-nice0", "distrib-psgd4", "distrib-torch-psgd2", "distrib-torch-psgd4",
          "distrib-local4", "distrib-local8", "distrib-gloo-psgd1", "distrib-gloo-psgd4", "ddp",
          "ddp-psgd1", "ddp-psgd2", "ddp-psgd4")
 

@@ -23,8 +23,8 @@ bytes this host's link sent per timed step (eth0's tx_bytes counter: everything 
               with DDP's fp16_compress_hook), powersgd1/2/4 (default with DDP's powerSGD_hook
               at rank 1 and 4, low-rank from the first timed step), and tuned-<MB>: gradient_as_bucket_view=True,
               bucket_cap_mb=MB, broadcast_buffers=False (BatchNorm statistics stay per worker,
-              as under distrib and Horovod), and distrib-torch (distrib-torch-powersgd4: with PowerSGD
-              rank 4): distrib.wrap on the torch engine
+              as under distrib and Horovod), and distrib-torch (distrib-torch-powersgd2/4: with PowerSGD
+              rank 2 or 4): distrib.wrap on the torch engine
               (distrib.init(engine="torch") joins the same Gloo process group), alternated with DDP
               in the same processes
 """
@@ -47,7 +47,8 @@ from benchmarks.workers.models import DEFAULT_BATCH, MODELS, build, grad_bytes  
 VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"),
             "distrib": ("buckets", "per-parameter", "fp16", "powersgd1", "powersgd2", "powersgd4", "local4", "local8",
                         "horovod", "horovod-fp16"),
-            "ddp": ("default", "fp16", "powersgd1", "powersgd2", "powersgd4", "distrib-torch", "distrib-torch-powersgd4")}
+            "ddp": ("default", "fp16", "powersgd1", "powersgd2", "powersgd4", "distrib-torch", "distrib-torch-powersgd2",
+                    "distrib-torch-powersgd4")}
 
 
 def parse_args(argv=None):
