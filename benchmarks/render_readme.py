@@ -300,8 +300,10 @@ def network_section(sec: dict, res: dict) -> List[str]:
     out = ["### Over a network: 2 hosts x 1 worker", "",
            "Two hosts of the project's multi-host test cluster (network namespaces with their own address, hostname "
            "and sshd), each link limited with `tc tbf`. psgd1, psgd2, psgd4: `compression=\"powersgd\"` at rank 1, 2 "
-           "and 4 (distrib; distrib-torch-psgd4 on the torch engine in DDP's processes), DDP's `powerSGD_hook` at the "
-           "same ranks and warm-up (ddp-psgd*), low-rank in every timed step. local4, local8: "
+           "and 4 (distrib; distrib-torch-psgd2/4 on the torch engine in DDP's processes), DDP's `powerSGD_hook` at the "
+           "same ranks and warm-up (ddp-psgd*), low-rank in every timed step. distrib-psgd2-nice0: rank 2 with "
+           "`DISTRIB_COMM_NICE=0` (Horovod's polling threads left at their priority while the step computes; "
+           "by default PowerSGD's reducer lowers them on CPU). local4, local8: "
            "`local_sgd=distrib.LocalSGD(every=4 | 8)`, the mean step over 8 steps (the averages included)."]
     for model, m in models.items():
         rows = m["rows"]
