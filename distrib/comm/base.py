@@ -110,6 +110,8 @@ class Comm:
 
     # -- the latch -----------------------------------------------------------------------------
     def mark_broken(self, exc: BaseException) -> None:
+        """A collective raised one of :attr:`failures`: close the latch (an engine may also tell
+        its peers at once, see HorovodComm)."""
         self.broken = exc
 
     def clear_broken(self) -> None:
@@ -135,7 +137,7 @@ class Comm:
         try:
             return fn(*args)
         except self.failures as exc:
-            self.broken = exc
+            self.mark_broken(exc)
             if self._deferring:
                 return void
             raise
