@@ -93,3 +93,19 @@ def test_proc_tables_and_the_status_channel_port():
         peer.close()
     assert status_channel_port({ADDRESS_ENV: "198.18.0.1,127.0.0.1:40123"}) == 40123
     assert status_channel_port({}) is None
+
+
+def test_watch_peers_has_the_kernel_drop_a_silent_peer_of_the_ring_only(listener):
+    """The ring's connections get keepalive probes and a bound on unacknowledged data (a lost host
+    then fails them in LOST_HOST_S instead of the Gloo timeout); other connections keep the defaults."""
+    older = connect(listener)
+    opened = []
+    ring = RingSockets.opened_during(lambda: opened.append(connect(listener)))
+    assert ring.watch_peers(lost_after_s=5.0) == 1
+    assert opened[0].getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert opened[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 5000
+    assert opened[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 1
+    assert older.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+    assert older.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
+    for s in [older, *opened, listener.accept()[0], listener.accept()[0]]:
+        s.close()

@@ -57,9 +57,11 @@ class HorovodComm(Comm):
         return comm, True
 
     def _join(self) -> None:
-        """``hvd.init()``, remembering the connections it opened when Gloo runs the world."""
+        """``hvd.init()``, remembering the connections it opened when Gloo runs the world, and
+        having the kernel drop those whose peer host goes silent (see ring_sockets)."""
         ring = RingSockets.opened_during(self._hvd.init, exclude_port=status_channel_port())
         self._ring = RingSockets() if self._hvd.mpi_enabled() else ring  # under MPI the sockets are MPI's
+        self._ring.watch_peers()
 
     def mark_broken(self, exc: BaseException) -> None:
         """A peer is gone: cut this worker's Gloo connections at once, so that a peer blocked in a

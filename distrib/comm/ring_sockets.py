@@ -11,6 +11,16 @@ Gloo timeout. A worker that learns the world is broken therefore shuts its side 
 connection down (:meth:`RingSockets.sever`): a peer blocked on it gets end-of-file at once
 ("Connection closed by peer"), fails the same way, and its own shutdown passes the news on.
 
+A host that is lost outright (power, link) resets nothing: its peers' connections to it just go
+silent, and a receive from it waits out the Gloo timeout. :meth:`RingSockets.watch_peers` has the
+kernel give up on such a connection after ``LOST_HOST_S`` of silence instead (TCP keepalive
+probes, and ``TCP_USER_TIMEOUT`` for data sent but not acknowledged); the receive then fails, and
+the worker cuts the rest as above. Safe for a healthy job: probes and acknowledgements are
+answered by the peer host's kernel whatever its process does (busy, blocked in I/O, waiting for
+a slow rank), so only a host that answers nothing for that long, i.e. one that is gone or cut
+off, is dropped. A rank stopped outright (SIGSTOP) while data waits for it may be dropped too;
+it is a hang either way.
+
 Which sockets: the TCP connections established while ``hvd.init()`` ran (:meth:`RingSockets.
 opened_during`), less the status channel's (distrib's heartbeat, which has its own lifetime).
 Each is remembered by descriptor *and* inode, and severed only through a duplicate whose inode
@@ -27,6 +37,9 @@ from launch.status_channel import ADDRESS_ENV, parse_address
 
 T = TypeVar("T")
 TCP_TABLES = ("/proc/self/net/tcp", "/proc/self/net/tcp6")
+# Seconds of silence after which a peer host counts as lost (see the module docstring): well above
+# TCP's retransmission of a lost packet (200 ms, doubling), far below the Gloo timeout (15-30 s).
+LOST_HOST_S = 5.0
 ESTABLISHED = "01"  # the state column of /proc/net/tcp
 
 
@@ -87,14 +100,27 @@ class RingSockets:
         return cls({fd: inode for fd, inode in socket_descriptors().items()
                     if inode not in before and inode in connections and connections[inode] != exclude_port})
 
+    def watch_peers(self, lost_after_s: float = LOST_HOST_S) -> int:
+        """Have the kernel end every remembered connection whose peer host stays silent for
+        ``lost_after_s`` (module docstring); returns how many it applied to. Never raises."""
+        options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+        if hasattr(socket, "TCP_KEEPIDLE"):  # Linux: probe after 1 s idle, every second
+            options += [(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1), (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1),
+                        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, int(lost_after_s)))]
+        if hasattr(socket, "TCP_USER_TIMEOUT"):  # also bounds unacknowledged data and the probes
+            options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(lost_after_s * 1000)))
+        return sum(_with_socket(fd, inode, lambda sock: [sock.setsockopt(*o) for o in options])
+                   for fd, inode in self.sockets.items())
+
     def sever(self) -> int:
         """Shut down every remembered connection that is still the same socket; returns how many.
         Idempotent, never raises (it runs while a failure is being handled)."""
-        return sum(_shut_down(fd, inode) for fd, inode in self.sockets.items())
+        return sum(_with_socket(fd, inode, lambda sock: sock.shutdown(socket.SHUT_RDWR))
+                   for fd, inode in self.sockets.items())
 
 
-def _shut_down(fd: int, inode: int) -> bool:
-    """Shut down the socket behind ``fd`` if it is still the one of ``inode``."""
+def _with_socket(fd: int, inode: int, action: Callable[[socket.socket], object]) -> bool:
+    """``action(socket)`` on the socket behind ``fd`` if it is still the one of ``inode``."""
     try:
         dup = os.dup(fd)  # a number of our own: ``fd`` cannot be reused while we look
     except OSError:  # closed meanwhile (Gloo closes a pair that failed)
@@ -103,9 +129,9 @@ def _shut_down(fd: int, inode: int) -> bool:
         if os.fstat(dup).st_ino != inode:  # the number now names another file
             return False
         with socket.socket(fileno=os.dup(dup)) as sock:  # closing it closes that duplicate only
-            sock.shutdown(socket.SHUT_RDWR)
+            action(sock)
         return True
-    except OSError:  # not connected any more
+    except OSError:  # not connected any more (or the option is not offered here)
         return False
     finally:
         os.close(dup)
