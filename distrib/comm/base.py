@@ -73,6 +73,10 @@ class Comm:
     # The cap (MB) of the first gradient bucket (the last layers'), when the engine wants it smaller
     # than the others so that communication starts early in backward (DDP's 1 MiB); None: no special case.
     first_bucket_mb: Optional[float] = None
+    # An average is a sum, then a division by the world size in the training thread when the handle
+    # is waited for (Gloo has no average op): a caller that copies the tensor anyway can divide while
+    # copying and ask for op="sum" instead.
+    divides_average = False
 
     def __init__(self):
         self.broken: Optional[BaseException] = None
