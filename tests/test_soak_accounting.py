@@ -81,8 +81,10 @@ def test_a_soak_that_measures_one_row_keeps_the_others_with_their_dates(tmp_path
     measure stay, each with the date of the run that measured it (an old file's meta date)."""
     import json
     from benchmarks.soak.__main__ import merged, previous_rows
-    row = lambda mode, every, minutes, steps, **kw: dict(mode=mode, kill_every_s=every, seconds=60 * minutes,  # noqa: E731
-                                                         steps=steps, **kw)
+
+    def row(mode, every, minutes, steps, **kw):
+        return dict(mode=mode, kill_every_s=every, seconds=60 * minutes, steps=steps, **kw)
+
     out = tmp_path / "results-soak.json"
     out.write_text(json.dumps({"meta": {"date": "2026-12-04T10:00:00+00:00"},
                                "rows": [row("elastic", 60.0, 10, 1), row("elastic", 15.0, 2, 2),
