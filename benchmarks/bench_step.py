@@ -173,7 +173,9 @@ def model_row(model: str, m: dict) -> dict:
 
 
 def run(opts) -> dict:
-    opts.warmup, opts.steps = (2, 5) if opts.quick else (2, 10)  # a launch costs more than its steps
+    # a launch costs more than its steps; 20 timed steps a variant (10 until the torch engine's ratio to
+    # DDP came within a few per cent, where a busy step or two moved a round's median as much)
+    opts.warmup, opts.steps = (2, 5) if opts.quick else (2, 20)
     models = ("mlp",) if opts.quick else ("mlp", "lm", "conv")
     found = measure(opts, models)
     rows = [model_row(model, found[model]) for model in models]
