@@ -27,6 +27,10 @@ from benchmarks.bench_allreduce import raw_mpi_ms
 STEP = "benchmarks/workers/step.py"
 DDP_SWEEP_MB = (1, 5, 25)
 QUICK_DDP_SWEEP_MB = (5,)  # --quick: a smoke run of every job, not a sweep
+# distrib on the torch engine gets the same sweep as DDP: its default bucket (4 MiB) and these. Both
+# "tuned" figures are then the lowest of three medians picked after the fact (a minimum of noisy
+# medians is biased low), so neither side gets the bias alone.
+DISTRIB_TORCH_SWEEP_MB = (1, 25)
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,12 @@ class Job:
     env: Dict[str, str] = field(default_factory=dict)
 
 
-def jobs(ddp_sweep_mb=DDP_SWEEP_MB) -> Dict[str, Job]:
+def jobs(ddp_sweep_mb=DDP_SWEEP_MB, distrib_torch_sweep_mb=DISTRIB_TORCH_SWEEP_MB) -> Dict[str, Job]:
     ddp_names = {"default": "ddp-default", **{f"tuned-{mb}": f"ddp-tuned-{mb}" for mb in ddp_sweep_mb},
-                 "distrib-torch": "distrib-torch"}
+                 "distrib-torch": "distrib-torch",
+                 **{f"distrib-torch-bucket-{mb}": f"distrib-torch-bucket-{mb}" for mb in distrib_torch_sweep_mb},
+                 "distrib-torch-divide-after": "distrib-torch-divide-after",
+                 "distrib-torch-first-1mb": "distrib-torch-first-1mb"}
     alone = lambda n, argv, env: [launchers.PY, *argv]  # noqa: E731
     launch = lambda n, argv, env: launchers.launch(n, argv)  # noqa: E731
     no_yield = lambda n, argv, env: launchers.tuned_mpirun(n, argv, env, yield_when_idle=False)  # noqa: E731
@@ -85,7 +92,7 @@ def _launch(job: Job, opts, models, r: int) -> dict:
 
 def measure(opts, models) -> dict:
     """{model: {"ms": {name: [median step ms per round]}, "ideal_comm_ms": [...], ...}}."""
-    all_jobs = jobs(QUICK_DDP_SWEEP_MB if opts.quick else DDP_SWEEP_MB)
+    all_jobs = jobs(QUICK_DDP_SWEEP_MB, ()) if opts.quick else jobs()
     found = {m: {"ms": {}, "ideal_comm_ms": []} for m in models}
     nbytes = {m: grad_bytes(m) for m in models}
     for r in range(opts.rounds):
@@ -110,7 +117,9 @@ RATIOS: Tuple[Tuple[str, str, str, str], ...] = (
     ("vs_ddp_default", "distrib", "ddp-default", "distrib against DDP over Gloo, defaults"),
     ("vs_ddp_tuned", "distrib", "ddp-tuned", "distrib against DDP over Gloo, tuned"),
     ("torch_engine_vs_ddp_tuned", "distrib-torch", "ddp-tuned",
-     "distrib on the torch engine against DDP over Gloo, tuned, in the same processes"),
+     "distrib on the torch engine, defaults, against DDP over Gloo, tuned, in the same processes"),
+    ("torch_engine_tuned_vs_ddp_tuned", "distrib-torch-tuned", "ddp-tuned",
+     "both tuned alike: the best of a three-size bucket sweep each"),
     ("torch_engine_vs_horovod_engine", "distrib-torch", "distrib", "distrib: torch engine against Horovod engine"),
     ("vs_horovod_tuned", "distrib", "horovod-tuned", "distrib against plain Horovod with the same settings"),
     ("vs_horovod_default", "distrib", "horovod-default", "distrib against plain Horovod under horovodrun defaults"),
@@ -119,25 +128,35 @@ RATIOS: Tuple[Tuple[str, str, str, str], ...] = (
     ("lever_cycle", "distrib-cycle-0.1ms", "distrib",
      "candidate lever, not adopted: cycle time 0.1 ms (vs Horovod's 1 ms)"),
     ("lever_yield", "distrib", "distrib-no-yield", "lever: mpi_yield_when_idle (vs Open MPI's busy polling)"),
+    ("lever_prescale", "distrib-torch", "distrib-torch-divide-after",
+     "lever, torch engine: divide on the way into the bucket (vs a division pass after Gloo's sum)"),
+    ("lever_first_bucket", "distrib-torch", "distrib-torch-first-1mb",
+     "lever, torch engine: no small first bucket on one host (vs DDP's 1 MiB)"),
     ("ddp_tuning", "ddp-tuned", "ddp-default", "DDP's own tuning"),
 )
-EFFICIENCY_OF = ("distrib", "distrib-torch", "horovod-tuned", "horovod-default", "ddp-default", "ddp-tuned", "pair")
+EFFICIENCY_OF = ("distrib", "distrib-torch", "distrib-torch-tuned", "horovod-tuned", "horovod-default", "ddp-default", "ddp-tuned", "pair")
 
 
-def best_ddp(ms: Dict[str, list]) -> str:
-    """The swept DDP bucket size with the lowest median step time (its per-round values become
-    "ddp-tuned": picked after the fact, which favours DDP, never distrib)."""
-    swept = [f"ddp-tuned-{mb}" for mb in DDP_SWEEP_MB if f"ddp-tuned-{mb}" in ms]
-    return min(swept, key=lambda k: statistics.median(ms[k]))
+def best_of(ms: Dict[str, list], swept) -> str:
+    """Of the ``swept`` names present in ``ms``, the one with the lowest median step time (its
+    per-round values become the "tuned" figure: picked after the fact)."""
+    return min((k for k in swept if k in ms), key=lambda k: statistics.median(ms[k]))
 
 
 def model_row(model: str, m: dict) -> dict:
     ms = dict(m["ms"])
-    tuned = best_ddp(ms)
+    tuned = best_of(ms, [f"ddp-tuned-{mb}" for mb in DDP_SWEEP_MB])
     ms["ddp-tuned"] = ms[tuned]
+    from distrib.step.reducers import DEFAULT_BUCKET_MB  # torch is imported here only (as in grad_bytes)
+    torch_swept = {"distrib-torch": DEFAULT_BUCKET_MB,
+                   **{f"distrib-torch-bucket-{mb}": mb for mb in DISTRIB_TORCH_SWEEP_MB}}
+    torch_tuned = best_of(ms, torch_swept)
+    ms["distrib-torch-tuned"] = ms[torch_tuned]
     row = {"model": model, "params": m["params"], "grad_bytes": m["grad_bytes"], "tensors": m["tensors"],
            "batch": m["batch"], "ddp_tuned_bucket_mb": float(tuned.rsplit("-", 1)[1]),
            "ddp_swept_mb": [mb for mb in DDP_SWEEP_MB if f"ddp-tuned-{mb}" in ms],
+           "distrib_torch_tuned_bucket_mb": float(torch_swept[torch_tuned]),
+           "distrib_torch_swept_mb": [mb for k, mb in torch_swept.items() if k in ms],
            "step_ms": {k: stats.summary(v) for k, v in ms.items()},
            "ratios": {key: {"a": a, "b": b, "what": what, **stats.ratios(ms[a], ms[b])}
                       for key, a, b, what in RATIOS}}
@@ -154,7 +173,9 @@ def model_row(model: str, m: dict) -> dict:
 
 
 def run(opts) -> dict:
-    opts.warmup, opts.steps = (2, 5) if opts.quick else (2, 10)  # a launch costs more than its steps
+    # a launch costs more than its steps; 20 timed steps a variant (10 until the torch engine's ratio to
+    # DDP came within a few per cent, where a busy step or two moved a round's median as much)
+    opts.warmup, opts.steps = (2, 5) if opts.quick else (2, 20)
     models = ("mlp",) if opts.quick else ("mlp", "lm", "conv")
     found = measure(opts, models)
     rows = [model_row(model, found[model]) for model in models]
@@ -162,7 +183,7 @@ def run(opts) -> dict:
             "steps": {"warmup": opts.warmup, "timed": opts.steps}, "markdown": _table(rows)}
 
 
-SHOWN = ("alone", "pair", "ideal", "distrib", "distrib-torch", "distrib-per-parameter", "distrib-cycle-0.1ms", "distrib-no-yield",
+SHOWN = ("alone", "pair", "ideal", "distrib", "distrib-torch", "distrib-torch-tuned", "distrib-per-parameter", "distrib-cycle-0.1ms", "distrib-no-yield",
          "horovod-tuned", "horovod-default", "ddp-tuned", "ddp-default")
 
 
@@ -185,6 +206,9 @@ def _table(rows) -> str:
     out += ["", "ddp-tuned: gradient_as_bucket_view=True, broadcast_buffers=False and the bucket size (MB) "
             f"of {', '.join(map(str, rows[0]['ddp_swept_mb']))} with the lowest median: "
             + ", ".join(f"{r['model']} {r['ddp_tuned_bucket_mb']:g}" for r in rows)
+            + ". distrib-torch-tuned: distrib on the torch engine with the bucket size (MB) of "
+            f"{', '.join(f'{mb:g}' for mb in rows[0]['distrib_torch_swept_mb'])} with the lowest median: "
+            + ", ".join(f"{r['model']} {r['distrib_torch_tuned_bucket_mb']:g}" for r in rows)
             + ". horovod-tuned: plain hvd.DistributedOptimizer in distrib's processes, alternated with it (the "
             "launcher's Open MPI flags, `launch/plan.py`); horovod-default: `horovodrun --mpi`. "
             "pair: two independent processes (no communication) sharing the cores. ideal: alone + a raw "

@@ -127,9 +127,12 @@ def torch_engine_goals(step: dict, net: Optional[dict]) -> List[List[str]]:
     and <= 1.0x DDP at 1 Gbit/s between 2 hosts (where the results have the torch engine)."""
     rows = []
     for model, m in step.items():
-        r = m["ratios"].get("torch_engine_vs_ddp_tuned")
-        if r is not None:
-            rows.append([f"{model}: distrib on the torch engine <= 1.0x tuned DDP", named(r), _met(r["median"] <= 1.0)])
+        for key, how in (("torch_engine_tuned_vs_ddp_tuned", "both tuned alike"),
+                         ("torch_engine_vs_ddp_tuned", "distrib's defaults")):
+            r = m["ratios"].get(key)
+            if r is not None:
+                rows.append([f"{model}: distrib on the torch engine <= 1.0x tuned DDP ({how})", named(r),
+                             _met(r["median"] <= 1.0)])
     for model, m in (_net_models(net) if net else {}).items():
         r = next((x for x in m["rows"] if x["rate"] == "1gbit"), {}).get("ratios", {}).get("torch_engine_vs_ddp")
         if r is not None:
@@ -163,14 +166,19 @@ def _met(ok: bool) -> str:
 
 # -- the sections ----------------------------------------------------------------------------------
 STEP_COLUMNS = (("alone", "alone"), ("pair", "2 alone at once"), ("ideal", "ideal"), ("distrib", "distrib"),
-                ("distrib-torch", "distrib, torch engine"),
+                ("distrib-torch", "distrib, torch engine"), ("distrib-torch-tuned", "distrib, torch engine, tuned"),
                 ("horovod-tuned", "Horovod tuned"), ("horovod-default", "Horovod default"),
                 ("ddp-tuned", "DDP tuned"), ("ddp-default", "DDP default"))
 STEP_RATIOS = ("vs_horovod_tuned", "vs_horovod_default", "settings_on_horovod", "vs_ddp_tuned", "vs_ddp_default",
-               "torch_engine_vs_ddp_tuned", "torch_engine_vs_horovod_engine", "ddp_tuning")
+               "torch_engine_vs_ddp_tuned", "torch_engine_tuned_vs_ddp_tuned", "torch_engine_vs_horovod_engine",
+               "ddp_tuning")
 LEVERS = (("lever_buckets", "flat gradient buckets (`distrib/step/reducers.py`) vs one allreduce per tensor"),
           ("lever_cycle", "Horovod cycle time 0.1 ms vs its default 1 ms (a candidate: not set by distrib)"),
-          ("lever_yield", "Open MPI `mpi_yield_when_idle` (`launch/plan.py`) vs busy polling"))
+          ("lever_yield", "Open MPI `mpi_yield_when_idle` (`launch/plan.py`) vs busy polling"),
+          ("lever_prescale", "torch engine: divide on the way into the bucket (`BucketedReducer(prescale=)`) "
+                             "vs a division pass after Gloo's sum"),
+          ("lever_first_bucket", "torch engine: no small first bucket on one host (`TorchComm.first_bucket_mb`) "
+                                 "vs DDP's 1 MiB"))
 
 
 def step_section(sec: dict, res: dict, quick: Optional[dict] = None) -> List[str]:
@@ -196,12 +204,17 @@ def step_section(sec: dict, res: dict, quick: Optional[dict] = None) -> List[str
             "Horovod user can give, so the two differ by the library alone; Horovod default: `horovodrun --mpi`. "
             "DDP over Gloo under torchrun; tuned: "
             "`gradient_as_bucket_view=True`, `broadcast_buffers=False` and the best bucket size of a sweep ("
-            + ", ".join(f"{r['model']} {r['ddp_tuned_bucket_mb']:g} MB" for r in rows) + ").", ""]
+            + ", ".join(f"{r['model']} {r['ddp_tuned_bucket_mb']:g} MB" for r in rows) + ")."
+            + (" distrib, torch engine: in DDP's processes, alternated with it; tuned: the best bucket size of the "
+               "same kind of sweep (" + ", ".join(f"{r['model']} {r['distrib_torch_tuned_bucket_mb']:g} MB"
+                                                    for r in rows)
+               + "), so that both tuned figures are a minimum over three sizes picked after the fact"
+               if "distrib_torch_tuned_bucket_mb" in rows[0] else ""), ""]
     out += ["#### Each lever on its own", "",
             "distrib with the lever / distrib without it, everything else equal (below 1: the lever helps):", ""]
     out += table(["lever"] + [r["model"] for r in rows],
                  [[what] + [f"{ratio(r['ratios'][key])}: {verdict(r['ratios'][key])}" for r in rows]
-                  for key, what in LEVERS])
+                  for key, what in LEVERS if key in rows[0]["ratios"]])
     return out + [""] + lever_summary(rows, res, quick)
 
 
@@ -221,6 +234,11 @@ LEVER_NOTES = {
                    "the unloaded machine measured it slower in every round on the conv net and no faster elsewhere); "
                    "`HOROVOD_CYCLE_TIME=0.1` opts in.",
     "lever_yield": "Without it Open MPI busy-polls in every wait, Horovod's background thread included.",
+    "lever_prescale": "It saves one pass over the gradients in the training thread (DDP's reducer divides the "
+                      "same way); its size is the gradients' bytes, so only the mlp's 16 MiB can show it above "
+                      "the noise. Off with `DISTRIB_PRESCALE=0`.",
+    "lever_first_bucket": "Across hosts the torch engine keeps DDP's 1 MiB first bucket, measured faster over "
+                          "1 Gbit/s (network section); `DISTRIB_FIRST_BUCKET_MB` sets it.",
 }
 
 
@@ -230,6 +248,8 @@ def lever_summary(rows: list, res: dict, quick: Optional[dict]) -> List[str]:
     out = ["A lever counts as justified when it is faster in every round on at least one model and slower in "
            "every round on none:", ""]
     for key, what in LEVERS:
+        if key not in rows[0]["ratios"]:  # results older than the lever
+            continue
         faster = [r["model"] for r in rows if r["ratios"][key]["max"] < 1.0]
         slower = [r["model"] for r in rows if r["ratios"][key]["min"] > 1.0]
         name = what.split(" (")[0].split(" vs ")[0]
@@ -241,8 +261,8 @@ def lever_summary(rows: list, res: dict, quick: Optional[dict]) -> List[str]:
             continue
         if faster and not slower:
             text = f"- **{name}**: justified by its own ratio, faster in every round on {', '.join(faster)}"
-            text += f" and slower on none." if len(faster) == len(rows) else \
-                f", no effect beyond the noise on the others, slower on none."
+            text += " and slower on none." if len(faster) == len(rows) else \
+                ", no effect beyond the noise on the others, slower on none."
         else:
             text = (f"- **{name}**: **not justified by its own ratio in this run** (faster in every round on "
                     f"{', '.join(faster) or 'no model'}, slower in every round on {', '.join(slower) or 'no model'}). "
@@ -498,7 +518,7 @@ def render(res: dict, quick: Optional[dict] = None) -> str:
            f"{meta['date'][:16].replace('T', ' ')} UTC on {meta['cpus']} cores without a GPU, torch {meta['torch']}, "
            f"Horovod {meta['horovod']}, load average {meta['load_before'][0]:.1f} before and "
            f"{meta['load_after'][0]:.1f} after (the benchmark's own processes included)" + (
-               f": the cores were shared with other jobs, so the ranges are wide and a ratio whose range crosses 1 "
+               ": the cores were shared with other jobs, so the ranges are wide and a ratio whose range crosses 1 "
                "says nothing." if shared_machine(meta) else ".") + reruns_note(meta)
            , "", "### Goals", ""]
     out += table(["goal", "measured", ""], goals(res, quick))

@@ -31,17 +31,69 @@ def test_a_first_cap_closes_only_the_first_bucket_early():
 
 
 def test_the_engine_sets_the_first_buckets_cap():
-    """The torch engine's comm asks for DDP's 1 MiB first bucket; make_reducer builds it so."""
+    """The torch engine asks for DDP's 1 MiB first bucket when the world spans hosts, none on one
+    host; make_reducer builds what the comm asks for."""
+    from types import SimpleNamespace
+
     from distrib.comm.local import LocalComm
     from distrib.comm.torch_dist import TorchComm
 
-    class SmallFirstBucket(LocalComm):
-        first_bucket_mb = TorchComm.first_bucket_mb
+    assert TorchComm.first_bucket_mb.fget(SimpleNamespace(cross_size=2)) == 1.0
+    assert TorchComm.first_bucket_mb.fget(SimpleNamespace(cross_size=1)) is None
+    assert LocalComm.first_bucket_mb is None
 
-    assert TorchComm.first_bucket_mb == 1.0 and LocalComm.first_bucket_mb is None
+    class SmallFirstBucket(LocalComm):
+        first_bucket_mb = 1.0
+
     params = [(f"p{i}", torch.zeros(2**17)) for i in range(4)]  # 0.5 MiB each, float32
     assert [len(b) for b in make_reducer(params, SmallFirstBucket(), bucket_mb=4).buckets] == [2, 2]
     assert [len(b) for b in make_reducer(params, LocalComm(), bucket_mb=4).buckets] == [4]
+
+
+class SummingPair(LocalComm):
+    """A world of two whose average would be a sum then a division (Gloo's case): it records the
+    op and what each bucket held when it was sent, and sums with an identical peer."""
+    divides_average = True
+
+    def __init__(self):
+        super().__init__()
+        self.sent = []
+
+    size = property(lambda self: 2)
+
+    def _allreduce_async_(self, tensor, name, op):
+        self.sent.append((op, tensor.clone()))
+        tensor.mul_(2 if op == "sum" else 1)  # the peer sent the same: sum = 2x, average = 1x
+        return super()._allreduce_async_(tensor, name, "sum")
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_prescale_divides_on_the_way_into_the_bucket_and_sends_a_sum(set_to_none):
+    """Gloo has no average: the reducer divides while copying into the bucket and asks for the
+    sum (DDP's way), instead of a sum and a second pass of division; with zero_grad(set_to_none=
+    False) the gradient already is the bucket's view and is divided in place."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    comm = SummingPair()
+    red = make_reducer(list(model.named_parameters()), comm, bucket_mb=1)
+    for step in range(2):
+        if set_to_none:
+            model.zero_grad(set_to_none=True)
+        else:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+        model(torch.ones(4, 3)).sum().backward()
+        expected = [p.grad.clone() for p in model.parameters()]
+        for p in reversed(list(model.parameters())):
+            red.grad_ready(p)
+        assert red.synchronize() == frozenset()
+        op, wire = comm.sent[-1]
+        assert op == "sum"
+        grads = torch.cat([e.reshape(-1) for e in reversed(expected)])
+        assert torch.equal(wire[:grads.numel()], grads / 2)  # each rank's share, before the sum
+        for p, e in zip(model.parameters(), expected):
+            assert torch.equal(p.grad, e)  # the sum of two equal halves: the average
 
 
 def test_every_parameter_in_exactly_one_bucket():

@@ -3,7 +3,9 @@
 For each mode (``--modes elastic,restart``): a failure-free reference job (``--ref-minutes``),
 then the soak at one kill per ``--every`` seconds for ``--minutes``, then at one kill per
 ``--fast-every`` seconds for ``--fast-minutes`` (0: skipped). Writes benchmarks/results-soak.json
-and its .md (``--out``): step efficiency, kill -> next step, sample accounting.
+and its .md (``--out``): step efficiency, kill -> next step, sample accounting. Rows of an earlier
+run that this one does not measure again (another mode or length) are kept, each with its date:
+``--modes elastic --fast-minutes 0`` measures the elastic row at one kill per minute alone.
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
             for minutes, every in plans:
                 job = run_job(nodes, JobSpec(seconds=minutes * 60, kill_every_s=every, **common),
                               work / f"{mode}-every{every:g}")
-                row = report.summarise(job, reference)
+                row = {**report.summarise(job, reference), "date": meta["date"]}
                 print(f"[soak] {report.line(row)}", flush=True)
                 runs.append(row)
                 results = write(opts.out, meta, runs, started)  # after each job: a cut-short soak keeps its figures
@@ -81,11 +83,32 @@ def main(argv=None) -> int:
 
 def write(out: Path, meta: dict, runs: list, started: float) -> dict:
     meta = {**meta, "load_after": os.getloadavg(), "seconds": round(time.time() - started, 1)}
-    results = {"meta": meta, "title": "Churn soak: 3 hosts, kills on a schedule", "rows": runs,
-               "markdown": report.table(runs, meta)}
+    rows = merged(previous_rows(out), runs)
+    results = {"meta": meta, "title": "Churn soak: 3 hosts, kills on a schedule", "rows": rows,
+               "markdown": report.table(rows, meta)}
     out.write_text(json.dumps(results, indent=1, default=str))
     out.with_suffix(".md").write_text(f"# {results['title']}\n\n{results['markdown']}\n")
     return results
+
+
+def row_key(row: dict) -> tuple:
+    return row["mode"], row["kill_every_s"], row["seconds"]
+
+
+def previous_rows(out: Path) -> list:
+    """The rows ``out`` holds, each with the date it was measured (older files kept it in meta)."""
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return []
+    return [{**row, "date": row.get("date", old.get("meta", {}).get("date", "?"))} for row in old.get("rows", [])]
+
+
+def merged(old: list, new: list) -> list:
+    """``new`` in place of the rows of ``old`` it measured again; the others kept, in their order."""
+    fresh = {row_key(r): r for r in new}
+    rows = [fresh.pop(row_key(r), r) for r in old]
+    return rows + [r for r in new if row_key(r) in fresh]
 
 
 if __name__ == "__main__":

@@ -62,6 +62,21 @@ def read_records(out: Path) -> List[Record]:
     return records
 
 
+def read_phases(out: Path) -> Dict[str, Dict[str, float]]:
+    """Each process's start-up times (worker.py's P lines): host.pid -> phase -> time."""
+    phases: Dict[str, Dict[str, float]] = {}
+    for path in sorted(out.glob("steps.*.log")):
+        proc = path.name[len("steps."):-len(".log")]
+        for line in path.read_text().splitlines():
+            parts = line.split(" ")
+            if parts[0] == "P" and len(parts) == 3:
+                try:
+                    phases.setdefault(proc, {})[parts[2]] = float(parts[1])
+                except ValueError:
+                    continue
+    return phases
+
+
 def kept(records: Sequence[Record]) -> List[Record]:
     """The records of the final state's history (module docstring), in time order."""
     starts = {}

@@ -68,6 +68,7 @@ class JobResult:
     records: List[accounting.Record]
     kills: List[Kill] = field(default_factory=list)
     output_tail: str = ""
+    phases: dict = field(default_factory=dict)  # host.pid -> start-up phase -> time (worker.py's P lines)
 
 
 def live_worker(out: Path, node: str, since: float = 5.0) -> Optional[int]:
@@ -126,7 +127,8 @@ def run_job(nodes, spec: JobSpec, out: Path) -> JobResult:
     # What the figures are computed from, kept beside the step logs for a later look.
     (out / "job.json").write_text(json.dumps({"spec": asdict(spec), "start": start,
                                               "kills": [asdict(k) for k in kills]}))
-    return JobResult(spec, start, accounting.read_records(out), kills, (out / "job.log").read_text()[-3000:])
+    return JobResult(spec, start, accounting.read_records(out), kills, (out / "job.log").read_text()[-3000:],
+                     accounting.read_phases(out))
 
 
 def _write_hosts(out: Path, up) -> None:

@@ -47,7 +47,8 @@ def summarise(job: JobResult, reference: JobResult) -> dict:
            "sample_efficiency": _samples_by(history, end) / (sample_rate(reference) * job.spec.seconds),
            "reference_rate": rate(reference), "kills": kills, "accounting": samples,
            "trained_records": len(job.records), "kept_records": len(history),
-           "rolled_back_rank_steps": len(job.records) - len(history), "stalls": stalls(job)}
+           "rolled_back_rank_steps": len(job.records) - len(history), "stalls": stalls(job),
+           "rejoins": rejoin_breakdown(job, job.phases)}
     for kind in ("worker", "host"):
         times = [k["next_step_s"] for k in kills if k["kind"] == kind and k["next_step_s"] is not None]
         row[f"{kind}_next_step_s"] = stats.summary(times) if times else None
@@ -82,6 +83,46 @@ def stalls(job: JobResult) -> dict:
     return {kind: {"count": len(v), "seconds": round(sum(v), 1), "each": v} for kind, v in out.items()}
 
 
+REJOIN_PARTS = ("spawn", "imports", "join", "setup", "first_step")
+REJOIN_WORDS = {"spawn": "until the new worker's script started (the others enter the rendezvous, Horovod "
+                         "starts the worker over ssh)",
+                "imports": "its imports (python, torch, distrib)", "join": "distrib.init (Horovod's rendezvous)",
+                "setup": "data, model and distrib.Run", "first_step": "state sync from rank 0 and the first step"}
+
+
+def rejoin_parts(phases, stall_start: float, stall_end: float) -> dict:
+    """Where one rejoin stall (the others' last step end -> the first step end of the grown world)
+    went, from the joining worker's start-up times: spawn (until its script started: the others
+    entering the rendezvous, Horovod starting the worker, ssh, the shim), imports (python, torch,
+    distrib), join (distrib.init: Horovod's rendezvous), setup (data, model, distrib.Run), first
+    step (state sync from rank 0 and the step). {} when no worker started inside the stall."""
+    joiners = [p for p in phases.values() if stall_start <= p.get("started", -1) <= stall_end and "ready" in p]
+    if not joiners:
+        return {}
+    p = min(joiners, key=lambda q: q["started"])
+    marks = [stall_start, p["started"], p["imported"], p["joined"], p["ready"], stall_end]
+    return {part: round(b - a, 2) for part, a, b in zip(REJOIN_PARTS, marks, marks[1:])}
+
+
+def rejoin_breakdown(job: JobResult, phases) -> dict:
+    """:func:`rejoin_parts` of every rejoin stall, and each part's median."""
+    end = job.start + job.spec.seconds
+    ends = sorted({r.ended for r in job.records if r.ended is not None and r.ended <= end})
+    size_at = sorted((r.ended, r.size) for r in job.records if r.ended is not None)
+    each = []
+    for a, b in zip(ends, ends[1:]):
+        if b - a <= STALL_S or any(a - 0.5 <= k.time <= b for k in job.kills):
+            continue
+        before = next((sz for t, sz in reversed(size_at) if t <= a), 0)
+        after = next((sz for t, sz in size_at if t >= b), 0)
+        if after > before:
+            parts = rejoin_parts(phases, a, b)
+            if parts:
+                each.append(parts)
+    return {"each": each, "median": {part: stats.summary([e[part] for e in each])["median"] for part in REJOIN_PARTS}
+            if each else {}}
+
+
 def _round(x):
     return None if x is None else round(x, 2)
 
@@ -97,6 +138,9 @@ def line(row: dict) -> str:
     st = row["stalls"]
     parts.append("stalls: " + ", ".join(f"{k} {v['count']} x, {v['seconds']:g} s" for k, v in st.items())
                  + f"; {row['rolled_back_rank_steps']} rank-steps rolled back")
+    rejoin = row.get("rejoins", {}).get("median")
+    if rejoin:
+        parts.append("a rejoin's stall, median s: " + ", ".join(f"{k} {v:g}" for k, v in rejoin.items()))
     acc = row["accounting"]
     parts.append(f"samples: {acc['samples']} trained, {acc['twice']} twice, accounting "
                  f"{'ok' if acc['ok'] else 'FAILED: ' + str(acc['epochs'])}")
@@ -104,9 +148,9 @@ def line(row: dict) -> str:
 
 
 def table(rows: List[dict], meta: dict) -> str:
-    out = ["| mode | kill every | length | steps / failure-free | step efficiency | sample efficiency | worker kill -> next step, s "
+    out = ["| measured | mode | kill every | length | steps / failure-free | step efficiency | sample efficiency | worker kill -> next step, s "
            "| host kill -> next step, s | time stalled: after kills / rejoins, s | samples trained | trained twice | missing (not the epoch's tail) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = r["accounting"]
         cells = []
@@ -114,10 +158,17 @@ def table(rows: List[dict], meta: dict) -> str:
             s = r[f"{kind}_next_step_s"]
             cells.append(f"{stats.fmt_value(s, '', 2) if s else 'n/a'} ({r[f'{kind}_recovered']}/{r[f'{kind}_kills']})")
         wrong = sum(e["out_of_order"] + (0 if e["missing_is_tail"] else e["missing"]) for e in acc["epochs"])
-        out.append(f"| {r['mode']} | {r['kill_every_s']:g} s | {r['seconds'] / 60:g} min | {r['steps']} / "
+        out.append(f"| {str(r.get('date', '?'))[:10]} | {r['mode']} | {r['kill_every_s']:g} s | {r['seconds'] / 60:g} min | {r['steps']} / "
                    f"{r['reference_steps']:.0f} | {100 * r['efficiency']:.1f} % | {100 * r['sample_efficiency']:.1f} % | {cells[0]} | {cells[1]} | "
                    f"{r['stalls']['kill']['seconds']:g} / {r['stalls']['rejoin']['seconds']:g} | {acc['samples']} | {acc['twice']} | {wrong} |")
-    out += ["", "3 namespace hosts (node1..node3, one worker each, on this machine's shared cores), the example "
+    for r in rows:
+        rejoin = r.get("rejoins", {}).get("median")
+        if rejoin:
+            out += ["", f"Where a rejoin's stall went ({r['mode']}, one kill per {r['kill_every_s']:g} s; median s of "
+                    f"{len(r['rejoins']['each'])} rejoins): " + ", ".join(
+                        f"{REJOIN_WORDS[k]} {v:.2f}" for k, v in rejoin.items()) + "."]
+    out += ["", "Each row is from the soak run of the date in its first column (a run may measure some rows alone). "
+            "3 namespace hosts (node1..node3, one worker each, on this machine's shared cores), the example "
             "LM at a tiny size, a commit (elastic) and checkpoint every 10 steps. Kills alternate: a worker "
             "(SIGKILL of the training process on node2 or node3), then a whole host (every process SIGKILLed and "
             f"its link down, booted again after {meta['host_down_s']:g} s). Step efficiency: steps the final state "

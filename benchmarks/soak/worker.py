@@ -1,8 +1,10 @@
 """The soak's trainer: the example LM (examples/lm_model.py, a tiny size) on ``distrib.Run``.
 
 Runs unchanged under ``python -m launch --elastic`` and ``--max-restarts`` and trains until it is
-stopped. Every rank appends two kinds of lines to OUT/steps.<host>.<pid>.log:
+stopped. Every rank appends three kinds of lines to OUT/steps.<host>.<pid>.log:
 
+    P time phase                          start-up: started (before the imports), imported,
+                                          joined (distrib.init() returned), ready (before the first step)
     B time step epoch rank size samples   before the step's backward: the samples it trains on
     E time step rank size                 after the optimizer step: the step is done
 
@@ -14,11 +16,14 @@ trains the same step numbers again, later.
 """
 from __future__ import annotations
 
+import time
+
+STARTED = time.time()  # before the imports: a joining worker's start-up is part of a rejoin's cost
+
 import argparse
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -63,8 +68,10 @@ def dataset(block_size: int):
 
 
 def main():
+    phases = [("started", STARTED), ("imported", time.time())]
     args = parse_args()
     ctx = distrib.init(seed=args.seed)
+    phases.append(("joined", time.time()))
     data, tokenizer = dataset(args.block_size)
     config = GPTConfig(vocab=tokenizer.vocab, block_size=args.block_size, n_layer=1, n_head=2, n_embd=32,
                        dropout=0.0)
@@ -77,6 +84,8 @@ def main():
                       checkpoint_every=args.every, commit_every=args.every, log_every=50,
                       model_config=config.to_dict(), seed=args.seed, preemption=False)
     log = open(args.out / f"steps.{socket.gethostname()}.{os.getpid()}.log", "a", buffering=1)
+    for phase, t in phases + [("ready", time.time())]:
+        log.write(f"P {t:.6f} {phase}\n")
     for step, (x, y, index) in run.steps(10 ** 9):
         world = f"{run.ctx.rank} {run.ctx.size}"
         log.write(f"B {time.time():.6f} {step} {run.epoch} {world} {','.join(map(str, index.tolist()))}\n")

@@ -26,7 +26,9 @@ bytes this host's link sent per timed step (eth0's tx_bytes counter: everything 
               as under distrib and Horovod), and distrib-torch (distrib-torch-powersgd2/4: with PowerSGD
               rank 2 or 4): distrib.wrap on the torch engine
               (distrib.init(engine="torch") joins the same Gloo process group), alternated with DDP
-              in the same processes
+              in the same processes; distrib-torch-bucket-<MB> (DISTRIB_BUCKET_MB: distrib's own
+              sweep), and one variant per lever: distrib-torch-divide-after (DISTRIB_PRESCALE=0),
+              distrib-torch-first-1mb (DISTRIB_FIRST_BUCKET_MB=1: DDP's small first bucket on one host)
 """
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ from benchmarks.workers.models import DEFAULT_BATCH, MODELS, build, grad_bytes  
 VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"),
             "distrib": ("buckets", "per-parameter", "fp16", "powersgd1", "powersgd2", "powersgd4", "local4", "local8",
                         "horovod", "horovod-fp16"),
-            "ddp": ("default", "fp16", "powersgd1", "powersgd2", "powersgd4", "distrib-torch", "distrib-torch-powersgd2",
-                    "distrib-torch-powersgd4")}
+            "ddp": ("default", "fp16", "powersgd1", "powersgd2", "powersgd4", "distrib-torch", "distrib-torch-divide-after",
+                    "distrib-torch-first-1mb", "distrib-torch-powersgd2", "distrib-torch-powersgd4")}
 
 
 def parse_args(argv=None):
@@ -70,9 +72,10 @@ def parse_args(argv=None):
     if not set(args.models) <= set(MODELS):
         p.error(f"--model: unknown model in {args.model!r}; choose from {', '.join(MODELS)}")
     for v in args.variant_list:
-        if v not in VARIANTS[args.impl] and not (args.impl == "ddp" and _ddp_bucket_mb(v)):
+        if v not in VARIANTS[args.impl] and not (args.impl == "ddp" and (_ddp_bucket_mb(v) or _distrib_bucket_mb(v))):
             p.error(f"--variants: {v!r} is not a variant of {args.impl}; choose from "
-                    f"{', '.join(VARIANTS[args.impl])}{', tuned-<MB>' if args.impl == 'ddp' else ''}")
+                    f"{', '.join(VARIANTS[args.impl])}"
+                    f"{', tuned-<MB>, distrib-torch-bucket-<MB>' if args.impl == 'ddp' else ''}")
     return args
 
 
@@ -81,6 +84,23 @@ def _ddp_bucket_mb(variant: str) -> float:
         return float(variant[len("tuned-"):]) if variant.startswith("tuned-") else 0.0
     except ValueError:
         return 0.0
+
+
+def _distrib_bucket_mb(variant: str) -> float:
+    prefix = "distrib-torch-bucket-"
+    try:
+        return float(variant[len(prefix):]) if variant.startswith(prefix) else 0.0
+    except ValueError:
+        return 0.0
+
+
+def _set_env(**values) -> None:
+    """Set (a string) or remove (None) each variable: a variant's reducer settings, undone for the next."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _powersgd_rank(variant: str) -> int:
@@ -143,6 +163,9 @@ def wrap(impl, variant, model, warmup: int = 5):
     if variant.startswith("distrib-torch"):  # in DDP's processes: the same process group, launcher and threads
         import distrib
         os.environ["DISTRIB_REDUCER"] = "auto"
+        _set_env(DISTRIB_PRESCALE="0" if variant == "distrib-torch-divide-after" else None,
+                 DISTRIB_FIRST_BUCKET_MB="1" if variant == "distrib-torch-first-1mb" else None,
+                 DISTRIB_BUCKET_MB=variant[len("distrib-torch-bucket-"):] if "-bucket-" in variant else None)
         psgd = {"compression": "powersgd", "powersgd": distrib.PowerSGD(rank=_powersgd_rank(variant[14:]),
                                                                         start_step=warmup)} if "powersgd" in variant else {}
         opt = distrib.wrap(model, _sgd(model), distrib.init(engine="torch"), **psgd)

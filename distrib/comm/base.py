@@ -73,6 +73,10 @@ class Comm:
     # The cap (MB) of the first gradient bucket (the last layers'), when the engine wants it smaller
     # than the others so that communication starts early in backward (DDP's 1 MiB); None: no special case.
     first_bucket_mb: Optional[float] = None
+    # An average is a sum, then a division by the world size in the training thread when the handle
+    # is waited for (Gloo has no average op): a caller that copies the tensor anyway can divide while
+    # copying and ask for op="sum" instead.
+    divides_average = False
 
     def __init__(self):
         self.broken: Optional[BaseException] = None
@@ -114,6 +118,8 @@ class Comm:
 
     # -- the latch -----------------------------------------------------------------------------
     def mark_broken(self, exc: BaseException) -> None:
+        """A collective raised one of :attr:`failures`: close the latch (an engine may also tell
+        its peers at once, see HorovodComm)."""
         self.broken = exc
 
     def clear_broken(self) -> None:
@@ -139,7 +145,7 @@ class Comm:
         try:
             return fn(*args)
         except self.failures as exc:
-            self.broken = exc
+            self.mark_broken(exc)
             if self._deferring:
                 return void
             raise

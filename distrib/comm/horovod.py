@@ -14,6 +14,7 @@ import torch
 
 from distrib.comm.base import Comm, DistribSetupError, Handle, done
 from distrib.comm import priority
+from distrib.comm.ring_sockets import RingSockets, status_channel_port
 
 
 def import_horovod():
@@ -50,6 +51,7 @@ class HorovodComm(Comm):
         super().__init__()
         self._hvd = hvd if hvd is not None else import_horovod()
         self._ops = {"average": self._hvd.Average, "sum": self._hvd.Sum, "adasum": self._hvd.Adasum}
+        self._ring = RingSockets()  # the Gloo connections of the world this comm joined (none: not known)
 
     @classmethod
     def start(cls) -> Tuple["HorovodComm", bool]:
@@ -61,15 +63,29 @@ class HorovodComm(Comm):
         if "OMPI_COMM_WORLD_SIZE" in os.environ and not hvd.mpi_built():
             raise DistribSetupError("this worker was started by mpirun, but Horovod was built without MPI; "
                                     "rebuild it with MPI (make setup) or launch with --controller gloo")
-        _, threads = priority.started_threads(hvd.init)
-        _remember_engine_threads(hvd, threads)
-        return cls(hvd), True
+        comm = cls(hvd)
+        comm._join()
+        return comm, True
+
+    def _join(self) -> None:
+        """``hvd.init()``, remembering the connections it opened when Gloo runs the world, and
+        having the kernel drop those whose peer host goes silent (see ring_sockets)."""
+        ring, threads = priority.started_threads(
+            lambda: RingSockets.opened_during(self._hvd.init, exclude_port=status_channel_port()))
+        _remember_engine_threads(self._hvd, threads)  # lowered while PowerSGD's step computes (priority.py)
+        self._ring = RingSockets() if self._hvd.mpi_enabled() else ring  # under MPI the sockets are MPI's
+        self._ring.watch_peers()
+
+    def mark_broken(self, exc: BaseException) -> None:
+        """A peer is gone: cut this worker's Gloo connections at once, so that a peer blocked in a
+        receive from this worker fails now instead of after the Gloo timeout (see ring_sockets)."""
+        super().mark_broken(exc)
+        self._ring.sever()
 
     def reform(self) -> None:
         """Elastic: leave the broken world and join the re-formed one (Horovod's own reset)."""
         self._hvd.shutdown()
-        _, threads = priority.started_threads(self._hvd.init)
-        _remember_engine_threads(self._hvd, threads)
+        self._join()
         self.clear_broken()
 
     rank = property(lambda self: self._hvd.rank())

@@ -84,11 +84,6 @@ class TorchComm(Comm):
 
     engine = "torch"
     supports_adasum = False
-    # DDP's first bucket (1 MiB): its allreduce starts while backward still computes the earlier
-    # layers. Measured at 1 Gbit/s between 2 hosts (lm8, 4 alternated rounds, distrib / DDP): 0.94x
-    # with it, 0.97x with the first bucket as large as the others (4 MiB); on one host (the step
-    # section's lm and conv, 3 rounds) the two were within the noise.
-    first_bucket_mb = 1.0
 
     def __init__(self, env: Optional[Mapping[str, str]] = None):
         super().__init__()
@@ -141,6 +136,19 @@ class TorchComm(Comm):
     @property
     def controller(self) -> str:
         return self._backend
+
+    @property
+    def divides_average(self) -> bool:
+        return not self._native_avg
+
+    @property
+    def first_bucket_mb(self) -> Optional[float]:
+        """DDP's first bucket (1 MiB) when the world spans hosts: its allreduce crosses the link while
+        backward still computes the earlier layers (1 Gbit/s, 2 hosts, lm8, distrib / DDP: 0.94x with
+        it, 0.97x without). On one host Gloo's loopback allreduce runs on the cores backward needs,
+        so the early start buys nothing and the extra collective costs its latency: none there
+        (the step section's lever row measures it)."""
+        return 1.0 if self.cross_size > 1 else None
 
     @property
     def uses_nccl(self) -> bool:

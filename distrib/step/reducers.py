@@ -142,11 +142,13 @@ class BucketedReducer:
     ``transport`` does the allreduce of one flat buffer (``allreduce_async_``): the engine's
     ``comm`` (one tensor per bucket, so no fusion-buffer copies), or, under Horovod's MPI
     controller, :class:`distrib.comm.horovod.MpiTransport`, which skips Horovod's cycle.
+    ``prescale``: divide by the world size on the way into the bucket and allreduce a sum (for
+    an engine whose average is a sum followed by a division, ``comm.divides_average``).
     """
 
     def __init__(self, named_params: List[Tuple[str, torch.Tensor]], comm, *, compression: str = "none",
                  bucket_bytes: int = int(DEFAULT_BUCKET_MB * 2**20), first_bucket_bytes: Optional[int] = None,
-                 transport=None, prefix: str = "distrib"):
+                 transport=None, prescale: bool = False, prefix: str = "distrib"):
         params = [p for _, p in named_params]
         self._compress = compression == "fp16"
         groups = assign_buckets([p.numel() * p.element_size() for p in params], [p.dtype for p in params],
@@ -154,19 +156,27 @@ class BucketedReducer:
         self._buckets = [_Bucket(i, [params[j] for j in g]) for i, g in enumerate(groups)]
         self._slot = {p: (b, k) for b in self._buckets for k, p in enumerate(b.params)}
         self._transport = transport if transport is not None else comm
+        # prescale: the engine's average would be a sum and then a pass of division in the training
+        # thread (Gloo); ask for the sum and divide while copying into the bucket, as DDP's reducer
+        # does: one pass over the gradients fewer.
+        self._scale = 1.0 / comm.size if prescale and comm.size > 1 else None
+        self._op = "sum" if self._scale is not None else "average"
         self._prefix = prefix
         self._next = 0  # first bucket not launched yet
 
     def grad_ready(self, p: torch.Tensor, used: bool = True) -> None:
         bucket, k = self._slot[p]
-        view = bucket.views[k]
-        if p.grad is None:
+        view, grad, scale = bucket.views[k], p.grad, self._scale
+        if grad is None:
             view.zero_()
-            p.grad = view
-        elif p.grad is not view:
-            if p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad)
-            p.grad = view
+        elif grad.data_ptr() == view.data_ptr():  # accumulated in place (zero_grad(set_to_none=False))
+            if scale is not None:
+                view.mul_(scale)
+        elif scale is not None:
+            torch.mul(grad, scale, out=view)
+        else:
+            view.copy_(grad)
+        p.grad = view
         bucket.used[k] = used
         bucket.pending -= 1
         while self._next < len(self._buckets) and self._buckets[self._next].pending == 0:
@@ -184,7 +194,8 @@ class BucketedReducer:
         if self._compress and wire.is_floating_point() and wire.dtype != torch.float16:
             wire = wire.to(torch.float16)
         bucket.wire = wire
-        bucket.handle = self._transport.allreduce_async_(wire, name=f"{self._prefix}.bucket.{bucket.index}")
+        bucket.handle = self._transport.allreduce_async_(wire, name=f"{self._prefix}.bucket.{bucket.index}",
+                                                         op=self._op)
 
     def synchronize(self) -> FrozenSet[torch.Tensor]:
         """Wait for every bucket's average; return the parameters that no rank used."""
@@ -222,7 +233,9 @@ def make_reducer(named_params, comm, *, compression: str = "none", op: str = "av
     per tensor), else flat buckets over the engine (``comm``). ``DISTRIB_REDUCER`` forces one
     (``per-parameter``, ``horovod``, ``mpi``: for benchmarks and bisecting); ``DISTRIB_BUCKET_MB``
     sets the bucket size; the engine may want a smaller first bucket (``comm.first_bucket_mb``: the
-    torch engine's is DDP's 1 MiB). ``prefix`` starts every collective's name: unique per wrapped optimizer,
+    torch engine's is DDP's 1 MiB across hosts), ``DISTRIB_FIRST_BUCKET_MB`` sets it (0: none), and
+    ``DISTRIB_PRESCALE=0`` turns off the division on the way into the buckets (both for benchmarks
+    and bisecting). ``prefix`` starts every collective's name: unique per wrapped optimizer,
     so that two models trained in one process never send tensors of the same name.
     Must be called on all ranks (the mpi transport dups a communicator).
 
@@ -243,6 +256,10 @@ def make_reducer(named_params, comm, *, compression: str = "none", op: str = "av
     if choice == "mpi" and compression == "none":
         transport = comm.mpi_transport() if hasattr(comm, "mpi_transport") else None
     first_mb = getattr(comm, "first_bucket_mb", None)  # a comm made by hand (tests) may not say
+    if "DISTRIB_FIRST_BUCKET_MB" in os.environ:
+        first_mb = float(os.environ["DISTRIB_FIRST_BUCKET_MB"])
+    prescale = (transport is None and getattr(comm, "divides_average", False)
+                and os.environ.get("DISTRIB_PRESCALE", "1") != "0")
     return BucketedReducer(named_params, comm, compression=compression, bucket_bytes=int(bucket_mb * 2**20),
                            first_bucket_bytes=int(first_mb * 2**20) if first_mb else None,
-                           transport=transport, prefix=prefix)
+                           transport=transport, prescale=prescale, prefix=prefix)

@@ -1,9 +1,16 @@
 """Every collective of distrib's communication layer on the engine the script was started on,
 against what the same numbers give computed by hand. Used by tests/test_comm.py (2 workers,
-Horovod through our launcher and torch.distributed under torchrun). Rank 0 writes JSON."""
+Horovod through our launcher and torch.distributed under torchrun). Rank 0 writes JSON.
+
+Last, on Horovod: rank 1 marks the world broken (as when it saw a peer die) and stays alive,
+while rank 0 enters a collective that waits for it. Only rank 1 cutting its Gloo connections can
+tell rank 0 (distrib/comm/ring_sockets.py): without that, rank 0 waits for ever (the test's
+timeout fails it)."""
 import argparse
 import json
 import os
+import time
+from pathlib import Path
 
 import torch
 
@@ -74,6 +81,20 @@ got["engine_threads_lowered_and_raised_only_on_horovod"] = (
     at_start == (0, {0}) and lowered[0] == 0 and (19 in lowered[1]) == (ctx.engine == "horovod") and nices() == (0, {0}))
 
 everyone = comm.allgather_object(got, name="check.results")
+
+peer_failure = None  # what rank 0's collective raised after rank 1 marked the world broken
+told = Path(args.out + ".told")
+if ctx.engine == "horovod" and rank == 1:
+    comm.mark_broken(comm.failures[0]("injected: rank 1 saw a peer die"))
+    while not told.exists():  # alive: its process ending would tell rank 0 too
+        time.sleep(0.05)
+elif ctx.engine == "horovod" and rank == 0:
+    try:
+        comm.allreduce(torch.ones(1), name="check.after_break")
+    except comm.failures as exc:
+        peer_failure = f"{type(exc).__name__}: {exc}"
 if rank == 0:
     with open(args.out, "w") as f:
-        json.dump({"engine": ctx.engine, "controller": ctx.controller, "size": size, "ranks": everyone}, f)
+        json.dump({"engine": ctx.engine, "controller": ctx.controller, "size": size, "ranks": everyone,
+                   "peer_failure": peer_failure}, f)
+    told.write_text("done")
