@@ -223,7 +223,8 @@ def run(opts) -> dict:
     return {"title": "Over a network: 2 hosts x 1 worker, link limited with tc tbf; PowerSGD's convergence",
             "model": MODELS[0], "grad_bytes": first["grad_bytes"], "rows": first["rows"], "models": models,
             "convergence": conv,
-            "markdown": "\n\n".join([m["markdown"] for m in models.values()] + ([_convergence_table(conv)] if conv else []))}
+            "markdown": "\n\n".join([m["markdown"] for m in models.values()]
+                                      + ([_convergence_table(conv)] if conv else []))}
 
 
 CONVERGE_VARIANTS = "fp32,fp16,powersgd1,powersgd2,powersgd4,local4,local8,diloco8"
@@ -324,7 +325,8 @@ SHOWN = ("alone", "ideal", "ideal-fp16", "distrib", "distrib-fp16", "distrib-psg
          "distrib-gloo-psgd1", "distrib-gloo-psgd4",
          "horovod-tuned", "horovod-tuned-fp16", "ddp", "ddp-fp16", "ddp-psgd1", "ddp-psgd2", "ddp-psgd4",
          "distrib-torch")
-BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd2-nice0", "distrib-psgd4", "distrib-torch-psgd2", "distrib-torch-psgd4",
+BYTES = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd2-nice0", "distrib-psgd4",
+         "distrib-torch-psgd2", "distrib-torch-psgd4",
          "distrib-local4", "distrib-local8", "distrib-gloo-psgd1", "distrib-gloo-psgd4", "ddp",
          "ddp-psgd1", "ddp-psgd2", "ddp-psgd4")
 
@@ -351,7 +353,8 @@ def _table(model: str, rows, nbytes: int) -> str:
                 stats.fmt_value({k: v / 1024 for k, v in r["wire_bytes"][k].items() if k != "n"}, "", 0)
                 for k in wired) + " |")
         fewer = [k for k in wired if k in rows[0]["fewer_bytes_than_fp32"]]  # none without distrib fp32
-        out += ["", "| fewer bytes than distrib fp32 | " + " | ".join(fewer) + " |", "|---" * (len(fewer) + 1) + "|"] if fewer else []
+        if fewer:
+            out += ["", "| fewer bytes than distrib fp32 | " + " | ".join(fewer) + " |", "|---" * (len(fewer) + 1) + "|"]
         for r in rows if fewer else []:
             out.append(f"| {r['rate']} | " + " | ".join(stats.fmt(r["fewer_bytes_than_fp32"][k]) for k in fewer) + " |")
     out += ["", f"The {model}'s gradients are {nbytes / 2**20:.1f} MiB; the ideal adds the link's time for "

@@ -78,7 +78,8 @@ comm.set_engine_priority(19)
 lowered = nices()
 comm.set_engine_priority(0)
 got["engine_threads_lowered_and_raised_only_on_horovod"] = (
-    at_start == (0, {0}) and lowered[0] == 0 and (19 in lowered[1]) == (ctx.engine == "horovod") and nices() == (0, {0}))
+    at_start == (0, {0}) and lowered[0] == 0 and (19 in lowered[1]) == (ctx.engine == "horovod")
+    and nices() == (0, {0}))
 
 everyone = comm.allgather_object(got, name="check.results")
 
