@@ -154,7 +154,6 @@ def test_bad_config_is_one_line_with_the_fix(kwargs, message):
 def reference_run(steps, *, rank, start_step, accumulate=1, clip=None, world=2):
     """The worker script's training in one process: each rank's gradients computed here,
     averaged by ReferencePowerSGD, clipped, stepped by one torch SGD. Returns per-step params."""
-    import importlib.util
     import sys
     torch.set_default_dtype(torch.float64)
     try:
