@@ -29,6 +29,31 @@ def run_launch(launch_args: Sequence[str], script: str | Path, script_args: Sequ
     return proc
 
 
+def assert_resume_after_a_kill_is_bit_exact(script: Path, common: Sequence[str], tmp_path: Path, *,
+                                            die_at: int, steps: int) -> Path:
+    """Two 2-worker runs of ``script`` (a tests/scripts trainer that takes --ckpt-dir, --die-at and
+    --out, and writes every rank's parameters after each step): one straight through, one killed
+    right after the checkpoint of step ``die_at`` and resumed. The resumed steps must equal the
+    straight run's bit for bit on every rank. Returns the killed run's checkpoint folder, for a
+    resume at another world size."""
+    import torch
+
+    whole, killed_dir, resumed = tmp_path / "whole.pt", tmp_path / "b", tmp_path / "resumed.pt"
+    run_launch(["-np", "2"], script, [*common, "--ckpt-dir", tmp_path / "a", "--out", whole])
+    killed = run_launch(["-np", "2"], script,
+                        [*common, "--ckpt-dir", killed_dir, "--die-at", die_at, "--out", tmp_path / "never.pt"],
+                        check=False)
+    assert killed.returncode != 0 and not (tmp_path / "never.pt").exists()
+    run_launch(["-np", "2"], script, [*common, "--ckpt-dir", killed_dir, "--out", resumed])
+    want, got = torch.load(whole)["ranks"], torch.load(resumed)["ranks"]
+    assert [r["step"] for r in got[0]] == list(range(die_at, steps))
+    for rank in range(2):
+        for rec in got[rank]:
+            for n, value in rec["params"].items():
+                assert torch.equal(value, want[rank][rec["step"]]["params"][n]), f"rank {rank} step {rec['step']} {n}"
+    return killed_dir
+
+
 HANG_REPORT = re.compile(r"^distrib-launch: rank (\d+)(?: on \S+)? hung: no progress for \d+ s at heartbeat (\d+), "
                          r"the furthest rank is at (\d+) \(--hang-timeout ([\d.]+)\)$", re.M)
 

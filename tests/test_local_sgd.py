@@ -10,29 +10,8 @@ import pytest
 import torch
 
 import distrib
-from tests.helpers import SCRIPTS, run_launch, run_torchrun
-
-
-class Net(torch.nn.Module):  # as in tests/scripts/local_sgd_train.py
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(6, 8)
-        self.unused = torch.nn.Linear(3, 3)
-        self.b = torch.nn.Linear(8, 1)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
-
-
-def inner(params, kind):
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
-    return torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
-
-
-def batch(rank, step, k):
-    gen = torch.Generator().manual_seed(1000 * rank + 10 * step + k)
-    return torch.randn(4, 6, generator=gen), torch.randn(4, 1, generator=gen)
+from tests.helpers import SCRIPTS, assert_resume_after_a_kill_is_bit_exact, run_launch, run_torchrun
+from tests.scripts.local_sgd_model import Net, batch, inner
 
 
 def fresh_model():
@@ -134,22 +113,10 @@ def test_kill_mid_round_and_resume_is_bit_exact_and_another_world_size_restarts_
     4-7 equal an uninterrupted run's bit for bit on both ranks. Resumed on 1 worker instead,
     it restarts from the last average with a log line that says why."""
     common = ["--every", "3", "--inner", "adamw", "--outer", "nesterov", "--steps", "8", "--save-every", "4"]
-    whole = tmp_path / "whole.pt"
-    run_launch(["-np", "2"], SCRIPTS / "local_sgd_train.py", [*common, "--ckpt-dir", tmp_path / "a", "--out", whole])
-    killed = run_launch(["-np", "2"], SCRIPTS / "local_sgd_train.py",
-                        [*common, "--ckpt-dir", tmp_path / "b", "--die-at", "4", "--out", tmp_path / "never.pt"],
-                        check=False)
-    assert killed.returncode != 0 and not (tmp_path / "never.pt").exists()
-    resumed = tmp_path / "resumed.pt"
-    run_launch(["-np", "2"], SCRIPTS / "local_sgd_train.py", [*common, "--ckpt-dir", tmp_path / "b", "--out", resumed])
-    want, got = torch.load(whole)["ranks"], torch.load(resumed)["ranks"]
-    assert [r["step"] for r in got[0]] == [4, 5, 6, 7]
-    for rank in range(2):
-        for rec in got[rank]:
-            for n, value in rec["params"].items():
-                assert torch.equal(value, want[rank][rec["step"]]["params"][n]), f"rank {rank} step {rec['step']} {n}"
+    killed_dir = assert_resume_after_a_kill_is_bit_exact(SCRIPTS / "local_sgd_train.py", common, tmp_path, die_at=4,
+                                                         steps=8)
     other = run_launch(["-np", "1"], SCRIPTS / "local_sgd_train.py",
-                       [*common, "--ckpt-dir", tmp_path / "b", "--out", tmp_path / "one.pt"])
+                       [*common, "--ckpt-dir", killed_dir, "--out", tmp_path / "one.pt"])
     assert ("local SGD restarts from the last average: the checkpoint was written by 2 ranks, this run has 1"
             in other.stderr)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distrib.compression.powersgd import PowerSGD, PowerSGDState, initial_q, should_compress
-from tests.helpers import SCRIPTS, run_launch, run_torchrun
+from tests.helpers import SCRIPTS, assert_resume_after_a_kill_is_bit_exact, run_launch, run_torchrun
 
 
 class ReferencePowerSGD:
@@ -242,23 +242,11 @@ def test_kill_and_resume_is_bit_exact_and_another_world_size_restarts_the_error_
     resumed: steps 5-7 equal an uninterrupted run's bit for bit. Resumed on 1 worker instead,
     the error feedback restarts at zero with a log line that says why."""
     common = ["--rank", "1", "--start-step", "2", "--steps", "8", "--save-every", "5"]
-    whole = tmp_path / "whole.pt"
-    run_launch(["-np", "2"], SCRIPTS / "powersgd_train.py", [*common, "--ckpt-dir", tmp_path / "a", "--out", whole])
-    killed = run_launch(["-np", "2"], SCRIPTS / "powersgd_train.py",
-                        [*common, "--ckpt-dir", tmp_path / "b", "--die-at", "5", "--out", tmp_path / "never.pt"],
-                        check=False)
-    assert killed.returncode != 0 and not (tmp_path / "never.pt").exists()
-    resumed = tmp_path / "resumed.pt"
-    run_launch(["-np", "2"], SCRIPTS / "powersgd_train.py", [*common, "--ckpt-dir", tmp_path / "b", "--out", resumed])
-    want, got = torch.load(whole)["ranks"], torch.load(resumed)["ranks"]
-    assert [r["step"] for r in got[0]] == [5, 6, 7]
-    for rank in range(2):
-        for rec in got[rank]:
-            for n, value in rec["params"].items():
-                assert torch.equal(value, want[rank][rec["step"]]["params"][n]), f"rank {rank} step {rec['step']} {n}"
+    killed_dir = assert_resume_after_a_kill_is_bit_exact(SCRIPTS / "powersgd_train.py", common, tmp_path, die_at=5,
+                                                         steps=8)
     # at another world size the saved error feedback belongs to ranks that are not there
     other = run_launch(["-np", "1"], SCRIPTS / "powersgd_train.py",
-                       [*common, "--ckpt-dir", tmp_path / "b", "--out", tmp_path / "one.pt"])
+                       [*common, "--ckpt-dir", killed_dir, "--out", tmp_path / "one.pt"])
     assert ("PowerSGD error feedback restarts at zero: the checkpoint was written by 2 ranks, this run has 1"
             in other.stderr)
 

@@ -13,6 +13,7 @@ import os
 import torch
 
 import distrib
+from local_sgd_model import Net, batch, inner  # this script's folder is on sys.path
 
 p = argparse.ArgumentParser()
 p.add_argument("--every", type=int, default=3)
@@ -27,23 +28,6 @@ p.add_argument("--out", required=True)
 args = p.parse_args()
 
 ctx = distrib.init(seed=0)
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(6, 8)
-        self.unused = torch.nn.Linear(3, 3)  # never in the forward pass
-        self.b = torch.nn.Linear(8, 1)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
-
-
-def inner(params, kind):
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
-    return torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
 
 
 torch.set_default_dtype(torch.float64)
@@ -61,8 +45,7 @@ if args.ckpt_dir:
 records = []
 for step in range(start, args.steps):
     for k in range(args.accumulate):
-        gen = torch.Generator().manual_seed(1000 * ctx.rank + 10 * step + k)
-        x, y = torch.randn(4, 6, generator=gen), torch.randn(4, 1, generator=gen)
+        x, y = batch(ctx.rank, step, k)
         opt.backward(torch.nn.functional.mse_loss(model(x), y))
     opt.step()
     opt.zero_grad()
