@@ -134,7 +134,8 @@ RATIOS: Tuple[Tuple[str, str, str, str], ...] = (
      "lever, torch engine: no small first bucket on one host (vs DDP's 1 MiB)"),
     ("ddp_tuning", "ddp-tuned", "ddp-default", "DDP's own tuning"),
 )
-EFFICIENCY_OF = ("distrib", "distrib-torch", "distrib-torch-tuned", "horovod-tuned", "horovod-default", "ddp-default", "ddp-tuned", "pair")
+EFFICIENCY_OF = ("distrib", "distrib-torch", "distrib-torch-tuned", "horovod-tuned", "horovod-default", "ddp-default",
+                 "ddp-tuned", "pair")
 
 
 def best_of(ms: Dict[str, list], swept) -> str:
@@ -183,7 +184,8 @@ def run(opts) -> dict:
             "steps": {"warmup": opts.warmup, "timed": opts.steps}, "markdown": _table(rows)}
 
 
-SHOWN = ("alone", "pair", "ideal", "distrib", "distrib-torch", "distrib-torch-tuned", "distrib-per-parameter", "distrib-cycle-0.1ms", "distrib-no-yield",
+SHOWN = ("alone", "pair", "ideal", "distrib", "distrib-torch", "distrib-torch-tuned", "distrib-per-parameter",
+         "distrib-cycle-0.1ms", "distrib-no-yield",
          "horovod-tuned", "horovod-default", "ddp-tuned", "ddp-default")
 
 

@@ -162,10 +162,10 @@ def wrap(impl, variant, model, warmup: int = 5):
         return model, opt, opt.close  # close: its gradient hooks and buckets
     if variant.startswith("distrib-torch"):  # in DDP's processes: the same process group, launcher and threads
         import distrib
-        os.environ["DISTRIB_REDUCER"] = "auto"
-        _set_env(DISTRIB_PRESCALE="0" if variant == "distrib-torch-divide-after" else None,
+        bucket_mb = _distrib_bucket_mb(variant)
+        _set_env(DISTRIB_REDUCER="auto", DISTRIB_PRESCALE="0" if variant == "distrib-torch-divide-after" else None,
                  DISTRIB_FIRST_BUCKET_MB="1" if variant == "distrib-torch-first-1mb" else None,
-                 DISTRIB_BUCKET_MB=variant[len("distrib-torch-bucket-"):] if "-bucket-" in variant else None)
+                 DISTRIB_BUCKET_MB=str(bucket_mb) if bucket_mb else None)
         psgd = {"compression": "powersgd", "powersgd": distrib.PowerSGD(rank=_powersgd_rank(variant[14:]),
                                                                         start_step=warmup)} if "powersgd" in variant else {}
         opt = distrib.wrap(model, _sgd(model), distrib.init(engine="torch"), **psgd)

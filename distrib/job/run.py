@@ -240,7 +240,8 @@ class Run:
             with self.metrics.phase("data"):
                 batch = self._next(batches)
             comm = self.ctx.comm
-            with self.metrics.phase("compute"), (comm.failures_deferred() if self.ctx.elastic else contextlib.nullcontext()):
+            deferred = comm.failures_deferred() if self.ctx.elastic else contextlib.nullcontext()
+            with self.metrics.phase("compute"), deferred:
                 yield self.step, batch
             if comm.broken is not None:
                 raise comm.broken  # elastic: the world broke inside the loop body; the recovery loop rolls back
