@@ -1,7 +1,8 @@
 """The wrapped optimizer computes what single-process PyTorch computes, case by case.
 
 One launch per engine and controller (2 real workers: Horovod over MPI and over Gloo through our
-launcher, and the torch engine, torch.distributed over Gloo, under torchrun) runs every case of
+launcher, and the torch engine under torchrun, whose gradients meet in shared memory on one host,
+and again with DISTRIB_SHM=0 through Gloo's allreduce as across hosts) runs every case of
 tests/scripts/equivalence_matrix.py: distrib on each worker's shard against plain torch on the
 whole global batch, never against another distrib run. Float64: the only difference allowed
 is the order of floating-point sums (fp16 compression: its rounding).
@@ -27,16 +28,19 @@ CASES = [
 _runs = {}
 
 
-# The runs: Horovod's two controllers, and the torch engine (its controller is torch's backend).
-RUNS = {"mpi": ("horovod", "mpi"), "gloo": ("horovod", "gloo"), "torch": ("torch", "gloo")}
+# The runs: Horovod's two controllers, and the torch engine (its controller is torch's backend),
+# with its one-host shared-memory allreduce and without it.
+RUNS = {"mpi": ("horovod", "mpi"), "gloo": ("horovod", "gloo"), "torch": ("torch", "gloo"),
+        "torch-gloo": ("torch", "gloo")}
 
 
 def matrix(run, tmp_path_factory):
     """The script's results for one run of :data:`RUNS`, run once per test session."""
     if run not in _runs:
         out = tmp_path_factory.mktemp(f"matrix-{run}") / "results.json"
-        if run == "torch":
-            run_torchrun(2, SCRIPT, ["--out", out], timeout=420)
+        if run.startswith("torch"):
+            shm = "0" if run == "torch-gloo" else "1"
+            run_torchrun(2, SCRIPT, ["--out", out], timeout=420, env={"DISTRIB_SHM": shm})
         else:
             run_launch(["-np", "2", "--controller", run], SCRIPT, ["--out", out], timeout=420)
         results = json.loads(out.read_text())
@@ -65,11 +69,13 @@ def test_two_workers_compute_what_single_process_torch_computes(case, run, tmp_p
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("run", ["mpi", "torch"])
+@pytest.mark.parametrize("run", ["mpi", "torch", "torch-gloo"])
 def test_synchronize_then_step_sends_each_gradient_once(run, tmp_path_factory):
     once = matrix(run, tmp_path_factory)["checks"]["one_exchange_per_step"]
     # the gradients, plus one used-flag per parameter riding in its bucket
     assert once["elements_sent"] == once["gradient_elements"] + once["parameters"]
+    # on one host the torch engine's buckets go through shared memory (and the matrix above checked its numbers)
+    assert once["carrier"] == {"mpi": "HorovodComm", "torch": "SharedMemoryTransport", "torch-gloo": "TorchComm"}[run]
 
 
 @pytest.mark.multiprocess

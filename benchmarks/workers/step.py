@@ -27,8 +27,10 @@ bytes this host's link sent per timed step (eth0's tx_bytes counter: everything 
               rank 2 or 4): distrib.wrap on the torch engine
               (distrib.init(engine="torch") joins the same Gloo process group), alternated with DDP
               in the same processes; distrib-torch-bucket-<MB> (DISTRIB_BUCKET_MB: distrib's own
-              sweep), and one variant per lever: distrib-torch-divide-after (DISTRIB_PRESCALE=0),
-              distrib-torch-first-1mb (DISTRIB_FIRST_BUCKET_MB=1: DDP's small first bucket on one host)
+              sweep), and one variant per lever: distrib-torch-gloo (DISTRIB_SHM=0: Gloo's allreduce
+              instead of shared memory), and on that Gloo path distrib-torch-divide-after
+              (DISTRIB_PRESCALE=0), distrib-torch-first-1mb (DISTRIB_FIRST_BUCKET_MB=1: DDP's small first
+              bucket on one host)
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ from benchmarks.workers.models import DEFAULT_BATCH, MODELS, build, grad_bytes  
 VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"),
             "distrib": ("buckets", "per-parameter", "fp16", "powersgd1", "powersgd2", "powersgd4", "local4", "local8",
                         "horovod", "horovod-fp16"),
-            "ddp": ("default", "fp16", "powersgd1", "powersgd2", "powersgd4", "distrib-torch", "distrib-torch-divide-after",
-                    "distrib-torch-first-1mb", "distrib-torch-powersgd2", "distrib-torch-powersgd4")}
+            "ddp": ("default", "fp16", "powersgd1", "powersgd2", "powersgd4", "distrib-torch", "distrib-torch-gloo",
+                    "distrib-torch-divide-after", "distrib-torch-first-1mb", "distrib-torch-powersgd2", "distrib-torch-powersgd4")}
 
 
 def parse_args(argv=None):
@@ -163,8 +165,10 @@ def wrap(impl, variant, model, warmup: int = 5):
     if variant.startswith("distrib-torch"):  # in DDP's processes: the same process group, launcher and threads
         import distrib
         bucket_mb = _distrib_bucket_mb(variant)
+        gloo_levers = ("distrib-torch-gloo", "distrib-torch-divide-after", "distrib-torch-first-1mb")
         _set_env(DISTRIB_REDUCER="auto", DISTRIB_PRESCALE="0" if variant == "distrib-torch-divide-after" else None,
                  DISTRIB_FIRST_BUCKET_MB="1" if variant == "distrib-torch-first-1mb" else None,
+                 DISTRIB_SHM="0" if variant in gloo_levers else None,
                  DISTRIB_BUCKET_MB=str(bucket_mb) if bucket_mb else None)
         psgd = {"compression": "powersgd", "powersgd": distrib.PowerSGD(rank=_powersgd_rank(variant[14:]),
                                                                         start_step=warmup)} if "powersgd" in variant else {}

@@ -126,6 +126,12 @@ class Comm:
         """The world re-formed (elastic): collectives may run again."""
         self.broken = None
 
+    def host_transport(self, numel: int, dtype: torch.dtype, *, name: str):
+        """A faster allreduce for ``numel`` elements of CPU gradients per rank than the engine's own,
+        when the engine has one for its layout (the torch engine on one host: shared memory), else
+        None. Collective: call it on every rank."""
+        return None
+
     @contextlib.contextmanager
     def failures_deferred(self) -> Iterator[None]:
         """Inside this block a peer failure does not raise: the latch closes, and this and every

@@ -150,6 +150,16 @@ class TorchComm(Comm):
         (the step section's lever row measures it)."""
         return 1.0 if self.cross_size > 1 else None
 
+    def host_transport(self, numel: int, dtype: torch.dtype, *, name: str):
+        """Shared memory when every rank is on this host and Gloo carries the gradients (Gloo has
+        no shared-memory transport: loopback TCP, ~3x slower here; see distrib.comm.shared_memory).
+        ``DISTRIB_SHM=0`` keeps Gloo's allreduce (benchmarks, bisecting)."""
+        if (self._backend != "gloo" or self._size == 1 or self.cross_size != 1
+                or os.environ.get("DISTRIB_SHM", "1") == "0"):
+            return None
+        from distrib.comm.shared_memory import SharedMemoryTransport
+        return SharedMemoryTransport.open(self, numel, dtype, name=name)
+
     @property
     def uses_nccl(self) -> bool:
         return self._backend == "nccl"

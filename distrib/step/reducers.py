@@ -112,15 +112,23 @@ def bucket_offsets(numels: Sequence[int]) -> List[int]:
     return offsets
 
 
-class _Bucket:
-    """One flat buffer: the members' gradients back to back, then one used-flag per member."""
+def bucket_numel(params: Sequence[torch.Tensor]) -> int:
+    """Elements of a bucket's buffer: the members' gradients, then one used-flag per member."""
+    return sum(p.numel() for p in params) + len(params)
 
-    def __init__(self, index: int, params: List[torch.Tensor]):
+
+class _Bucket:
+    """One flat buffer: the members' gradients back to back, then one used-flag per member.
+    ``buffer``: where it lives (a slice of a transport's shared region), else a fresh one."""
+
+    def __init__(self, index: int, params: List[torch.Tensor], buffer: Optional[torch.Tensor] = None):
         self.index = index
         self.params = params
         numels = [p.numel() for p in params]
         total = sum(numels)
-        self.buffer = torch.zeros(total + len(params), dtype=params[0].dtype, device=params[0].device)
+        if buffer is None:
+            buffer = torch.zeros(total + len(params), dtype=params[0].dtype, device=params[0].device)
+        self.buffer = buffer
         self.views = [self.buffer[o:o + n].view_as(p) for p, o, n in zip(params, bucket_offsets(numels), numels)]
         self.used_flags = self.buffer[total:]
         self.used = [False] * len(params)  # the flags on the host, written into used_flags at launch
@@ -153,7 +161,14 @@ class BucketedReducer:
         self._compress = compression == "fp16"
         groups = assign_buckets([p.numel() * p.element_size() for p in params], [p.dtype for p in params],
                                 bucket_bytes, first_bucket_bytes)
-        self._buckets = [_Bucket(i, [params[j] for j in g]) for i, g in enumerate(groups)]
+        # A transport with a region of its own (shared memory) holds the buckets back to back in it.
+        region = transport.region() if hasattr(transport, "region") else None
+        self._buckets, at = [], 0
+        for i, g in enumerate(groups):
+            members = [params[j] for j in g]
+            n = bucket_numel(members)
+            self._buckets.append(_Bucket(i, members, None if region is None else region[at:at + n]))
+            at += n
         self._slot = {p: (b, k) for b in self._buckets for k, p in enumerate(b.params)}
         self._transport = transport if transport is not None else comm
         # prescale: the engine's average would be a sum and then a pass of division in the training
@@ -226,6 +241,11 @@ class BucketedReducer:
     def buckets(self) -> List[List[torch.Tensor]]:
         return [b.params for b in self._buckets]
 
+    @property
+    def transport(self):
+        """What allreduces the buckets: the engine's comm, or a transport of its (shared memory, mpi4py)."""
+        return self._transport
+
 
 def make_reducer(named_params, comm, *, compression: str = "none", op: str = "average",
                  bucket_mb: Optional[float] = None, prefix: str = "distrib"):
@@ -235,7 +255,8 @@ def make_reducer(named_params, comm, *, compression: str = "none", op: str = "av
     sets the bucket size; the engine may want a smaller first bucket (``comm.first_bucket_mb``: the
     torch engine's is DDP's 1 MiB across hosts), ``DISTRIB_FIRST_BUCKET_MB`` sets it (0: none), and
     ``DISTRIB_PRESCALE=0`` turns off the division on the way into the buckets (both for benchmarks
-    and bisecting). ``prefix`` starts every collective's name: unique per wrapped optimizer,
+    and bisecting). When every rank is on one host, the torch engine's buckets live in shared
+    memory and are summed there (``comm.host_transport``; ``DISTRIB_SHM=0``: Gloo's allreduce). ``prefix`` starts every collective's name: unique per wrapped optimizer,
     so that two models trained in one process never send tensors of the same name.
     Must be called on all ranks (the mpi transport dups a communicator).
 
@@ -255,6 +276,8 @@ def make_reducer(named_params, comm, *, compression: str = "none", op: str = "av
     transport = None
     if choice == "mpi" and compression == "none":
         transport = comm.mpi_transport() if hasattr(comm, "mpi_transport") else None
+    elif choice == "auto" and compression == "none":
+        transport = _host_transport(named_params, comm, prefix)
     first_mb = getattr(comm, "first_bucket_mb", None)  # a comm made by hand (tests) may not say
     if "DISTRIB_FIRST_BUCKET_MB" in os.environ:
         first_mb = float(os.environ["DISTRIB_FIRST_BUCKET_MB"])
@@ -263,3 +286,13 @@ def make_reducer(named_params, comm, *, compression: str = "none", op: str = "av
     return BucketedReducer(named_params, comm, compression=compression, bucket_bytes=int(bucket_mb * 2**20),
                            first_bucket_bytes=int(first_mb * 2**20) if first_mb else None,
                            transport=transport, prescale=prescale, prefix=prefix)
+
+
+def _host_transport(named_params, comm, prefix: str):
+    """The engine's faster allreduce for this host's layout (shared memory when every rank is on
+    one host, :mod:`distrib.comm.shared_memory`), for CPU gradients of one dtype; else None."""
+    params = [p for _, p in named_params]
+    if (not params or comm.size == 1 or not hasattr(comm, "host_transport")
+            or any(p.device.type != "cpu" for p in params) or len({p.dtype for p in params}) != 1):
+        return None
+    return comm.host_transport(sum(p.numel() for p in params) + len(params), params[0].dtype, name=prefix)
