@@ -47,6 +47,7 @@ def jobs(ddp_sweep_mb=DDP_SWEEP_MB, distrib_torch_sweep_mb=DISTRIB_TORCH_SWEEP_M
     ddp_names = {"default": "ddp-default", **{f"tuned-{mb}": f"ddp-tuned-{mb}" for mb in ddp_sweep_mb},
                  "distrib-torch": "distrib-torch",
                  **{f"distrib-torch-bucket-{mb}": f"distrib-torch-bucket-{mb}" for mb in distrib_torch_sweep_mb},
+                 "distrib-torch-gloo": "distrib-torch-gloo",
                  "distrib-torch-divide-after": "distrib-torch-divide-after",
                  "distrib-torch-first-1mb": "distrib-torch-first-1mb"}
     alone = lambda n, argv, env: [launchers.PY, *argv]  # noqa: E731
@@ -128,10 +129,13 @@ RATIOS: Tuple[Tuple[str, str, str, str], ...] = (
     ("lever_cycle", "distrib-cycle-0.1ms", "distrib",
      "candidate lever, not adopted: cycle time 0.1 ms (vs Horovod's 1 ms)"),
     ("lever_yield", "distrib", "distrib-no-yield", "lever: mpi_yield_when_idle (vs Open MPI's busy polling)"),
-    ("lever_prescale", "distrib-torch", "distrib-torch-divide-after",
-     "lever, torch engine: divide on the way into the bucket (vs a division pass after Gloo's sum)"),
-    ("lever_first_bucket", "distrib-torch", "distrib-torch-first-1mb",
-     "lever, torch engine: no small first bucket on one host (vs DDP's 1 MiB)"),
+    ("lever_shared_memory", "distrib-torch", "distrib-torch-gloo",
+     "lever, torch engine: the gradients summed in shared memory on one host (vs Gloo's loopback TCP allreduce)"),
+    # the next two are levers of the Gloo path (across hosts): measured on it, with shared memory off
+    ("lever_prescale", "distrib-torch-gloo", "distrib-torch-divide-after",
+     "lever, torch engine over Gloo: divide on the way into the bucket (vs a division pass after Gloo's sum)"),
+    ("lever_first_bucket", "distrib-torch-gloo", "distrib-torch-first-1mb",
+     "lever, torch engine over Gloo: no small first bucket on one host (vs DDP's 1 MiB)"),
     ("ddp_tuning", "ddp-tuned", "ddp-default", "DDP's own tuning"),
 )
 EFFICIENCY_OF = ("distrib", "distrib-torch", "distrib-torch-tuned", "horovod-tuned", "horovod-default", "ddp-default",

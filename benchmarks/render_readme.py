@@ -172,13 +172,15 @@ STEP_COLUMNS = (("alone", "alone"), ("pair", "2 alone at once"), ("ideal", "idea
 STEP_RATIOS = ("vs_horovod_tuned", "vs_horovod_default", "settings_on_horovod", "vs_ddp_tuned", "vs_ddp_default",
                "torch_engine_vs_ddp_tuned", "torch_engine_tuned_vs_ddp_tuned", "torch_engine_vs_horovod_engine",
                "ddp_tuning")
-LEVERS = (("lever_buckets", "flat gradient buckets (`distrib/step/reducers.py`) vs one allreduce per tensor"),
+LEVERS = (("lever_shared_memory", "torch engine: the gradients summed in shared memory on one host "
+                                  "(`distrib/comm/shared_memory.py`) vs Gloo's allreduce over loopback TCP"),
+          ("lever_buckets", "flat gradient buckets (`distrib/step/reducers.py`) vs one allreduce per tensor"),
           ("lever_cycle", "Horovod cycle time 0.1 ms vs its default 1 ms (a candidate: not set by distrib)"),
           ("lever_yield", "Open MPI `mpi_yield_when_idle` (`launch/plan.py`) vs busy polling"),
-          ("lever_prescale", "torch engine: divide on the way into the bucket (`BucketedReducer(prescale=)`) "
+          ("lever_prescale", "torch engine over Gloo: divide on the way into the bucket (`BucketedReducer(prescale=)`) "
                              "vs a division pass after Gloo's sum"),
-          ("lever_first_bucket", "torch engine: no small first bucket on one host (`TorchComm.first_bucket_mb`) "
-                                 "vs DDP's 1 MiB"))
+          ("lever_first_bucket", "torch engine over Gloo: no small first bucket on one host "
+                                 "(`TorchComm.first_bucket_mb`) vs DDP's 1 MiB"))
 
 
 def step_section(sec: dict, res: dict, quick: Optional[dict] = None) -> List[str]:
@@ -234,6 +236,12 @@ LEVER_NOTES = {
                    "the unloaded machine measured it slower in every round on the conv net and no faster elsewhere); "
                    "`HOROVOD_CYCLE_TIME=0.1` opts in.",
     "lever_yield": "Without it Open MPI busy-polls in every wait, Horovod's background thread included.",
+    "lever_shared_memory": "Gloo has no shared-memory transport: on one host every byte of its allreduce goes "
+                           "through loopback TCP, copied into the kernel and out on each hop. Here every rank maps "
+                           "one `/dev/shm` file that holds its buckets, sums its slice of all ranks' buckets and "
+                           "copies the result back: two barriers (counters in the mapping) per step. "
+                           "`DISTRIB_SHM=0` turns it off; across hosts Gloo's allreduce carries the gradients, "
+                           "so the two levers below are measured with it off.",
     "lever_prescale": "It saves one pass over the gradients in the training thread (DDP's reducer divides the "
                       "same way); its size is the gradients' bytes, so only the mlp's 16 MiB can show it above "
                       "the noise. Off with `DISTRIB_PRESCALE=0`.",
