@@ -2,7 +2,9 @@
 
 One launch per engine and controller (2 real workers: Horovod over MPI and over Gloo through our
 launcher, and the torch engine under torchrun, whose gradients meet in shared memory on one host,
-and again with DISTRIB_SHM=0 through Gloo's allreduce as across hosts) runs every case of
+and again on its path across hosts: Gloo's allreduce (DISTRIB_SHM=0), the optimizer stepping each
+bucket's parameters as their average arrives (DISTRIB_OVERLAP_STEP=1), and buckets of 128 bytes so
+that there are several) runs every case of
 tests/scripts/equivalence_matrix.py: distrib on each worker's shard against plain torch on the
 whole global batch, never against another distrib run. Float64: the only difference allowed
 is the order of floating-point sums (fp16 compression: its rounding).
@@ -39,8 +41,8 @@ def matrix(run, tmp_path_factory):
     if run not in _runs:
         out = tmp_path_factory.mktemp(f"matrix-{run}") / "results.json"
         if run.startswith("torch"):
-            shm = "0" if run == "torch-gloo" else "1"
-            run_torchrun(2, SCRIPT, ["--out", out], timeout=420, env={"DISTRIB_SHM": shm})
+            across_hosts = {"DISTRIB_SHM": "0", "DISTRIB_OVERLAP_STEP": "1", "DISTRIB_BUCKET_MB": str(128 / 2**20)}
+            run_torchrun(2, SCRIPT, ["--out", out], timeout=420, env=across_hosts if run == "torch-gloo" else {})
         else:
             run_launch(["-np", "2", "--controller", run], SCRIPT, ["--out", out], timeout=420)
         results = json.loads(out.read_text())
@@ -76,6 +78,17 @@ def test_synchronize_then_step_sends_each_gradient_once(run, tmp_path_factory):
     assert once["elements_sent"] == once["gradient_elements"] + once["parameters"]
     # on one host the torch engine's buckets go through shared memory (and the matrix above checked its numbers)
     assert once["carrier"] == {"mpi": "HorovodComm", "torch": "SharedMemoryTransport", "torch-gloo": "TorchComm"}[run]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("run", ["torch", "torch-gloo"])
+def test_across_hosts_the_optimizer_steps_each_bucket_as_it_arrives(run, tmp_path_factory):
+    got = matrix(run, tmp_path_factory)["checks"]["optimizer_calls_per_step"]
+    if run == "torch-gloo":  # the path across hosts: one call per bucket, and the matrix checked the numbers
+        assert got["buckets"] > 1 and got["calls"] == got["buckets"]
+    else:  # one host: the shared-memory path delivers every bucket at once, so one step
+        assert got["calls"] == 1
 
 
 @pytest.mark.multiprocess

@@ -4,8 +4,9 @@ import re
 import pytest
 import torch
 
+from distrib.comm import LocalComm
 from distrib.context import Context
-from distrib.step.optim import DistributedOptimizer
+from distrib.step.optim import DistributedOptimizer, ReplicatedUpdate, overlap_step_default
 
 
 @pytest.mark.parametrize("options,message", [
@@ -57,3 +58,67 @@ def test_sharding_is_a_part_of_the_optimizer_not_a_subclass_of_it():
     sharding = Path(__file__).resolve().parents[1] / "distrib" / "sharding"
     imports = re.compile(r"^\s*(from distrib(\.optim)? import|import distrib\.optim|from distrib\.optim import)", re.M)
     assert [p.name for p in sorted(sharding.glob("*.py")) if imports.search(p.read_text())] == []
+
+
+class _TwoHosts(LocalComm):
+    cross_size = 2
+
+
+@pytest.mark.parametrize("comm, forced, expected", [
+    (LocalComm(), None, False),   # one host: the step waits for every bucket, then runs once
+    (_TwoHosts(), None, True),    # across hosts: each bucket's parameters stepped as it arrives
+    (_TwoHosts(), "0", False),
+    (LocalComm(), "1", True),
+])
+def test_the_step_overlaps_the_transfer_across_hosts_unless_told(monkeypatch, comm, forced, expected):
+    if forced is None:
+        monkeypatch.delenv("DISTRIB_OVERLAP_STEP", raising=False)
+    else:
+        monkeypatch.setenv("DISTRIB_OVERLAP_STEP", forced)
+    assert overlap_step_default(comm) is expected
+
+
+def test_a_bad_overlap_setting_is_refused_with_the_values_it_takes(monkeypatch):
+    monkeypatch.setenv("DISTRIB_OVERLAP_STEP", "yes")
+    with pytest.raises(ValueError, match="DISTRIB_OVERLAP_STEP='yes' must be 0 or 1"):
+        overlap_step_default(LocalComm())
+
+
+class _MySGD(torch.optim.SGD):
+    pass
+
+
+@pytest.mark.parametrize("optimizer, max_grad_norm, precision, expected", [
+    (torch.optim.AdamW, None, "fp32", True),
+    (torch.optim.SGD, None, "bf16", True),
+    (_MySGD, None, "fp32", False),       # a subclass may couple parameters in its step
+    (torch.optim.SGD, 1.0, "fp32", False),  # clipping needs the global norm first
+    (torch.optim.SGD, None, "fp16", False),  # the scaler's inf check needs every gradient first
+    (torch.optim.LBFGS, None, "fp32", False),
+])
+def test_only_a_step_that_treats_each_parameter_alone_is_split_by_bucket(optimizer, max_grad_norm, precision,
+                                                                         expected):
+    model = torch.nn.Linear(2, 1)
+    update = ReplicatedUpdate(optimizer(model.parameters(), lr=0.1), make_reducer=None)
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    assert update.steps_by_bucket(scaler, max_grad_norm) is expected
+
+
+def test_stepping_bucket_by_bucket_gives_the_bits_of_one_step():
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.1) for m in models]
+    split = ReplicatedUpdate(opts[1], make_reducer=None)
+    params = list(models[1].parameters())
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for m in models:
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+        opts[0].step()
+        split.step_params(params[2:])   # the last layer's bucket arrives first
+        split.step_params(params[:2])
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    assert all(len(g["params"]) == 4 for g in opts[1].param_groups)  # the groups are whole again

@@ -129,6 +129,10 @@ class LocalSGDUpdate:
     def make_reducer() -> LocalReducer:
         return LocalReducer()
 
+    @staticmethod
+    def steps_by_bucket(scaler, max_grad_norm: Optional[float]) -> bool:
+        return False  # no gradient travels: each rank steps on its own
+
     def step(self, scaler, max_grad_norm: Optional[float],
              named_params: List[Tuple[str, torch.Tensor]]) -> Optional[torch.Tensor]:
         """Clip this rank's own gradient (the ranks do not share it), step; every ``every``-th

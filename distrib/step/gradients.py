@@ -59,19 +59,31 @@ class GradientExchange:
                        for _, p in named_params]
 
     # -- what the optimizer calls -------------------------------------------------------------
-    def synchronize(self) -> None:
+    def synchronize(self, on_bucket: Optional[Callable[[List[torch.Tensor]], None]] = None) -> None:
         """Wait until every gradient is averaged; parameters no rank used get ``grad = None``
         (so the optimizer skips them, as single-process torch does). Idempotent within a step.
-        Must be called on all ranks."""
+        ``on_bucket(params)``: called as each bucket's average arrives, while the later ones are
+        still in flight (see :meth:`overlaps_buckets`). Must be called on all ranks."""
         if self.phase is Phase.SYNCHRONIZED:
             return
         if self.phase is Phase.ACCUMULATING:
             raise RuntimeError(
                 f"step() was called after {self.passes_done} of the {self.accumulate} backward passes of "
                 f"this step (accumulate={self.accumulate}); call backward once per micro-batch")
-        for p in self._reducer.synchronize():
-            p.grad = None
+        if on_bucket is None:
+            for p in self._reducer.synchronize():
+                p.grad = None
+        else:
+            for params, unused in self._reducer.completed_buckets():
+                for p in unused:
+                    p.grad = None
+                on_bucket(params)
         self.phase = Phase.SYNCHRONIZED
+
+    def overlaps_buckets(self) -> bool:
+        """Whether the reducer's buckets arrive one by one, so that work on the first ones
+        overlaps the transfer of the rest (``synchronize(on_bucket=)``), and none has arrived."""
+        return self.phase is Phase.REDUCING and getattr(self._reducer, "completes_in_order", False)
 
     def end_step(self) -> None:
         """Forget this step (after the optimizer stepped, or the user zeroed the gradients)."""
@@ -169,6 +181,11 @@ class SharedStateOnly:
 
     def local_state_dict(self) -> Optional[Dict]:
         return None
+
+    def steps_by_bucket(self, scaler, max_grad_norm: Optional[float]) -> bool:
+        """Whether :meth:`step_params` may step the parameters bucket by bucket as their averages
+        arrive (plain data parallelism, :class:`distrib.step.optim.ReplicatedUpdate`, may)."""
+        return False
 
     def load_local_state_dict(self, state: Optional[Dict], reason: Optional[str] = None) -> None:
         pass

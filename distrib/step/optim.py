@@ -19,6 +19,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import os
 from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
@@ -125,6 +126,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         else:
             self._update = ReplicatedUpdate(optimizer, allreduce)
         self._exchange = GradientExchange(named, self._update.make_reducer, accumulate=accumulate)
+        self._overlap_step = overlap_step_default(self._comm)
         self._phase: Callable[[str], ContextManager] = _untimed
 
     def time_phases(self, phase: Optional[Callable[[str], ContextManager]]) -> None:
@@ -193,8 +195,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("closures are not supported: a closure would re-run backward after the allreduce")
         with self._phase("optimizer"):
-            self.synchronize()  # nothing left to wait for when the script called it already
-            norm = self._update.step(self.scaler, self.max_grad_norm, self._exchange.named_params)
+            if self._overlap_step and self._exchange.overlaps_buckets() and self._update.steps_by_bucket(
+                    self.scaler, self.max_grad_norm):
+                with self._phase("allreduce"):
+                    self._exchange.synchronize(on_bucket=self._update.step_params)
+                norm = None
+            else:
+                self.synchronize()  # nothing left to wait for when the script called it already
+                norm = self._update.step(self.scaler, self.max_grad_norm, self._exchange.named_params)
         if norm is not None:
             self.last_grad_norm = norm
         self._exchange.end_step()
@@ -301,11 +309,38 @@ class ReplicatedUpdate(SharedStateOnly):
 
     def __init__(self, optimizer: torch.optim.Optimizer, make_reducer):
         self.optimizer, self.make_reducer = optimizer, make_reducer
+        self._subsets: Dict[int, List[List[torch.Tensor]]] = {}  # id(a bucket's params) -> its part of each group
 
     def step(self, scaler, max_grad_norm: Optional[float],
              named_params: List[Tuple[str, torch.Tensor]]) -> Optional[torch.Tensor]:
         """Unscale (fp16), clip (the norm stays a tensor), step; the norm when clipping, else None."""
         return unscale_clip_step(self.optimizer, scaler, max_grad_norm, named_params)
+
+    def steps_by_bucket(self, scaler, max_grad_norm: Optional[float]) -> bool:
+        """Whether stepping the parameters bucket by bucket gives the same numbers as one step:
+        for torch's own per-parameter optimizers (exactly these classes: a subclass or another
+        optimizer may couple parameters), with nothing that needs every gradient first (clipping's
+        global norm, fp16's inf check)."""
+        return (type(self.optimizer) in PER_PARAMETER_OPTIMIZERS and max_grad_norm is None
+                and not scaler.is_enabled())
+
+    def step_params(self, params: List[torch.Tensor]) -> None:
+        """One optimizer step of ``params`` only: each group's parameter list cut to them for the
+        call (the state, learning rates and other options stay the group's)."""
+        subsets = self._subsets.get(id(params))
+        if subsets is None:
+            members = set(params)
+            subsets = self._subsets[id(params)] = [[p for p in g["params"] if p in members]
+                                                   for g in self.optimizer.param_groups]
+        groups = self.optimizer.param_groups
+        whole = [g["params"] for g in groups]
+        try:
+            for group, subset in zip(groups, subsets):
+                group["params"] = subset
+            self.optimizer.step()
+        finally:
+            for group, params_of_group in zip(groups, whole):
+                group["params"] = params_of_group
 
     def state_dict(self) -> Dict:
         return self.optimizer.state_dict()
@@ -319,6 +354,25 @@ class ReplicatedUpdate(SharedStateOnly):
 
 
 _LOG = logging.getLogger("distrib.compression")
+
+# torch's optimizers whose step treats each parameter on its own (no norm or statistic across
+# parameters): stepping the parameters in several calls gives the bits of one call.
+PER_PARAMETER_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad,
+                            torch.optim.RMSprop, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+                            torch.optim.Adadelta, torch.optim.Rprop)
+
+
+def overlap_step_default(comm) -> bool:
+    """Step each bucket's parameters as its average arrives when the world spans hosts: there the
+    link is the bottleneck and the optimizer's work on the first buckets hides behind the transfer
+    of the last (on one host the collectives and the step share the cores, and the shared-memory
+    path delivers every bucket at once). ``DISTRIB_OVERLAP_STEP=1`` or ``0`` forces it."""
+    forced = os.environ.get("DISTRIB_OVERLAP_STEP")
+    if forced not in (None, "", "0", "1"):
+        raise ValueError(f"DISTRIB_OVERLAP_STEP={forced!r} must be 0 or 1")
+    if forced:
+        return forced == "1"
+    return comm.cross_size > 1
 
 
 def _untimed(phase: str) -> ContextManager:

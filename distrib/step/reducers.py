@@ -19,7 +19,7 @@ without a gradient (a parameter used here was used somewhere, so then nothing ne
 from __future__ import annotations
 
 import os
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -214,25 +214,40 @@ class BucketedReducer:
 
     def synchronize(self) -> FrozenSet[torch.Tensor]:
         """Wait for every bucket's average; return the parameters that no rank used."""
+        unused: set = set()
+        for _, unused_in_bucket in self.completed_buckets():
+            unused |= unused_in_bucket
+        return frozenset(unused)
+
+    def completed_buckets(self) -> Iterator[Tuple[List[torch.Tensor], FrozenSet[torch.Tensor]]]:
+        """Wait for the buckets one by one, in launch order; after each, yield its parameters
+        (their ``grad`` now the average) and those of them that no rank used. A caller may step
+        a bucket's parameters while the later buckets are still on the wire."""
         if self._next != len(self._buckets):
             missing = [b.index for b in self._buckets if b.pending]
             raise RuntimeError(f"synchronize() before every gradient was ready (buckets {missing} incomplete)")
+        self._next = 0
         for bucket in self._buckets:
             bucket.handle.wait()
             if bucket.wire is not bucket.buffer:
                 bucket.buffer.copy_(bucket.wire)
             bucket.wire = bucket.handle = None
             bucket.pending = len(bucket.params)
-        self._next = 0
-        if not self._buckets:
-            return frozenset()
-        if all(all(b.used) for b in self._buckets):  # each parameter was used here, so somewhere
+            yield bucket.params, self._unused_anywhere(bucket)
+
+    @property
+    def completes_in_order(self) -> bool:
+        """Whether buckets finish one after another (the engine's allreduce), so that work between
+        them overlaps the rest; a host transport finishes them all at the first wait."""
+        return not hasattr(self._transport, "region")
+
+    @staticmethod
+    def _unused_anywhere(bucket: _Bucket) -> FrozenSet[torch.Tensor]:
+        if all(bucket.used):  # each parameter was used here, so somewhere: nothing to read
             return frozenset()
         # This rank left some parameter without a gradient: whether another rank used it is in the
-        # averaged flags. One small device-to-host copy, on such steps only.
-        flags = torch.cat([b.used_flags for b in self._buckets]).tolist()
-        members = [p for b in self._buckets for p in b.params]
-        return frozenset(p for p, used in zip(members, flags) if used == 0)
+        # averaged flags. One small device-to-host copy, in such buckets only.
+        return frozenset(p for p, used in zip(bucket.params, bucket.used_flags.tolist()) if used == 0)
 
     def in_flight(self) -> bool:
         return any(b.handle is not None for b in self._buckets)

@@ -291,6 +291,22 @@ def _():
     return weighted_mean(sums, count)
 
 
+@check("optimizer_calls_per_step")
+def _():
+    """How many times one step() calls the wrapped torch optimizer's step, and the buckets: one
+    call per bucket when the step overlaps the transfer (DISTRIB_OVERLAP_STEP=1), else one."""
+    model = Net("mlp")
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = distrib.wrap(model, inner, ctx)
+    calls = []
+    inner.register_step_post_hook(lambda *_: calls.append(1))
+    opt.backward(model(torch.randn(B, 8)).pow(2).mean())
+    opt.step()
+    buckets = len(opt._reducer.buckets)
+    opt.close()
+    return {"calls": len(calls), "buckets": buckets}
+
+
 @check("one_exchange_per_step")
 def _():
     """Elements the engine is asked to allreduce in one step of synchronize() + step()."""
