@@ -39,7 +39,7 @@ HOSTS = ("node1", "node2")
 CONVERGE = "benchmarks/workers/converge.py"
 # distrib on the torch engine runs in DDP's own processes (torchrun, the same Gloo process group and
 # threads), alternated with DDP: the two differ by the library alone.
-TORCH_ENGINE = {"distrib-torch": "distrib-torch", "distrib-torch-one-step": "distrib-torch-one-step"}
+TORCH_ENGINE = {"distrib-torch": "distrib-torch", "distrib-torch-overlap-step": "distrib-torch-overlap-step"}
 # variant in the step worker -> the figure's name
 # job -> (step worker --impl, {its variant: the figure's name})
 # Plain Horovod runs in distrib's own processes, alternated with it: the same launcher and Open MPI flags
@@ -164,8 +164,9 @@ def round_ms(name: str, steps: List[float]) -> float:
 RATIOS = (("vs_horovod_tuned", "distrib", "horovod-tuned", "distrib against plain Horovod, same flags"),
           ("vs_ddp", "distrib", "ddp", "distrib against DDP over Gloo"),
           ("torch_engine_vs_ddp", "distrib-torch", "ddp", "distrib on the torch engine against DDP, same processes"),
-          ("lever_overlap_step", "distrib-torch", "distrib-torch-one-step",
-           "lever, torch engine: each bucket's parameters stepped as its average arrives (vs one step after the last)"),
+          ("candidate_overlap_step", "distrib-torch-overlap-step", "distrib-torch",
+           "candidate lever, not adopted: each bucket's parameters stepped as its average arrives "
+           "(DISTRIB_OVERLAP_STEP=1, vs one step after the last)"),
           ("fp16_on_distrib", "distrib-fp16", "distrib", "fp16 compression, on distrib"),
           ("mpi_vs_gloo", "distrib", "distrib-gloo", "distrib's MPI controller vs its Gloo one"),
           ("psgd1_vs_ddp", "distrib-psgd1", "ddp-psgd1", "PowerSGD rank 1: distrib against DDP's hook"),

@@ -310,7 +310,7 @@ NET_COLUMNS = ("alone", "ideal", "distrib", "distrib-fp16", "distrib-psgd1", "di
                "distrib-psgd4", "distrib-torch-psgd2", "distrib-torch-psgd4", "distrib-local4", "distrib-local8",
                "distrib-gloo", "distrib-gloo-psgd1",
                "distrib-gloo-psgd4", "horovod-tuned", "horovod-tuned-fp16", "ddp", "ddp-fp16", "ddp-psgd1", "ddp-psgd2",
-               "ddp-psgd4", "distrib-torch", "distrib-torch-one-step")
+               "ddp-psgd4", "distrib-torch", "distrib-torch-overlap-step")
 NET_EFFICIENCY = ("distrib", "distrib-fp16", "distrib-psgd1", "distrib-psgd2", "distrib-psgd2-nice0", "distrib-psgd4",
                   "distrib-torch-psgd2", "distrib-torch-psgd4",
                   "distrib-local4", "distrib-local8", "distrib-gloo-psgd1", "distrib-gloo-psgd4", "horovod-tuned", "ddp",

@@ -2,9 +2,9 @@
 
 One launch per engine and controller (2 real workers: Horovod over MPI and over Gloo through our
 launcher, and the torch engine under torchrun, whose gradients meet in shared memory on one host,
-and again on its path across hosts: Gloo's allreduce (DISTRIB_SHM=0), the optimizer stepping each
-bucket's parameters as their average arrives (DISTRIB_OVERLAP_STEP=1), and buckets of 128 bytes so
-that there are several) runs every case of
+and again on its path across hosts, Gloo's allreduce (DISTRIB_SHM=0), with the opt-in optimizer
+step per bucket as its average arrives (DISTRIB_OVERLAP_STEP=1) and buckets of 128 bytes so that
+there are several) runs every case of
 tests/scripts/equivalence_matrix.py: distrib on each worker's shard against plain torch on the
 whole global batch, never against another distrib run. Float64: the only difference allowed
 is the order of floating-point sums (fp16 compression: its rounding).
@@ -83,11 +83,11 @@ def test_synchronize_then_step_sends_each_gradient_once(run, tmp_path_factory):
 @pytest.mark.multiprocess
 @pytest.mark.timeout(480)
 @pytest.mark.parametrize("run", ["torch", "torch-gloo"])
-def test_across_hosts_the_optimizer_steps_each_bucket_as_it_arrives(run, tmp_path_factory):
+def test_with_overlap_step_the_optimizer_steps_each_bucket_as_it_arrives(run, tmp_path_factory):
     got = matrix(run, tmp_path_factory)["checks"]["optimizer_calls_per_step"]
-    if run == "torch-gloo":  # the path across hosts: one call per bucket, and the matrix checked the numbers
+    if run == "torch-gloo":  # DISTRIB_OVERLAP_STEP=1: one call per bucket, and the matrix checked the numbers
         assert got["buckets"] > 1 and got["calls"] == got["buckets"]
-    else:  # one host: the shared-memory path delivers every bucket at once, so one step
+    else:  # the default: one step after the last bucket
         assert got["calls"] == 1
 
 

@@ -4,9 +4,8 @@ import re
 import pytest
 import torch
 
-from distrib.comm import LocalComm
 from distrib.context import Context
-from distrib.step.optim import DistributedOptimizer, ReplicatedUpdate, overlap_step_default
+from distrib.step.optim import DistributedOptimizer, ReplicatedUpdate, overlap_step_enabled
 
 
 @pytest.mark.parametrize("options,message", [
@@ -60,28 +59,19 @@ def test_sharding_is_a_part_of_the_optimizer_not_a_subclass_of_it():
     assert [p.name for p in sorted(sharding.glob("*.py")) if imports.search(p.read_text())] == []
 
 
-class _TwoHosts(LocalComm):
-    cross_size = 2
-
-
-@pytest.mark.parametrize("comm, forced, expected", [
-    (LocalComm(), None, False),   # one host: the step waits for every bucket, then runs once
-    (_TwoHosts(), None, True),    # across hosts: each bucket's parameters stepped as it arrives
-    (_TwoHosts(), "0", False),
-    (LocalComm(), "1", True),
-])
-def test_the_step_overlaps_the_transfer_across_hosts_unless_told(monkeypatch, comm, forced, expected):
+@pytest.mark.parametrize("forced, expected", [(None, False), ("0", False), ("1", True)])
+def test_the_step_overlaps_the_transfer_only_when_asked(monkeypatch, forced, expected):
     if forced is None:
         monkeypatch.delenv("DISTRIB_OVERLAP_STEP", raising=False)
     else:
         monkeypatch.setenv("DISTRIB_OVERLAP_STEP", forced)
-    assert overlap_step_default(comm) is expected
+    assert overlap_step_enabled() is expected
 
 
 def test_a_bad_overlap_setting_is_refused_with_the_values_it_takes(monkeypatch):
     monkeypatch.setenv("DISTRIB_OVERLAP_STEP", "yes")
     with pytest.raises(ValueError, match="DISTRIB_OVERLAP_STEP='yes' must be 0 or 1"):
-        overlap_step_default(LocalComm())
+        overlap_step_enabled()
 
 
 class _MySGD(torch.optim.SGD):

@@ -30,8 +30,8 @@ bytes this host's link sent per timed step (eth0's tx_bytes counter: everything 
               sweep), and one variant per lever: distrib-torch-gloo (DISTRIB_SHM=0: Gloo's allreduce
               instead of shared memory), and on that Gloo path distrib-torch-divide-after
               (DISTRIB_PRESCALE=0), distrib-torch-first-1mb (DISTRIB_FIRST_BUCKET_MB=1: DDP's small first
-              bucket on one host); across hosts, distrib-torch-one-step (DISTRIB_OVERLAP_STEP=0: one
-              optimizer step after the last bucket instead of one per bucket as each arrives)
+              bucket on one host); a candidate: distrib-torch-overlap-step (DISTRIB_OVERLAP_STEP=1: the
+              optimizer steps each bucket as its average arrives instead of once after the last)
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ VARIANTS = {"alone": ("default",), "horovod": ("default", "fp16"),
             "distrib": ("buckets", "per-parameter", "fp16", "powersgd1", "powersgd2", "powersgd4", "local4", "local8",
                         "horovod", "horovod-fp16"),
             "ddp": ("default", "fp16", "powersgd1", "powersgd2", "powersgd4", "distrib-torch", "distrib-torch-gloo",
-                    "distrib-torch-divide-after", "distrib-torch-first-1mb", "distrib-torch-one-step", "distrib-torch-powersgd2", "distrib-torch-powersgd4")}
+                    "distrib-torch-divide-after", "distrib-torch-first-1mb", "distrib-torch-overlap-step", "distrib-torch-powersgd2", "distrib-torch-powersgd4")}
 
 
 def parse_args(argv=None):
@@ -170,7 +170,7 @@ def wrap(impl, variant, model, warmup: int = 5):
         _set_env(DISTRIB_REDUCER="auto", DISTRIB_PRESCALE="0" if variant == "distrib-torch-divide-after" else None,
                  DISTRIB_FIRST_BUCKET_MB="1" if variant == "distrib-torch-first-1mb" else None,
                  DISTRIB_SHM="0" if variant in gloo_levers else None,
-                 DISTRIB_OVERLAP_STEP="0" if variant == "distrib-torch-one-step" else None,
+                 DISTRIB_OVERLAP_STEP="1" if variant == "distrib-torch-overlap-step" else None,
                  DISTRIB_BUCKET_MB=str(bucket_mb) if bucket_mb else None)
         psgd = {"compression": "powersgd", "powersgd": distrib.PowerSGD(rank=_powersgd_rank(variant[14:]),
                                                                         start_step=warmup)} if "powersgd" in variant else {}

@@ -126,7 +126,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         else:
             self._update = ReplicatedUpdate(optimizer, allreduce)
         self._exchange = GradientExchange(named, self._update.make_reducer, accumulate=accumulate)
-        self._overlap_step = overlap_step_default(self._comm)
+        self._overlap_step = overlap_step_enabled()
         self._phase: Callable[[str], ContextManager] = _untimed
 
     def time_phases(self, phase: Optional[Callable[[str], ContextManager]]) -> None:
@@ -362,17 +362,16 @@ PER_PARAMETER_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
                             torch.optim.Adadelta, torch.optim.Rprop)
 
 
-def overlap_step_default(comm) -> bool:
-    """Step each bucket's parameters as its average arrives when the world spans hosts: there the
-    link is the bottleneck and the optimizer's work on the first buckets hides behind the transfer
-    of the last (on one host the collectives and the step share the cores, and the shared-memory
-    path delivers every bucket at once). ``DISTRIB_OVERLAP_STEP=1`` or ``0`` forces it."""
-    forced = os.environ.get("DISTRIB_OVERLAP_STEP")
-    if forced not in (None, "", "0", "1"):
+def overlap_step_enabled() -> bool:
+    """Whether to step each bucket's parameters as its average arrives, while the later buckets
+    are still in flight: only when ``DISTRIB_OVERLAP_STEP=1``. A candidate, not the default: at
+    1 Gbit/s between two hosts it measured 0.99x on the mlp but 1.02x, slower in every round, on
+    lm8 (benchmarks/results.md, network section); there both hosts share this machine's two cores,
+    so the optimizer's work likely took CPU from the transfer itself."""
+    forced = os.environ.get("DISTRIB_OVERLAP_STEP", "")
+    if forced not in ("", "0", "1"):
         raise ValueError(f"DISTRIB_OVERLAP_STEP={forced!r} must be 0 or 1")
-    if forced:
-        return forced == "1"
-    return comm.cross_size > 1
+    return forced == "1"
 
 
 def _untimed(phase: str) -> ContextManager:
