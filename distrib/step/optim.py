@@ -364,10 +364,11 @@ PER_PARAMETER_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
 
 def overlap_step_enabled() -> bool:
     """Whether to step each bucket's parameters as its average arrives, while the later buckets
-    are still in flight: only when ``DISTRIB_OVERLAP_STEP=1``. A candidate, not the default: at
-    1 Gbit/s between two hosts it measured 0.99x on the mlp but 1.02x, slower in every round, on
-    lm8 (benchmarks/results.md, network section); there both hosts share this machine's two cores,
-    so the optimizer's work likely took CPU from the transfer itself."""
+    are still in flight: only when ``DISTRIB_OVERLAP_STEP=1``. A candidate, not the default: two
+    runs of the network section disagree. One measured it 1.02x, slower in every round, on lm8 at
+    1 Gbit/s; the other 0.995x there and 0.94x at 10 Gbit/s (benchmarks/results.md keeps the latter,
+    its ``candidate_overlap_step`` row). Both hosts share this machine's two cores, so the
+    optimizer's work competes with the transfer's own CPU time; on separate hosts it may pay."""
     forced = os.environ.get("DISTRIB_OVERLAP_STEP", "")
     if forced not in ("", "0", "1"):
         raise ValueError(f"DISTRIB_OVERLAP_STEP={forced!r} must be 0 or 1")
