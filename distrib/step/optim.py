@@ -309,7 +309,7 @@ class ReplicatedUpdate(SharedStateOnly):
 
     def __init__(self, optimizer: torch.optim.Optimizer, make_reducer):
         self.optimizer, self.make_reducer = optimizer, make_reducer
-        self._subsets: Dict[int, List[List[torch.Tensor]]] = {}  # id(a bucket's params) -> its part of each group
+        self._subsets: Dict[tuple, List[List[torch.Tensor]]] = {}  # a bucket's parameter ids -> its part of each group
 
     def step(self, scaler, max_grad_norm: Optional[float],
              named_params: List[Tuple[str, torch.Tensor]]) -> Optional[torch.Tensor]:
@@ -327,11 +327,14 @@ class ReplicatedUpdate(SharedStateOnly):
     def step_params(self, params: List[torch.Tensor]) -> None:
         """One optimizer step of ``params`` only: each group's parameter list cut to them for the
         call (the state, learning rates and other options stay the group's)."""
-        subsets = self._subsets.get(id(params))
+        # Keyed by the parameters themselves (they live as long as the model), not by the list that
+        # holds them: a reducer rebuilt after reset() makes new lists, which may reuse a dead one's id.
+        key = tuple(map(id, params))
+        subsets = self._subsets.get(key)
         if subsets is None:
             members = set(params)
-            subsets = self._subsets[id(params)] = [[p for p in g["params"] if p in members]
-                                                   for g in self.optimizer.param_groups]
+            subsets = self._subsets[key] = [[p for p in g["params"] if p in members]
+                                            for g in self.optimizer.param_groups]
         groups = self.optimizer.param_groups
         whole = [g["params"] for g in groups]
         try:

@@ -163,6 +163,8 @@ class BucketedReducer:
                                 bucket_bytes, first_bucket_bytes)
         # A transport with a region of its own (shared memory) holds the buckets back to back in it.
         region = transport.region() if hasattr(transport, "region") else None
+        # such a transport reduces every bucket at the first wait; the engine's, one after another
+        self.completes_in_order = region is None
         self._buckets, at = [], 0
         for i, g in enumerate(groups):
             members = [params[j] for j in g]
@@ -214,40 +216,43 @@ class BucketedReducer:
 
     def synchronize(self) -> FrozenSet[torch.Tensor]:
         """Wait for every bucket's average; return the parameters that no rank used."""
-        unused: set = set()
-        for _, unused_in_bucket in self.completed_buckets():
-            unused |= unused_in_bucket
-        return frozenset(unused)
+        self._check_all_launched()
+        for bucket in self._buckets:
+            self._wait(bucket)
+        return self._unused_anywhere(self._buckets)
 
     def completed_buckets(self) -> Iterator[Tuple[List[torch.Tensor], FrozenSet[torch.Tensor]]]:
         """Wait for the buckets one by one, in launch order; after each, yield its parameters
         (their ``grad`` now the average) and those of them that no rank used. A caller may step
-        a bucket's parameters while the later buckets are still on the wire."""
+        a bucket's parameters while the later buckets are still on the wire (``completes_in_order``)."""
+        self._check_all_launched()
+        for bucket in self._buckets:
+            self._wait(bucket)
+            yield bucket.params, self._unused_anywhere([bucket])
+
+    def _check_all_launched(self) -> None:
         if self._next != len(self._buckets):
             missing = [b.index for b in self._buckets if b.pending]
             raise RuntimeError(f"synchronize() before every gradient was ready (buckets {missing} incomplete)")
         self._next = 0
-        for bucket in self._buckets:
-            bucket.handle.wait()
-            if bucket.wire is not bucket.buffer:
-                bucket.buffer.copy_(bucket.wire)
-            bucket.wire = bucket.handle = None
-            bucket.pending = len(bucket.params)
-            yield bucket.params, self._unused_anywhere(bucket)
-
-    @property
-    def completes_in_order(self) -> bool:
-        """Whether buckets finish one after another (the engine's allreduce), so that work between
-        them overlaps the rest; a host transport finishes them all at the first wait."""
-        return not hasattr(self._transport, "region")
 
     @staticmethod
-    def _unused_anywhere(bucket: _Bucket) -> FrozenSet[torch.Tensor]:
-        if all(bucket.used):  # each parameter was used here, so somewhere: nothing to read
+    def _wait(bucket: _Bucket) -> None:
+        bucket.handle.wait()
+        if bucket.wire is not bucket.buffer:
+            bucket.buffer.copy_(bucket.wire)
+        bucket.wire = bucket.handle = None
+        bucket.pending = len(bucket.params)
+
+    @staticmethod
+    def _unused_anywhere(buckets: List[_Bucket]) -> FrozenSet[torch.Tensor]:
+        if all(all(b.used) for b in buckets):  # each parameter was used here, so somewhere
             return frozenset()
         # This rank left some parameter without a gradient: whether another rank used it is in the
-        # averaged flags. One small device-to-host copy, in such buckets only.
-        return frozenset(p for p, used in zip(bucket.params, bucket.used_flags.tolist()) if used == 0)
+        # averaged flags. One small device-to-host copy for all of ``buckets``, on such steps only.
+        flags = torch.cat([b.used_flags for b in buckets]).tolist()
+        members = [p for b in buckets for p in b.params]
+        return frozenset(p for p, used in zip(members, flags) if used == 0)
 
     def in_flight(self) -> bool:
         return any(b.handle is not None for b in self._buckets)
@@ -271,7 +276,8 @@ def make_reducer(named_params, comm, *, compression: str = "none", op: str = "av
     torch engine's is DDP's 1 MiB across hosts), ``DISTRIB_FIRST_BUCKET_MB`` sets it (0: none), and
     ``DISTRIB_PRESCALE=0`` turns off the division on the way into the buckets (both for benchmarks
     and bisecting). When every rank is on one host, the torch engine's buckets live in shared
-    memory and are summed there (``comm.host_transport``; ``DISTRIB_SHM=0``: Gloo's allreduce). ``prefix`` starts every collective's name: unique per wrapped optimizer,
+    memory and are summed there (``comm.host_transport``; ``DISTRIB_SHM=0``: Gloo's allreduce).
+    ``prefix`` starts every collective's name: unique per wrapped optimizer,
     so that two models trained in one process never send tensors of the same name.
     Must be called on all ranks (the mpi transport dups a communicator).
 
@@ -310,4 +316,4 @@ def _host_transport(named_params, comm, prefix: str):
     if (not params or comm.size == 1 or not hasattr(comm, "host_transport")
             or any(p.device.type != "cpu" for p in params) or len({p.dtype for p in params}) != 1):
         return None
-    return comm.host_transport(sum(p.numel() for p in params) + len(params), params[0].dtype, name=prefix)
+    return comm.host_transport(bucket_numel(params), params[0].dtype, name=prefix)  # the buckets, back to back
